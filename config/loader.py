@@ -1,0 +1,120 @@
+"""Loading any config document: YAML file + `--set a.b=value` overrides -> a validated model.
+
+Every error is a `ConfigError` with one line that names the dotted key and what is allowed, so
+entrypoints can print it and exit before doing any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import re
+from typing import Any, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+# Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
+_SECTION_KEYS = {"pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming the key."""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; missing file, bad YAML or a non-mapping are ConfigErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value) with the value parsed as YAML (12, true, [1, 2], text)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each dotted key in a copy of `data`, creating intermediate sections as needed."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line: 'key.path: message (got value)' for each problem, joined by '; '."""
+    msgs = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the schema in config/ for the allowed keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        head = re.match(r"[a-z_][a-z0-9_.]*(?= )", msg)
+        names_key = head is not None and ("." in head.group(0) or head.group(0) in _SECTION_KEYS)
+        if err["type"] == "value_error" and names_key:
+            msgs.append(f"{loc}.{msg}")  # a cross-field check names the key it is about
+        else:
+            msgs.append(f"{loc}: {msg}")
+    return "; ".join(msgs)
+
+
+def validate(model: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Validate `data` into `model`, turning pydantic's errors into one-line ConfigErrors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"config error: {format_validation_error(exc, prefix)}") from None
+
+
+def load(model: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+         defaults: dict[str, Any] | None = None) -> T:
+    """defaults <- YAML file <- overrides, validated into `model`."""
+    from model.config import deep_merge
+
+    data = dict(defaults or {})
+    if path is not None:
+        data = deep_merge(data, read_yaml(path))
+    return validate(model, apply_overrides(data, overrides))
+
+
+def dump_yaml(cfg: BaseModel) -> str:
+    """Resolved config as YAML (round-trips through `load` to an equal object)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,53 @@
+"""RunConfig: the one typed schema every entrypoint loads (sections model, data, train, eval, export).
+
+    cfg = load_run_config("config/runs/tiny.yaml", ["model.n_layers=12", "train.lr=1e-3"])
+
+The resolved config (`dump_yaml(cfg)`) is saved next to every checkpoint and export and loads back
+to an equal object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from config.loader import ConfigError, dump_yaml, load
+from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
+from model.config import ModelConfig, StrictModel
+
+RUNS_DIR = Path(__file__).resolve().parent / "runs"
+
+
+class RunConfig(StrictModel):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+
+
+def resolve_run_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a file in config/runs/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RUNS_DIR / f"{name_or_path}.yaml", RUNS_DIR / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(f.stem for f in RUNS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path} not found (a YAML path or one of: {known})")
+
+
+def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load a run config file (or name under config/runs/) and apply `section.key=value` overrides."""
+    return load(RunConfig, resolve_run_path(path) if path is not None else None, overrides)
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config atomically."""
+    from model.weights import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
+
+
+__all__ = ["ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config"]

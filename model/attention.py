@@ -1,0 +1,151 @@
+"""Grouped-query attention with RoPE (and optional QK-norm); the backend is chosen here, once.
+
+Shape legend: b batch, l query length, t key length, d d_model, h query heads, j kv heads, k head dim.
+
+Backends (same weights):
+  reference  torch SDPA with an explicit boolean mask when documents are packed, rows are
+             left-padded or a KV cache offsets the queries; kv heads repeated (ONNX-safe).
+  kernels    plain causal training: SDPA (is_causal, enable_gqa), measured faster than flash-attn 2
+             on H100 (shared/device/README.md); packed documents: flash-attn's varlen kernel over
+             cu_seqlens when installed (attn_backend auto|flash), else SDPA with the document mask.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.cache import KVState
+from model.config import ModelConfig
+from model.kernels import flash_ops
+from model.layers import RMSNorm, apply_rope, init_linear, residual_std
+
+log = logging.getLogger(__name__)
+
+
+def attention_mask(
+    seq_idx: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    key_valid: torch.Tensor | None,
+    device: torch.device,
+    key_seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean mask (b or 1, 1, l, t): True where query i may attend key j.
+
+    Causal with the queries at the end of the keys (offset = t - l); within one document when
+    `seq_idx` (b, l) is given (keys' documents from `key_seq_idx` (b, t), default seq_idx);
+    never to padded keys (`key_valid` (b, t) False).
+    """
+    offset = k_len - q_len
+    qi = torch.arange(q_len, device=device).unsqueeze(1) + offset
+    kj = torch.arange(k_len, device=device).unsqueeze(0)
+    mask = (kj <= qi).unsqueeze(0)  # (1, l, t)
+    if seq_idx is not None:
+        ks = key_seq_idx if key_seq_idx is not None else seq_idx
+        mask = mask & (seq_idx.unsqueeze(-1) == ks.unsqueeze(-2))
+    if key_valid is not None:
+        mask = mask & key_valid.unsqueeze(1)
+    return mask.unsqueeze(1)
+
+
+def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Flattened document boundaries for flash-attn varlen. seq_idx: (b, l) -> (n_docs + 1,) int32."""
+    b, l = seq_idx.shape
+    flat = (seq_idx + torch.arange(b, device=seq_idx.device).unsqueeze(1) * (seq_idx.max() + 1)).flatten()
+    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
+    cu = torch.cat([starts, torch.tensor([b * l], device=seq_idx.device)]).to(torch.int32)
+    return cu, int(torch.diff(cu).max())
+
+
+class Attention(nn.Module):
+    """GQA + RoPE mixer. forward: (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        a = cfg.attention
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
+        self.impl = "reference"
+        self.backend = cfg.attn_backend
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.resolved_init_std
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_linear(proj, std)
+        init_linear(self.o_proj, residual_std(std, self.cfg.n_layers))
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        seq_idx: torch.Tensor | None = None,
+        kv: KVState | None = None,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, l, d); rope: cos, sin (b, l, k); seq_idx: (b, l) documents (training/prefill);
+        kv: cache appended in place; key_valid: (b, t) real-token mask over all cached keys."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, l, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, l, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (b, h, l, k)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (b, j, l, k)
+        v = v.transpose(1, 2)
+        prior = kv.length if kv is not None else 0
+        if kv is not None:
+            k, v = kv.append(k, v)  # (b, j, t, k)
+        if self.impl == "kernels" and prior == 0 and key_valid is None:
+            out = self._kernel_attention(q, k, v, seq_idx)
+        else:
+            out = self._masked_attention(q, k, v, seq_idx if prior == 0 else None, key_valid)
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+
+    def _masked_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        seq_idx: torch.Tensor | None, key_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        l, t = q.size(2), k.size(2)
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if seq_idx is None and key_valid is None and l == t:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = attention_mask(seq_idx, l, t, key_valid, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def _kernel_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None
+    ) -> torch.Tensor:
+        fa = flash_ops()
+        if seq_idx is not None and fa is not None and self.backend in ("auto", "flash"):
+            b, h, l, kd = q.shape
+            cu, max_len = cu_seqlens_from_seq_idx(seq_idx)
+            flat = lambda t: t.transpose(1, 2).reshape(b * l, t.size(1), kd)  # noqa: E731
+            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+            return out.view(b, l, h, kd).transpose(1, 2)
+        if seq_idx is None and fa is not None and self.backend == "flash":
+            out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return out.transpose(1, 2)
+        if seq_idx is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if not getattr(self, "_warned_dense_mask", False):
+            log.warning("packed documents without flash-attn: dense-mask SDPA (slower); install flash-attn")
+            self._warned_dense_mask = True
+        mask = attention_mask(seq_idx, q.size(2), k.size(2), None, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

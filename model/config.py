@@ -1,0 +1,221 @@
+"""Model configuration: the typed `model` section of the run config.
+
+`ModelConfig` holds every architectural number of a hybrid Mamba2/attention language model. It is a
+strict pydantic model: unknown keys, wrong types and inconsistent shapes are rejected with the key's
+dotted name. A config may name a `preset` (see `model/presets.py`); the preset's values are the
+defaults and any key given beside it overrides them.
+
+The layer layout is one character per layer (`M` Mamba2 block, `A` attention block), either given
+explicitly as `pattern` or derived from `n_layers` and `attn_ratio` by the strategic-placement rule
+(`strategic_pattern`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAMBA, ATTENTION = "M", "A"
+VOCAB_MULTIPLE = 128
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
+
+
+class MambaConfig(StrictModel):
+    """Mamba2 mixer hyper-parameters (names follow `mamba_ssm.modules.mamba2.Mamba2`)."""
+
+    d_state: int = Field(128, ge=1, description="SSM state size N per group.")
+    headdim: int = Field(64, ge=1, description="Channels P per SSM head.")
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model.")
+    n_groups: int = Field(1, ge=1, description="Groups sharing B and C (like GQA for SSMs).")
+    d_conv: int = Field(4, ge=2, description="Depthwise causal conv kernel width.")
+    chunk_size: int = Field(256, ge=1, description="SSD chunk length Q (tokens).")
+    dt_min: float = Field(0.001, gt=0, description="Lower end of the dt init range.")
+    dt_max: float = Field(0.1, gt=0, description="Upper end of the dt init range.")
+    dt_init_floor: float = Field(1e-4, gt=0, description="Floor applied to sampled init dt.")
+    dt_limit: tuple[float, float] = Field((0.0, math.inf), description="Clamp of softplus(dt).")
+    a_init_range: tuple[float, float] = Field((1.0, 16.0), description="A ~ U(range); A_log = log A.")
+    conv_bias: bool = Field(True, description="Bias of the depthwise conv (mamba_ssm default).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MambaConfig":
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min ({self.dt_min}) must be <= dt_max ({self.dt_max})")
+        lo, hi = self.a_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"a_init_range must satisfy 0 < low <= high, got {self.a_init_range}")
+        if not 0 <= self.dt_limit[0] < self.dt_limit[1]:
+            raise ValueError(f"dt_limit must satisfy 0 <= low < high, got {self.dt_limit}")
+        return self
+
+
+class AttentionConfig(StrictModel):
+    """Grouped-query attention with rotary position embeddings."""
+
+    n_heads: int = Field(..., ge=1, description="Query heads.")
+    n_kv_heads: int = Field(..., ge=1, description="Key/value heads; must divide n_heads.")
+    head_dim: int | None = Field(None, ge=1, description="Per-head width; default d_model // n_heads.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    qk_norm: bool = Field(False, description="RMSNorm on per-head queries and keys.")
+
+
+class ModelConfig(StrictModel):
+    """Architecture of a strategic-placement hybrid. Shapes: d_model channels, vocab tokens."""
+
+    preset: str | None = Field(None, description="Preset the values came from (informational).")
+    vocab_size: int = Field(32000, ge=2, description="Tokenizer vocabulary; padded to 128 for the embedding.")
+    d_model: int = Field(..., ge=8)
+    n_layers: int = Field(..., ge=1)
+    pattern: str | None = Field(None, description="One char per layer: M=Mamba2, A=attention.")
+    attn_ratio: float = Field(0.125, ge=0.0, le=1.0, description="Attention share when pattern is unset.")
+    ffn_hidden: int = Field(..., ge=1, description="SwiGLU hidden width.")
+    attention: AttentionConfig
+    mamba: MambaConfig = MambaConfig()
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    max_seq_len: int = Field(8192, ge=1, description="Longest sequence the model is trained/served at.")
+    init_std: float | None = Field(None, gt=0, description="Weight init std; default sqrt(2 / (5 d_model)).")
+    impl: Literal["auto", "reference", "kernels"] = Field(
+        "auto", description="Execution path: auto = kernels on CUDA when installed, else reference."
+    )
+    attn_backend: Literal["auto", "sdpa", "flash"] = Field(
+        "auto", description="Attention kernel on the kernel path (auto: SDPA, flash-attn varlen for packed docs)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from model.presets import preset_values  # late import: presets import this module
+
+            data = deep_merge(preset_values(data["preset"]), data)
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        att = self.attention
+        if self.d_model % att.n_heads and att.head_dim is None:
+            raise ValueError(
+                f"attention.n_heads ({att.n_heads}) must divide d_model ({self.d_model}) "
+                "or attention.head_dim must be set"
+            )
+        if att.n_heads % att.n_kv_heads:
+            raise ValueError(
+                f"attention.n_kv_heads ({att.n_kv_heads}) must divide attention.n_heads ({att.n_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"attention head_dim ({self.head_dim}) must be even for RoPE")
+        m = self.mamba
+        if self.d_inner % m.headdim:
+            raise ValueError(
+                f"mamba.headdim ({m.headdim}) must divide mamba.expand * d_model ({self.d_inner})"
+            )
+        if self.n_ssm_heads % m.n_groups:
+            raise ValueError(
+                f"mamba.n_groups ({m.n_groups}) must divide the number of SSM heads ({self.n_ssm_heads})"
+            )
+        if self.pattern is not None:
+            bad = set(self.pattern) - {MAMBA, ATTENTION}
+            if bad:
+                raise ValueError(f"pattern may hold only 'M' and 'A', found {sorted(bad)}")
+            if len(self.pattern) != self.n_layers:
+                raise ValueError(
+                    f"pattern length ({len(self.pattern)}) must equal n_layers ({self.n_layers})"
+                )
+        return self
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def layer_pattern(self) -> str:
+        """Resolved layout, one char per layer (explicit pattern or the placement rule)."""
+        return self.pattern if self.pattern is not None else strategic_pattern(self.n_layers, self.attn_ratio)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def head_dim(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.n_heads
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba.expand * self.d_model
+
+    @property
+    def n_ssm_heads(self) -> int:
+        return self.d_inner // self.mamba.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the depthwise conv: x, B and C."""
+        return self.d_inner + 2 * self.mamba.n_groups * self.mamba.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        """in_proj output width, ordered [z, x, B, C, dt] as in mamba_ssm."""
+        return 2 * self.d_inner + 2 * self.mamba.n_groups * self.mamba.d_state + self.n_ssm_heads
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.d_model))
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge `override` into a copy of `base` (dicts merge, other values replace)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def strategic_pattern(n_layers: int, attn_ratio: float) -> str:
+    """Strategic placement: where attention goes in a stack of `n_layers` blocks.
+
+    n_attn = round(attn_ratio * n_layers) attention blocks are split into three groups:
+      - early: 1 block (2 once n_attn >= 5) at layers 1(, 2). Layer 0 stays Mamba2 so every token
+        has local, ordered context (conv + scan) before the first global mixing;
+      - top: 1 block (2 once n_attn >= 4, 3 once n_attn >= 7) ending at layer n_layers - 2: the
+        last layer stays Mamba2, mirroring the bottom;
+      - middle: the rest, evenly spaced strictly between the early and top groups
+        (position = round(lo + (hi - lo) * (i + 1) / (n_mid + 1))).
+    Everything else is Mamba2. Degenerate cases: n_attn == 0 gives all `M`; n_attn >= n_layers - 1
+    leaves no room for the Mamba2 ends and gives n_attn attention blocks from the top down.
+    Deterministic: the same (n_layers, attn_ratio) always gives the same string.
+    """
+    n_attn = int(round(attn_ratio * n_layers + 1e-9))
+    n_attn = max(0, min(n_attn, n_layers))
+    layers = [MAMBA] * n_layers
+    if n_attn == 0:
+        return "".join(layers)
+    if n_attn >= n_layers - 1:
+        for i in range(n_attn):
+            layers[n_layers - 1 - i] = ATTENTION
+        return "".join(layers)
+    n_early = 2 if n_attn >= 5 else 1
+    n_top = 0 if n_attn == 1 else (1 if n_attn <= 3 else (2 if n_attn <= 6 else 3))
+    n_mid = n_attn - n_early - n_top
+    early = list(range(1, 1 + n_early))
+    top = list(range(n_layers - 1 - n_top, n_layers - 1))
+    lo, hi = early[-1], (top[0] if top else n_layers - 1)
+    mid = [int(round(lo + (hi - lo) * (i + 1) / (n_mid + 1))) for i in range(n_mid)]
+    chosen = set(early) | set(top) | set(mid)
+    # Rounding can collide when the stack is crowded: fill the nearest free Mamba2 slots.
+    free = [i for i in range(n_layers) if i not in chosen]
+    while len(chosen) < n_attn:
+        centre = (lo + hi) / 2
+        pick = min(free, key=lambda i: (abs(i - centre), i))
+        chosen.add(pick)
+        free.remove(pick)
+    for i in chosen:
+        layers[i] = ATTENTION
+    return "".join(layers)

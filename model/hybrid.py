@@ -1,0 +1,194 @@
+"""The hybrid causal LM: embedding, a stack of pre-norm blocks, final RMSNorm, LM head.
+
+Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer a Mamba2 mixer (`M`)
+or GQA attention (`A`) as the config's layer pattern says, and the MLP a SwiGLU.
+
+Shape legend: b batch, l sequence, d d_model, v vocabulary.
+
+Packed documents: pass `seq_idx` (b, l), the document index of every token (non-decreasing per row),
+and `position_ids` restarting at 0 per document (`positions_from_seq_idx`). Then the Mamba2 conv and
+state restart at every document, attention stays inside its document and RoPE restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention
+from model.cache import HybridCache, KVState, MambaState
+from model.config import MAMBA, ModelConfig
+from model.kernels import resolve_impl
+from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
+from model.mamba2 import Mamba2Mixer
+
+log = logging.getLogger(__name__)
+
+
+def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document. seq_idx: (b, l) -> (b, l) long."""
+    b, l = seq_idx.shape
+    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start_pos
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: mixer then SwiGLU MLP. (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg, layer_idx) if kind == MAMBA else Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        init_linear(self.mlp.gate_proj, cfg.resolved_init_std)
+        init_linear(self.mlp.up_proj, cfg.resolved_init_std)
+        init_linear(self.mlp.down_proj, residual_std(cfg.resolved_init_std, cfg.n_layers))
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        seq_idx: torch.Tensor | None,
+        state: MambaState | KVState | None = None,
+        key_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.mixer_norm(h)
+        if self.kind == MAMBA:
+            x = self.mixer(x, seq_idx=seq_idx, state=state)
+        else:
+            x = self.mixer(x, rope, seq_idx=seq_idx, kv=state, key_valid=key_valid)
+        h = h + x
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class HybridLM(nn.Module):
+    """Strategic-placement Mamba2/attention causal language model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layer_pattern))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
+        self.activation_checkpointing = False
+        nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
+        if self.lm_head is not None:
+            init_linear(self.lm_head, cfg.resolved_init_std)
+        self.impl = "reference"
+
+    # ---- execution path ---------------------------------------------------------------------------
+    def set_impl(self, impl: str | None = None) -> str:
+        """Choose reference/kernels for every mixer (default: config's `impl` on the model's device)."""
+        device = self.embed.weight.device
+        chosen = resolve_impl(impl or self.cfg.impl, device)
+        for layer in self.layers:
+            layer.mixer.impl = chosen
+        self.impl = chosen
+        log.info("model execution path: %s (device %s)", chosen, device)
+        return chosen
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (b, l, d). input_ids: (b, l) long."""
+        b, l = input_ids.shape
+        h = self.embed(input_ids)
+        if position_ids is None:
+            if cache is not None:
+                position_ids = cache.next_pos.unsqueeze(1) + torch.arange(l, device=input_ids.device)
+            elif seq_idx is not None:
+                position_ids = positions_from_seq_idx(seq_idx)
+            else:
+                position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
+        rope = self.rope(position_ids, h.dtype)
+        key_valid = cache.key_valid if cache is not None else None
+        for i, layer in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            if self.activation_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, rope, seq_idx, use_reentrant=False)
+            else:
+                h = layer(h, rope, seq_idx, state, key_valid)
+        if cache is not None:
+            cache.next_pos = position_ids[:, -1] + 1
+            cache.seen += l
+        return self.final_norm(h)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (b, l, vocab_size) (padding columns of the embedding dropped)."""
+        h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
+        return F.linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy (float32) over labels != -100. labels: (b, l), already shifted."""
+        h = self.hidden_states(input_ids, position_ids, seq_idx)
+        logits = F.linear(h, self.head_weight)  # padded vocab: pad columns are never targets
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> HybridCache:
+        """Empty decoding state for `batch` rows on the model's device."""
+        device = self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        states: list[MambaState | KVState] = []
+        for layer in self.layers:
+            if layer.kind == MAMBA:
+                states.append(layer.mixer.empty_state(batch, device, dtype))
+            else:
+                states.append(KVState())
+        return HybridCache(layers=states, next_pos=torch.zeros(batch, dtype=torch.long, device=device))
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, HybridCache]:
+        """Run a prompt and return (last-position logits (b, v), cache).
+
+        attention_mask: (b, l) 1 for tokens, 0 for LEFT padding. Padding is treated as a separate
+        document (seq_idx 0) so it never reaches the prompt through conv, state or attention, and
+        RoPE positions start at each row's first real token.
+        """
+        b, l = input_ids.shape
+        cache = self.new_cache(b)
+        seq_idx = position_ids = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            valid = attention_mask.bool()
+            seq_idx = valid.long()  # 0 = padding, 1 = prompt
+            position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
+            cache.key_valid = valid
+        logits = self.forward(input_ids, position_ids, seq_idx, cache)
+        return logits[:, -1], cache
+
+    def step(self, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """Decode one token per row. token: (b,) long -> logits (b, v); cache updated in place."""
+        if cache.key_valid is not None:
+            cache.key_valid = torch.cat([cache.key_valid, cache.key_valid.new_ones(token.size(0), 1)], dim=1)
+        return self.forward(token.unsqueeze(1), cache=cache)[:, -1]

@@ -1,0 +1,95 @@
+"""Lazy access to the optional CUDA kernels and the choice of execution path.
+
+The GPU packages (mamba_ssm, causal_conv1d, flash_attn) only build with CUDA, so nothing here is
+imported at module load: each accessor imports on first use and caches the result. `resolve_impl`
+turns the config's `impl` into the path that actually runs and says so in the log; asking for
+`kernels` when they are missing is an error, and `auto` falling back to the slow reference path on a
+CUDA device is a loud warning (never a silent slow path).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from types import SimpleNamespace
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def mamba_ops() -> SimpleNamespace | None:
+    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step and gated RMSNorm."""
+    try:
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import (
+            mamba_chunk_scan_combined,
+            mamba_split_conv1d_scan_combined,
+        )
+    except Exception as exc:  # ImportError, or a broken CUDA build raising at import
+        log.debug("mamba_ssm unavailable: %s", exc)
+        return None
+    return SimpleNamespace(
+        chunk_scan=mamba_chunk_scan_combined,
+        split_conv1d_scan=mamba_split_conv1d_scan_combined,
+        state_update=selective_state_update,
+        rmsnorm_gated=rmsnorm_fn,
+    )
+
+
+@functools.cache
+def conv_ops() -> SimpleNamespace | None:
+    """causal_conv1d's fused depthwise conv (training/prefill) and its one-token update."""
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except Exception as exc:
+        log.debug("causal_conv1d unavailable: %s", exc)
+        return None
+    return SimpleNamespace(conv=causal_conv1d_fn, update=causal_conv1d_update)
+
+
+@functools.cache
+def flash_ops() -> SimpleNamespace | None:
+    """flash-attn 2: dense and varlen (packed documents via cu_seqlens) kernels."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except Exception as exc:
+        log.debug("flash_attn unavailable: %s", exc)
+        return None
+    return SimpleNamespace(dense=flash_attn_func, varlen=flash_attn_varlen_func)
+
+
+def kernel_report() -> dict[str, bool]:
+    """Which optional kernel packages import here."""
+    return {
+        "mamba_ssm": mamba_ops() is not None,
+        "causal_conv1d": conv_ops() is not None,
+        "flash_attn": flash_ops() is not None,
+    }
+
+
+def resolve_impl(requested: str, device: torch.device) -> str:
+    """Map config `impl` (auto|reference|kernels) to the path that runs on `device`.
+
+    Raises RuntimeError when `kernels` is requested but cannot run (no CUDA or no mamba_ssm).
+    """
+    on_cuda = device.type == "cuda"
+    have = on_cuda and mamba_ops() is not None
+    if requested == "reference":
+        return "reference"
+    if requested == "kernels":
+        if not have:
+            why = "the device is not CUDA" if not on_cuda else "mamba_ssm is not installed"
+            raise RuntimeError(
+                f"model.impl=kernels but {why}; install requirements-cuda.txt on a GPU machine "
+                "or set model.impl=reference"
+            )
+        return "kernels"
+    if on_cuda and not have:
+        log.warning(
+            "model.impl=auto on CUDA but mamba_ssm is missing: running the SLOW pure-PyTorch "
+            "reference path; install requirements-cuda.txt"
+        )
+    return "kernels" if have else "reference"

@@ -1,0 +1,95 @@
+"""Small building blocks shared by the blocks: RMSNorm, gated RMSNorm, SwiGLU, rotary embeddings.
+
+Shape legend: b batch, l sequence, d model width, h heads, k head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, statistics in float32. x: (..., dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rmsnorm_gated_ref(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, n_groups: int
+) -> torch.Tensor:
+    """Mamba2's gated norm with norm_before_gate=False: RMSNorm(y * silu(z)) per group.
+
+    y, z: (..., d_inner); statistics over each of the n_groups contiguous slices, in float32.
+    """
+    g = (y.float() * F.silu(z.float())).unflatten(-1, (n_groups, -1))
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.flatten(-2) * weight.float()).to(y.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); no biases. x: (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE at arbitrary integer positions (restart per document when packed)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_parameters(self) -> None:
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: (b, l) int -> cos, sin: (b, l, k) in `dtype` (angles in float32)."""
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()  # (b, l, k/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Llama/HF convention). x: (b, h, l, k); cos, sin: (b, l, k)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def init_linear(layer: nn.Linear, std: float) -> None:
+    """Normal(0, std) weights (truncated at 3 std), zero bias."""
+    nn.init.trunc_normal_(layer.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def residual_std(base_std: float, n_layers: int) -> float:
+    """Scaled init of projections that write into the residual stream: std / sqrt(2 n_layers)
+    (GPT-2/Megatron; each block adds two residual branches, mixer and MLP)."""
+    return base_std / math.sqrt(2 * n_layers)

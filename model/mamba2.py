@@ -1,0 +1,268 @@
+"""Mamba2 mixer with mamba_ssm's parameter layout and two execution paths on the same weights.
+
+Parameters (state_dict keys as in `mamba_ssm.modules.mamba2.Mamba2`, so weights move without
+reshuffling): in_proj (d_model -> [z, x, B, C, dt]), conv1d (depthwise over x, B, C), dt_bias,
+A_log, D, norm.weight (gated RMSNorm), out_proj.
+
+Shape legend: b batch, l sequence, d d_model, e d_inner, c conv_dim, h SSM heads, p headdim,
+g groups, n d_state, w conv width.
+
+Paths:
+  reference  pure PyTorch (CPU, tests, ONNX): conv via F.conv1d (or a masked unfold when documents
+             are packed), chunked SSD from `model.ssd`, gated RMSNorm in float32.
+  kernels    mamba_ssm's fused `mamba_split_conv1d_scan_combined` when causal_conv1d is installed
+             (conv + scan + gated norm + out_proj in one autograd function), otherwise causal conv
+             + `mamba_chunk_scan_combined` + the Triton gated norm; decoding uses
+             `selective_state_update` and `causal_conv1d_update`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.cache import MambaState
+from model.config import ModelConfig
+from model.kernels import conv_ops, mamba_ops
+from model.layers import init_linear, residual_std, rmsnorm_gated_ref
+from model.ssd import discretize_dt, ssd_chunked, ssd_step
+
+
+class GatedRMSNorm(nn.Module):
+    """Holds the gated-norm weight under the key `norm.weight` (mamba_ssm's RMSNormGated)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+def causal_conv1d_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    prefix: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Depthwise causal conv (pre-activation).
+
+    x: (b, l, c); weight: (c, w); prefix: (b, c, w-1) inputs before position 0 (zeros if None);
+    seq_idx: (b, l) documents: taps never reach into another document. Returns (b, l, c).
+    """
+    b, l, c = x.shape
+    w = weight.size(-1)
+    xt = x.transpose(1, 2)  # (b, c, l)
+    left = prefix if prefix is not None else xt.new_zeros(b, c, w - 1)
+    xp = torch.cat([left.to(xt.dtype), xt], dim=-1)  # (b, c, l + w - 1)
+    if seq_idx is None:
+        y = F.conv1d(xp, weight.unsqueeze(1), bias, groups=c)  # (b, c, l)
+        return y.transpose(1, 2)
+    windows = xp.unfold(-1, w, 1)  # (b, c, l, w): windows[..., t, j] = input at t - (w-1) + j
+    sid = torch.cat([seq_idx[:, :1].expand(b, w - 1), seq_idx], dim=1).unfold(-1, w, 1)  # (b, l, w)
+    same = (sid == seq_idx.unsqueeze(-1)).to(x.dtype)  # (b, l, w)
+    y = torch.einsum("bclw,blw,cw->blc", windows, same, weight)
+    return y + bias if bias is not None else y
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba2 mixer. forward: (b, l, d) -> (b, l, d)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        m = cfg.mamba
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.d_inner, self.n_heads, self.headdim = cfg.d_inner, cfg.n_ssm_heads, m.headdim
+        self.n_groups, self.d_state, self.d_conv = m.n_groups, m.d_state, m.d_conv
+        self.chunk_size, self.dt_limit = m.chunk_size, tuple(m.dt_limit)
+        self.conv_dim = cfg.conv_dim
+        self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, kernel_size=m.d_conv, groups=self.conv_dim,
+            padding=m.d_conv - 1, bias=m.conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # read by the optimizer's parameter grouping
+        self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.impl = "reference"
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init for dt/A/D/conv; normal init for the projections, out_proj scaled."""
+        m, std = self.cfg.mamba, self.cfg.resolved_init_std
+        init_linear(self.in_proj, std)
+        init_linear(self.out_proj, residual_std(std, self.cfg.n_layers))
+        self.conv1d.reset_parameters()
+        with torch.no_grad():
+            # dt ~ logU(dt_min, dt_max), floored; dt_bias = softplus^-1(dt)
+            u = torch.rand(self.n_heads, device=self.dt_bias.device)
+            dt = torch.exp(u * (math.log(m.dt_max) - math.log(m.dt_min)) + math.log(m.dt_min))
+            dt = dt.clamp(min=m.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            A = torch.empty(self.n_heads, device=self.A_log.device).uniform_(*m.a_init_range)
+            self.A_log.copy_(torch.log(A))
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
+
+    # ---- helpers ----------------------------------------------------------------------------------
+    def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        gn = self.n_groups * self.d_state
+        x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
+        return x, B, C
+
+    @property
+    def conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight.squeeze(1)  # (c, w)
+
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaState:
+        conv = torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype)
+        ssm_dtype = torch.promote_types(dtype, torch.float32)  # the state accumulates: never below fp32
+        ssm = torch.zeros(batch, self.n_heads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        return MambaState(conv=conv, ssm=ssm)
+
+    def _store_conv_state(self, state: MambaState, xbc: torch.Tensor, seq_idx: torch.Tensor | None) -> None:
+        """Keep the last d_conv conv inputs (zeros where they belong to an earlier document)."""
+        w = self.d_conv
+        tail = xbc.transpose(1, 2)  # (b, c, l)
+        if state.filled:
+            tail = torch.cat([state.conv.to(tail.dtype), tail], dim=-1)
+        tail = F.pad(tail, (max(w - tail.size(-1), 0), 0))[..., -w:]
+        if seq_idx is not None:
+            sid = F.pad(seq_idx, (max(w - seq_idx.size(1), 0), 0), value=-1)[:, -w:]
+            tail = tail * (sid == seq_idx[:, -1:]).unsqueeze(1).to(tail.dtype)
+        state.conv.copy_(tail)
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def forward(
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state: MambaState | None = None
+    ) -> torch.Tensor:
+        """u: (b, l, d); seq_idx: (b, l) documents; state: decoding state, updated in place."""
+        if state is not None and state.filled and u.size(1) == 1:
+            return self._step(u, state)
+        if self.impl == "kernels":
+            return self._forward_kernels(u, seq_idx, state)
+        return self._forward_reference(u, seq_idx, state)
+
+    def _forward_reference(
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+    ) -> torch.Tensor:
+        b, l, _ = u.shape
+        z, xbc, dt = self._split(self.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
+        prefix = state.conv[..., 1:] if state is not None and state.filled else None
+        if state is not None:
+            self._store_conv_state(state, xbc, seq_idx)
+        xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
+        x, B, C = self._split_xbc(xbc)
+        A = -torch.exp(self.A_log.float())  # (h,), float32: A_log in bf16 would lose the decay
+        y, final = ssd_chunked(
+            x.reshape(b, l, self.n_heads, self.headdim),
+            discretize_dt(dt, self.dt_bias, self.dt_limit),
+            A,
+            B.reshape(b, l, self.n_groups, self.d_state),
+            C.reshape(b, l, self.n_groups, self.d_state),
+            self.chunk_size,
+            D=self.D,
+            initial_state=state.ssm if state is not None and state.filled else None,
+            seq_idx=seq_idx,
+        )
+        if state is not None:
+            state.ssm.copy_(final)
+            state.filled = True
+        y = rmsnorm_gated_ref(y.reshape(b, l, self.d_inner), z, self.norm.weight, self.norm.eps, self.n_groups)
+        return self.out_proj(y)
+
+    def _forward_kernels(
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+    ) -> torch.Tensor:
+        ops, cops = mamba_ops(), conv_ops()
+        b, l, _ = u.shape
+        zxbcdt = self.in_proj(u)
+        sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+        A = -torch.exp(self.A_log.float())
+        continuing = state is not None and state.filled
+        if cops is not None and not continuing:
+            if state is not None:
+                self._store_conv_state(state, self._split(zxbcdt)[1], seq_idx)
+            out = ops.split_conv1d_scan(
+                zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, D=self.D,
+                chunk_size=self.chunk_size, seq_idx=sid, dt_limit=self.dt_limit,
+                return_final_states=state is not None, activation="silu",
+                rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+                outproj_weight=self.out_proj.weight, outproj_bias=None,
+                headdim=self.headdim, ngroups=self.n_groups, norm_before_gate=False,
+            )
+            if state is not None:
+                out, final = out
+                state.ssm.copy_(final)
+                state.filled = True
+            return out
+        z, xbc, dt = self._split(zxbcdt)
+        prefix = state.conv[..., 1:] if continuing else None
+        if state is not None:
+            self._store_conv_state(state, xbc, seq_idx)
+        if cops is not None and prefix is None:
+            xbc = cops.conv(xbc.transpose(1, 2), self.conv_weight, self.conv1d.bias, seq_idx=sid,
+                            activation="silu").transpose(1, 2)
+        else:
+            xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
+        x, B, C = self._split_xbc(xbc)
+        y = ops.chunk_scan(
+            x.reshape(b, l, self.n_heads, self.headdim), dt, A,
+            B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state),
+            chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=sid,
+            dt_limit=self.dt_limit, initial_states=state.ssm if continuing else None,
+            return_final_states=state is not None,
+        )
+        if state is not None:
+            y, final = y
+            state.ssm.copy_(final)
+            state.filled = True
+        y = ops.rmsnorm_gated(
+            y.reshape(b, l, self.d_inner), self.norm.weight, None, z=z, eps=self.norm.eps,
+            group_size=self.d_inner // self.n_groups, norm_before_gate=False,
+        )
+        return self.out_proj(y)
+
+    def _step(self, u: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One token: (b, 1, d) -> (b, 1, d); O(1) in context length."""
+        z, xbc, dt = self._split(self.in_proj(u.squeeze(1)))  # (b, e), (b, c), (b, h)
+        cops, ops = conv_ops(), mamba_ops()
+        if self.impl == "kernels" and cops is not None:
+            xbc = cops.update(xbc, state.conv, self.conv_weight, self.conv1d.bias, "silu")
+        else:
+            conv = torch.cat([state.conv[..., 1:], xbc.unsqueeze(-1).to(state.conv.dtype)], dim=-1)
+            state.conv.copy_(conv)
+            xbc = (conv * self.conv_weight).sum(-1)
+            xbc = F.silu(xbc + self.conv1d.bias if self.conv1d.bias is not None else xbc)
+        x, B, C = self._split_xbc(xbc)
+        b = x.size(0)
+        x = x.reshape(b, self.n_heads, self.headdim)
+        B = B.reshape(b, self.n_groups, self.d_state)
+        C = C.reshape(b, self.n_groups, self.d_state)
+        A = -torch.exp(self.A_log.float())
+        if self.impl == "kernels":
+            p, n = self.headdim, self.d_state
+            y = ops.state_update(
+                state.ssm, x, dt.unsqueeze(-1).expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
+                B, C, D=self.D.unsqueeze(-1).expand(-1, p), dt_bias=self.dt_bias.unsqueeze(-1).expand(-1, p),
+                dt_softplus=True,
+            )
+        else:
+            y, new = ssd_step(state.ssm, x, discretize_dt(dt, self.dt_bias, self.dt_limit), A, B, C, self.D)
+            state.ssm.copy_(new)
+        y = y.reshape(b, self.d_inner)
+        if self.impl == "kernels":
+            y = ops.rmsnorm_gated(y, self.norm.weight, None, z=z, eps=self.norm.eps,
+                                  group_size=self.d_inner // self.n_groups, norm_before_gate=False)
+        else:
+            y = rmsnorm_gated_ref(y, z, self.norm.weight, self.norm.eps, self.n_groups)
+        return self.out_proj(y).unsqueeze(1)

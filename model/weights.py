@@ -1,0 +1,122 @@
+"""Weights on disk: `model.safetensors` + `config.json` (the resolved ModelConfig) in one folder.
+
+Writes are atomic (temporary file in the same folder, then rename), so an interrupted save never
+leaves a half-written file under the final name. Loading is strict: missing or unexpected tensor
+names, shape mismatches, or a config that does not match the file are errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.hybrid import HybridLM
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A weights folder that cannot be loaded as asked."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file + fsync + rename in the same directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_weights(model: HybridLM, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save `model` (weights cast to their current dtype, contiguous) and its resolved config."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(folder / CONFIG_NAME, model.cfg.model_dump(mode="json"))
+    return folder
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {folder}: pass a folder written by save_weights or the trainer's export")
+    return ModelConfig.model_validate(json.loads(path.read_text()))
+
+
+def load_weights(
+    folder: str | Path,
+    cfg: ModelConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> HybridLM:
+    """Build the model from the folder's config (or check `cfg` equals it) and load the tensors."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    saved = load_config(folder)
+    if cfg is not None and _arch(cfg) != _arch(saved):
+        diff = sorted(k for k in _arch(saved) if _arch(saved)[k] != _arch(cfg)[k])
+        raise CheckpointError(f"config does not match {folder}/{CONFIG_NAME} at: {', '.join(diff)}")
+    wfile = folder / WEIGHTS_NAME
+    if not wfile.is_file():
+        raise CheckpointError(f"no {WEIGHTS_NAME} in {folder}")
+    with torch.device("meta"):
+        model = HybridLM(saved)
+    state = load_file(str(wfile), device=str(device))
+    check_state_dict(model, state, str(wfile))
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rope.inv_freq = model.rope._inv_freq().to(device)
+    if dtype is not None:
+        model.to(dtype)
+    model.set_impl()
+    return model
+
+
+def _arch(cfg: ModelConfig) -> dict:
+    """Config fields that change tensors or math (not the execution-path switches)."""
+    return cfg.model_dump(mode="json", exclude={"preset", "impl", "attn_backend", "max_seq_len"})
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming missing/unexpected/mis-shaped tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"shape mismatch at {k}: file {tuple(state[k].shape)} vs model {expected[k]}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems))
