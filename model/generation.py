@@ -1,0 +1,127 @@
+"""Cached autoregressive generation: one prefill, then O(1)-per-token steps for the Mamba2 layers.
+
+Shared by evaluation (`generate_until`) and the generation CLI. Prompts of different lengths are
+left-padded and run as one batch (the model treats padding as a separate document).
+
+Shape legend: b batch rows, v vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from model.hybrid import HybridLM
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1.0: no nucleus cut
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row (CTRL-style)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of tokens present in `history` (b, t) by `penalty`."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, history, seen)
+
+
+def choose_next(
+    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row. logits: (b, v) -> (b,) long."""
+    logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > params.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> (ids (b, l), attention_mask (b, l)) left-padded to the longest row."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (add BOS)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate(
+    model: HybridLM,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    on_token: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Generate continuations for a batch of prompts; returns the new tokens of each row.
+
+    A row stops at `eos_id` (not included), after `max_new_tokens`, or when `should_stop(row, tokens)`
+    says so (e.g. a stop string appeared). `on_token(row, token)` streams tokens as they are chosen.
+    """
+    device = model.embed.weight.device
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    ids, mask = left_pad(prompts, pad_id, device)
+    out: list[list[int]] = [[] for _ in prompts]
+    if params.max_new_tokens == 0:
+        return out
+    logits, cache = model.prefill(ids, mask)
+    history = ids.masked_fill(mask == 0, pad_id)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for i in range(params.max_new_tokens):
+        nxt = choose_next(logits, params, history, generator)
+        for row in torch.nonzero(~done).flatten().tolist():
+            tok = int(nxt[row])
+            if eos_id is not None and tok == eos_id:
+                done[row] = True
+                continue
+            out[row].append(tok)
+            if on_token is not None:
+                on_token(row, tok)
+            if should_stop is not None and should_stop(row, out[row]):
+                done[row] = True
+        if bool(done.all()) or i == params.max_new_tokens - 1:
+            break
+        history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
+        logits = model.step(nxt, cache)
+    return out
