@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 # Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
-_SECTION_KEYS = {"pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
+_SECTION_KEYS = {"preset", "pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ from model.config import StrictModel
 class DataConfig(StrictModel):
     """Where training tokens come from and how they are cut into sequences."""
 
-    manifest: str | None = Field(None, description="manifest.json written by pipeline/curate.py.")
+    manifest: str | None = Field(None, description="manifest.json written by pipeline/curate.py (required to train).")
     packing: Literal["document", "continuous"] = Field(
         "document",
         description="document: boundaries travel with each sequence (Mamba2 state/conv reset, attention "
@@ -23,19 +23,31 @@ class DataConfig(StrictModel):
         "EOS-separated concatenation.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
+    verify: Literal["size", "sha256"] = Field(
+        "size",
+        description="Shard check at start-up: size compares every shard's bytes, token and document counts "
+        "with the manifest (cheap); sha256 also hashes every shard (reads all data once, on each "
+        "node's first rank).",
+    )
 
 
 class WandbConfig(StrictModel):
     """Weights & Biases logging. Offline unless mode=online (then WANDB_API_KEY must be set)."""
 
-    project: str = "hybrid-lm"
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    name: str | None = None
-    entity: str | None = None
+    project: str = Field("hybrid-lm", description="W&B project name.")
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline writes <output_dir>/wandb for a later `wandb sync`; disabled imports nothing."
+    )
+    name: str | None = Field(None, description="Run name; default: the last part of train.output_dir.")
+    entity: str | None = Field(None, description="W&B team or user.")
 
 
 class TrainConfig(StrictModel):
-    """Optimisation, schedule, checkpointing and logging of a pretraining run."""
+    """Optimisation, schedule, checkpointing and logging of a pretraining run.
+
+    The DeepSpeed config is `ds_config` (ZeRO stage, offload, bucket sizes) completed by the launcher
+    with the batch, clipping, precision and optimizer numbers below, so each number lives in one place.
+    """
 
     seq_len: int = Field(1024, ge=2, description="Tokens per training sequence.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per GPU per forward/backward.")
@@ -44,28 +56,44 @@ class TrainConfig(StrictModel):
         description="Tokens per optimizer step over all ranks; must be a multiple of "
         "seq_len * micro_batch_size * world_size (the quotient is the accumulation).",
     )
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps of the whole run (the schedule's length).")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a fraction of the peak.")
-    warmup_steps: int = Field(100, ge=0)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of steps spent decaying.")
-    weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up from lr/warmup_steps to lr.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine",
+        description="After warm-up: cosine to min_lr_ratio; wsd: constant, then a (1 - sqrt) cool-down over "
+        "the last decay_fraction of the steps; constant: peak lr to the end.",
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: share of max_steps spent cooling down.")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW decoupled decay of matrices; never of norms, biases, the input embedding "
+        "or Mamba2 A_log/D/dt_bias."
+    )
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = Field(False, description="ZeRO-3 optimizer state on CPU.")
-    precision: Literal["bf16", "fp32"] = "bf16"
-    activation_checkpointing: bool = False
-    seed: int = 1234
-    log_every: int = Field(1, ge=1, description="Steps between metric lines.")
+    ds_config: str = Field(
+        "ds_configs/zero2.json",
+        description="DeepSpeed JSON (ZeRO stage, offload, buckets); a path, relative ones from the repo root.",
+    )
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Parameter/compute dtype (bf16: fp32 master weights).")
+    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    seed: int = Field(1234, description="Model init and RNG seed (the data order does not depend on it).")
+    log_every: int = Field(1, ge=1, description="Steps between console lines (metrics.jsonl gets every step).")
     eval_every: int = Field(200, ge=0, description="Steps between validation losses; 0 disables.")
-    eval_batches: int = Field(8, ge=1, description="Micro-batches per validation pass.")
+    eval_sequences: int = Field(
+        64, ge=1, description="Validation sequences per evaluation over all ranks; the same set every time."
+    )
     save_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: only at the end/on signal.")
-    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk.")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints kept on disk.")
     output_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl and exports go here.")
-    on_nan: Literal["skip", "stop"] = Field("stop", description="Non-finite loss: skip the step or stop.")
+    on_nan: Literal["skip", "stop"] = Field(
+        "stop", description="Non-finite loss: skip the step (no update) or stop with an error naming step and rank."
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="Per-device dense bf16 peak for MFU (TFLOP/s); default: looked up by GPU name."
+    )
     wandb: WandbConfig = WandbConfig()
 
     @model_validator(mode="after")
@@ -78,22 +106,84 @@ class TrainConfig(StrictModel):
                 f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
                 f"seq_len * micro_batch_size ({per_step})"
             )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         return self
+
+    @property
+    def global_batch_sequences(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.global_batch_tokens // self.seq_len
 
 
 class EvalConfig(StrictModel):
-    """lm-evaluation-harness settings used by eval/run.py."""
+    """Evaluation with eval/run.py: lm-evaluation-harness benchmarks and validation perplexity."""
 
-    benchmarks: list[str] = Field(default_factory=lambda: ["standard"], description="Task/group names.")
-    num_fewshot: int | None = Field(None, ge=0)
-    limit: int | None = Field(None, ge=1, description="Examples per task (debugging).")
-    batch_size: int = Field(8, ge=1)
-    tasks_dir: str | None = Field(None, description="Folder of local lm-eval task YAMLs.")
-    output: str | None = None
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["standard"],
+        description="lm-eval task/group/tag names, 'standard' (the design's suite) or 'val_ppl'.",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None: each task's default.")
+    limit: int | None = Field(None, ge=1, description="Examples per task, windows for val_ppl (debugging).")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (cuda when available, else cpu), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/activations dtype; auto keeps the checkpoint's dtype."
+    )
+    tasks_dir: str | None = Field(None, description="Folder of local lm-eval task YAMLs (+ their data files).")
+    output: str | None = Field(None, description="Results JSON; default <checkpoint>/eval_results.json.")
+    manifest: str | None = Field(None, description="Curation manifest for val_ppl; default data.manifest.")
+    val_seq_len: int | None = Field(None, ge=2, description="Tokens per val_ppl window; default train.seq_len.")
+    allow_code_execution: bool = Field(
+        False, description="Run benchmarks that execute model-written code (HumanEval); adds it to 'standard'."
+    )
+    compare: bool = Field(False, description="Add published scores of similar-size models to the table.")
+    cache: bool = Field(
+        True, description="Keep per-request results in a sqlite cache beside the output so a rerun resumes."
+    )
+
+
+class SamplingConfig(StrictModel):
+    """Decoding defaults of launch/generate.py (its flags override them). temperature 0 = greedy."""
+
+    max_new_tokens: int = Field(128, ge=0, description="Tokens generated per prompt at most.")
+    temperature: float = Field(0.8, ge=0, description="Softmax temperature; 0 picks the argmax.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 keeps all.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus: smallest set with this probability mass.")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages tokens already in the row.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (cut from the output).")
+    seed: int | None = Field(1234, description="Sampling seed; None: nondeterministic.")
 
 
 class ExportConfig(StrictModel):
-    """Export targets used by launch/export.py."""
+    """Export targets (launch/export.py) and inference settings (launch/generate.py)."""
 
-    formats: list[Literal["hf", "onnx", "int8", "nf4", "int4"]] = Field(default_factory=lambda: ["hf"])
-    output_dir: str = "exports"
+    formats: list[Literal["hf", "onnx", "int8", "nf4", "int4"]] = Field(
+        default_factory=lambda: ["hf"], description="Formats written when --format is not given."
+    )
+    output_dir: str = Field("exports", description="Output folder when --output is not given.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (cuda when available, else cpu), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype of exports and generation; auto keeps the checkpoint's dtype."
+    )
+    verify: bool = Field(True, description="Measure parity/perplexity/speed during export (the card's numbers).")
+    parity_tokens: int = Field(64, ge=1, description="Prompt length of the parity checks (tokens).")
+    parity_new_tokens: int = Field(16, ge=1, description="Greedy tokens compared between runtimes.")
+    onnx_opset: int | None = Field(None, ge=18, description="ONNX opset; None: torch.onnx's default.")
+    int8_backend: Literal["torchao", "bitsandbytes"] = Field(
+        "torchao", description="int8 weight-only: torchao Int8Tensor or bitsandbytes LLM.int8 (threshold 0)."
+    )
+    quant_group_size: Literal[32, 64, 128, 256] = Field(
+        64, description="Weights per scale: NF4 block size and int4 group size (must divide in-features)."
+    )
+    eval_text: str | None = Field(None, description="Text file for perplexity when no manifest is given.")
+    eval_tokens: int = Field(8192, ge=2, description="Validation tokens scored for perplexity at most.")
+    eval_seq_len: int = Field(256, ge=2, description="Tokens per perplexity window.")
+    throughput_new_tokens: int = Field(32, ge=1, description="Decode steps timed for tokens/s.")
+    sampling: SamplingConfig = SamplingConfig()

@@ -132,7 +132,7 @@ class Attention(nn.Module):
     def _kernel_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None
     ) -> torch.Tensor:
-        fa = flash_ops()
+        fa = flash_ops() if q.dtype in (torch.bfloat16, torch.float16) else None  # flash: half types only
         if seq_idx is not None and fa is not None and self.backend in ("auto", "flash"):
             b, h, l, kd = q.shape
             cu, max_len = cu_seqlens_from_seq_idx(seq_idx)

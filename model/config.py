@@ -110,7 +110,10 @@ class ModelConfig(StrictModel):
                 f"attention.n_kv_heads ({att.n_kv_heads}) must divide attention.n_heads ({att.n_heads})"
             )
         if self.head_dim % 2:
-            raise ValueError(f"attention head_dim ({self.head_dim}) must be even for RoPE")
+            raise ValueError(
+                f"attention.head_dim ({self.head_dim}) must be even for RoPE "
+                "(set attention.head_dim or change attention.n_heads)"
+            )
         m = self.mamba
         if self.d_inner % m.headdim:
             raise ValueError(

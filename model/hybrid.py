@@ -151,10 +151,12 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy (float32) over labels != -100. labels: (b, l), already shifted."""
+        """Mean next-token cross-entropy (float32, or float64 for a float64 model) over labels != -100.
+        labels: (b, l), already shifted."""
         h = self.hidden_states(input_ids, position_ids, seq_idx)
         logits = F.linear(h, self.head_weight)  # padded vocab: pad columns are never targets
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # ---- decoding ---------------------------------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> HybridCache:

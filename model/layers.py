@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight, statistics in float32. x: (..., dim)."""
+    """y = x / rms(x) * weight, statistics in float32 (float64 stays float64). x: (..., dim)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -24,9 +24,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        work = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(work)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(work)).to(x.dtype)
 
 
 def rmsnorm_gated_ref(
@@ -34,11 +35,13 @@ def rmsnorm_gated_ref(
 ) -> torch.Tensor:
     """Mamba2's gated norm with norm_before_gate=False: RMSNorm(y * silu(z)) per group.
 
-    y, z: (..., d_inner); statistics over each of the n_groups contiguous slices, in float32.
+    y, z: (..., d_inner); statistics over each of the n_groups contiguous slices, in float32
+    (float64 stays float64).
     """
-    g = (y.float() * F.silu(z.float())).unflatten(-1, (n_groups, -1))
+    work = torch.promote_types(y.dtype, torch.float32)
+    g = (y.to(work) * F.silu(z.to(work))).unflatten(-1, (n_groups, -1))
     g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
-    return (g.flatten(-2) * weight.float()).to(y.dtype)
+    return (g.flatten(-2) * weight.to(work)).to(y.dtype)
 
 
 class SwiGLU(nn.Module):

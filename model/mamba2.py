@@ -119,6 +119,10 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
         return x, B, C
 
+    def _decay_rates(self) -> torch.Tensor:
+        """A = -exp(A_log): (h,) in float32 or wider (A_log in bf16 would lose the decay)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
     @property
     def conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (c, w)
@@ -157,12 +161,13 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         b, l, _ = u.shape
         z, xbc, dt = self._split(self.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
-        prefix = state.conv[..., 1:] if state is not None and state.filled else None
+        # A copy: _store_conv_state overwrites state.conv in place before the conv reads the prefix.
+        prefix = state.conv[..., 1:].clone() if state is not None and state.filled else None
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
-        A = -torch.exp(self.A_log.float())  # (h,), float32: A_log in bf16 would lose the decay
+        A = self._decay_rates()
         y, final = ssd_chunked(
             x.reshape(b, l, self.n_heads, self.headdim),
             discretize_dt(dt, self.dt_bias, self.dt_limit),
@@ -187,7 +192,7 @@ class Mamba2Mixer(nn.Module):
         b, l, _ = u.shape
         zxbcdt = self.in_proj(u)
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
-        A = -torch.exp(self.A_log.float())
+        A = self._decay_rates()
         continuing = state is not None and state.filled
         if cops is not None and not continuing:
             if state is not None:
@@ -206,7 +211,7 @@ class Mamba2Mixer(nn.Module):
                 state.filled = True
             return out
         z, xbc, dt = self._split(zxbcdt)
-        prefix = state.conv[..., 1:] if continuing else None
+        prefix = state.conv[..., 1:].clone() if continuing else None  # copy: overwritten just below
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         if cops is not None and prefix is None:
@@ -248,7 +253,7 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, self.n_heads, self.headdim)
         B = B.reshape(b, self.n_groups, self.d_state)
         C = C.reshape(b, self.n_groups, self.d_state)
-        A = -torch.exp(self.A_log.float())
+        A = self._decay_rates()
         if self.impl == "kernels":
             p, n = self.headdim, self.d_state
             y = ops.state_update(

@@ -107,7 +107,7 @@ def preset_values(name: str) -> dict[str, Any]:
     """The raw values of preset `name` (a fresh copy, with `preset` set)."""
     key = name.lower()
     if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     import copy
 
     return {**copy.deepcopy(PRESETS[key]), "preset": key}

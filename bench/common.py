@@ -1,0 +1,107 @@
+"""Shared helpers of the benchmark scripts: device facts, timing, the matmul ceiling, result files.
+
+Every script writes `bench/results/<name>.json` (rows + device, date, versions, exact command) and a
+markdown table beside it; scripts that plot add a PNG.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    """Device, date and versions recorded with every result."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed", "transformers", "triton"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "device": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "versions": versions,
+        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of `fn` for `iters` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """Measured bf16 GEMM rate (TFLOP/s) on random data: the MFU denominator."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = median(time_fn(lambda: a @ b, device, warmup=3, iters=iters))
+    return 2 * n**3 / t / 1e12
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def write_results(name: str, rows: list[dict], meta: dict, columns: Sequence[str], out_dir: Path | None = None,
+                  title: str | None = None) -> Path:
+    """Write <name>.json and <name>.md (a table of `columns`) under out_dir (default bench/results)."""
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    lines = [f"# {title or name}", "", f"Device: {meta.get('device')}; date: {meta.get('date')}; "
+             f"command: `{meta.get('command')}`", ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return out_dir / f"{name}.json"
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e5 else f"{v:.4g}"
+    return str(v)

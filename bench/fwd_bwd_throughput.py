@@ -1,0 +1,95 @@
+"""Forward+backward throughput of a preset on the kernel path, activation checkpointing off and on.
+
+bf16 weights and activations, loss = model.loss (fused-free cross-entropy in float32), no optimizer:
+the model's own ceiling. MFU = model FLOPs per token (model.sizing.train_flops_per_token) x tokens/s
+over the bf16 GEMM rate measured in the same run. The first steps at a new shape spend time in Triton
+autotuning and compilation: they are timed apart (`warmup_s`) from the steady state.
+
+    python bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 1,2,4
+    python bench/fwd_bwd_throughput.py --smoke        # CPU plumbing check on the tiny preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import environment, matmul_peak_tflops, median, sync, time_fn, write_results
+from model import HybridLM, ModelConfig, train_flops_per_token
+
+
+def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, device: torch.device, iters: int) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
+    model.set_impl()
+    model.activation_checkpointing = ckpt
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+
+    def step() -> None:
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    warm = time.perf_counter() - t0
+    times = time_fn(step, device, warmup=2, iters=iters)
+    t = median(times)
+    row = {
+        "preset": cfg.preset, "batch": batch, "seq_len": seq, "act_ckpt": ckpt, "impl": model.impl,
+        "step_ms": 1e3 * t, "tokens_per_s": batch * seq / t, "first_step_s": warm,
+        "flops_per_token": train_flops_per_token(cfg, seq),
+    }
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    del model
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1.3b")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--pattern", default=None, help="override the layer pattern (e.g. all A)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--name", default="fwd_bwd_throughput")
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    preset, seq, batches = ("tiny", 128, [1]) if args.smoke else (args.preset, args.seq_len,
+                                                                   [int(b) for b in args.batches.split(",")])
+    overrides = {"pattern": args.pattern, "n_layers": len(args.pattern)} if args.pattern else {}
+    cfg = ModelConfig(preset=preset, **overrides)
+    peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
+    rows = []
+    for ckpt in (False, True):
+        for b in batches:
+            try:
+                row = measure(cfg, b, seq, ckpt, device, 2 if args.smoke else args.iters)
+            except torch.OutOfMemoryError:
+                rows.append({"preset": preset, "batch": b, "seq_len": seq, "act_ckpt": ckpt, "impl": "OOM"})
+                torch.cuda.empty_cache()
+                continue
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
+            rows.append(row)
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    meta = environment(device) | {"matmul_peak_tflops": peak, "pattern": cfg.layer_pattern}
+    write_results(args.name + ("_smoke" if args.smoke else ""), rows, meta,
+                  ["preset", "batch", "seq_len", "act_ckpt", "impl", "tokens_per_s", "mfu", "step_ms",
+                   "peak_mem_gb", "first_step_s"], args.out,
+                  title=f"Forward+backward throughput ({preset}, bf16, no optimizer)")
+
+
+if __name__ == "__main__":
+    main()

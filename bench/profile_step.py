@@ -1,0 +1,78 @@
+"""Profile one forward+backward step of a preset: top GPU kernels by time, and CPU vs GPU time.
+
+Answers "where does a training step spend its time" so the next optimisation targets the largest
+cost. Warm-up steps (Triton autotune/compile) run first and are not profiled.
+
+    python bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2
+    python bench/profile_step.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import RESULTS, environment, sync, write_results
+from model import HybridLM, ModelConfig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1.3b")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--act-ckpt", action="store_true")
+    ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
+    cfg = ModelConfig(preset=preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
+    model.set_impl()
+    model.activation_checkpointing = args.act_ckpt
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+
+    def step() -> None:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) / 2
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) / 2
+    rows = []
+    for e in events[: args.top]:
+        t = getattr(e, key) / 2
+        rows.append({"op": e.key[:90], "calls_per_step": e.count // 2, "ms_per_step": t / 1e3,
+                     "share": t / total if total else 0.0})
+    meta = environment(device) | {"preset": preset, "batch": batch, "seq_len": seq, "act_ckpt": args.act_ckpt,
+                                  "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
+                                  "timer": key}
+    name = "profile_step_smoke" if args.smoke else f"profile_step_{preset}"
+    write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
+                  title=f"One fwd+bwd step of {preset}, {batch}x{seq}: wall {wall * 1e3:.1f} ms, "
+                        f"kernels {total / 1e3:.1f} ms")
+    print(f"wall {wall * 1e3:.1f} ms/step, profiled {total / 1e3:.1f} ms/step")
+    for r in rows[:20]:
+        print(f"{r['ms_per_step']:9.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5} {r['op']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""What every export writes beside its files: README.md (the card), run_config.yaml, export_report.json.
+
+The card says what the folder holds, which checkpoint (and training step) it came from, the numbers
+measured while exporting, and how to load it. export_report.json holds the same numbers for tools.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from config.schema import RunConfig, save_run_config
+from export.measure import file_bytes
+from model.sizing import count_params
+from model.weights import atomic_write_bytes, atomic_write_json
+
+REPORT_NAME = "export_report.json"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_card(out_dir: str | Path, *, fmt: str, what: str, source: str | Path, meta: dict, run_cfg: RunConfig,
+               numbers: dict[str, Any], usage: str, notes: list[str] | None = None) -> Path:
+    """Write README.md, run_config.yaml and export_report.json into `out_dir`."""
+    out = Path(out_dir)
+    cfg = run_cfg.model
+    save_run_config(run_cfg, out / "run_config.yaml")
+    report = {
+        "format": fmt,
+        "source": str(source),
+        "source_meta": meta,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "numbers": numbers,
+        "notes": notes or [],
+    }
+    atomic_write_json(out / REPORT_NAME, report)
+    step = meta.get("step", "unknown")
+    lines = [
+        f"# {cfg.preset or 'hybrid'} model: {fmt} export",
+        "",
+        f"{what}",
+        "",
+        f"- Source checkpoint: `{source}` (step {step})",
+        f"- Model: {count_params(cfg) / 1e6:.1f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
+        f"pattern `{cfg.layer_pattern}` (M = Mamba2, A = attention), vocab {cfg.vocab_size}",
+        f"- Created: {report['created']}",
+        f"- Files: {file_bytes(out) / 2**20:.2f} MiB in this folder",
+    ]
+    extra = {k: v for k, v in meta.items() if k != "step" and isinstance(v, (str, int, float))}
+    if extra:
+        lines.append("- Source metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+    lines += ["", "## Measured during export", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in numbers.items()] or ["| (not measured: export.verify=false) | |"]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Use", "", "```python", usage.strip(), "```", "",
+              "`run_config.yaml` is the resolved run config of this export; `export_report.json` holds the numbers above.", ""]
+    atomic_write_bytes(out / "README.md", "\n".join(lines).encode())
+    return out / "README.md"

@@ -1,0 +1,179 @@
+"""ONNX graphs of the reference path: prefill (tokens -> logits + cache) and one decode step.
+
+Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript, torch 2.13). It exports the
+SSD scan's einsums, cumsum and masked segsum as ordinary ONNX ops, keeps batch and sequence
+symbolic, and refuses (instead of silently baking in) any Python branch on a symbolic size. The
+legacy TorchScript tracer records such branches for the example length only (e.g. the chunk
+padding in `model.ssd.ssd_chunked`), so a graph traced at one prompt length is wrong at another.
+
+Why prompt lengths are multiples of the chunk size: `ssd_chunked` pads the sequence to whole
+chunks behind an `if pad:` branch. Declaring the sequence axis as `chunk_size * n` lets torch.export
+prove `pad == 0` for every length, so one graph serves all lengths. The runtime left-pads prompts to
+the next multiple (`onnx_runtime`); the model treats left padding as a separate document (no
+state, conv tap or attention crosses into the prompt, RoPE starts at the first real token), so the
+padding changes nothing but rounding.
+
+Cache as flat tensors (the model's HybridCache preallocates KV capacity, which does not export):
+per Mamba2 layer i  `past.i.conv` (b, conv_dim, d_conv), `past.i.ssm` (b, heads, headdim, d_state)
+(float32); per attention layer i `past.i.key`, `past.i.value` (b, kv_heads, t, head_dim) with t
+dynamic. Outputs are named `present.*` the same way; `attention_mask` (b, t + 1) marks real tokens
+(0 = left padding) over everything cached plus the new token. The wrappers drive the unchanged
+model code with `ConcatKV`, a KV state that grows by concatenation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.cache import HybridCache, MambaState
+from model.config import MAMBA, ModelConfig
+from model.hybrid import HybridLM
+from model.weights import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+PREFILL_FILE, DECODE_FILE, ONNX_CONFIG = "prefill.onnx", "decode.onnx", "onnx_config.json"
+
+
+class ConcatKV:
+    """A KV state for export: `append` concatenates to the past (b, kv, t, head_dim) tensors."""
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k_new, v_new = torch.cat([self.k, k_new], dim=2), torch.cat([self.v, v_new], dim=2)
+        self.k, self.v = k_new, v_new
+        return k_new, v_new
+
+
+def state_names(cfg: ModelConfig, prefix: str) -> list[str]:
+    """Flat cache tensor names in graph order, e.g. past.0.conv, past.0.ssm, past.1.key, ..."""
+    names = []
+    for i, kind in enumerate(cfg.layer_pattern):
+        parts = ("conv", "ssm") if kind == MAMBA else ("key", "value")
+        names += [f"{prefix}.{i}.{p}" for p in parts]
+    return names
+
+
+def _flat(cache: HybridCache) -> list[torch.Tensor]:
+    out = []
+    for st in cache.layers:
+        out += [st.conv, st.ssm] if isinstance(st, MambaState) else [st.k, st.v]
+    return out
+
+
+class _Graph(nn.Module):
+    def __init__(self, model: HybridLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def _last_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """LM head on the last position only (HybridLM.forward would project every position)."""
+        return F.linear(h[:, -1], self.model.head_weight)[..., : self.model.cfg.vocab_size]
+
+
+class PrefillGraph(_Graph):
+    """(input_ids (b, l), attention_mask (b, l)) -> (logits (b, v), *present)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = input_ids.size(0)
+        seq_idx = attention_mask.long()  # 0 = padding document, 1 = prompt (as HybridLM.prefill)
+        position_ids = (seq_idx.cumsum(1) - 1).clamp(min=0)
+        layers = [
+            layer.mixer.empty_state(b, input_ids.device, self.model.embed.weight.dtype) if layer.kind == MAMBA
+            else ConcatKV()
+            for layer in self.model.layers
+        ]
+        cache = HybridCache(layers=layers, next_pos=position_ids[:, -1], key_valid=attention_mask.bool())
+        h = self.model.hidden_states(input_ids, position_ids, seq_idx, cache)
+        return (self._last_logits(h), *_flat(cache))
+
+
+class DecodeGraph(_Graph):
+    """(input_ids (b, 1), attention_mask (b, t + 1), *past) -> (logits (b, v), *present)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        position_ids = attention_mask[:, :-1].long().sum(1, keepdim=True)  # real tokens so far
+        layers: list = []
+        for i, layer in enumerate(self.model.layers):
+            a, b = past[2 * i], past[2 * i + 1]
+            # Mamba2 steps update their state in place: work on copies, never on graph inputs.
+            layers.append(MambaState(a.clone(), b.clone(), filled=True) if layer.kind == MAMBA else ConcatKV(a, b))
+        cache = HybridCache(layers=layers, next_pos=position_ids[:, 0], key_valid=attention_mask.bool())
+        h = self.model.hidden_states(input_ids, position_ids, None, cache)
+        return (self._last_logits(h), *_flat(cache))
+
+
+def _min_chunks(cfg: ModelConfig) -> int:
+    """Shortest prompt (in chunks) the graph accepts: the conv state needs >= d_conv tokens."""
+    return -(-cfg.mamba.d_conv // cfg.mamba.chunk_size)
+
+
+def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) -> dict:
+    """Write prefill.onnx, decode.onnx and onnx_config.json; returns the config written."""
+    from torch.export import Dim
+
+    cfg = model.cfg
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    previous_impl = model.impl
+    model = model.eval()
+    model.set_impl("reference")  # the kernel path's Triton/CUDA ops do not export
+    q = cfg.mamba.chunk_size
+    batch, chunks, past = Dim("batch", min=1), Dim("chunks", min=_min_chunks(cfg)), Dim("past", min=1)
+    seq = q * chunks
+    example_len = q * max(2, _min_chunks(cfg))
+    ids = torch.full((2, example_len), 5, dtype=torch.long, device=model.embed.weight.device)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # exercise the padded path in the example
+    prefill, decode = PrefillGraph(model).eval(), DecodeGraph(model).eval()
+    present_names = state_names(cfg, "present")
+    past_names = state_names(cfg, "past")
+    kinds = [kind for kind in cfg.layer_pattern for _ in range(2)]
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30  # protobuf's 2 GiB cap
+    with torch.no_grad():
+        program = torch.onnx.export(
+            prefill, (ids, mask), dynamo=True, opset_version=opset, external_data=big,
+            input_names=["input_ids", "attention_mask"], output_names=["logits", *present_names],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+        )
+        program.save(str(out / PREFILL_FILE), external_data=big)
+        states = prefill(ids, mask)[1:]
+        token = torch.full((2, 1), 5, dtype=torch.long, device=ids.device)
+        step_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        program = torch.onnx.export(
+            decode, (token, step_mask, *states), dynamo=True, opset_version=opset, external_data=big,
+            input_names=["input_ids", "attention_mask", *past_names], output_names=["logits", *present_names],
+            dynamic_shapes={
+                "input_ids": {0: batch},
+                "attention_mask": {0: batch, 1: past + 1},
+                "past": tuple({0: batch} if kind == MAMBA else {0: batch, 2: past} for kind in kinds),
+            },
+        )
+        program.save(str(out / DECODE_FILE), external_data=big)
+    model.set_impl(previous_impl)
+    info = {
+        "prefill": PREFILL_FILE,
+        "decode": DECODE_FILE,
+        "prompt_multiple": q,
+        "min_prompt": q * _min_chunks(cfg),
+        "vocab_size": cfg.vocab_size,
+        "layer_pattern": cfg.layer_pattern,
+        "past": past_names,
+        "present": present_names,
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."),
+        "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+    }
+    atomic_write_json(out / ONNX_CONFIG, info)
+    return info

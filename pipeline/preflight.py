@@ -1,0 +1,63 @@
+"""Everything checked before any processing starts, so bad input fails in seconds with one line:
+source paths and hub reachability, the reused tokenizer, the output folder, and the eval sets (whose
+n-gram index is built here, on the submitting machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.loader import dump_yaml
+from config.recipe import RecipeConfig
+from pipeline.decont import build_index
+from pipeline.errors import CurationError
+from pipeline.layout import Layout
+from pipeline.sources import check_source
+from pipeline.spm_tokenizer import check_special_ids
+from pipeline.stages import decont_active
+
+
+def resolve_tokenizer(recipe: RecipeConfig, base_dir: Path) -> str | None:
+    """Absolute path of the tokenizer.model to reuse (None: train one); checked against the contract."""
+    if not recipe.tokenizer.path:
+        return None
+    path = Path(recipe.tokenizer.path)
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_file():
+        raise CurationError(f"tokenizer.path {path} does not exist (a sentencepiece .model to reuse)")
+    import sentencepiece as spm
+
+    try:
+        check_special_ids(path)
+        vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    except (RuntimeError, ValueError) as exc:
+        raise CurationError(f"tokenizer.path {path}: {str(exc).splitlines()[0]}") from None
+    if vocab != recipe.tokenizer.vocab_size:
+        raise CurationError(f"tokenizer.path {path} has {vocab} pieces but tokenizer.vocab_size is "
+                            f"{recipe.tokenizer.vocab_size}: make them agree")
+    return str(path)
+
+
+def claim_output(recipe: RecipeConfig, layout: Layout) -> None:
+    """Bind the output folder to this recipe (resuming a different recipe's run would mix outputs)."""
+    from model.weights import atomic_write_bytes
+
+    digest = recipe.sha256()
+    if layout.recipe_hash.is_file() and layout.recipe_hash.read_text().strip() != digest:
+        raise CurationError(f"output folder {layout.out} holds a run of a different recipe (or --limit-docs); "
+                            f"pass a new --output or delete the folder")
+    atomic_write_bytes(layout.recipe_hash, (digest + "\n").encode())
+    atomic_write_bytes(layout.resolved_recipe, dump_yaml(recipe).encode())
+    finalize_marker = layout.logs("finalize") / "completions" / "00000"
+    if finalize_marker.exists() and not layout.manifest.exists():
+        finalize_marker.unlink()  # manifest.json was removed: write it again
+
+
+def preflight(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root: str | None) -> str | None:
+    """Run every check; returns the tokenizer to reuse (or None). Raises CurationError."""
+    for source in recipe.sources:
+        check_source(source, base_dir, data_root)
+    tokenizer = resolve_tokenizer(recipe, base_dir)
+    claim_output(recipe, layout)
+    if decont_active(recipe):
+        build_index(recipe.decontamination, base_dir, layout.decont_index)
+    return tokenizer

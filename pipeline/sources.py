@@ -1,0 +1,238 @@
+"""Readers for recipe sources, and the fail-fast checks that run before any processing.
+
+Every source becomes one datatrove reader: `JsonlReader`, `ParquetReader`, `HuggingFaceDatasetReader`
+(streaming), or one of two readers defined here for text that has no reader in datatrove: one
+document per file (`TextFileReader`, used for `folder` and `stdlib_source`) and the pydoc
+documentation of the standard library (`PydocReader`). Documents carry `metadata["source"]`.
+
+Hub sources with `--data-root DIR` read a local mirror `DIR/<hub_id>/`: a snapshot of the dataset
+repository as `huggingface-cli download --repo-type dataset <hub_id> --local-dir DIR/<hub_id>` writes
+it (data files plus the README.md whose `configs:` block maps config/split to files). datasets loads
+it exactly like the hub repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import sysconfig
+from fnmatch import fnmatch
+from functools import partial
+from pathlib import Path
+from types import MethodType
+from typing import Any, Iterator
+
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
+from datatrove.pipeline.readers.base import BaseDiskReader, BaseReader
+
+from config.recipe import SourceConfig
+from pipeline.errors import CurationError
+
+DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "folder": "**/*.txt", "stdlib_source": "**/*.py"}
+# Modules whose import opens a browser/GUI, prints, or is platform-specific: never rendered by pydoc.
+PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip",
+                        "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"})
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _adapt(reader: BaseReader, data: dict, path: str, id_in_file: int | str, mapping: dict[str, str]) -> dict:
+    """Input row -> Document fields, keeping only the recipe's metadata mapping (output key <- input field)."""
+    return {
+        "text": data.get(reader.text_key),
+        "id": str(data.get(reader.id_key, f"{path}/{id_in_file}")),
+        "metadata": {key: data[field] for key, field in mapping.items() if field in data},
+    }
+
+
+def _matches(rel_path: str, pattern: str) -> bool:
+    """fnmatch on the relative path; a leading `**/` also matches files at the top level."""
+    return fnmatch(rel_path, pattern) or (pattern.startswith("**/") and fnmatch(rel_path, pattern[3:]))
+
+
+class TextFileReader(BaseDiskReader):
+    """One document per text file under `data_folder` (id: the relative path); files whose relative
+    path contains a part in `exclude` are skipped, whole folders pruned."""
+
+    name = "📄 Text files"
+
+    def __init__(self, data_folder: str, glob_pattern: str, exclude: list[str] = (), **kwargs: Any):
+        super().__init__(data_folder, glob_pattern=glob_pattern, add_file_path=False, **kwargs)
+        self.exclude = set(exclude)
+
+    def list_files(self) -> list[str]:
+        root = Path(self.data_folder.path)
+        found = []
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in self.exclude and not d.startswith("."))
+            rel = Path(folder).relative_to(root)
+            found += [str(rel / f) for f in files if f not in self.exclude and _matches(str(rel / f), self.glob_pattern)]
+        return sorted(found)
+
+    def read_file(self, filepath: str) -> DocumentsPipeline:
+        with self.data_folder.open(filepath, "rb") as f:
+            text = f.read().decode("utf-8", errors="replace")
+        doc = self.get_document_from_dict({"text": text, "id": filepath}, filepath, 0)
+        if doc:
+            yield doc
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        for doc in self.read_files_shard(self.list_files()[rank::world_size]):
+            self.update_doc_stats(doc)
+            yield doc
+
+
+class PydocReader(BaseReader):
+    """pydoc plain-text documentation of the standard-library modules and their public submodules,
+    one document per module (id: the module name). Rendering imports the module in the task process."""
+
+    name = "📚 pydoc"
+
+    def __init__(self, exclude: list[str] = (), **kwargs: Any):
+        super().__init__(**kwargs)
+        self.exclude = PYDOC_SKIP | set(exclude)
+
+    def module_names(self) -> list[str]:
+        """Public stdlib modules and public submodules of stdlib packages (found on disk, not imported)."""
+        import pkgutil
+
+        names = set()
+        for top in sys.stdlib_module_names:
+            if top.startswith("_") or top in self.exclude:
+                continue
+            names.add(top)
+            spec_path = stdlib_dir() / top
+            if (spec_path / "__init__.py").is_file():
+                for info in pkgutil.walk_packages([str(spec_path)], prefix=f"{top}.", onerror=lambda _: None):
+                    parts = info.name.split(".")
+                    if not any(p.startswith("_") or p in self.exclude or "test" in p for p in parts):
+                        names.add(info.name)
+        return sorted(names)
+
+    def render(self, name: str) -> str | None:
+        import importlib
+        import pydoc
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                module = importlib.import_module(name)
+                return pydoc.render_doc(module, renderer=pydoc.plaintext)
+        except Exception:  # platform-specific or broken module: not part of this machine's docs
+            self.stat_update("unimportable")
+            return None
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        count = 0
+        for name in self.module_names()[rank::world_size]:
+            if self.limit != -1 and count >= self.limit:
+                break
+            text = self.render(name)
+            doc = self.get_document_from_dict({"text": text, "id": f"pydoc/{name}"}, "pydoc", name) if text else None
+            if doc:
+                count += 1
+                self.update_doc_stats(doc)
+                yield doc
+
+
+def hub_location(source: SourceConfig, data_root: str | None) -> str:
+    """What datasets.load_dataset reads: the local mirror DIR/<hub_id> or the hub id."""
+    return str(Path(data_root) / source.hub_id) if data_root else source.hub_id
+
+
+def local_path(source: SourceConfig, base_dir: Path) -> Path:
+    p = Path(source.path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: str | None) -> BaseReader:
+    """The datatrove reader of one source; `limit` is spread over the tasks (datatrove's is per task)."""
+    common: dict[str, Any] = {
+        "limit": -(-source.limit // tasks) if source.limit else -1,
+        "text_key": source.text_key,
+        "id_key": source.id_key,
+        "default_metadata": {"source": source.name},
+    }
+    adapter = partial(_adapt, mapping=source.metadata)
+    if source.type in ("jsonl", "parquet"):
+        path = local_path(source, base_dir)
+        folder, glob = (path.parent, path.name) if path.is_file() else (path, source.glob or DEFAULT_GLOBS[source.type])
+        cls = JsonlReader if source.type == "jsonl" else ParquetReader
+        reader = cls(str(folder), glob_pattern=glob, adapter=adapter, **common)
+        if source.type == "jsonl":
+            reader.add_file_path = False
+        return reader
+    if source.type == "hf":
+        options = {"split": source.split}
+        if source.hub_config:
+            options["name"] = source.hub_config
+        if source.revision and not data_root:
+            options["revision"] = source.revision
+        return HuggingFaceDatasetReader(hub_location(source, data_root), dataset_options=options, streaming=True,
+                                        adapter=adapter, **common)
+    if source.type == "pydoc":
+        return PydocReader(exclude=source.exclude, **common)
+    root = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
+    reader = TextFileReader(str(root), source.glob or DEFAULT_GLOBS[source.type], source.exclude, **common)
+    reader.adapter = MethodType(adapter, reader)
+    return reader
+
+
+# ---------------------------------------------------------------- fail-fast checks (before any processing)
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Make huggingface_hub and datasets use only the local cache inside the block."""
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def check_hub_reachable(source: SourceConfig, timeout: float = 10.0) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().dataset_info(source.hub_id, revision=source.revision, timeout=timeout)
+    except Exception as exc:  # offline mode, DNS, timeout, 401/404: all mean "cannot read it from here"
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CurationError(
+            f"source {source.name}: cannot reach hub dataset {source.hub_id} ({type(exc).__name__}: {reason}); "
+            f"run where the hub is reachable or pass --data-root DIR holding a mirror at DIR/{source.hub_id}"
+        ) from None
+
+
+def check_source(source: SourceConfig, base_dir: Path, data_root: str | None) -> None:
+    """Raise CurationError (one line, naming the source) when its input cannot be read."""
+    if source.type == "hf":
+        if data_root is None:
+            check_hub_reachable(source)
+        elif not (Path(data_root) / source.hub_id).is_dir():
+            raise CurationError(
+                f"source {source.name}: no local mirror of {source.hub_id} at {Path(data_root) / source.hub_id} "
+                f"(expected layout: DIR/<hub_id>/ as `huggingface-cli download --local-dir` writes it)"
+            )
+        return
+    if source.type == "pydoc":
+        return
+    path = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
+    if not path.exists():
+        raise CurationError(f"source {source.name}: input path {path} does not exist (check its `path` in the recipe)")
+    if path.is_dir() and source.type in ("jsonl", "parquet", "folder"):
+        glob = source.glob or DEFAULT_GLOBS[source.type]
+        if next(iter(path.glob(glob)), None) is None:
+            raise CurationError(f"source {source.name}: no files matching {glob} under {path}")

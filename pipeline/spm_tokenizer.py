@@ -1,0 +1,155 @@
+"""The tokenizer: sentencepiece BPE trained on curated text, plus an HF `tokenizer.json` with identical ids.
+
+sentencepiece settings (docs/data_contract.md): BPE, byte fallback (no <unk> from text), special
+pieces <pad>=0 <s>=1 </s>=2 <unk>=3, identity normalization, whitespace kept as is (no dummy prefix,
+no collapsing of runs, whitespace-only pieces allowed: indentation becomes few tokens), digits split,
+and "\\n" as a user-defined piece (sentencepiece trains on lines, so it never sees newlines otherwise).
+
+The HF file is built from the model's pieces: a BPE with the same vocabulary, merges ordered by piece
+score (transformers' `generate_merges`, as its Llama converter does), " " -> "▁" normalization, byte
+fallback, and "\\n" as an added token. Control pieces are registered as special tokens so decoders can
+skip them; `load_hf_tokenizer` sets `encode_special_tokens` so a literal "</s>" in text is encoded as
+text, as sentencepiece does (the flag is not stored in tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from config.recipe import TokenizerConfig
+from pipeline.splits import unit_hash
+
+SPECIAL_PIECES = {"pad": (0, "<pad>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "unk": (3, "<unk>")}
+MODEL_NAME, JSON_NAME = "tokenizer.model", "tokenizer.json"
+
+
+def train_sentencepiece(text_file: Path, model_prefix: Path, cfg: TokenizerConfig, seed: int) -> Path:
+    """Train on `text_file` (one sentence per line); returns the .model path."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
+    ids = {f"{k}_id": i for k, (i, _) in SPECIAL_PIECES.items()}
+    pieces = {f"{k}_piece": p for k, (_, p) in SPECIAL_PIECES.items()}
+    spm.SentencePieceTrainer.train(
+        input=str(text_file), model_prefix=str(model_prefix), model_type="bpe", vocab_size=cfg.vocab_size,
+        byte_fallback=True, **ids, **pieces, user_defined_symbols=["\n"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, split_digits=cfg.split_digits,
+        character_coverage=cfg.character_coverage, input_sentence_size=cfg.input_sentence_size,
+        shuffle_input_sentence=True, max_sentence_length=cfg.max_sentence_length,
+        num_threads=len(os.sched_getaffinity(0)), minloglevel=2,
+    )
+    return model_prefix.with_suffix(".model")
+
+
+def spm_to_hf(model_file: Path):
+    """tokenizers.Tokenizer giving the same ids as the sentencepiece BPE model (see module docstring)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+        raise ValueError(f"{model_file} is not a BPE sentencepiece model")
+    unk, control, user = (sentencepiece_model_pb2.ModelProto.SentencePiece.Type.Value(t)
+                          for t in ("UNKNOWN", "CONTROL", "USER_DEFINED"))
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    special = [p.piece for p in proto.pieces if p.type in (unk, control)]
+    user_defined = [p.piece for p in proto.pieces if p.type == user]
+    merges = generate_merges(vocab, [(p.piece, p.score) for p in proto.pieces], skip_tokens=special + user_defined)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=proto.trainer_spec.unk_piece,
+                               fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in user_defined])
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in special])
+    return tok
+
+
+def load_hf_tokenizer(path: str | Path):
+    """Load tokenizer.json for encoding curated text exactly as the sentencepiece model does."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
+
+
+def check_special_ids(model_file: Path) -> None:
+    """ValueError unless the model has <pad>=0 <s>=1 </s>=2 <unk>=3 (the data contract)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    got = {"pad": sp.pad_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    want = {k: i for k, (i, _) in SPECIAL_PIECES.items()}
+    if got != want:
+        raise ValueError(f"tokenizer {model_file} has special ids {got}, the data contract needs {want}")
+
+
+def _count_lines(path: Path, chunk: int = 1 << 24) -> int:
+    with open(path, "rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(chunk), b""))
+
+
+def write_training_sample(curated_train: Path, weights: dict[str, float], sample_docs: int, seed: int,
+                          out_file: Path) -> int:
+    """Write ~`sample_docs` curated training documents to `out_file`, each source contributing its
+    weight's share, chosen uniformly by id hash; returns the number written."""
+    written = 0
+    with open(out_file, "w", encoding="utf-8") as out:
+        for source, weight in weights.items():
+            files = sorted((curated_train / source).glob("*.jsonl"))
+            total = sum(_count_lines(f) for f in files)
+            quota = math.ceil(sample_docs * weight)
+            keep = min(1.0, 1.1 * quota / max(total, 1))  # 10% slack so the quota fills in one pass
+            taken = 0
+            for f in files:
+                with open(f, encoding="utf-8") as lines:
+                    for line in lines:
+                        if taken >= quota:
+                            break
+                        doc = json.loads(line)
+                        if unit_hash(seed, doc["id"]) < keep:
+                            out.write(doc["text"] + "\n")
+                            taken += 1
+            written += taken
+    return written
+
+
+class TokenizerStep(PipelineStep):
+    """Single-task step: train (or copy) tokenizer.model and write tokenizer.json into `out_dir`."""
+
+    name = "🔤 sentencepiece BPE"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, cfg: TokenizerConfig, reuse: str | None, curated_train: str, work_dir: str, out_dir: str,
+                 weights: dict[str, float], seed: int):
+        super().__init__()
+        self.cfg, self.reuse, self.seed, self.weights = cfg, reuse, seed, weights
+        self.curated_train, self.work_dir, self.out_dir = Path(curated_train), Path(work_dir), Path(out_dir)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from model.weights import atomic_write_bytes
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with self.track_time(unit="tokenizer"):
+            if self.reuse:
+                model = Path(self.reuse)
+            else:
+                sample = self.work_dir / "sample.txt"
+                docs = write_training_sample(self.curated_train, self.weights, self.cfg.sample_docs, self.seed, sample)
+                self.stat_update("sample_docs", value=docs)
+                self.stat_update("sample_bytes", value=sample.stat().st_size)
+                model = train_sentencepiece(sample, self.work_dir / "spm", self.cfg, self.seed)
+            check_special_ids(model)
+            beside = model.with_name(JSON_NAME)
+            hf_json = beside.read_text() if self.reuse and beside.is_file() else spm_to_hf(model).to_str(pretty=True)
+            atomic_write_bytes(self.out_dir / JSON_NAME, hf_json.encode())
+            atomic_write_bytes(self.out_dir / MODEL_NAME, model.read_bytes())

@@ -1,0 +1,93 @@
+"""Fixtures of the model tests: a tiny float64 hybrid config/model factory and a relative-error helper."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from model import HybridLM, ModelConfig
+from model.config import deep_merge
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Toy-sized tensors: intra-op threads only add synchronisation (and stall on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_config(pattern: str = "MAMA", qk_norm: bool = False, **over) -> ModelConfig:
+    """Both block types at toy width: d_model 32, 4 heads (2 kv), 8 SSM heads in 2 groups, chunk 4.
+
+    vocab 61 pads to 128 (the padded columns must be dropped from the logits). `over` merges deeply.
+    """
+    values = {
+        "vocab_size": 61,
+        "d_model": 32,
+        "n_layers": len(pattern),
+        "pattern": pattern,
+        "ffn_hidden": 48,
+        "attention": {"n_heads": 4, "n_kv_heads": 2, "qk_norm": qk_norm},
+        "mamba": {"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 4},
+        "tie_embeddings": False,
+        "impl": "reference",
+    }
+    return ModelConfig(**deep_merge(values, over))
+
+
+def _randomize_vectors_(module: torch.nn.Module, seed: int) -> None:
+    """Perturb every 1-D parameter (norm weights, D, conv bias) so a wrong use of them shows in tests."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., ModelConfig]:
+    return _tiny_config
+
+
+@pytest.fixture
+def tiny_model() -> Callable[..., HybridLM]:
+    """Factory: tiny_model(pattern="MAMA", qk_norm=False, seed=0, **overrides) -> float64 eval-mode model."""
+
+    def make(pattern: str = "MAMA", qk_norm: bool = False, seed: int = 0, **over) -> HybridLM:
+        torch.manual_seed(seed)
+        model = HybridLM(_tiny_config(pattern, qk_norm, **over)).double().eval()
+        _randomize_vectors_(model, seed)
+        model.set_impl("reference")
+        return model
+
+    return make
+
+
+@pytest.fixture
+def randomize_vectors() -> Callable[[torch.nn.Module, int], None]:
+    return _randomize_vectors_
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (Frobenius), as a float; 0 when both are exactly zero."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm().clamp(min=torch.finfo(b.dtype).tiny))
+
+
+@pytest.fixture
+def rel_err() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    return _rel_err
+
+
+def _doc_seq_idx(lengths: list[int]) -> torch.Tensor:
+    """Document lengths -> seq_idx (1, sum(lengths)): 0,0,..,1,..."""
+    return torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(lengths)]).unsqueeze(0)
+
+
+@pytest.fixture
+def doc_seq_idx() -> Callable[[list[int]], torch.Tensor]:
+    return _doc_seq_idx

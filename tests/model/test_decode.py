@@ -1,0 +1,103 @@
+"""Decoding with the cache equals the full forward (float64, relative error < 1e-10).
+
+The model has both block types; chunk 4 with prompt lengths that are not multiples of it, and a
+continuation chunk shorter than the conv width (d_conv 4).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.cache import KVState, MambaState
+
+TOL = 1e-10
+PATTERN = "MAMAM"
+
+
+def _ids(length: int, vocab: int, seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@torch.no_grad()
+def test_prefill_then_steps_equals_forward(qk_norm: bool, tiny_model, rel_err) -> None:
+    model = tiny_model(pattern=PATTERN, qk_norm=qk_norm)
+    ids = _ids(15, model.cfg.vocab_size, seed=1, batch=2)
+    full = model(ids)
+    prompt = 6
+    last, cache = model.prefill(ids[:, :prompt])
+    got = [last]
+    for t in range(prompt, ids.size(1)):
+        got.append(model.step(ids[:, t], cache))
+    # prefill returns the logits at prompt-1; step t returns the logits at position t.
+    assert rel_err(torch.stack(got, 1), full[:, prompt - 1 :]) < TOL
+    assert cache.seen == ids.size(1)
+    assert torch.equal(cache.next_pos, torch.full((2,), ids.size(1)))
+
+
+@torch.no_grad()
+def test_chunked_prefill_equals_forward(tiny_model, rel_err) -> None:
+    """Multi-token forwards on a filled cache (chunks of 2, 5 and 4 tokens), then one step."""
+    model = tiny_model(pattern=PATTERN)
+    ids = _ids(12, model.cfg.vocab_size, seed=2, batch=2)
+    full = model(ids)
+    cache = model.new_cache(2)
+    start = 0
+    for n in (2, 5, 4):
+        out = model(ids[:, start : start + n], cache=cache)
+        assert rel_err(out, full[:, start : start + n]) < TOL, (start, n)
+        start += n
+    assert rel_err(model.step(ids[:, start], cache), full[:, start]) < TOL
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_rows_alone(tiny_model, rel_err) -> None:
+    """Prompts of lengths 7, 3 and 5 left-padded into one batch, then 4 steps: each row == alone."""
+    model = tiny_model(pattern=PATTERN)
+    vocab, steps = model.cfg.vocab_size, 4
+    lengths = [7, 3, 5]
+    seqs = [_ids(n + steps, vocab, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), 5, dtype=torch.long)  # pad id 5: any token must work
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, (n, s) in enumerate(zip(lengths, seqs)):
+        ids[i, width - n :], mask[i, width - n :] = s[:n], 1
+    last, cache = model.prefill(ids, attention_mask=mask)
+    got = [last]
+    for k in range(steps):
+        got.append(model.step(torch.stack([s[n + k] for n, s in zip(lengths, seqs)]), cache))
+    got = torch.stack(got, 1)  # (rows, steps + 1, vocab)
+    assert torch.isfinite(got).all()
+    for i, (n, s) in enumerate(zip(lengths, seqs)):
+        alone = model(s.unsqueeze(0))[0, n - 1 :]
+        assert rel_err(got[i], alone) < TOL, i
+    assert torch.equal(cache.next_pos, torch.tensor(lengths) + steps)
+
+
+def _mamba_bytes(cache) -> int:
+    return sum(
+        st.conv.numel() * st.conv.element_size() + st.ssm.numel() * st.ssm.element_size()
+        for st in cache.layers
+        if isinstance(st, MambaState)
+    )
+
+
+@torch.no_grad()
+def test_mamba_state_size_independent_of_context(tiny_model) -> None:
+    model = tiny_model(pattern=PATTERN)
+    m = model.cfg
+    per_layer = 8 * (m.conv_dim * m.mamba.d_conv + m.n_ssm_heads * m.mamba.headdim * m.mamba.d_state)  # float64
+    sizes, kv_sizes = [], []
+    for length in (3, 40):
+        _, cache = model.prefill(_ids(length, m.vocab_size, seed=3))
+        for _ in range(2):
+            model.step(torch.tensor([1]), cache)
+        sizes.append(_mamba_bytes(cache))
+        kv_sizes.append(cache.memory_bytes() - sizes[-1])
+        kv_len = [st.length for st in cache.layers if isinstance(st, KVState)]
+        assert kv_len == [length + 2] * PATTERN.count("A")
+    assert sizes[0] == sizes[1] == PATTERN.count("M") * per_layer
+    # The KV cache grows linearly: 2 (k, v) * kv heads * head_dim * 8 bytes per position per layer.
+    per_pos = 2 * m.attention.n_kv_heads * m.head_dim * 8 * PATTERN.count("A")
+    assert kv_sizes == [per_pos * 5, per_pos * 42]

@@ -1,0 +1,14 @@
+"""Pretraining on DeepSpeed: data from the curated manifest, the engine, checkpoints, metrics.
+
+Entry point: `launch/pretrain.py` (see docs/pretraining.md). Modules, one job each:
+
+    manifest     read manifest.json (docs/data_contract.md) and check its shards
+    data         blended, document-aware sequences; the world-size-independent sample order
+    optim        AdamW parameter groups and the learning-rate schedules
+    ds_config    the DeepSpeed config: a ds_configs/ JSON completed from the run config
+    checkpoint   atomic step checkpoints, resume (also on another world size), rotation
+    consolidate  one fp32 safetensors folder from a live engine or a saved checkpoint
+    metrics      console, metrics.jsonl and wandb; tokens/s, MFU, memory, ETA
+    distributed  process-group set-up, preemption signals, failing loudly on every rank
+    trainer      the loop that ties them together
+"""
