@@ -100,6 +100,7 @@ def main() -> None:
             res = compare(ref, test)
             details[f"{name} {label}"] = res.pop("per_tensor")
             rows.append({"preset": name, "case": label, **res})
+            print(rows[-1], flush=True)
         # packed == unpacked on the kernel path (per document, logits)
         for dtype in (torch.float32, torch.bfloat16):
             m = copy.deepcopy(model).to(dtype)

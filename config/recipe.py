@@ -46,6 +46,7 @@ class SourceConfig(StrictModel):
     )
     hub_id: str | None = Field(None, description="hf: dataset repository id, e.g. HuggingFaceFW/fineweb-edu.")
     hub_config: str | None = Field(None, description="hf: dataset configuration (subset) name.")
+    hub_data_dir: str | None = Field(None, description="hf: folder of the repository to read (data_dir).")
     split: str = Field("train", description="hf: split to stream.")
     revision: str | None = Field(None, description="hf: git revision of the dataset repository.")
     text_key: str = Field("text", description="Field holding the document text.")
@@ -198,7 +199,7 @@ class TokenizerConfig(StrictModel):
     vocab_size: int = Field(32000, ge=300, le=2**32)
     sample_docs: int = Field(200000, ge=1, description="Curated training documents sampled for training.")
     character_coverage: float = Field(0.9999, gt=0, le=1)
-    input_sentence_size: int = Field(2_000_000, ge=1000, description="Lines sentencepiece samples from them.")
+    input_sentence_size: int = Field(2_000_000, ge=1000, description="Lines of the sample used (seeded subsample).")
     max_sentence_length: int = Field(16384, ge=64, description="Longer lines are skipped in training (bytes).")
     split_digits: bool = True
 
@@ -212,6 +213,14 @@ class OutputConfig(StrictModel):
     total_tokens: int | None = Field(
         None, ge=1, description="Train-token budget split over sources by weight; default: keep all."
     )
+
+
+class SlurmResources(StrictModel):
+    """Per-stage overrides of the Slurm job resources."""
+
+    time: str | None = None
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem_per_cpu_gb: int | None = Field(None, ge=1)
 
 
 class SlurmConfig(StrictModel):
@@ -228,6 +237,16 @@ class SlurmConfig(StrictModel):
     env_command: str | None = Field(None, description="Shell command run before each job (modules, conda).")
     sbatch_args: dict[str, str] = Field(default_factory=dict, description="Extra sbatch --key=value.")
     max_array_size: int = Field(1001, ge=1)
+    stage_resources: dict[str, SlurmResources] = Field(
+        default_factory=dict,
+        description="Stage name (e.g. minhash.cluster) or group (e.g. tokenize) -> resources for its jobs.",
+    )
+
+    def resources(self, stage: str) -> dict:
+        """time / cpus_per_task / mem_per_cpu_gb of one stage: its override, else its group's, else the default."""
+        base = {"time": self.time, "cpus_per_task": self.cpus_per_task, "mem_per_cpu_gb": self.mem_per_cpu_gb}
+        override = self.stage_resources.get(stage) or self.stage_resources.get(stage.split(".")[0])
+        return base | (override.model_dump(exclude_none=True) if override else {})
 
 
 class RayConfig(StrictModel):

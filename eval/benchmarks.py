@@ -91,8 +91,8 @@ def build_task_manager(names: list[str], tasks_dir: str | Path | None) -> Any:
 def _resolve_local_data_files(manager: Any, tasks_dir: Path) -> None:
     """Rewrite relative `dataset_kwargs.data_files` of tasks under `tasks_dir` to absolute paths.
 
-    The index entry is replaced by one carrying the loaded config (TaskFactory builds from
-    `entry.cfg` when `yaml_path` is None), the documented way lm-eval builds inline tasks.
+    The index entry is replaced by one carrying the loaded config and no `yaml_path`, the form
+    lm-eval gives inline task configs (TaskIndex.entry_from_config); TaskFactory builds from it.
     """
     from lm_eval.tasks._index import Kind
     from lm_eval.tasks._yaml_loader import load_yaml

@@ -187,8 +187,10 @@ class HybridEvalLM(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
         for chunk in collator.get_batched(n=self.batch_size):
             rows = []
-            for _, ctx, cont in chunk:
-                if not cont or len(cont) > self.max_length:
+            for key, ctx, cont in chunk:
+                if not cont:
+                    raise ValueError(f"request {key!r} has an empty continuation: nothing to score")
+                if len(cont) > self.max_length:
                     raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length {self.max_length}")
                 rows.append((ctx + cont)[-(self.max_length + 1):][:-1])  # left-truncate like HFLM
             logprobs = self._continuation_logprobs(rows, [len(cont) for _, _, cont in chunk])

@@ -88,8 +88,8 @@ def check_checkpoint(folder: Path) -> None:
 
 
 def check_writable(path: Path) -> None:
-    parent = path.parent if path.parent != Path("") else Path(".")
-    existing = next(p for p in [parent, *parent.parents] if p.exists())
+    """The output's nearest existing folder must be writable (checked before hours of evaluation)."""
+    existing = next(p for p in [path.parent, *path.parent.parents] if p.exists())
     if not os.access(existing, os.W_OK):
         raise EvalError(f"cannot write results to {path}: {existing} is not writable (pass --output)")
 
@@ -107,7 +107,7 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     from eval import report
     from eval.benchmarks import VAL_PPL, build_task_manager, enable_code_execution, expand_benchmarks, load_tasks
     from eval.lm_backend import BACKEND_NAME, HybridEvalLM, resolve_device
-    from eval.val_ppl import read_validation_split, validation_perplexity, verify
+    from eval.val_ppl import read_manifest, validation_perplexity, verify
 
     ev = cfg.eval
     if ev.allow_code_execution:
@@ -122,13 +122,12 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     # ---- everything that can fail on input, before the model is loaded ----
     output = Path(ev.output) if ev.output else checkpoint / "eval_results.json"
     check_writable(output)
-    val_data = None
+    manifest = None
     if VAL_PPL in names:
-        manifest = ev.manifest or cfg.data.manifest
-        if manifest is None:
+        if (ev.manifest or cfg.data.manifest) is None:
             raise EvalError("val_ppl needs a curation manifest: pass --manifest PATH or set data.manifest")
-        val_data = read_validation_split(manifest)
-        verify(val_data, load_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
+        manifest = read_manifest(ev.manifest or cfg.data.manifest)
+        verify(manifest, load_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
     manager = build_task_manager(task_names, ev.tasks_dir) if task_names else None
     tasks = load_tasks(manager, task_names, ev.allow_code_execution) if task_names else []
 
@@ -147,8 +146,8 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
         )
         results["config"]["model"] = BACKEND_NAME
     ppl = None
-    if val_data is not None:
-        ppl = validation_perplexity(lm.model, val_data, seq_len=ev.val_seq_len or cfg.train.seq_len,
+    if manifest is not None:
+        ppl = validation_perplexity(lm.model, manifest, seq_len=ev.val_seq_len or cfg.train.seq_len,
                                     batch_size=ev.batch_size, packing=cfg.data.packing, limit=ev.limit)
 
     # ---- report ----

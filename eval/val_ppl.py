@@ -14,8 +14,6 @@ The NLL is the training objective (HybridLM.loss), summed over scored targets:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,84 +24,44 @@ import torch
 
 from eval.errors import EvalError
 from model.hybrid import HybridLM
+from pipeline.manifest import Manifest, ManifestError, load_manifest, sha256_of
 
 Packing = Literal["document", "continuous"]
+REDO = "re-run curation (pipeline/curate.py)"
 
 
-@dataclass(frozen=True)
-class Shard:
-    source: str
-    path: Path
-    index: Path
-    tokens: int
-    sha256: str | None
-
-
-@dataclass(frozen=True)
-class ValidationData:
-    manifest: Path
-    shards: tuple[Shard, ...]
-    token_dtype: np.dtype
-    tokenizer_json: Path | None
-    vocab_size: int | None
-
-
-def read_validation_split(manifest: str | Path) -> ValidationData:
-    """The validation shards of a manifest.json. (A small reader of the manifest format: pipeline/
-    has no manifest loader to share yet.)"""
-    path = Path(manifest)
-    if not path.is_file():
-        raise EvalError(f"manifest {path} does not exist (pass --manifest or set data.manifest; run pipeline/curate.py)")
+def read_manifest(path: str | Path) -> Manifest:
+    """The parsed manifest (pipeline/manifest.py), with at least one validation shard."""
     try:
-        doc = json.loads(path.read_text())
-        dtype = np.dtype(doc["token_dtype"]).newbyteorder("<")
-        if dtype.itemsize != int(doc["token_size"]):
-            raise ValueError(f"token_dtype {doc['token_dtype']} does not match token_size {doc['token_size']}")
-        root = path.parent
-        shards = tuple(
-            Shard(source=src["name"], path=root / s["path"], index=root / s["index"], tokens=int(s["tokens"]),
-                  sha256=s.get("sha256"))
-            for src in doc["splits"]["validation"]["sources"] for s in src["shards"]
-        )
-        tok = doc.get("tokenizer", {})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EvalError(f"manifest {path} is not a curation manifest ({type(exc).__name__}: {exc}); re-run curation") from None
-    if not shards:
+        manifest = load_manifest(path)
+    except ManifestError as exc:
+        raise EvalError(str(exc)) from None
+    split = manifest.splits.get("validation")
+    if split is None or not any(src.shards for src in split.sources):
         raise EvalError(f"manifest {path} has no validation shards (curate with a validation share > 0)")
-    return ValidationData(manifest=path, shards=shards, token_dtype=dtype,
-                          tokenizer_json=root / tok["json"] if tok.get("json") else None,
-                          vocab_size=tok.get("vocab_size"))
+    return manifest
 
 
-def verify(data: ValidationData, model_vocab: int, tokenizer_json: Path | None) -> None:
-    """Sizes, index ends and sha256 of every shard; the checkpoint's tokenizer against the manifest's."""
-    if data.vocab_size is not None and data.vocab_size > model_vocab:
-        raise EvalError(f"manifest {data.manifest} has vocab {data.vocab_size} > the model's {model_vocab}: "
+def verify(manifest: Manifest, model_vocab: int, tokenizer_json: Path) -> None:
+    """The checkpoint's tokenizer against the manifest's; size and sha256 of the validation shards
+    and their indexes (only these: Manifest.verify would hash the whole training set too)."""
+    if manifest.tokenizer.vocab_size > model_vocab:
+        raise EvalError(f"manifest vocab {manifest.tokenizer.vocab_size} > the model's {model_vocab}: "
                         "this checkpoint was not trained on this data")
-    if data.tokenizer_json is not None and data.tokenizer_json.is_file() and tokenizer_json is not None:
-        if _sha256(data.tokenizer_json) != _sha256(tokenizer_json):
-            raise EvalError(f"checkpoint tokenizer {tokenizer_json} differs from the manifest's "
-                            f"{data.tokenizer_json}: val_ppl would read other token ids")
-    for shard in data.shards:
-        redo = "re-run curation (pipeline/curate.py)"
-        if not shard.path.is_file() or not shard.index.is_file():
-            raise EvalError(f"missing shard {shard.path} or its index: {redo}")
-        if shard.path.stat().st_size != shard.tokens * data.token_dtype.itemsize:
-            raise EvalError(f"corrupt shard {shard.path}: {shard.path.stat().st_size} bytes, manifest says "
-                            f"{shard.tokens} tokens of {data.token_dtype.itemsize} bytes; {redo}")
-        ends = np.fromfile(shard.index, dtype="<u8")
-        if len(ends) == 0 or int(ends[-1]) != shard.tokens or np.any(np.diff(ends.astype(np.int64)) <= 0):
-            raise EvalError(f"corrupt shard index {shard.index}: document ends do not cover {shard.tokens} tokens; {redo}")
-        if shard.sha256 and _sha256(shard.path) != shard.sha256:
-            raise EvalError(f"corrupt shard {shard.path}: sha256 differs from the manifest; {redo}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    if sha256_of(tokenizer_json) != manifest.tokenizer.json_sha256:
+        raise EvalError(f"checkpoint tokenizer {tokenizer_json} differs from the manifest's "
+                        f"{manifest.resolve(manifest.tokenizer.json_path)}: val_ppl would read other token ids")
+    for src in manifest.splits["validation"].sources:
+        for shard in src.shards:
+            for rel, size, digest in ((shard.path, shard.bytes, shard.sha256),
+                                      (shard.index, 8 * shard.documents, shard.index_sha256)):
+                path = manifest.resolve(rel)
+                if not path.is_file():
+                    raise EvalError(f"missing shard file {path}; {REDO}")
+                if path.stat().st_size != size:
+                    raise EvalError(f"corrupt shard file {path}: {path.stat().st_size} bytes, manifest says {size}; {REDO}")
+                if sha256_of(path) != digest:
+                    raise EvalError(f"corrupt shard file {path}: sha256 differs from the manifest; {REDO}")
 
 
 def windows(n_tokens: int, seq_len: int) -> Iterator[tuple[int, int]]:
@@ -118,6 +76,11 @@ class _Sums:
     tokens: int = 0
     windows: int = 0
 
+    def add(self, nll: float, tokens: int, windows: int) -> None:
+        self.nll += nll
+        self.tokens += tokens
+        self.windows += windows
+
     def report(self) -> dict:
         nll = self.nll / max(self.tokens, 1)
         return {"nll": nll, "ppl": math.exp(nll), "bits_per_token": nll / math.log(2),
@@ -125,30 +88,28 @@ class _Sums:
 
 
 @torch.inference_mode()
-def validation_perplexity(model: HybridLM, data: ValidationData, seq_len: int, batch_size: int,
+def validation_perplexity(model: HybridLM, manifest: Manifest, seq_len: int, batch_size: int,
                           packing: Packing = "document", limit: int | None = None) -> dict:
     """Token-weighted NLL/perplexity over all validation shards (and per source); `limit` caps windows."""
     device = model.embed.weight.device
+    dtype = np.dtype(manifest.token_dtype).newbyteorder("<")
     total, per_source = _Sums(), {}
-    for shard in data.shards:
-        tokens = np.memmap(shard.path, dtype=data.token_dtype, mode="r")
-        ends = np.fromfile(shard.index, dtype="<u8").astype(np.int64)
-        spans = list(windows(len(tokens), seq_len))
-        if limit is not None:
-            spans = spans[: max(limit - total.windows, 0)]
-        for i in range(0, len(spans), batch_size):
-            ids, labels, seq_idx = _batch(tokens, ends, spans[i: i + batch_size], packing, device)
-            n = int((labels != -100).sum())
-            if n:
-                mean = model.loss(ids, labels, seq_idx=seq_idx)
-                for sums in (total, per_source.setdefault(shard.source, _Sums())):
-                    sums.nll += float(mean) * n
-                    sums.tokens += n
-            for sums in (total, per_source.setdefault(shard.source, _Sums())):
-                sums.windows += len(spans[i: i + batch_size])
+    for src in manifest.splits["validation"].sources:
+        for shard in src.shards:
+            tokens = np.memmap(manifest.resolve(shard.path), dtype=dtype, mode="r")
+            ends = np.fromfile(manifest.resolve(shard.index), dtype="<u8").astype(np.int64)
+            spans = list(windows(len(tokens), seq_len))
+            if limit is not None:
+                spans = spans[: max(limit - total.windows, 0)]
+            for i in range(0, len(spans), batch_size):
+                ids, labels, seq_idx = _batch(tokens, ends, spans[i: i + batch_size], packing, device)
+                n = int((labels != -100).sum())
+                nll = float(model.loss(ids, labels, seq_idx=seq_idx)) * n if n else 0.0
+                for sums in (total, per_source.setdefault(src.name, _Sums())):
+                    sums.add(nll, n, len(spans[i: i + batch_size]))
     if total.tokens == 0:
-        raise EvalError(f"validation split of {data.manifest} has no token to score at seq_len {seq_len}")
-    return {**total.report(), "seq_len": seq_len, "packing": packing, "manifest": str(data.manifest),
+        raise EvalError(f"the validation split of {manifest.root / 'manifest.json'} has no token to score")
+    return {**total.report(), "seq_len": seq_len, "packing": packing, "manifest": str(manifest.root / "manifest.json"),
             "sources": {name: s.report() for name, s in per_source.items()}}
 
 

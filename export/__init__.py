@@ -8,6 +8,7 @@ pieces of the generation CLI.
     measure         validation tokens, perplexity, decode tokens/s, file sizes
     card            README card and resolved config written beside every export
     loading         run config, device and checkpoint resolution shared by the entrypoints
+    runner          one function per format: write, measure, write the card (launch/export.py)
     textgen         streaming detokenization, stop strings and the interactive command set
 
 Imports point down: export -> config -> model.

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 
 from export import ExportError
-from model.config import ATTENTION, MAMBA, ModelConfig, VOCAB_MULTIPLE
+from model.config import ATTENTION, MAMBA, ModelConfig
 from model.hybrid import HybridLM
-from model.weights import atomic_write_json, check_state_dict
+from model.weights import CheckpointError, atomic_write_json, check_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +276,14 @@ def import_hf(folder: str | Path) -> HybridLM:
     derived = model_config_from_bamba(read_bamba_config(folder))
     ours_path = folder / OUR_CONFIG_NAME
     cfg = ModelConfig.model_validate(json.loads(ours_path.read_text())) if ours_path.is_file() else derived
-    if cfg.padded_vocab_size != math.ceil(derived.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE:
+    if cfg.padded_vocab_size != derived.padded_vocab_size:
         raise ExportError(f"{OUR_CONFIG_NAME} vocab_size {cfg.vocab_size} does not fit config.json's {derived.vocab_size}")
     state = from_hf_state_dict(_read_hf_tensors(folder), cfg)
     with torch.device("meta"):
         model = HybridLM(cfg)
     try:
         check_state_dict(model, state, str(folder))
-    except RuntimeError as exc:
+    except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     model.load_state_dict(state, strict=True, assign=True)
     model.rope.inv_freq = model.rope._inv_freq()

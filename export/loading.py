@@ -22,6 +22,7 @@ import torch
 from config.loader import ConfigError, apply_overrides, read_yaml, validate
 from config.schema import RunConfig, resolve_run_path
 from export import ExportError
+from export.onnx_export import ONNX_CONFIG
 from model.bundle import Bundle, load_bundle, load_tokenizer
 from model.config import ModelConfig, deep_merge
 from model.weights import CONFIG_NAME, CheckpointError
@@ -42,7 +43,10 @@ def checkpoint_model_config(folder: str | Path) -> ModelConfig:
         raise ExportError(f"checkpoint {folder} does not exist (pass the folder holding model.safetensors)")
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise ExportError(f"no {CONFIG_NAME} in {folder}: pass a consolidated checkpoint or an export folder")
+        if (folder / ONNX_CONFIG).is_file():
+            raise ExportError(f"{folder} is an ONNX export: run it with export.onnx_runtime.OnnxLM, not as a checkpoint")
+        raise ExportError(f"no {CONFIG_NAME} in {folder}: pass a consolidated checkpoint, a quantized export "
+                          "or a Hugging Face (Bamba) folder")
     if is_hf_folder(folder):
         from export.hf import OUR_CONFIG_NAME, model_config_from_bamba, read_bamba_config
 

@@ -23,8 +23,11 @@ model code with `ConcatKV`, a KV state that grows by concatenation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -115,6 +118,21 @@ class DecodeGraph(_Graph):
         return (self._last_logits(h), *_flat(cache))
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs every optimisation pass at INFO and warns about merged axis names."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _min_chunks(cfg: ModelConfig) -> int:
     """Shortest prompt (in chunks) the graph accepts: the conv state needs >= d_conv tokens."""
     return -(-cfg.mamba.d_conv // cfg.mamba.chunk_size)
@@ -142,9 +160,9 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     past_names = state_names(cfg, "past")
     kinds = [kind for kind in cfg.layer_pattern for _ in range(2)]
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30  # protobuf's 2 GiB cap
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
-            prefill, (ids, mask), dynamo=True, opset_version=opset, external_data=big,
+            prefill, (ids, mask), dynamo=True, opset_version=opset, external_data=big, verbose=False,
             input_names=["input_ids", "attention_mask"], output_names=["logits", *present_names],
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
         )
@@ -153,7 +171,7 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
         token = torch.full((2, 1), 5, dtype=torch.long, device=ids.device)
         step_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         program = torch.onnx.export(
-            decode, (token, step_mask, *states), dynamo=True, opset_version=opset, external_data=big,
+            decode, (token, step_mask, *states), dynamo=True, opset_version=opset, external_data=big, verbose=False,
             input_names=["input_ids", "attention_mask", *past_names], output_names=["logits", *present_names],
             dynamic_shapes={
                 "input_ids": {0: batch},

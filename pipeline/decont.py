@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from textwrap import shorten
 from typing import Iterable
 
 import numpy as np
@@ -66,8 +67,9 @@ def _gold_texts(task, doc: dict) -> list[str]:
     return [str(t) for t in target] if isinstance(target, list) else [str(target)]
 
 
-def lm_eval_passages(names: list[str], include_path: str | None) -> list[EvalPassage]:
-    """Eval docs of lm-eval tasks (groups expand to their tasks), loaded offline from the HF cache."""
+def lm_eval_passages(names: list[str], include_path: str | None, include_defaults: bool = True) -> list[EvalPassage]:
+    """Eval docs of lm-eval tasks (groups expand to their tasks), loaded offline from the HF cache.
+    `include_defaults=False` indexes only `include_path` (lm-eval's own ~15k task YAMLs take seconds)."""
     from lm_eval.tasks import TaskManager
 
     out = []
@@ -77,7 +79,7 @@ def lm_eval_passages(names: list[str], include_path: str | None) -> list[EvalPas
         lg.setLevel(logging.ERROR)
     try:
         with hub_offline():
-            manager = TaskManager(include_path=include_path)
+            manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
             for name in names:
                 if name not in manager.all_tasks:
                     raise CurationError(f"eval set {name}: not an lm-eval task, group or tag "
@@ -85,7 +87,7 @@ def lm_eval_passages(names: list[str], include_path: str | None) -> list[EvalPas
                 try:
                     tasks = manager.load([name])["tasks"]
                 except Exception as exc:
-                    reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+                    reason = shorten((str(exc).splitlines() or [type(exc).__name__])[0], 110, placeholder="...")
                     raise CurationError(
                         f"eval set {name}: lm-eval task data is not in the local cache ({type(exc).__name__}: "
                         f"{reason}); run lm-eval on it once with network access, or list a local file "

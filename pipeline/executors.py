@@ -40,8 +40,8 @@ def build_executors(kind: ExecutorKind, stages: list[Stage], layout: Layout, clu
         elif kind == "slurm":
             s = cluster.slurm
             ex = SlurmPipelineExecutor(
-                stage.pipeline, tasks=stage.tasks, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
-                mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, workers=s.workers, job_name=f"{s.job_name}.{stage.name}",
+                stage.pipeline, tasks=stage.tasks, partition=s.partition, **s.resources(stage.name),
+                qos=s.qos, workers=s.workers, job_name=f"{s.job_name}.{stage.name}",
                 venv_path=s.venv_path, env_command=s.env_command, sbatch_args=dict(s.sbatch_args),
                 max_array_size=s.max_array_size, logging_dir=logs, depends=executors[-1] if executors else None,
                 slurm_logs_folder=str(layout.work / "slurm_logs" / stage.name))

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
+import subprocess
 import sys
 import sysconfig
 from fnmatch import fnmatch
 from functools import partial
 from pathlib import Path
+from textwrap import shorten
 from types import MethodType
 from typing import Any, Iterator
 
@@ -89,9 +93,28 @@ class TextFileReader(BaseDiskReader):
             yield doc
 
 
+def render_pydoc(name: str) -> str | None:
+    """pydoc plain text of one module (None if it cannot be imported here), memory addresses removed."""
+    import importlib
+    import pydoc
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return _ADDRESS.sub("", pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext))
+    except (Exception, SystemExit):  # platform-specific or broken module: not part of this machine's docs
+        return None
+
+
+# Rendering runs in a fresh interpreter with a fixed hash seed: set/dict reprs in the DATA sections
+# then come out the same on every run, and module imports cannot touch the task process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|(?<=, handle )[0-9a-f]{6,}")
+_RENDER = ("import json, sys\nfrom pipeline.sources import render_pydoc\n"
+           "for name in sys.argv[1:]:\n    print(json.dumps([name, render_pydoc(name)]), flush=True)")
+
+
 class PydocReader(BaseReader):
     """pydoc plain-text documentation of the standard-library modules and their public submodules,
-    one document per module (id: the module name). Rendering imports the module in the task process."""
+    one document per module (id: pydoc/<module>)."""
 
     name = "📚 pydoc"
 
@@ -101,44 +124,37 @@ class PydocReader(BaseReader):
 
     def module_names(self) -> list[str]:
         """Public stdlib modules and public submodules of stdlib packages (found on disk, not imported)."""
-        import pkgutil
-
         names = set()
         for top in sys.stdlib_module_names:
             if top.startswith("_") or top in self.exclude:
                 continue
             names.add(top)
-            spec_path = stdlib_dir() / top
-            if (spec_path / "__init__.py").is_file():
-                for info in pkgutil.walk_packages([str(spec_path)], prefix=f"{top}.", onerror=lambda _: None):
-                    parts = info.name.split(".")
-                    if not any(p.startswith("_") or p in self.exclude or "test" in p for p in parts):
-                        names.add(info.name)
+            package = stdlib_dir() / top
+            if (package / "__init__.py").is_file():
+                for path in package.rglob("*.py"):
+                    parts = [top, *path.relative_to(package).with_suffix("").parts]
+                    if parts[-1] == "__init__":
+                        parts.pop()
+                    if not any(p.startswith("_") or p in self.exclude or "test" in p for p in parts[1:]):
+                        names.add(".".join(parts))
         return sorted(names)
-
-    def render(self, name: str) -> str | None:
-        import importlib
-        import pydoc
-
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                module = importlib.import_module(name)
-                return pydoc.render_doc(module, renderer=pydoc.plaintext)
-        except Exception:  # platform-specific or broken module: not part of this machine's docs
-            self.stat_update("unimportable")
-            return None
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        count = 0
-        for name in self.module_names()[rank::world_size]:
-            if self.limit != -1 and count >= self.limit:
-                break
-            text = self.render(name)
-            doc = self.get_document_from_dict({"text": text, "id": f"pydoc/{name}"}, "pydoc", name) if text else None
+        names = self.module_names()[rank::world_size]
+        if self.limit != -1:
+            names = names[: self.limit]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        proc = subprocess.run([sys.executable, "-c", _RENDER, *names], env=env, capture_output=True, text=True,
+                              check=True, cwd=stdlib_dir())
+        for line in proc.stdout.splitlines():
+            name, text = json.loads(line)
+            if text is None:
+                self.stat_update("unimportable")
+                continue
+            doc = self.get_document_from_dict({"text": text, "id": f"pydoc/{name}"}, "pydoc", name)
             if doc:
-                count += 1
                 self.update_doc_stats(doc)
                 yield doc
 
@@ -174,6 +190,8 @@ def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: st
         options = {"split": source.split}
         if source.hub_config:
             options["name"] = source.hub_config
+        if source.hub_data_dir:
+            options["data_dir"] = source.hub_data_dir
         if source.revision and not data_root:
             options["revision"] = source.revision
         return HuggingFaceDatasetReader(hub_location(source, data_root), dataset_options=options, streaming=True,
@@ -209,7 +227,7 @@ def check_hub_reachable(source: SourceConfig, timeout: float = 10.0) -> None:
     try:
         HfApi().dataset_info(source.hub_id, revision=source.revision, timeout=timeout)
     except Exception as exc:  # offline mode, DNS, timeout, 401/404: all mean "cannot read it from here"
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = shorten(str(exc).splitlines()[0], 110, placeholder="...") if str(exc) else type(exc).__name__
         raise CurationError(
             f"source {source.name}: cannot reach hub dataset {source.hub_id} ({type(exc).__name__}: {reason}); "
             f"run where the hub is reachable or pass --data-root DIR holding a mirror at DIR/{source.hub_id}"

@@ -29,11 +29,11 @@ SPECIAL_PIECES = {"pad": (0, "<pad>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "u
 MODEL_NAME, JSON_NAME = "tokenizer.model", "tokenizer.json"
 
 
-def train_sentencepiece(text_file: Path, model_prefix: Path, cfg: TokenizerConfig, seed: int) -> Path:
-    """Train on `text_file` (one sentence per line); returns the .model path."""
+def train_sentencepiece(text_file: Path, model_prefix: Path, cfg: TokenizerConfig) -> Path:
+    """Train on every line of `text_file` (subsample it first: sentencepiece's own sampling is not
+    reproducible across processes); returns the .model path."""
     import sentencepiece as spm
 
-    spm.set_random_generator_seed(seed)
     ids = {f"{k}_id": i for k, (i, _) in SPECIAL_PIECES.items()}
     pieces = {f"{k}_piece": p for k, (_, p) in SPECIAL_PIECES.items()}
     spm.SentencePieceTrainer.train(
@@ -41,11 +41,23 @@ def train_sentencepiece(text_file: Path, model_prefix: Path, cfg: TokenizerConfi
         byte_fallback=True, **ids, **pieces, user_defined_symbols=["\n"],
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=cfg.split_digits,
-        character_coverage=cfg.character_coverage, input_sentence_size=cfg.input_sentence_size,
-        shuffle_input_sentence=True, max_sentence_length=cfg.max_sentence_length,
+        character_coverage=cfg.character_coverage, max_sentence_length=cfg.max_sentence_length,
         num_threads=len(os.sched_getaffinity(0)), minloglevel=2,
     )
-    return model_prefix.with_suffix(".model")
+    return _strip_run_details(model_prefix.with_suffix(".model"))
+
+
+def _strip_run_details(model_file: Path) -> Path:
+    """Clear the training paths and thread count sentencepiece records, so that the same sample gives
+    the same model bytes in any output folder on any machine."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    for field in ("input", "model_prefix", "num_threads"):
+        proto.trainer_spec.ClearField(field)
+    model_file.write_bytes(proto.SerializeToString())
+    return model_file
 
 
 def spm_to_hf(model_file: Path):
@@ -91,6 +103,18 @@ def check_special_ids(model_file: Path) -> None:
     want = {k: i for k, (i, _) in SPECIAL_PIECES.items()}
     if got != want:
         raise ValueError(f"tokenizer {model_file} has special ids {got}, the data contract needs {want}")
+
+
+def subsample_lines(src: Path, dst: Path, max_lines: int, seed: int) -> int:
+    """Copy at most ~`max_lines` lines of `src` to `dst`, each kept with the same seeded probability."""
+    keep = min(1.0, max_lines / max(_count_lines(src), 1))
+    kept = 0
+    with open(src, encoding="utf-8") as lines, open(dst, "w", encoding="utf-8") as out:
+        for i, line in enumerate(lines):
+            if keep == 1.0 or unit_hash(seed, str(i)) < keep:
+                out.write(line)
+                kept += 1
+    return kept
 
 
 def _count_lines(path: Path, chunk: int = 1 << 24) -> int:
@@ -143,11 +167,11 @@ class TokenizerStep(PipelineStep):
             if self.reuse:
                 model = Path(self.reuse)
             else:
-                sample = self.work_dir / "sample.txt"
-                docs = write_training_sample(self.curated_train, self.weights, self.cfg.sample_docs, self.seed, sample)
-                self.stat_update("sample_docs", value=docs)
-                self.stat_update("sample_bytes", value=sample.stat().st_size)
-                model = train_sentencepiece(sample, self.work_dir / "spm", self.cfg, self.seed)
+                docs, lines = self.work_dir / "sample_docs.txt", self.work_dir / "sample_lines.txt"
+                self.stat_update("sample_docs", value=write_training_sample(
+                    self.curated_train, self.weights, self.cfg.sample_docs, self.seed, docs))
+                self.stat_update("sample_lines", value=subsample_lines(docs, lines, self.cfg.input_sentence_size, self.seed))
+                model = train_sentencepiece(lines, self.work_dir / "spm", self.cfg)
             check_special_ids(model)
             beside = model.with_name(JSON_NAME)
             hf_json = beside.read_text() if self.reuse and beside.is_file() else spm_to_hf(model).to_str(pretty=True)

@@ -125,7 +125,7 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
                 Stage(f"merge.{split}.{s.name}",
                       [DocumentTokenizerMerger(str(tokenized), str(merged), save_filename=s.name,
                                                max_tokens_per_file=recipe.output.shard_tokens,
-                                               max_tokens=int(budget * weights[s.name]) if budget and split == "train" else -1,
+                                               max_tokens=round(budget * weights[s.name]) if budget and split == "train" else -1,
                                                seed=seed, progress=False)], 1),
             ]
     names = [st.name for st in stages]

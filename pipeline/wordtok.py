@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 
 from datatrove.utils.word_tokenizers import WhitespaceTokenizer, strip_strings
-from nltk.tokenize import NLTKWordTokenizer
 
 # Treebank splits a period only at the end of its input: cut sentences first (after . ! ? and newlines).
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -23,9 +22,13 @@ class OfflineWordTokenizer(WhitespaceTokenizer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._treebank = NLTKWordTokenizer()
+        self._treebank = None
 
     def word_tokenize(self, text: str) -> list[str]:
+        if self._treebank is None:  # nltk takes ~2 s to import: only when words are needed
+            from nltk.tokenize import NLTKWordTokenizer
+
+            self._treebank = NLTKWordTokenizer()
         return strip_strings([w for part in _SENTENCE_BREAK.split(text) for w in self._treebank.tokenize(part)])
 
 

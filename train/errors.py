@@ -6,3 +6,12 @@ class TrainingError(RuntimeError):
 
     Entry points print the message without a traceback (see `train.distributed.fail_loudly`).
     """
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Every error type that means bad input (printed as one line, exit 2, no traceback)."""
+    from config.loader import ConfigError
+    from model.weights import CheckpointError
+    from pipeline.manifest import ManifestError
+
+    return ConfigError, ManifestError, CheckpointError, TrainingError

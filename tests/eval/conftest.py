@@ -35,6 +35,14 @@ def lm(make_lm):
 
 
 @pytest.fixture(scope="session")
+def builtin_tasks():
+    """lm-eval's TaskManager over its built-in task index (building the index takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.fixture(scope="session")
 def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped local tasks (eval/tasks) plus the test group over them."""
     root = tmp_path_factory.mktemp("tasks")
@@ -44,36 +52,41 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_manifest(root: Path, sources: dict[str, list[list[list[int]]]], tokenizer_json: Path) -> Path:
-    """A curated-data folder per docs/data_contract.md: per source a list of shards, each a list of
-    documents (token ids; EOS is appended here). Returns the manifest path."""
-    splits_sources = []
-    total_docs = total_tokens = 0
+    """A curated-data folder per docs/data_contract.md (validated by pipeline/manifest.py) holding only a
+    validation split: per source a list of shards, each a list of documents (token ids; EOS is
+    appended here). Returns the manifest path."""
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    split_sources = []
     for name, shards in sources.items():
         entries = []
         for i, docs in enumerate(shards):
             rel = f"tokens/validation/{name}/{i:03d}_{name}.ds"
-            stream = np.concatenate([np.asarray(d + [EOS_ID], dtype="<u2") for d in docs])
-            ends = np.cumsum([len(d) + 1 for d in docs]).astype("<u8")
+            stream = np.concatenate([np.asarray(d + [EOS_ID], dtype="<u2") for d in docs]).tobytes()
+            ends = np.cumsum([len(d) + 1 for d in docs]).astype("<u8").tobytes()
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(stream.tobytes())
-            (root / f"{rel}.index").write_bytes(ends.tobytes())
-            entries.append({"path": rel, "index": f"{rel}.index", "bytes": stream.nbytes, "tokens": len(stream),
-                            "documents": len(docs), "sha256": hashlib.sha256(stream.tobytes()).hexdigest()})
-        tokens = sum(e["tokens"] for e in entries)
-        docs_n = sum(e["documents"] for e in entries)
-        splits_sources.append({"name": name, "weight": 1.0 / len(sources), "folder": f"tokens/validation/{name}",
-                               "documents": docs_n, "tokens": tokens, "shards": entries})
-        total_docs += docs_n
-        total_tokens += tokens
+            (root / rel).write_bytes(stream)
+            (root / f"{rel}.index").write_bytes(ends)
+            entries.append({"path": rel, "index": f"{rel}.index", "bytes": len(stream), "tokens": len(stream) // 2,
+                            "documents": len(docs), "sha256": sha(stream), "index_sha256": sha(ends)})
+        split_sources.append({"name": name, "weight": 1.0 / len(sources), "folder": f"tokens/validation/{name}",
+                              "documents": sum(e["documents"] for e in entries),
+                              "tokens": sum(e["tokens"] for e in entries), "shards": entries})
     (root / "tokenizer").mkdir(exist_ok=True)
     shutil.copy(tokenizer_json, root / "tokenizer" / "tokenizer.json")
+    (root / "tokenizer" / "tokenizer.model").write_bytes(b"unused by eval")
     manifest = {
         "format_version": 1, "created": "2026-01-01T00:00:00Z", "recipe": {"name": "test", "sha256": "0"},
-        "tokenizer": {"model": "tokenizer/tokenizer.model", "json": "tokenizer/tokenizer.json", "sha256": "0",
+        "tokenizer": {"model": "tokenizer/tokenizer.model", "json": "tokenizer/tokenizer.json",
+                      "sha256": sha(b"unused by eval"), "json_sha256": sha(tokenizer_json.read_bytes()),
                       "vocab_size": 512, "bos_id": 1, "eos_id": EOS_ID, "pad_id": 0, "unk_id": 3},
         "token_dtype": "uint16", "token_size": 2,
-        "splits": {"train": {"documents": 0, "tokens": 0, "sources": []},
-                   "validation": {"documents": total_docs, "tokens": total_tokens, "sources": splits_sources}},
+        "splits": {
+            "train": {"documents": 0, "tokens": 0, "sources": [
+                {"name": "none", "weight": 1.0, "folder": "tokens/train/none", "documents": 0, "tokens": 0,
+                 "shards": []}]},
+            "validation": {"documents": sum(s["documents"] for s in split_sources),
+                           "tokens": sum(s["tokens"] for s in split_sources), "sources": split_sources},
+        },
     }
     path = root / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2))

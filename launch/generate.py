@@ -1,0 +1,140 @@
+"""Generate text from a checkpoint (bundle, quantized export or Bamba folder) with the model's cache.
+
+    python launch/generate.py --checkpoint CKPT --prompt "def main():"             # streams to stdout
+    python launch/generate.py --checkpoint CKPT --input prompts.txt --output results.json
+    python launch/generate.py --checkpoint CKPT --interactive                     # /help for commands
+
+One prompt per non-empty line of --input; results.json is written atomically. Decoding defaults
+come from export.sampling (config/sections.py); the flags below override them. Prefill runs once,
+then every token is one `HybridLM.step` (O(1) per token for Mamba2 layers); on CUDA the kernel path
+is used (model.impl=auto). Errors are one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from export import ExportError  # noqa: E402
+from export.loading import (  # noqa: E402
+    checkpoint_model_config, cli_errors, load_checkpoint, pick_device, pick_dtype, resolve_run_config,
+)
+
+_FLAGS = {  # flag dest -> export.sampling key
+    "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+    "repetition_penalty": "repetition_penalty", "seed": "seed",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="bundle, quantized export or Bamba folder")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", help="one prompt; the completion streams to stdout")
+    mode.add_argument("--input", type=Path, help="prompts file, one per non-empty line (needs --output)")
+    mode.add_argument("--interactive", action="store_true", help="read prompts and /commands from stdin")
+    p.add_argument("--output", type=Path, help="results JSON for --input")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together in --input mode")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); cut from the output")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-stream", action="store_true", help="print the completion once it is finished")
+    p.add_argument("--config", help="run config YAML (path or name under config/runs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p.parse_args(argv)
+
+
+def sampling_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags as `export.sampling.*` overrides, so the schema validates them like any config value."""
+    out = [f"export.sampling.{key}={getattr(args, dest)}" for dest, key in _FLAGS.items()
+           if getattr(args, dest) is not None]
+    if args.stop:
+        import json
+
+        out.append(f"export.sampling.stop={json.dumps(args.stop)}")
+    return out
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_interactive(model, tokenizer, params, stop: list[str]) -> None:
+    from export.textgen import HELP, apply_line, complete
+
+    print(f"interactive generation; /help lists the commands\n{HELP}", file=sys.stderr)
+    while True:
+        write("> ")
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            write("\n")
+            return
+        cmd = apply_line(line, params)
+        params = cmd.params
+        if cmd.message:
+            print(cmd.message)
+        if cmd.quit:
+            return
+        if cmd.prompt is not None:
+            complete(model, tokenizer, [cmd.prompt], params, stop, on_text=lambda _row, piece: write(piece))
+            write("\n")
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.input is not None and args.output is None:
+        raise ExportError("--input needs --output results.json")
+    if args.input is not None and not args.input.is_file():
+        raise ExportError(f"prompts file {args.input} does not exist")
+    if args.batch_size < 1:
+        raise ExportError("--batch-size must be >= 1")
+    model_cfg = checkpoint_model_config(args.checkpoint)
+    run_cfg = resolve_run_config(model_cfg, args.checkpoint, args.config, args.overrides + sampling_overrides(args))
+    s = run_cfg.export.sampling
+    from export.textgen import complete
+    from model.generation import SamplingParams
+    from model.weights import atomic_write_json
+
+    params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed)
+    bundle = load_checkpoint(args.checkpoint, pick_device(run_cfg.export.device), pick_dtype(run_cfg.export.dtype),
+                             run_cfg.model.impl)
+    model, tok = bundle.model, bundle.tokenizer
+    if args.interactive:
+        run_interactive(model, tok, params, s.stop)
+        return 0
+    if args.prompt is not None:
+        stream = None if args.no_stream else (lambda _row, piece: write(piece))
+        result = complete(model, tok, [args.prompt], params, s.stop, on_text=stream)[0]
+        write(("" if stream else result["completion"]) + "\n")
+        print(f"[{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s, finish: {result['finish']}]",
+              file=sys.stderr)
+        return 0
+    prompts = [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ExportError(f"prompts file {args.input} has no prompts")
+    results = []
+    for start in range(0, len(prompts), args.batch_size):
+        results += complete(model, tok, prompts[start : start + args.batch_size], params, s.stop)
+    atomic_write_json(args.output, {
+        "checkpoint": str(args.checkpoint),
+        "sampling": s.model_dump(mode="json"),
+        "device": str(model.embed.weight.device),
+        "execution_path": model.impl,
+        "results": results,
+    })
+    print(f"{len(results)} completions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

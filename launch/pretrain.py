@@ -1,0 +1,55 @@
+"""Pretrain a hybrid Mamba2/attention LM with DeepSpeed (docs/pretraining.md).
+
+    deepspeed --num_gpus 8 launch/pretrain.py --config 1.3b [--set train.lr=2e-4 ...] [--resume auto|PATH|none]
+    torchrun --nproc_per_node 8 launch/pretrain.py --config 1.3b
+    deepspeed --num_gpus 2 launch/pretrain.py --config tiny            # CPU: two gloo processes
+    python launch/pretrain.py --config tiny --dry-run                  # build everything, then stop
+    python launch/pretrain.py --config tiny --export auto              # consolidate a saved checkpoint
+
+Bad input (config key, manifest, shard, checkpoint) ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config: a YAML path or a name in config/runs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.lr=1e-3 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: newest complete checkpoint of train.output_dir (or a fresh start); none: fresh "
+                        "start; PATH: a step folder or a folder of them")
+    p.add_argument("--dry-run", action="store_true", help="build config, data, model and engine, then stop")
+    p.add_argument("--export", metavar="CHECKPOINT",
+                   help="instead of training: write the consolidated weights of a saved checkpoint "
+                        "(a step folder, or auto for the newest) and stop")
+    p.add_argument("--export-to", metavar="DIR", help="folder for --export (default <output_dir>/exports/<step>)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from train.distributed import fail_loudly
+    from train.errors import user_errors
+
+    args = parse_args(argv)
+
+    def pretrain() -> None:
+        from config.schema import load_run_config
+
+        cfg = load_run_config(args.config, args.overrides)
+        from train.trainer import export_checkpoint, run
+
+        if args.export:
+            print(f"exported {export_checkpoint(cfg, args.export, args.export_to)}")
+        else:
+            run(cfg, args.resume, args.dry_run)
+
+    fail_loudly(pretrain, user_errors())
+
+
+if __name__ == "__main__":
+    main()

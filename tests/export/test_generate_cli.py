@@ -1,0 +1,83 @@
+"""launch/generate.py and launch/export.py as a user runs them: streaming single prompt, batch JSON,
+the interactive loop driven through stdin, and one-line errors (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_interactive_commands_change_settings_and_quit(tiny_bundle_dir, run_script):
+    stdin = "/temp 0\n/top_k 5\n/top_p 0.5\n/tokens 3\n/top_p 2\n/nope\n/help\ndef f():\n/quit\nnever read\n"
+    proc = run_script("generate", "--checkpoint", str(tiny_bundle_dir), "--interactive", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for line in ("temperature = 0.0", "top_k = 5", "top_p = 0.5", "max_new_tokens = 3",
+                 "/top_p: top_p must be in (0, 1], got 2.0", "unknown command /nope", "/quit"):
+        assert line in out
+    assert "Traceback" not in proc.stderr
+
+
+def test_interactive_ends_cleanly_at_end_of_input(tiny_bundle_dir, run_script):
+    proc = run_script("generate", "--checkpoint", str(tiny_bundle_dir), "--interactive", "--max-new-tokens", "2",
+                      stdin="hello\n")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+
+
+def test_single_prompt_streams_and_reports(tiny_bundle_dir, run_script):
+    proc = run_script("generate", "--checkpoint", str(tiny_bundle_dir), "--prompt", "import os",
+                      "--max-new-tokens", "5", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "5 tokens" in proc.stderr and proc.stdout.endswith("\n")
+
+
+def test_batch_mode_writes_valid_json(tiny_bundle_dir, tmp_path, generate_cli):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main():\n\nclass Parser:\nimport sys\n")
+    out = tmp_path / "results.json"
+    rc = generate_cli.main(["--checkpoint", str(tiny_bundle_dir), "--input", str(prompts), "--output", str(out),
+                            "--max-new-tokens", "6", "--temperature", "0", "--stop", "\n\n", "--batch-size", "2"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["prompt"] for r in data["results"]] == ["def main():", "class Parser:", "import sys"]
+    for r in data["results"]:
+        assert r["finish"] in ("stop", "eos", "length") and 0 < r["new_tokens"] <= 6
+        assert "\n\n" not in r["completion"]
+    assert data["sampling"]["stop"] == ["\n\n"] and data["sampling"]["temperature"] == 0
+
+
+def test_greedy_batch_is_deterministic_and_equals_single(tiny_bundle_dir, tmp_path, generate_cli, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x = 1\nfor i in range(3):\n")
+    out = tmp_path / "r.json"
+    args = ["--checkpoint", str(tiny_bundle_dir), "--max-new-tokens", "5", "--temperature", "0"]
+    assert generate_cli.main([*args, "--input", str(prompts), "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert generate_cli.main([*args, "--prompt", "for i in range(3):", "--no-stream"]) == 0
+    single = capsys.readouterr().out.rstrip("\n")
+    assert json.loads(out.read_text())["results"][1]["completion"] == single
+
+
+def test_missing_checkpoint_is_one_line_error(run_script):
+    proc = run_script("generate", "--checkpoint", "/no/such/ckpt", "--prompt", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: checkpoint /no/such/ckpt does not exist "
+                                                "(pass the folder holding model.safetensors)"]
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("export", ["--checkpoint", "/no/such/ckpt", "--format", "hf", "--output", "{tmp}/o"], "does not exist"),
+    ("export", ["--checkpoint", "{ckpt}", "--format", "tflite", "--output", "{tmp}/o"], "unsupported format"),
+    ("export", ["--import-hf", "{ckpt}", "--output", "{tmp}/o"], "model_type"),
+    ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--top-p", "3"], "export.sampling.top_p"),
+    ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "model.d_model=32"], "model.d_model"),
+    ("generate", ["--checkpoint", "{ckpt}", "--input", "{tmp}/none.txt", "--output", "{tmp}/r.json"], "does not exist"),
+])
+def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_path, export_cli, generate_cli, capsys):
+    main = {"export": export_cli, "generate": generate_cli}[script].main
+    rc = main([a.format(ckpt=tiny_bundle_dir, tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()

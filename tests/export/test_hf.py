@@ -1,0 +1,111 @@
+"""Hugging Face (Bamba) export: transformers loads it with no custom code, logits and greedy tokens
+match ours in float32 on CPU, the tokenizer loads with AutoTokenizer, and the import is bit-exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from export import ExportError
+from export.hf import import_hf, model_config_from_bamba, read_bamba_config
+from model.bundle import load_bundle
+from model.generation import SamplingParams, generate, left_pad
+
+LOGIT_TOL = 1e-4  # float32, same op order up to SDPA/einsum blocking
+
+
+@pytest.fixture(scope="module", params=["tiny_bundle_dir", "padded_bundle_dir"])
+def exported(request, tmp_path_factory, export_cli):
+    src = request.getfixturevalue(request.param)
+    out = tmp_path_factory.mktemp(f"hf_{request.param}")
+    assert export_cli.main(["--checkpoint", str(src), "--format", "hf", "--output", str(out)]) == 0
+    return src, out
+
+
+def test_transformers_loads_with_matching_logits(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = exported
+    ours = load_bundle(src).model
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "BambaForCausalLM"
+    assert theirs.config.rope_parameters["partial_rotary_factor"] == 1.0
+    ids = torch.randint(4, ours.cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = ours(ids), theirs(ids).logits
+    assert got.shape[-1] == ours.cfg.padded_vocab_size
+    diff = float((ref - got[..., : ours.cfg.vocab_size]).abs().max())
+    print(f"HF logits max abs diff ({src.name}, vocab {ours.cfg.vocab_size}): {diff:.3g}")
+    assert diff < LOGIT_TOL
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    text = "def parse(self, line):\n    return line.split()"
+    assert tok(text, add_special_tokens=False).input_ids == load_bundle(src).tokenizer(text, add_special_tokens=False).input_ids
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+
+    # Left-padded batch through transformers' own generate() == our cached generation.
+    prompts = [ids[0, :30].tolist(), ids[1, :11].tolist()]
+    padded, mask = left_pad(prompts, 0, torch.device("cpu"))
+    hf_tokens = theirs.generate(padded, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[:, padded.size(1):].tolist()
+    assert hf_tokens == generate(ours, prompts, SamplingParams(max_new_tokens=12))
+
+
+def test_padding_ids_suppressed_and_card_written(exported):
+    src, out = exported
+    cfg = load_bundle(src).model.cfg
+    gen = json.loads((out / "generation_config.json").read_text())
+    padding = list(range(cfg.vocab_size, cfg.padded_vocab_size))
+    assert gen.get("suppress_tokens") == (padding or None)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["numbers"]["import round trip bit-exact"] is True
+    assert report["numbers"]["max abs logit diff (float32, CPU)"] < LOGIT_TOL
+    assert "step" in (out / "README.md").read_text() and (out / "run_config.yaml").is_file()
+
+
+def test_import_round_trip_is_exact(exported, export_cli, tmp_path):
+    src, out = exported
+    original = load_bundle(src).model
+    back = import_hf(out)
+    assert back.cfg.model_dump(exclude={"impl"}) == original.cfg.model_dump(exclude={"impl"})
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    # The CLI path writes a loadable bundle.
+    bundle_dir = tmp_path / "bundle"
+    assert export_cli.main(["--import-hf", str(out), "--output", str(bundle_dir), "--set", "export.verify=false"]) == 0
+    reloaded = load_bundle(bundle_dir)
+    assert all(torch.equal(v, reloaded.model.state_dict()[k]) for k, v in original.state_dict().items())
+
+
+def test_import_without_our_config_derives_it(exported, tmp_path):
+    """A Bamba folder from elsewhere (no hybrid_lm_config.json): the config is derived from Bamba's."""
+    import shutil
+
+    src, out = exported
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    (bare / "hybrid_lm_config.json").unlink()
+    ours = load_bundle(src).model
+    back = import_hf(bare)
+    assert back.cfg.layer_pattern == ours.cfg.layer_pattern and back.cfg.head_dim == ours.cfg.head_dim
+    ids = torch.randint(4, ours.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(back(ids)[..., : ours.cfg.vocab_size], ours(ids))
+
+
+def test_partial_rotary_bamba_is_refused(exported):
+    _, out = exported
+    hf = read_bamba_config(out)
+    hf.rope_parameters = {**hf.rope_parameters, "partial_rotary_factor": 0.5}
+    with pytest.raises(ExportError, match="partial_rotary_factor"):
+        model_config_from_bamba(hf)
+
+
+def test_qk_norm_export_refused_in_one_line(qk_norm_bundle_dir, tmp_path, export_cli, capsys):
+    rc = export_cli.main(["--checkpoint", str(qk_norm_bundle_dir), "--format", "hf", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "qk_norm" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

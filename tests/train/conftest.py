@@ -1,0 +1,178 @@
+"""Fixtures of the training tests: a small curated corpus of real text and launched training runs.
+
+The corpus is Python standard-library source (on every machine), split into documents at blank-line
+runs (short and long documents), tokenized with a 512-piece sentencepiece BPE trained here by the
+pipeline's own tokenizer code, written as datatrove shards (datatrove's TokenizedFile: .ds uint16
+tokens + .ds.index uint64 cumulative document ends) under a manifest the pipeline's reader accepts.
+Two train sources (weights 0.75 / 0.25, two shards each) and a validation split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PRETRAIN = REPO / "launch" / "pretrain.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+VOCAB = 512
+SOURCES = {"stdlib_a": 0.75, "stdlib_b": 0.25}
+LAUNCH_TIMEOUT = 420  # the first launch on a machine JIT-builds DeepSpeed's CPU comm op (~1.5 min)
+
+# The tiny preset shrunk for CPU tests: 2 ranks x micro-batch 2 x 2 accumulation x 64 tokens per step.
+BASE_SETS = [
+    f"model.vocab_size={VOCAB}", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_tokens=512",
+    "train.max_steps=16", "train.lr=3e-3", "train.warmup_steps=4", "train.eval_every=6", "train.eval_sequences=10",
+    "train.save_every=6", "train.keep_last=3", "train.log_every=4", "train.precision=fp32",
+    "train.ds_config=ds_configs/zero2.json", "train.wandb.mode=disabled",
+]
+
+
+def stdlib_documents(n_files: int = 48) -> list[list[str]]:
+    """Documents per file: the blank-line-separated blocks of stdlib modules (short and long)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if 2_000 < p.stat().st_size < 40_000)[:n_files]
+    docs = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs.append([chunk.strip("\n") + "\n" for chunk in text.split("\n\n") if chunk.strip()])
+    return docs
+
+
+def write_shard(folder: Path, name: str, docs: list[list[int]]) -> None:
+    from datatrove.pipeline.tokens.tokenizer import TokenizedFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = TokenizedFile(str(folder), name, save_index=True, token_size=2)
+    for tokens in docs:
+        out.write(tokens, None)
+    out.close()
+
+
+def make_corpus(root: Path) -> Path:
+    """Write tokenizer, shards and manifest.json under `root`; return the manifest path."""
+    import sentencepiece as spm
+
+    from pipeline.finalize import shard_entry
+    from pipeline.manifest import FORMAT_VERSION, sha256_of
+    from pipeline.spm_tokenizer import spm_to_hf
+
+    per_file = stdlib_documents()
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir(parents=True)
+    (tok_dir / "train.txt").write_text("".join(d for docs in per_file for d in docs))
+    spm.SentencePieceTrainer.train(  # the contract's special ids; byte fallback: no <unk> from text
+        input=str(tok_dir / "train.txt"), model_prefix=str(tok_dir / "tokenizer"), model_type="bpe",
+        vocab_size=VOCAB, byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3, num_threads=1, minloglevel=2)
+    (tok_dir / "train.txt").unlink()
+    model = tok_dir / "tokenizer.model"
+    spm_to_hf(model).save(str(tok_dir / "tokenizer.json"))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    eos = sp.eos_id()
+    names = list(SOURCES)
+    splits: dict[str, dict] = {}
+    for split in ("train", "validation"):
+        sources = []
+        for s, name in enumerate(names):
+            # every 8th file is held out; the rest alternate between the two sources
+            files = [docs for i, docs in enumerate(per_file) if (i % 8 == 7) == (split == "validation")]
+            mine = [d for i, docs in enumerate(files) if i % 2 == s for d in docs]
+            encoded = [ids + [eos] for ids in sp.encode(mine)]
+            folder = root / "tokens" / split / name
+            half = len(encoded) // 2
+            for k, part in enumerate((encoded[:half], encoded[half:])):
+                write_shard(folder, f"{k:03d}_{name}.ds", part)
+            shards = [shard_entry(p, root, 2) for p in sorted(folder.glob("*.ds"))]
+            sources.append({"name": name, "weight": SOURCES[name], "folder": str(folder.relative_to(root)),
+                            "documents": sum(x["documents"] for x in shards),
+                            "tokens": sum(x["tokens"] for x in shards), "shards": shards})
+        splits[split] = {"documents": sum(x["documents"] for x in sources),
+                         "tokens": sum(x["tokens"] for x in sources), "sources": sources}
+    manifest = {
+        "format_version": FORMAT_VERSION, "created": "2026-11-23T00:00:00Z",
+        "recipe": {"name": "stdlib-test", "sha256": "0" * 64},
+        "tokenizer": {"model": "tokenizer/tokenizer.model", "json": "tokenizer/tokenizer.json",
+                      "sha256": sha256_of(model), "json_sha256": sha256_of(tok_dir / "tokenizer.json"),
+                      "vocab_size": VOCAB, "bos_id": 1, "eos_id": eos, "pad_id": 0, "unk_id": 3},
+        "token_dtype": "uint16", "token_size": 2, "splits": splits,
+    }
+    path = root / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """manifest.json of the test corpus."""
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# ---- launching runs -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch_cmd(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str = "auto") -> list[str]:
+    overrides = [*BASE_SETS, f"data.manifest={manifest}", f"train.output_dir={out}", *sets]
+    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(PRETRAIN),
+            "--config", "tiny", "--resume", resume, *[a for s in overrides for a in ("--set", s)]]
+
+
+def train_run(nprocs: int, manifest: Path, out: Path, sets: list[str] = (), resume: str = "auto") -> Path:
+    """Run to the end; fail the test with the output's tail if the run fails."""
+    proc = subprocess.run(launch_cmd(nprocs, manifest, out, list(sets), resume), cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    if proc.returncode != 0:
+        pytest.fail(f"training run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
+    return out
+
+
+def read_metrics(out: Path) -> dict[int, dict]:
+    """Per step: the train record merged with the validation record of that step."""
+    steps: dict[int, dict] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        steps.setdefault(rec["step"], {}).update(rec)
+    return steps
+
+
+def run_until_signalled(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str,
+                        signal_after_step: int) -> subprocess.CompletedProcess:
+    """Start a run, SIGTERM its rank processes once metrics.jsonl shows `signal_after_step` (as Slurm
+    signals every task on preemption), and wait for the launcher."""
+    import psutil
+
+    proc = subprocess.Popen(launch_cmd(nprocs, manifest, out, sets, resume), cwd=REPO, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    metrics = out / "metrics.jsonl"
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(json.loads(x).get("step", 0) >= signal_after_step
+                                         for x in metrics.read_text().splitlines() if x.strip()):
+                ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
+                for p in ranks:
+                    p.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")

@@ -1,0 +1,189 @@
+"""Launched training runs of the tiny preset on CPU (the DeepSpeed launcher, gloo), sharing runs between
+assertions: one ZeRO-2 fp32 reference run of 16 steps (checkpoints at 6, 12, 16), a SIGTERM-stopped
+and resumed copy of it, a one-process universal resume of it, a ZeRO-3 bf16 run with its export, and
+single-process runs for errors, NaN handling and --dry-run.
+
+Tolerances: a resume on the same world size is bitwise (CPU fp32, same reduction order). The
+one-process resume differs by float32 summation order only (gradients accumulated over 4 micro-
+batches instead of all-reduced over 2 ranks x 2; the step's loss normalisation is global, so the
+math is the same): |delta loss| / loss < 1e-5. The export test compares a bf16 model's validation
+loss computed two ways (DeepSpeed ZeRO-3 engine vs the loaded export): rel. 1e-3.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from config.schema import load_run_config
+from model.weights import load_weights
+from pipeline.manifest import load_manifest
+from train.data import IGNORE_INDEX, TrainData
+from train.trainer import check_finite
+
+from .conftest import BASE_SETS, PRETRAIN, REPO, read_metrics, run_env, run_until_signalled, train_run
+
+ZERO3_BF16 = ["train.ds_config=ds_configs/zero3.json", "train.precision=bf16", "train.max_steps=12"]
+
+
+def copy_checkpoint(src_run: Path, step: int, out: Path) -> None:
+    tag = f"step_{step:08d}"
+    shutil.copytree(src_run / "checkpoints" / tag, out / "checkpoints" / tag)
+
+
+def single_process(corpus: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python launch/pretrain.py` (a world of one, no launcher) with the test settings."""
+    sets = [*BASE_SETS, f"data.manifest={corpus}", f"train.output_dir={out}", "train.global_batch_tokens=256"]
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([sys.executable, str(PRETRAIN), "--config", "tiny", *args, *extra], cwd=REPO,
+                          env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_a(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_run(2, corpus, tmp_path_factory.mktemp("run_a"))
+
+
+@pytest.fixture(scope="module")
+def run_zero3(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_run(2, corpus, tmp_path_factory.mktemp("run_zero3"), ZERO3_BF16)
+
+
+def test_zero2_run_learns_and_writes_complete_checkpoints(run_a: Path) -> None:
+    m = read_metrics(run_a)
+    assert [s for s in sorted(m) if "loss" in m[s]] == list(range(1, 17))
+    assert m[6]["val_loss"] > m[12]["val_loss"] > m[16]["val_loss"]
+    first, last = (sum(m[s]["loss"] for s in steps) / 4 for steps in (range(1, 5), range(13, 17)))
+    assert first - last > 1.0, (first, last)
+    root = run_a / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000016"
+    for step in (6, 12, 16):
+        folder = root / f"step_{step:08d}"
+        assert (folder / "COMPLETE").is_file() and (folder / "rng" / "rank_00001.pt").is_file()
+        assert load_run_config(folder / "run_config.yaml").train.max_steps == 16
+    state = (root / "step_00000012" / "trainer_state.json").read_text()
+    for key in ('"consumed_samples": 96', '"world_size": 2', '"zero_stage": 2', '"git_commit"', '"torch"'):
+        assert key in state
+    model = load_weights(run_a / "final")
+    assert model.cfg.vocab_size == 512 and (run_a / "final" / "tokenizer.json").is_file()
+
+
+def test_sigterm_then_resume_continues_bitwise(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    copy_checkpoint(run_a, 6, out)
+    stopped = run_until_signalled(2, corpus, out, [], "auto", signal_after_step=8)
+    assert stopped.returncode == 0, stopped.stdout[-3000:]
+    assert "SIGTERM: saving a checkpoint" in stopped.stdout
+    stop_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 8 <= stop_step < 16
+    train_run(2, corpus, out)  # --resume auto
+    ref, got = read_metrics(run_a), read_metrics(out)
+    assert sorted(got) == list(range(7, 17))
+    for step in range(7, 17):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            assert got[step].get(key) == ref[step].get(key), (step, key)
+    complete = sorted({6, stop_step, 12, 16})[-3:]  # keep_last=3
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in complete]
+
+
+def test_two_process_checkpoint_resumes_on_one_process(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "one_process"
+    copy_checkpoint(run_a, 12, out)
+    train_run(1, corpus, out)
+    assert (out / "checkpoints" / "step_00000012" / "universal" / "COMPLETE").is_file()
+    ref, got = read_metrics(run_a), read_metrics(out)
+    assert sorted(got) == list(range(13, 17))
+    for step in range(13, 17):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4)
+    assert got[16]["val_loss"] == pytest.approx(ref[16]["val_loss"], rel=1e-5)
+
+
+def test_zero3_bf16_run_learns(run_zero3: Path) -> None:
+    m = read_metrics(run_zero3)
+    assert m[6]["val_loss"] > m[12]["val_loss"]
+    assert sum(m[s]["loss"] for s in range(1, 4)) / 3 - sum(m[s]["loss"] for s in range(10, 13)) / 3 > 0.5
+
+
+def test_export_is_the_trained_model(run_zero3: Path, corpus: Path) -> None:
+    """The exported weights give the run's last validation loss, and the offline consolidation of the
+    last checkpoint (zero_to_fp32 over the ZeRO-3 shards) gives the same tensors."""
+    model = load_weights(run_zero3 / "final", dtype=torch.bfloat16).eval()
+    batches, _ = TrainData(load_manifest(corpus), 64, "document").eval_batches(10, rank=0, world=1, micro_batch=2)
+    nll = scored = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["input_ids"], position_ids=b["position_ids"], seq_idx=b["seq_idx"]).float()
+            nll += F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum").item()
+            scored += (b["labels"] != IGNORE_INDEX).sum().item()
+    assert nll / scored == pytest.approx(read_metrics(run_zero3)[12]["val_loss"], rel=1e-3)
+    proc = single_process(corpus, run_zero3, "--export", "auto", "--export-to", str(run_zero3 / "offline"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final, offline = load_file(run_zero3 / "final" / "model.safetensors"), load_file(run_zero3 / "offline" / "model.safetensors")
+    assert final.keys() == offline.keys() and all(torch.equal(final[k], offline[k]) for k in final)
+
+
+def _damage(corpus: Path, tmp_path: Path, how: str) -> Path:
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus.parent, copy)
+    shard = sorted((copy / "tokens" / "train" / "stdlib_a").glob("*.ds"))[0]
+    data = bytearray(shard.read_bytes())
+    if how == "truncate":
+        del data[-10:]
+    else:
+        data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return copy / "manifest.json"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("bad_key", "train.lrr: unknown key"),
+    ("missing_manifest", "manifest /nonexistent/manifest.json not found"),
+    ("truncated_shard", "corrupt file"),
+    ("flipped_byte", "sha256 differs from the manifest"),
+])
+def test_bad_input_is_a_one_line_error(case: str, expected: str, corpus: Path, tmp_path: Path) -> None:
+    if case == "bad_key":
+        extra = ["--set", "train.lrr=1"]
+    elif case == "missing_manifest":
+        extra = ["--set", "data.manifest=/nonexistent/manifest.json"]
+    elif case == "truncated_shard":
+        extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'truncate')}"]
+    else:
+        extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'flip')}", "--set", "data.verify=sha256"]
+    proc = single_process(corpus, tmp_path / "out", *extra, "--dry-run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, last
+    assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_or_skips(corpus: Path, tmp_path: Path) -> None:
+    """init_std=1e38 makes the first loss NaN: `stop` names step and rank; `skip` skips every update
+    (the run would stop with an error if DeepSpeed had applied one)."""
+    nan = ["--set", "model.init_std=1e38", "--set", "train.max_steps=2", "--set", "train.warmup_steps=1", "--set", "train.eval_every=0",
+           "--set", "train.save_every=0", "--resume", "none"]
+    stop = single_process(corpus, tmp_path / "stop", *nan)
+    assert stop.returncode == 2
+    assert "error: non-finite loss at step 1 on rank(s) 0 (train.on_nan=stop)" in stop.stderr.strip().splitlines()[-1]
+    skip = single_process(corpus, tmp_path / "skip", *nan, "--set", "train.on_nan=skip")
+    assert skip.returncode == 0, skip.stderr[-2000:]
+    m = read_metrics(tmp_path / "skip")
+    assert [m[s]["skipped"] for s in (1, 2)] == [True, True]
+    with pytest.raises(Exception, match="non-finite loss at step 3 on rank\\(s\\) 1, 2"):
+        check_finite(3, [1, 2], skipped=False, on_nan="skip")
+
+
+def test_dry_run_builds_everything_and_stops(corpus: Path, tmp_path: Path) -> None:
+    proc = single_process(corpus, tmp_path / "dry", "--dry-run", "--set", "train.ds_config=ds_configs/zero3.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ZeRO-3" in proc.stdout and "dry run: everything built, stopping" in proc.stdout
+    assert not (tmp_path / "dry" / "checkpoints").exists()

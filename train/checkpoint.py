@@ -1,0 +1,218 @@
+"""Step checkpoints: atomic saves, resume (also on another world size), rotation.
+
+Layout under <output_dir>/checkpoints/:
+
+    latest                    the tag of the newest complete checkpoint (DeepSpeed's format)
+    step_00000100/
+      mp_rank_00_model_states.pt, *zero_pp_rank_*_optim_states.pt   DeepSpeed (ZeRO-partitioned)
+      rng/rank_00000.pt ...   python, numpy, torch (and cuda) RNG states of every rank
+      trainer_state.json      step, consumed samples/tokens, world size, ZeRO stage, data identity,
+                              git commit, package versions
+      run_config.yaml         the resolved run config
+      COMPLETE                written last: only folders holding it are resumed from
+      universal/              DeepSpeed universal checkpoint, made on demand (world size changed)
+
+A save: DeepSpeed writes the step folder (save_latest=False), every rank its RNG file, then after a
+barrier rank 0 writes trainer_state.json, run_config.yaml, COMPLETE and atomically replaces
+`latest`. A crash at any point before COMPLETE leaves the previous checkpoint as the newest
+complete one; a half-written folder is deleted when its step is saved again or rotated out.
+
+Resume restores weights, optimizer and scheduler (DeepSpeed), the RNG states and the data position
+(consumed samples; see train/data.py). On another world size or ZeRO stage, the checkpoint is first
+converted to a universal checkpoint (deepspeed.checkpoint.ds_to_universal, once, by rank 0) and
+loaded with `checkpoint.load_universal`; RNG states are then re-seeded per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from argparse import Namespace
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from config.schema import RunConfig, save_run_config
+from model.weights import CheckpointError, atomic_write_bytes, atomic_write_json
+from train.distributed import DistEnv, barrier
+from train.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+LATEST, COMPLETE, STATE, RUN_CONFIG, RNG_DIR, UNIVERSAL = (
+    "latest", "COMPLETE", "trainer_state.json", "run_config.yaml", "rng", "universal")
+
+
+@dataclass
+class TrainerState:
+    """What the trainer needs besides DeepSpeed's state to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    consumed_samples: int = 0  # global sequences consumed: the data position
+    consumed_tokens: int = 0
+    seq_len: int = 0
+    world_size: int = 0
+    zero_stage: int = 0
+    manifest_sha256: str = ""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE).is_file()
+
+
+def read_state(folder: Path) -> TrainerState:
+    raw = json.loads((folder / STATE).read_text())
+    return TrainerState(**{k: raw[k] for k in TrainerState.__dataclass_fields__})
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=step_of)
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The folder `latest` names if complete, else the newest complete step folder, else None."""
+    pointer = root / LATEST
+    if pointer.is_file() and is_complete(candidate := root / pointer.read_text().strip()):
+        return candidate
+    done = [p for p in _step_dirs(root) if is_complete(p)]
+    return done[-1] if done else None
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """`none` -> None; `auto` -> newest complete checkpoint under `root` (or None); a path -> a complete
+    step folder, or the newest complete one in a checkpoints/ or output folder (CheckpointError if none)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_complete(root) if root.is_dir() else None
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    for candidate_root in (path, path / "checkpoints"):
+        if candidate_root.is_dir() and (found := latest_complete(candidate_root)) is not None:
+            return found
+    raise CheckpointError(
+        f"no complete checkpoint at {path} (a step folder holding {COMPLETE}, or a folder of them): "
+        "pass another --resume or --resume auto"
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _replace_file_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves, rotates and loads the step checkpoints of one run (all ranks call every method)."""
+
+    def __init__(self, out_dir: Path, keep_last: int, env: DistEnv) -> None:
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep_last, self.env = keep_last, env
+
+    def save(self, engine: Any, state: TrainerState, cfg: RunConfig) -> Path:
+        """Write a complete checkpoint of `state.step` (see the module doc for the order)."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        tag = tag_for(state.step)
+        folder = self.root / tag
+        if self.env.is_main and folder.exists():
+            shutil.rmtree(folder)  # a half-written save of this step from a crashed run
+        barrier()
+        # the universal-checkpoint info lets ds_to_universal convert this checkpoint later
+        client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
+        _replace_file_atomic(folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt", _rng_state())
+        barrier()
+        if self.env.is_main:
+            save_run_config(cfg, folder / RUN_CONFIG)
+            atomic_write_json(folder / STATE, {**asdict(state), **provenance()})
+            atomic_write_bytes(folder / COMPLETE, f"{tag}\n".encode())
+            atomic_write_bytes(self.root / LATEST, tag.encode())
+            self._rotate(folder)
+        barrier()
+        return folder
+
+    def _rotate(self, newest: Path) -> None:
+        """Keep the newest `keep_last` complete checkpoints; drop every other folder older than `newest`."""
+        complete = [p for p in _step_dirs(self.root) if is_complete(p)]
+        keep = set(complete[-self.keep_last:]) | {newest}
+        for folder in _step_dirs(self.root):
+            if folder not in keep and step_of(folder) < step_of(newest):
+                shutil.rmtree(folder, ignore_errors=True)
+                log.info("removed old checkpoint %s", folder.name)
+
+    def needs_universal(self, folder: Path, zero_stage: int) -> bool:
+        state = read_state(folder)
+        return state.world_size != self.env.world_size or state.zero_stage != zero_stage
+
+    def ensure_universal(self, folder: Path) -> None:
+        """Convert `folder` to `folder/universal` once (rank 0), then let every rank continue."""
+        if self.env.is_main and not is_complete(folder / UNIVERSAL):
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = folder / f"{UNIVERSAL}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("converting %s to a universal checkpoint (world size or ZeRO stage changed)", folder)
+            ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=False))
+            atomic_write_bytes(tmp / COMPLETE, b"universal\n")
+            shutil.rmtree(folder / UNIVERSAL, ignore_errors=True)
+            os.replace(tmp, folder / UNIVERSAL)
+            atomic_write_bytes(folder / "latest_universal", UNIVERSAL.encode())  # ds_to_universal named the tmp
+        barrier()
+
+    def load(self, engine: Any, folder: Path, universal: bool, seed: int) -> TrainerState:
+        """Restore DeepSpeed's state from `folder` (or its universal form) and this rank's RNG states
+        (on another world size: fresh ones from `seed`, the step and the rank)."""
+        load_dir, tag = (folder, UNIVERSAL) if universal else (folder.parent, folder.name)
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {load_dir / tag}: pass another --resume")
+        state = read_state(folder)
+        rng_file = folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
+        if state.world_size == self.env.world_size and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            seed_everything(seed + 1_000_003 * state.step + self.env.rank)
+        log.info("resumed from %s at step %d (%d samples consumed)", folder, state.step, state.consumed_samples)
+        return state

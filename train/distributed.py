@@ -1,0 +1,150 @@
+"""Process-group set-up, preemption signals and failing loudly on every rank.
+
+Launchers: `deepspeed` (its launcher sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* and passes
+--local_rank), `torchrun` (same variables), Slurm via launch/slurm_pretrain.sbatch (maps SLURM_*
+to them), or plain `python` (a world of one: the variables are filled in here).
+
+Failures: `fail_loudly` wraps an entry point. A bad-input error (config, manifest, data, resume)
+prints one line `[rank R] message` (no traceback) and exits 2; anything else prints its traceback
+and then that one line, and exits 1. The process ends with os._exit so no rank waits in a
+collective or an atexit hook for a peer that is gone; the launcher (deepspeed, torchrun, srun
+--kill-on-bad-exit) then stops the other ranks, and ranks blocked in NCCL fail on the
+collective timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NCCL_DEFAULTS = {
+    # A failed or timed-out collective tears the process down instead of hanging it.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_DEBUG": "WARN",
+}
+DIST_TIMEOUT = timedelta(minutes=30)  # covers the slowest collective phase: saving/converting a 13B checkpoint
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_launch_env() -> None:
+    """Make a plain `python launch/pretrain.py` a world of one process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def env_rank() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment, before the process group exists."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed() -> DistEnv:
+    """Initialise the process group through DeepSpeed: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    fill_launch_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        for key, value in NCCL_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=DIST_TIMEOUT)
+    env = DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+    configure_logging(env.rank)
+    return env
+
+
+def configure_logging(rank: int) -> None:
+    """INFO from rank 0, warnings and errors from every rank, each line tagged with its rank; DeepSpeed's
+    own INFO chatter off."""
+    from deepspeed.utils import logger as ds_logger
+
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    ds_logger.setLevel(logging.WARNING)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag instead of killing the process; the trainer checks it at the next step
+    boundary, where the ranks agree (all_reduce) to save a checkpoint and exit 0 together."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            name = signal.Signals(signum).name
+            os.write(2, f"[rank {env_rank()[0]}] {name}: saving a checkpoint at the next step boundary\n".encode())
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+
+def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> None:
+    """Run `main`; on an exception print one line naming the rank and end the process (see module doc)."""
+    try:
+        main()
+    except user_errors as exc:
+        _die(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+    except BaseException as exc:  # noqa: BLE001 - every failure must end this rank loudly
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        traceback.print_exc()
+        _die(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+
+
+def _die(message: str, code: int) -> None:
+    rank, world = env_rank()
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    sys.stdout.flush()
+    sys.stderr.write(f"{prefix}error: {message}\n")
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,312 @@
+"""The pretraining loop: data, model and DeepSpeed engine; train, evaluate, checkpoint, export.
+
+One optimizer step (G = sequences per step, W ranks, A = G / (W x micro_batch) accumulation steps):
+  1. every rank takes its A micro-batches of the step (train/data.py: the order does not depend on W);
+  2. one all_reduce gives N, the number of scored targets of the whole step;
+  3. each micro-batch's summed NLL goes to `engine.backward` scaled by W * A / N: DeepSpeed divides
+     by A and averages over W, so the update follows the mean NLL over all N targets of the step,
+     whatever W, A and the document boundaries in each micro-batch (resume on another world size
+     continues the same optimisation up to float summation order);
+  4. one all_reduce of [NLL sum, stop flag, non-finite flag per rank] gives the logged loss, the
+     agreement to stop after a SIGTERM/SIGINT, and which rank saw a non-finite loss.
+
+A non-finite loss makes the gradients non-finite; DeepSpeed's ZeRO optimizer then skips the update
+(`check_grad_overflow`). train.on_nan=skip logs the step and rank and goes on; stop raises an error
+naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from config.loader import ConfigError
+from config.schema import RunConfig, load_run_config
+from model.hybrid import HybridLM
+from model.mamba2 import Mamba2Mixer
+from model.sizing import count_params, train_flops_per_token
+from model.weights import CheckpointError
+from pipeline.manifest import Manifest, load_manifest, sha256_of
+from train.checkpoint import RUN_CONFIG, Checkpointer, TrainerState, read_state, resolve_resume, seed_everything
+from train.consolidate import gather_fp32_state_dict, state_dict_from_checkpoint, write_bundle
+from train.data import IGNORE_INDEX, TrainData
+from train.distributed import DistEnv, StopSignal, barrier, init_distributed
+from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
+from train.errors import TrainingError
+from train.metrics import MetricsLogger, device_peak_flops, memory_gb
+from train.optim import lr_multiplier, param_groups
+
+log = logging.getLogger(__name__)
+MODEL_INPUTS = ("input_ids", "labels", "position_ids", "seq_idx")
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+def open_manifest(cfg: RunConfig) -> Manifest:
+    """Load the manifest, check its files (sizes), and check it fits the model and sequence length."""
+    if cfg.data.manifest is None:
+        raise ConfigError("data.manifest is not set: pass --set data.manifest=PATH/manifest.json")
+    manifest = load_manifest(cfg.data.manifest)
+    manifest.verify(checksums=False)
+    vocab = manifest.tokenizer.vocab_size
+    if vocab != cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) differs from the manifest tokenizer's "
+                          f"vocab_size ({vocab}): set model.vocab_size={vocab}")
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len ({cfg.train.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    return manifest
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
+    """The model initialised from train.seed (identical on every rank), built directly on `device`."""
+    seed_everything(cfg.train.seed)
+    with device:
+        model = HybridLM(cfg.model)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
+    model.set_impl()
+    return model
+
+
+def prepare_zero3(model: HybridLM) -> None:
+    """ZeRO-3 gathers a module's parameters around its forward. The Mamba2 mixer reads its conv, norm
+    and out_proj weights directly (the fused kernel takes them as arguments), and the LM head reads
+    the embedding/head weight outside that module: make each mixer one ZeRO-3 leaf (all its
+    parameters gathered together) and register the head weight with the model's forward."""
+    import deepspeed
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, [Mamba2Mixer], raise_if_not_found=False)
+    deepspeed.zero.register_external_parameter(model, model.head_weight)
+
+
+def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if zero_stage(ds_config) == 3:
+        prepare_zero3(model)
+    schedule = lr_multiplier(cfg.train)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
+    )
+    return engine
+
+
+# ---- one step ----------------------------------------------------------------------------------------
+def forward_nll(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-target NLL (b, l) in float32 (0 where labels are -100)."""
+    logits = engine(batch["input_ids"], position_ids=batch.get("position_ids"), seq_idx=batch.get("seq_idx"))
+    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view_as(batch["labels"])
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(values)
+    return values
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+
+
+def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
+    """Act on a step whose loss was non-finite on `bad_ranks` (train.on_nan: stop | skip)."""
+    if not bad_ranks:
+        return
+    where = f"non-finite loss at step {step} on rank(s) {', '.join(map(str, bad_ranks))}"
+    if on_nan == "stop":
+        raise TrainingError(f"{where} (train.on_nan=stop): resume from the last checkpoint with a lower "
+                            "train.lr, or set train.on_nan=skip")
+    if not skipped:
+        raise TrainingError(f"{where}, and DeepSpeed applied the update: resume from the last checkpoint")
+    log.warning("%s: update skipped (train.on_nan=skip)", where)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: str) -> None:
+        self.cfg, t = cfg, cfg.train
+        self.manifest = open_manifest(cfg)
+        self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers)
+        self.env: DistEnv = init_distributed()
+        if cfg.data.verify == "sha256":
+            if self.env.local_rank == 0:
+                self.manifest.verify(checksums=True)
+            barrier()
+        self.stop = StopSignal()
+        self.out = Path(t.output_dir)
+        self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
+        self.accumulation = accumulation_steps(t, self.env.world_size)
+        resume_dir = resolve_resume(resume, self.ckpt.root)
+        stage = zero_stage(read_ds_json(t.ds_config))
+        universal = resume_dir is not None and self.ckpt.needs_universal(resume_dir, stage)
+        if universal:
+            self.ckpt.ensure_universal(resume_dir)
+        self.ds_config = build_ds_config(t, self.env.world_size, self.env.on_cuda, load_universal=universal)
+        self.model = build_model(cfg, self.env.device)
+        self.engine = build_engine(self.model, cfg, self.ds_config)
+        self.model.rope.reset_parameters()  # keep RoPE frequencies in fp32 whatever DeepSpeed cast
+        fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
+                             manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
+        if resume_dir is None:
+            self.state = fresh
+        else:
+            loaded = self.ckpt.load(self.engine, resume_dir, universal, t.seed)
+            self._check_resume(loaded, fresh, resume_dir)
+            self.state = replace(loaded, world_size=fresh.world_size, zero_stage=stage)
+
+    def _check_resume(self, loaded: TrainerState, fresh: TrainerState, folder: Path) -> None:
+        if loaded.seq_len != fresh.seq_len:
+            raise ConfigError(f"train.seq_len is {fresh.seq_len} but {folder} was trained at {loaded.seq_len}: the data "
+                              "position cannot carry over; keep train.seq_len or start a new run with --resume none")
+        if loaded.manifest_sha256 != fresh.manifest_sha256:
+            log.warning("the manifest differs from the one %s was trained on: continuing at sample %d of the new data",
+                        folder, loaded.consumed_samples)
+
+    # ---- reporting ---------------------------------------------------------------------------------
+    def summary(self) -> str:
+        t, m = self.cfg.train, self.cfg.model
+        sources = ", ".join(f"{s.name} ({s.n_windows} windows, w={w:.3f})"
+                            for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
+        return "\n".join([
+            f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}",
+            f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}, {t.precision}, "
+            f"micro-batch {t.micro_batch_size} x {t.seq_len}, accumulation {self.accumulation}, "
+            f"{t.global_batch_tokens} tokens/step",
+            f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}",
+            f"start: step {self.state.step}/{t.max_steps}, sample {self.state.consumed_samples}, output {self.out}",
+        ])
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    def evaluate(self, batches: list[dict], n_forward: int) -> tuple[float, dict[str, float]]:
+        """Mean validation NLL over all ranks' targets, overall and per source."""
+        names = self.data.validation.source_names
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=self.env.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for i in range(n_forward):  # the same count on every rank (ZeRO-3 gathers collectively)
+                real = i < len(batches)
+                batch = to_device(batches[i] if real else batches[0], self.env.device) if batches else {
+                    "input_ids": torch.zeros(1, self.cfg.train.seq_len, dtype=torch.long, device=self.env.device)}
+                if not real:
+                    self.engine(batch["input_ids"])
+                    continue
+                nll = forward_nll(self.engine, batch).double()
+                scored = (batch["labels"] != IGNORE_INDEX).double()
+                source = batches[i]["source"].to(self.env.device)
+                sums[0] += nll.sum()
+                sums[1] += scored.sum()
+                sums[2::2].index_add_(0, source, nll.sum(1))
+                sums[3::2].index_add_(0, source, scored.sum(1))
+        self.engine.train()
+        sums = all_reduce_sum(sums).tolist()
+        per_source = {n: sums[2 + 2 * s] / sums[3 + 2 * s] for s, n in enumerate(names) if sums[3 + 2 * s]}
+        return sums[0] / max(sums[1], 1.0), per_source
+
+    # ---- training ----------------------------------------------------------------------------------
+    def train(self) -> None:
+        t, env, state = self.cfg.train, self.env, self.state
+        per_step = t.global_batch_sequences
+        loader = self.data.train_loader(state.consumed_samples, t.max_steps - state.step, per_step,
+                                        env.rank, env.world_size, t.micro_batch_size, pin_memory=env.on_cuda)
+        eval_set = self.data.eval_batches(t.eval_sequences, env.rank, env.world_size, t.micro_batch_size) \
+            if t.eval_every else None
+        metrics = MetricsLogger(self.cfg, self.out, env.is_main, state.step,
+                                train_flops_per_token(self.cfg.model, t.seq_len),
+                                device_peak_flops(env.device, t.peak_tflops), env.world_size)
+        metrics.print(self.summary())
+        warned_epoch: set[str] = set()
+        batches = iter(loader)
+        try:
+            while state.step < t.max_steps:
+                start = time.perf_counter()
+                lr = float(self.engine.get_lr()[0])
+                micro = [to_device(next(batches), env.device) for _ in range(self.accumulation)]
+                scored = sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double().reshape(1)
+                n_scored = float(all_reduce_sum(scored).item())
+                scale = env.world_size * self.accumulation / max(n_scored, 1.0)
+                nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
+                for m in micro:
+                    nll = forward_nll(self.engine, m).sum()
+                    nll_local += nll.detach().double()
+                    self.engine.backward(nll * scale)
+                    self.engine.step()
+                state.step += 1
+                state.consumed_samples += per_step
+                state.consumed_tokens += per_step * t.seq_len
+                stats = torch.zeros(2 + env.world_size, dtype=torch.float64, device=env.device)
+                stats[0] = nll_local
+                stats[1] = float(self.stop.requested)
+                stats[2 + env.rank] = float(not torch.isfinite(nll_local))
+                stats = all_reduce_sum(stats).tolist()
+                step_time = time.perf_counter() - start
+                skipped = not self.engine.was_step_applied()
+                check_finite(state.step, [r for r in range(env.world_size) if stats[2 + r]], skipped, t.on_nan)
+                grad_norm = self.engine.get_global_grad_norm()
+                metrics.log_step(state.step, stats[0] / max(n_scored, 1.0), lr,
+                                 None if grad_norm is None else float(grad_norm), skipped, state.consumed_tokens,
+                                 per_step * t.seq_len, step_time, memory_gb(env.device))
+                for name, epochs in self.data.train.epochs(state.consumed_samples).items():
+                    if epochs > 1 and name not in warned_epoch:
+                        warned_epoch.add(name)
+                        log.warning("train source '%s' is repeating (epoch %.2f at step %d)", name, epochs, state.step)
+                if eval_set is not None and (state.step % t.eval_every == 0 or state.step == t.max_steps):
+                    metrics.log_eval(state.step, *self.evaluate(*eval_set))
+                stopping = stats[1] > 0
+                if stopping or state.step == t.max_steps or (t.save_every and state.step % t.save_every == 0):
+                    folder = self.ckpt.save(self.engine, state, self.cfg)
+                    metrics.print(f"saved {folder}")
+                if stopping:
+                    metrics.print(f"stopped by signal after step {state.step}; resume with --resume auto")
+                    return
+            if state.step == t.max_steps and not self._final_exported():
+                self.export_final(metrics)
+        finally:
+            metrics.close()
+
+    def _final_exported(self) -> bool:
+        meta = self.out / "final" / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("step") == self.state.step
+
+    def export_final(self, metrics: MetricsLogger) -> None:
+        """Consolidated fp32 weights of the finished run into <output_dir>/final/ (all ranks gather)."""
+        folder = self.out / "final"
+        state_dict = gather_fp32_state_dict(self.engine, self.env.is_main)
+        if self.env.is_main:
+            meta = {"step": self.state.step, "tokens": self.state.consumed_tokens,
+                    "consumed_samples": self.state.consumed_samples, "source": "final training state"}
+            write_bundle(state_dict, self.cfg, self.manifest, folder, meta)
+            metrics.print(f"exported {folder}")
+        barrier()
+
+
+def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False) -> None:
+    """Train (or, with dry_run, build everything and stop) under the current launcher's world."""
+    trainer = Trainer(cfg, resume)
+    if dry_run:
+        if trainer.env.is_main:
+            print(trainer.summary(), "\ndry run: everything built, stopping", sep="", flush=True)
+        return
+    trainer.train()
+
+
+def export_checkpoint(cfg: RunConfig, which: str, dest: str | None) -> Path:
+    """Consolidate a saved checkpoint (a step folder, or `auto`: the newest) into a weights folder,
+    with the run config it was trained with. One process, no launcher."""
+    folder = resolve_resume(which, Path(cfg.train.output_dir) / "checkpoints")
+    if folder is None:
+        raise CheckpointError(f"no complete checkpoint under {cfg.train.output_dir}/checkpoints: pass --export PATH")
+    run_cfg = load_run_config(folder / RUN_CONFIG)
+    state = read_state(folder)
+    out = Path(dest) if dest else Path(cfg.train.output_dir) / "exports" / folder.name
+    meta = {"step": state.step, "tokens": state.consumed_tokens, "consumed_samples": state.consumed_samples,
+            "source": str(folder)}
+    return write_bundle(state_dict_from_checkpoint(folder), run_cfg, load_manifest(run_cfg.data.manifest), out, meta)
