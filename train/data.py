@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -231,9 +231,13 @@ class TrainData:
 
     def __post_init__(self) -> None:
         self.train = BlendedWindows(self.manifest, "train", self.seq_len)
-        self.validation = (
-            BlendedWindows(self.manifest, "validation", self.seq_len) if "validation" in self.manifest.splits else None
-        )
+
+    @cached_property
+    def validation(self) -> BlendedWindows:
+        """Opened on first use, so a run with train.eval_every=0 needs no usable validation split."""
+        if "validation" not in self.manifest.splits:
+            raise TrainingError(f"{self.manifest.root}/manifest.json has no validation split: set train.eval_every=0")
+        return BlendedWindows(self.manifest, "validation", self.seq_len)
 
     def train_loader(self, first_sample: int, n_steps: int, per_step: int, rank: int, world: int,
                      micro_batch: int, pin_memory: bool = False) -> DataLoader:
@@ -246,8 +250,6 @@ class TrainData:
 
     def eval_batches(self, n_sequences: int, rank: int, world: int, micro_batch: int) -> tuple[list[dict], int]:
         """This rank's collated validation micro-batches (a fixed set) and the forward passes per rank."""
-        if self.validation is None:
-            raise TrainingError(f"{self.manifest.root}/manifest.json has no validation split: set train.eval_every=0")
         index_batches, n_forward = eval_index_batches(n_sequences, rank, world, micro_batch)
         batches = [collate([self.validation[i] for i in idx], self.packing) for idx in index_batches]
         return batches, n_forward

@@ -118,6 +118,8 @@ class MetricsLogger:
                           resume="allow", dir=str(out_dir), config=cfg.model_dump(mode="json"))
 
     def _emit(self, record: dict[str, Any]) -> None:
+        # strict JSON: a non-finite loss or grad norm is null (the step says skipped / the log says why)
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.run is not None:
@@ -146,8 +148,7 @@ class MetricsLogger:
             "mfu": mfu, "mem_gb": mem_gb, "eta_s": mean_step * (self.total - step),
         }
         self._emit(record)
-        status = f"loss {loss:.4f}"
-        self.progress.update(self.task, completed=step, status=status)
+        self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}")
         if step % self.log_every == 0 or step == self.total:
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "-"
             parts = [f"step {step}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.3e}", f"gnorm {gn}",

@@ -151,8 +151,7 @@ class Trainer:
             self.ckpt.ensure_universal(resume_dir)
         self.ds_config = build_ds_config(t, self.env.world_size, self.env.on_cuda, load_universal=universal)
         self.model = build_model(cfg, self.env.device)
-        self.engine = build_engine(self.model, cfg, self.ds_config)
-        self.model.rope.reset_parameters()  # keep RoPE frequencies in fp32 whatever DeepSpeed cast
+        self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
         if resume_dir is None:

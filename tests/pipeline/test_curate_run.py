@@ -89,7 +89,8 @@ def test_datatrove_dataset_reads_the_shards(curated: Path) -> None:
     m = load_manifest(curated)
     folder = m.source_folders("train")["code"]
     ds = DatatroveFolderDataset(str(folder), seq_len=64, token_size=m.token_size, return_positions=True)
-    assert len(ds) == m.splits["train"].sources[0].tokens // 65
+    code = next(s for s in m.splits["train"].sources if s.name == "code")
+    assert len(ds) == sum(shard.tokens // 65 for shard in code.shards)  # windows of seq_len + 1 per file
     item = ds[3]
     ids, pos = item["input_ids"], item["positions"]
     assert ids.shape == pos.shape == (65,)
