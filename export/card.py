@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from config.schema import RunConfig, save_run_config
+from export.loading import RUN_CONFIG_NAME
 from export.measure import file_bytes
 from model.sizing import count_params
 from model.weights import atomic_write_bytes, atomic_write_json
@@ -29,7 +30,7 @@ def write_card(out_dir: str | Path, *, fmt: str, what: str, source: str | Path, 
     """Write README.md, run_config.yaml and export_report.json into `out_dir`."""
     out = Path(out_dir)
     cfg = run_cfg.model
-    save_run_config(run_cfg, out / "run_config.yaml")
+    save_run_config(run_cfg, out / RUN_CONFIG_NAME)
     report = {
         "format": fmt,
         "source": str(source),

@@ -1,10 +1,11 @@
 """ONNX graphs of the reference path: prefill (tokens -> logits + cache) and one decode step.
 
 Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript, torch 2.13). It exports the
-SSD scan's einsums, cumsum and masked segsum as ordinary ONNX ops, keeps batch and sequence
-symbolic, and refuses (instead of silently baking in) any Python branch on a symbolic size. The
-legacy TorchScript tracer records such branches for the example length only (e.g. the chunk
-padding in `model.ssd.ssd_chunked`), so a graph traced at one prompt length is wrong at another.
+SSD scan's einsums, cumsum and masked segsum as ordinary ONNX ops, functionalizes the in-place
+state writes, keeps batch and sequence symbolic, and refuses (instead of silently baking in) any
+Python branch on a symbolic size. The legacy TorchScript exporter fails here (`aten::copy`, the
+state writes, is unsupported at opset 20) and would record such branches for the example length
+only (e.g. the chunk padding in `model.ssd.ssd_chunked`).
 
 Why prompt lengths are multiples of the chunk size: `ssd_chunked` pads the sequence to whole
 chunks behind an `if pad:` branch. Declaring the sequence axis as `chunk_size * n` lets torch.export

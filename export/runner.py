@@ -35,7 +35,7 @@ def sample_prompts(model: HybridLM, length: int, seed: int = 0) -> list[list[int
     return [torch.randint(4, hi, (n,), generator=gen).tolist() for n in (length, length // 2 + 1)]
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+def _copy_side_files(src: Path, out: Path) -> None:
     for name in (TOKENIZER_JSON, TOKENIZER_MODEL, "meta.json"):
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
@@ -194,7 +194,7 @@ def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, devic
         numbers["decode tokens/s, float"] = decode_tokens_per_s(model, exp.parity_tokens, exp.throughput_new_tokens)
     quantized = quantize_model(copy.deepcopy(model), method, exp.quant_group_size, device)
     save_quantized(quantized, method, exp.quant_group_size, out)  # before any forward: see save_quantized
-    _copy_tokenizer(bundle.folder, out)
+    _copy_side_files(bundle.folder, out)
     del quantized
     reloaded = load_quantized(out, device)
     float_size = (bundle.folder / WEIGHTS_NAME).stat().st_size

@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 
 from export import ExportError  # noqa: E402
+from export.hf import check_exportable  # noqa: E402
 from export.loading import (  # noqa: E402
     checkpoint_model_config, cli_errors, load_checkpoint, pick_device, pick_dtype, resolve_run_config,
 )
-from export.quantize import is_quantized_folder  # noqa: E402
+from export.quantize import check_runnable, is_quantized_folder, resolve_method  # noqa: E402
 
 FORMATS = ("hf", "onnx", "int8", "nf4", "int4")
 
@@ -70,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     run_cfg = resolve_run_config(model_cfg, source, args.config, overrides)
     out = args.output or Path(run_cfg.export.output_dir)
 
-    from export import runner  # heavy imports (transformers, onnx) after the argument checks
-
     if args.import_hf:
         if args.format:
             raise ExportError("--import-hf writes a bundle; drop --format")
+        from export import runner  # heavy imports (transformers, onnx) only once the arguments are checked
+
         numbers = runner.run_import_hf(args.import_hf, run_cfg, out)
         print(json.dumps({"output": str(out), "numbers": numbers}, indent=2, default=str))
         return 0
@@ -83,14 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError(f"{args.checkpoint} is already quantized: export from the float checkpoint")
     device = pick_device(run_cfg.export.device)
     if "hf" in formats:
-        from export.hf import check_exportable
-
         check_exportable(model_cfg)
-    for fmt in formats:
-        if fmt in ("int8", "nf4", "int4"):
-            from export.quantize import check_runnable, resolve_method
+    for fmt in set(formats) & {"int8", "nf4", "int4"}:
+        check_runnable(resolve_method(fmt, run_cfg.export.int8_backend), device)
+    from export import runner
 
-            check_runnable(resolve_method(fmt, run_cfg.export.int8_backend), device)
     report = {}
     for fmt in formats:
         target = out / fmt if len(formats) > 1 else out

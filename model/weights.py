@@ -20,6 +20,9 @@ from model.config import ModelConfig
 from model.hybrid import HybridLM
 
 WEIGHTS_NAME = "model.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 CONFIG_NAME = "config.json"
 
 
@@ -32,6 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are for everyone the umask allows
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -52,6 +56,7 @@ def save_weights(model: HybridLM, folder: str | Path, metadata: dict[str, str] |
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})

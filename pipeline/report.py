@@ -38,8 +38,8 @@ def step_summary(stat: Stats) -> dict[str, Any]:
     """in/out/removed (with reasons) for filters and dedup filters; documents for readers/writers."""
     s = stat.stats
     out: dict[str, Any] = {"step": stat.name, "seconds": round(stat.time_stats.total, 3)}
-    if "doc_len" in s and "total" not in s:  # a reader: documents produced
-        out["out"] = s["doc_len"].n
+    if "doc_len" in s and "total" not in s:  # a reader: documents and characters produced
+        out["out"], out["characters"] = s["doc_len"].n, int(s["doc_len"].total)
     if "total" in s:
         out["in"] = _count(stat, "total")
         out["out"] = _count(stat, "forwarded") if "forwarded" in s or "dropped" in s else out["in"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,7 @@ class MetricsLogger:
         import wandb  # lazy: only when enabled
 
         id_file = out_dir / "wandb_run_id"  # one wandb run across resumes
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         w = cfg.train.wandb
         return wandb.init(project=w.project, entity=w.entity, name=w.name or out_dir.name, mode=w.mode, id=run_id,

@@ -119,9 +119,10 @@ def test_killed_run_resumes_to_identical_output(small_recipe: dict, curated: Pat
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its pool workers, mid-pipeline
     proc.wait()
     assert not (out / "manifest.json").exists()
-    # also lose a finished task of an earlier stage, as if its node had died before syncing
-    (out / "work" / "logs" / "prepare.code" / "completions" / "00001").unlink()
-    shutil.rmtree(out / "work" / "filtered" / "code")
+    # also lose a finished task of an earlier stage (marker and output), as if its node had died
+    (out / "work" / "logs" / "exact.filter" / "completions" / "00001").unlink()
+    for f in (out / "work" / "exact_deduped").glob("*/00001.jsonl"):
+        f.unlink()
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Skipping" in resumed.stderr  # completed tasks were not run again
