@@ -194,7 +194,8 @@ class TokenizerConfig(StrictModel):
     """Train a sentencepiece BPE (byte fallback, <pad>=0 <s>=1 </s>=2 <unk>=3) or reuse one."""
 
     path: str | None = Field(
-        None, description="Reuse this tokenizer.model (a tokenizer.json beside it is converted if absent)."
+        None, description="Reuse this sentencepiece .model (trained with these settings); tokenizer.json is "
+        "regenerated from it.",
     )
     vocab_size: int = Field(32000, ge=300, le=2**32)
     sample_docs: int = Field(200000, ge=1, description="Curated training documents sampled for training.")

@@ -97,7 +97,7 @@ def lm_eval_passages(names: list[str], include_path: str | None, include_default
                         query = str(task.doc_to_text(doc))
                         out += [EvalPassage(task_name, gold, query) for gold in _gold_texts(task, doc)]
     finally:
-        for lg, level in zip(quiet, levels):
+        for lg, level in zip(quiet, levels, strict=True):
             lg.setLevel(level)
     return out
 

@@ -54,10 +54,11 @@ def build_executors(kind: ExecutorKind, stages: list[Stage], layout: Layout, clu
     return executors
 
 
-def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], names: list[str], cluster: ClusterConfig) -> None:
+def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], names: list[str],
+                  cluster: ClusterConfig) -> None:
     """Run locally stage by stage, or submit the chained Slurm/Ray stages."""
     if kind == "local":
-        for i, (name, ex) in enumerate(zip(names, executors), 1):
+        for i, (name, ex) in enumerate(zip(names, executors, strict=True), 1):
             logger.info(f"stage {i}/{len(executors)}: {name} ({ex.world_size} tasks)")
             ex.run()
         return
@@ -69,6 +70,8 @@ def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], names: 
                 ray.init(address=cluster.ray.address)
         executors[-1].run()
     except ImportError as exc:
-        raise CurationError(f"--executor {kind} needs its client library: {exc} (pip install 'datatrove[{kind}]')") from None
+        raise CurationError(
+            f"--executor {kind} needs its client library: {exc} (pip install 'datatrove[{kind}]')") from None
     except FileNotFoundError as exc:
-        raise CurationError(f"--executor {kind}: {exc.filename or exc} not found; submit from a {kind} login node") from None
+        raise CurationError(
+            f"--executor {kind}: {exc.filename or exc} not found; submit from a {kind} login node") from None

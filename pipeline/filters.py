@@ -9,7 +9,12 @@ datatrove's `LanguageFilter` downloads a fastText model at run time, so language
 from __future__ import annotations
 
 from datatrove.data import Document
-from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+)
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from config.recipe import FiltersConfig, SourceConfig

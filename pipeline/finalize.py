@@ -21,8 +21,8 @@ from config.recipe import RecipeConfig
 from pipeline.layout import Layout
 from pipeline.manifest import FORMAT_VERSION, Manifest, dtype_for_vocab, sha256_of
 from pipeline.report import build_report, format_report
-from pipeline.spm_tokenizer import JSON_NAME, MODEL_NAME, SPECIAL_PIECES
 from pipeline.splits import SPLITS
+from pipeline.spm_tokenizer import JSON_NAME, MODEL_NAME, SPECIAL_PIECES
 
 
 def publish(merged: Path, final: Path) -> None:

@@ -41,8 +41,9 @@ class Layout:
     def logs(self, stage: str) -> Path:
         return self.work / "logs" / stage
 
-    def filtered(self, source: str = "") -> Path:
-        return self.work / "filtered" / source
+    @property
+    def filtered(self) -> Path:
+        return self.work / "filtered"
 
     @property
     def exact_deduped(self) -> Path:

@@ -64,7 +64,8 @@ class SplitEntry(StrictModel):
 
     @model_validator(mode="after")
     def _totals(self) -> "SplitEntry":
-        if sum(s.tokens for s in self.sources) != self.tokens or sum(s.documents for s in self.sources) != self.documents:
+        sources = self.sources
+        if sum(s.tokens for s in sources) != self.tokens or sum(s.documents for s in sources) != self.documents:
             raise ValueError("split tokens/documents differ from the sum over its sources")
         return self
 
@@ -137,7 +138,8 @@ class Manifest(StrictModel):
     def verify(self, checksums: bool = True) -> None:
         """ManifestError unless every listed file exists with the listed size (and sha256 if `checksums`)."""
         rerun = "re-run pipeline/curate.py to regenerate it"
-        files = [(self.tokenizer.model, None, self.tokenizer.sha256), (self.tokenizer.json_path, None, self.tokenizer.json_sha256)]
+        tok = self.tokenizer
+        files = [(tok.model, None, tok.sha256), (tok.json_path, None, tok.json_sha256)]
         for shard in self.shards():
             files += [(shard.path, shard.bytes, shard.sha256), (shard.index, 8 * shard.documents, shard.index_sha256)]
         for rel, size, digest in files:
@@ -169,11 +171,13 @@ def load_manifest(path: str | Path) -> Manifest:
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
-        raise ManifestError(f"manifest {path} not found: run `python pipeline/curate.py --recipe NAME --output DIR` first")
+        raise ManifestError(
+            f"manifest {path} not found: run `python pipeline/curate.py --recipe NAME --output DIR` first")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"manifest {path} is not valid JSON (line {exc.lineno}: {exc.msg}); re-run curation") from None
+        raise ManifestError(
+            f"manifest {path} is not valid JSON (line {exc.lineno}: {exc.msg}); re-run curation") from None
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:

@@ -12,7 +12,7 @@ from pipeline.decont import build_index
 from pipeline.errors import CurationError
 from pipeline.layout import Layout
 from pipeline.sources import check_source
-from pipeline.spm_tokenizer import check_special_ids
+from pipeline.spm_tokenizer import check_model
 from pipeline.stages import decont_active
 
 
@@ -27,10 +27,10 @@ def resolve_tokenizer(recipe: RecipeConfig, base_dir: Path) -> str | None:
     import sentencepiece as spm
 
     try:
-        check_special_ids(path)
-        vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except (RuntimeError, ValueError) as exc:
-        raise CurationError(f"tokenizer.path {path}: {str(exc).splitlines()[0]}") from None
+        check_model(path)
+    except ValueError as exc:
+        raise CurationError(f"tokenizer.path: {exc}") from None
+    vocab = spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
     if vocab != recipe.tokenizer.vocab_size:
         raise CurationError(f"tokenizer.path {path} has {vocab} pieces but tokenizer.vocab_size is "
                             f"{recipe.tokenizer.vocab_size}: make them agree")

@@ -47,7 +47,8 @@ def step_summary(stat: Stats) -> dict[str, Any]:
         out["removed"] = _count(stat, "dropped")
         out["reasons"] = {k.removeprefix("dropped_"): int(v.total) for k, v in sorted(s.items())
                           if k.startswith("dropped_")}
-    extra = {k: int(v.total) for k, v in s.items() if k.startswith("contaminated_") or k in ("tokens", "train", "validation")}
+    extra = {k: int(v.total) for k, v in s.items()
+             if k.startswith("contaminated_") or k in ("tokens", "train", "validation")}
     return out | extra
 
 
@@ -93,20 +94,22 @@ def build_report(layout: Layout, stage_names: list[str], manifest: dict[str, Any
         "decontamination": {"removed": sum(s.get("removed", 0) for s in decont_steps),
                             "by_task": {k.removeprefix("contaminated_"): v for s in decont_steps
                                         for k, v in s.items() if k.startswith("contaminated_")}},
-        "totals": {split: {"documents": e["documents"], "tokens": e["tokens"]} for split, e in manifest["splits"].items()},
+        "totals": {split: {"documents": e["documents"], "tokens": e["tokens"]}
+                   for split, e in manifest["splits"].items()},
     }
 
 
 def format_report(report: dict[str, Any]) -> str:
     """Two plain-text tables: steps (in/out/why removed), then documents and tokens per source."""
-    lines = [f"{'stage':<26}{'step':<34}{'in':>10}{'out':>10}{'removed':>9}  reasons"]
+    lines = [f"{'stage':<28}{'step':<34}{'in':>10}{'out':>10}{'removed':>9}  reasons"]
     for stage in report["stages"]:
         for step in stage["steps"]:
             if "in" not in step and "out" not in step:
                 continue
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(step.get("reasons", {}).items(), key=lambda kv: -kv[1])[:4])
+            top = sorted(step.get("reasons", {}).items(), key=lambda kv: -kv[1])[:4]
+            reasons = ", ".join(f"{k}={v}" for k, v in top)
             name = step["step"].split(": ", 1)[-1].encode("ascii", "ignore").decode().strip()
-            lines.append(f"{stage['stage']:<26}{name[:33]:<34}{step.get('in', ''):>10}{step.get('out', ''):>10}"
+            lines.append(f"{stage['stage']:<28}{name[:33]:<34}{step.get('in', ''):>10}{step.get('out', ''):>10}"
                          f"{step.get('removed', ''):>9}  {reasons}")
     cols = ["read", "after_filters", "after_exact_dedup", "train_documents", "validation_documents",
             "train_tokens", "validation_tokens"]

@@ -38,7 +38,7 @@ from pipeline.errors import CurationError
 DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "folder": "**/*.txt", "stdlib_source": "**/*.py"}
 # Modules whose import opens a browser/GUI, prints, or is platform-specific: never rendered by pydoc.
 PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip",
-                        "msilib", "msvcrt", "nt", "winreg", "winsound", "_winapi"})
+                        "msilib", "msvcrt", "nt", "winreg", "winsound"})
 
 
 def stdlib_dir() -> Path:
@@ -75,7 +75,8 @@ class TextFileReader(BaseDiskReader):
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if d not in self.exclude and not d.startswith("."))
             rel = Path(folder).relative_to(root)
-            found += [str(rel / f) for f in files if f not in self.exclude and _matches(str(rel / f), self.glob_pattern)]
+            found += [str(rel / f) for f in files
+                      if f not in self.exclude and _matches(str(rel / f), self.glob_pattern)]
         return sorted(found)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
@@ -93,6 +94,13 @@ class TextFileReader(BaseDiskReader):
             yield doc
 
 
+# PydocReader renders in a fresh interpreter with a fixed hash seed: set/dict reprs in the DATA sections
+# then come out the same on every run, and module imports cannot touch the task process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|(?<=, handle )[0-9a-f]{6,}")
+_RENDER = ("import json, sys\nfrom pipeline.sources import render_pydoc\n"
+           "for name in sys.argv[1:]:\n    print(json.dumps([name, render_pydoc(name)]), flush=True)")
+
+
 def render_pydoc(name: str) -> str | None:
     """pydoc plain text of one module (None if it cannot be imported here), memory addresses removed."""
     import importlib
@@ -103,13 +111,6 @@ def render_pydoc(name: str) -> str | None:
             return _ADDRESS.sub("", pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext))
     except (Exception, SystemExit):  # platform-specific or broken module: not part of this machine's docs
         return None
-
-
-# Rendering runs in a fresh interpreter with a fixed hash seed: set/dict reprs in the DATA sections
-# then come out the same on every run, and module imports cannot touch the task process.
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+|(?<=, handle )[0-9a-f]{6,}")
-_RENDER = ("import json, sys\nfrom pipeline.sources import render_pydoc\n"
-           "for name in sys.argv[1:]:\n    print(json.dumps([name, render_pydoc(name)]), flush=True)")
 
 
 class PydocReader(BaseReader):
@@ -170,23 +171,19 @@ def local_path(source: SourceConfig, base_dir: Path) -> Path:
 
 
 def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: str | None) -> BaseReader:
-    """The datatrove reader of one source; `limit` is spread over the tasks (datatrove's is per task)."""
-    common: dict[str, Any] = {
-        "limit": -(-source.limit // tasks) if source.limit else -1,
-        "text_key": source.text_key,
-        "id_key": source.id_key,
-        "default_metadata": {"source": source.name},
-    }
+    """The datatrove reader of one source. datatrove's `limit` is per task: the recipe's total `limit`
+    is split over the tasks that get input (file sources: at most one task per file)."""
+    common: dict[str, Any] = {"text_key": source.text_key, "id_key": source.id_key,
+                              "default_metadata": {"source": source.name}}
     adapter = partial(_adapt, mapping=source.metadata)
     if source.type in ("jsonl", "parquet"):
         path = local_path(source, base_dir)
         folder, glob = (path.parent, path.name) if path.is_file() else (path, source.glob or DEFAULT_GLOBS[source.type])
         cls = JsonlReader if source.type == "jsonl" else ParquetReader
         reader = cls(str(folder), glob_pattern=glob, adapter=adapter, **common)
-        if source.type == "jsonl":
-            reader.add_file_path = False
-        return reader
-    if source.type == "hf":
+        reader.add_file_path = False  # ids already name the file; absolute paths would bloat work/
+        files = len(reader.data_folder.list_files(glob_pattern=glob))
+    elif source.type == "hf":
         options = {"split": source.split}
         if source.hub_config:
             options["name"] = source.hub_config
@@ -194,13 +191,19 @@ def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: st
             options["data_dir"] = source.hub_data_dir
         if source.revision and not data_root:
             options["revision"] = source.revision
-        return HuggingFaceDatasetReader(hub_location(source, data_root), dataset_options=options, streaming=True,
-                                        adapter=adapter, **common)
-    if source.type == "pydoc":
-        return PydocReader(exclude=source.exclude, **common)
-    root = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
-    reader = TextFileReader(str(root), source.glob or DEFAULT_GLOBS[source.type], source.exclude, **common)
-    reader.adapter = MethodType(adapter, reader)
+        reader = HuggingFaceDatasetReader(hub_location(source, data_root), dataset_options=options, streaming=True,
+                                          adapter=adapter, **common)
+        files = tasks
+    elif source.type == "pydoc":
+        reader = PydocReader(exclude=source.exclude, **common)
+        files = tasks
+    else:
+        root = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
+        reader = TextFileReader(str(root), source.glob or DEFAULT_GLOBS[source.type], source.exclude, **common)
+        reader.adapter = MethodType(adapter, reader)
+        files = len(reader.list_files())
+    if source.limit:
+        reader.limit = -(-source.limit // max(1, min(tasks, files)))
     return reader
 
 

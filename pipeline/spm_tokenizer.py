@@ -61,15 +61,13 @@ def _strip_run_details(model_file: Path) -> Path:
 
 
 def spm_to_hf(model_file: Path):
-    """tokenizers.Tokenizer giving the same ids as the sentencepiece BPE model (see module docstring)."""
+    """tokenizers.Tokenizer giving the same ids as the sentencepiece model (one that passes `check_model`)."""
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
     from transformers.convert_slow_tokenizer import generate_merges
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-        raise ValueError(f"{model_file} is not a BPE sentencepiece model")
     unk, control, user = (sentencepiece_model_pb2.ModelProto.SentencePiece.Type.Value(t)
                           for t in ("UNKNOWN", "CONTROL", "USER_DEFINED"))
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
@@ -94,15 +92,29 @@ def load_hf_tokenizer(path: str | Path):
     return tok
 
 
-def check_special_ids(model_file: Path) -> None:
-    """ValueError unless the model has <pad>=0 <s>=1 </s>=2 <unk>=3 (the data contract)."""
-    import sentencepiece as spm
+def check_model(model_file: Path) -> None:
+    """ValueError unless the model is one `spm_to_hf` converts exactly: BPE with byte fallback, identity
+    normalization, whitespace kept, and <pad>=0 <s>=1 </s>=2 <unk>=3 (the data contract)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    got = {"pad": sp.pad_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
-    want = {k: i for k, (i, _) in SPECIAL_PIECES.items()}
-    if got != want:
-        raise ValueError(f"tokenizer {model_file} has special ids {got}, the data contract needs {want}")
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(Path(model_file).read_bytes())
+    except Exception:  # protobuf's DecodeError has no stable import path
+        raise ValueError(f"{model_file} is not a sentencepiece model") from None
+    norm, spec = proto.normalizer_spec, proto.trainer_spec
+    ids = {p: i for i, p in enumerate(x.piece for x in proto.pieces[:4])}
+    wanted = {
+        "model_type BPE": spec.model_type == pb.TrainerSpec.BPE,
+        "byte_fallback": spec.byte_fallback,
+        "identity normalization": norm.name == "identity" and not norm.precompiled_charsmap,
+        "add_dummy_prefix off": not norm.add_dummy_prefix,
+        "remove_extra_whitespaces off": not norm.remove_extra_whitespaces,
+        "<pad>=0 <s>=1 </s>=2 <unk>=3": ids == {p: i for _, (i, p) in SPECIAL_PIECES.items()},
+    }
+    missing = [k for k, ok in wanted.items() if not ok]
+    if missing:
+        raise ValueError(f"{model_file} lacks {', '.join(missing)} (train it with pipeline/spm_tokenizer.py settings)")
 
 
 def subsample_lines(src: Path, dst: Path, max_lines: int, seed: int) -> int:
@@ -170,10 +182,9 @@ class TokenizerStep(PipelineStep):
                 docs, lines = self.work_dir / "sample_docs.txt", self.work_dir / "sample_lines.txt"
                 self.stat_update("sample_docs", value=write_training_sample(
                     self.curated_train, self.weights, self.cfg.sample_docs, self.seed, docs))
-                self.stat_update("sample_lines", value=subsample_lines(docs, lines, self.cfg.input_sentence_size, self.seed))
+                kept = subsample_lines(docs, lines, self.cfg.input_sentence_size, self.seed)
+                self.stat_update("sample_lines", value=kept)
                 model = train_sentencepiece(lines, self.work_dir / "spm", self.cfg)
-            check_special_ids(model)
-            beside = model.with_name(JSON_NAME)
-            hf_json = beside.read_text() if self.reuse and beside.is_file() else spm_to_hf(model).to_str(pretty=True)
-            atomic_write_bytes(self.out_dir / JSON_NAME, hf_json.encode())
+            check_model(model)
+            atomic_write_bytes(self.out_dir / JSON_NAME, spm_to_hf(model).to_str(pretty=True).encode())
             atomic_write_bytes(self.out_dir / MODEL_NAME, model.read_bytes())

@@ -37,10 +37,11 @@ from config.recipe import RecipeConfig
 from pipeline.decont import decont_filter
 from pipeline.dedup import exact_config, minhash_config
 from pipeline.filters import build_filters
+from pipeline.finalize import FinalizeStep
 from pipeline.layout import Layout, WorkReader, work_writer
 from pipeline.sources import build_reader
-from pipeline.spm_tokenizer import JSON_NAME, SPECIAL_PIECES, TokenizerStep
 from pipeline.splits import SPLITS, SplitAssigner
+from pipeline.spm_tokenizer import JSON_NAME, SPECIAL_PIECES, TokenizerStep
 from pipeline.wordtok import WORD_TOKENIZER
 
 EOS_PIECE = SPECIAL_PIECES["eos"][1]
@@ -71,16 +72,14 @@ def decont_active(recipe: RecipeConfig) -> bool:
 def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root: str | None,
                  tokenizer_path: str | None) -> list[Stage]:
     """Every stage of the run, in dependency order (each stage depends on all before it)."""
-    from pipeline.finalize import FinalizeStep
-
     tasks, seed = recipe.cluster.tasks, recipe.output.seed
     stages = [
         Stage(f"prepare.{s.name}",
               [build_reader(s, base_dir, tasks, data_root), *build_filters(recipe.filters, s),
-               work_writer(layout.filtered())], tasks)
+               work_writer(layout.filtered)], tasks)
         for s in recipe.sources
     ]
-    current = layout.filtered()
+    current = layout.filtered
 
     if recipe.dedup.exact:
         sigs, dups, cfg = layout.dedup("exact", "signatures"), layout.dedup("exact", "duplicates"), exact_config()
@@ -114,6 +113,11 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
                                                     str(layout.tokenizer_work), str(layout.tokenizer_dir),
                                                     weights, seed)], 1))
     budget = recipe.output.total_tokens
+
+    def train_budget(source: str) -> int:
+        """The source's share of output.total_tokens (-1: keep everything)."""
+        return round(budget * weights[source]) if budget else -1
+
     for split in SPLITS:
         for s in recipe.sources:
             tokenized, merged = layout.tokenized(split, s.name), layout.merged(split, s.name)
@@ -125,7 +129,7 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
                 Stage(f"merge.{split}.{s.name}",
                       [DocumentTokenizerMerger(str(tokenized), str(merged), save_filename=s.name,
                                                max_tokens_per_file=recipe.output.shard_tokens,
-                                               max_tokens=round(budget * weights[s.name]) if budget and split == "train" else -1,
+                                               max_tokens=train_budget(s.name) if split == "train" else -1,
                                                seed=seed, progress=False)], 1),
             ]
     names = [st.name for st in stages]

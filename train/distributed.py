@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
@@ -97,6 +98,8 @@ def configure_logging(rank: int) -> None:
     own INFO chatter off."""
     from deepspeed.utils import logger as ds_logger
 
+    # torch's own collectives, called by DeepSpeed, warn about their deprecated names on every call
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
@@ -105,7 +108,8 @@ def configure_logging(rank: int) -> None:
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        cuda = torch.cuda.is_available()
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if cuda else None)
 
 
 class StopSignal:

@@ -68,8 +68,13 @@ def keep_steps_upto(path: Path, last_step: int) -> None:
 
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a crash mid-write
     atomic_write_bytes(path, "".join(kept).encode())
 
 

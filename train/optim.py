@@ -23,6 +23,7 @@ import math
 from typing import Callable
 
 import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from config.sections import TrainConfig
 
@@ -61,3 +62,13 @@ def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
         return floor + (1 - floor) * (1 - math.sqrt(q))
 
     return multiplier
+
+
+def follow_current_config(scheduler: LambdaLR, cfg: TrainConfig) -> None:
+    """After a resume: keep the restored step count but take the peak lr and the schedule from the
+    current config (a checkpoint restores the old peak and the old lr of the next step)."""
+    scheduler.base_lrs = [cfg.lr] * len(scheduler.base_lrs)
+    lr = cfg.lr * lr_multiplier(cfg)(scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["lr"] = lr
+    scheduler._last_lr = [lr] * len(scheduler.base_lrs)

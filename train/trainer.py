@@ -41,7 +41,7 @@ from train.distributed import DistEnv, StopSignal, barrier, init_distributed
 from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
 from train.errors import TrainingError
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
-from train.optim import lr_multiplier, param_groups
+from train.optim import follow_current_config, lr_multiplier, param_groups
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "seq_idx")
@@ -159,6 +159,7 @@ class Trainer:
         else:
             loaded = self.ckpt.load(self.engine, resume_dir, universal, t.seed)
             self._check_resume(loaded, fresh, resume_dir)
+            follow_current_config(self.engine.lr_scheduler, t)
             self.state = replace(loaded, world_size=fresh.world_size, zero_stage=stage)
 
     def _check_resume(self, loaded: TrainerState, fresh: TrainerState, folder: Path) -> None:
@@ -178,8 +179,8 @@ class Trainer:
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
             f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}, {t.precision}, "
-            f"micro-batch {t.micro_batch_size} x {t.seq_len}, accumulation {self.accumulation}, "
-            f"{t.global_batch_tokens} tokens/step",
+            f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
+            f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step",
             f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}",
             f"start: step {self.state.step}/{t.max_steps}, sample {self.state.consumed_samples}, output {self.out}",
         ])
@@ -188,16 +189,15 @@ class Trainer:
     def evaluate(self, batches: list[dict], n_forward: int) -> tuple[float, dict[str, float]]:
         """Mean validation NLL over all ranks' targets, overall and per source."""
         names = self.data.validation.source_names
-        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=self.env.device)
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=self.env.device)  # nll, n, per source
         self.engine.eval()
         with torch.no_grad():
             for i in range(n_forward):  # the same count on every rank (ZeRO-3 gathers collectively)
-                real = i < len(batches)
-                batch = to_device(batches[i] if real else batches[0], self.env.device) if batches else {
-                    "input_ids": torch.zeros(1, self.cfg.train.seq_len, dtype=torch.long, device=self.env.device)}
-                if not real:
-                    self.engine(batch["input_ids"])
+                if i >= len(batches):  # this rank holds fewer sequences: a forward pass for the collectives only
+                    ids = batches[0]["input_ids"] if batches else torch.zeros(1, self.cfg.train.seq_len, dtype=torch.long)
+                    self.engine(ids.to(self.env.device))
                     continue
+                batch = to_device(batches[i], self.env.device)
                 nll = forward_nll(self.engine, batch).double()
                 scored = (batch["labels"] != IGNORE_INDEX).double()
                 source = batches[i]["source"].to(self.env.device)
@@ -211,62 +211,70 @@ class Trainer:
         return sums[0] / max(sums[1], 1.0), per_source
 
     # ---- training ----------------------------------------------------------------------------------
+    def step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool, list[int]]:
+        """One optimizer step over this rank's micro-batches (steps 2-4 of the module doc).
+        Returns (mean loss over all ranks, stop requested on any rank, ranks with a non-finite loss)."""
+        env = self.env
+        scored = sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double().reshape(1)
+        n_scored = max(float(all_reduce_sum(scored).item()), 1.0)
+        scale = env.world_size * self.accumulation / n_scored
+        nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
+        for m in micro:
+            nll = forward_nll(self.engine, m).sum()
+            nll_local += nll.detach().double()
+            self.engine.backward(nll * scale)
+            self.engine.step()
+        stats = torch.zeros(2 + env.world_size, dtype=torch.float64, device=env.device)
+        stats[0] = nll_local
+        stats[1] = float(self.stop.requested)
+        stats[2 + env.rank] = float(not torch.isfinite(nll_local))
+        stats = all_reduce_sum(stats).tolist()
+        return stats[0] / n_scored, stats[1] > 0, [r for r in range(env.world_size) if stats[2 + r]]
+
     def train(self) -> None:
         t, env, state = self.cfg.train, self.env, self.state
         per_step = t.global_batch_sequences
         loader = self.data.train_loader(state.consumed_samples, t.max_steps - state.step, per_step,
                                         env.rank, env.world_size, t.micro_batch_size, pin_memory=env.on_cuda)
-        eval_set = self.data.eval_batches(t.eval_sequences, env.rank, env.world_size, t.micro_batch_size) \
-            if t.eval_every else None
+        eval_set = None
+        if t.eval_every:
+            eval_set = self.data.eval_batches(t.eval_sequences, env.rank, env.world_size, t.micro_batch_size)
+            if self.data.validation.skipped:
+                log.warning("validation sources with no window of %d tokens, left out: %s",
+                            t.seq_len + 1, ", ".join(self.data.validation.skipped))
         metrics = MetricsLogger(self.cfg, self.out, env.is_main, state.step,
                                 train_flops_per_token(self.cfg.model, t.seq_len),
                                 device_peak_flops(env.device, t.peak_tflops), env.world_size)
         metrics.print(self.summary())
-        warned_epoch: set[str] = set()
+        repeating: set[str] = set()
         batches = iter(loader)
         try:
             while state.step < t.max_steps:
                 start = time.perf_counter()
                 lr = float(self.engine.get_lr()[0])
-                micro = [to_device(next(batches), env.device) for _ in range(self.accumulation)]
-                scored = sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double().reshape(1)
-                n_scored = float(all_reduce_sum(scored).item())
-                scale = env.world_size * self.accumulation / max(n_scored, 1.0)
-                nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
-                for m in micro:
-                    nll = forward_nll(self.engine, m).sum()
-                    nll_local += nll.detach().double()
-                    self.engine.backward(nll * scale)
-                    self.engine.step()
+                loss, stopping, bad_ranks = self.step([to_device(next(batches), env.device)
+                                                       for _ in range(self.accumulation)])
                 state.step += 1
                 state.consumed_samples += per_step
                 state.consumed_tokens += per_step * t.seq_len
-                stats = torch.zeros(2 + env.world_size, dtype=torch.float64, device=env.device)
-                stats[0] = nll_local
-                stats[1] = float(self.stop.requested)
-                stats[2 + env.rank] = float(not torch.isfinite(nll_local))
-                stats = all_reduce_sum(stats).tolist()
                 step_time = time.perf_counter() - start
                 skipped = not self.engine.was_step_applied()
-                check_finite(state.step, [r for r in range(env.world_size) if stats[2 + r]], skipped, t.on_nan)
+                check_finite(state.step, bad_ranks, skipped, t.on_nan)
                 grad_norm = self.engine.get_global_grad_norm()
-                metrics.log_step(state.step, stats[0] / max(n_scored, 1.0), lr,
-                                 None if grad_norm is None else float(grad_norm), skipped, state.consumed_tokens,
-                                 per_step * t.seq_len, step_time, memory_gb(env.device))
+                metrics.log_step(state.step, loss, lr, None if grad_norm is None else float(grad_norm), skipped,
+                                 state.consumed_tokens, per_step * t.seq_len, step_time, memory_gb(env.device))
                 for name, epochs in self.data.train.epochs(state.consumed_samples).items():
-                    if epochs > 1 and name not in warned_epoch:
-                        warned_epoch.add(name)
+                    if epochs > 1 and name not in repeating:
+                        repeating.add(name)
                         log.warning("train source '%s' is repeating (epoch %.2f at step %d)", name, epochs, state.step)
                 if eval_set is not None and (state.step % t.eval_every == 0 or state.step == t.max_steps):
                     metrics.log_eval(state.step, *self.evaluate(*eval_set))
-                stopping = stats[1] > 0
                 if stopping or state.step == t.max_steps or (t.save_every and state.step % t.save_every == 0):
-                    folder = self.ckpt.save(self.engine, state, self.cfg)
-                    metrics.print(f"saved {folder}")
+                    metrics.print(f"saved {self.ckpt.save(self.engine, state, self.cfg)}")
                 if stopping:
                     metrics.print(f"stopped by signal after step {state.step}; resume with --resume auto")
                     return
-            if state.step == t.max_steps and not self._final_exported():
+            if not self._final_exported():
                 self.export_final(metrics)
         finally:
             metrics.close()
@@ -293,8 +301,9 @@ def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False) -> None:
     if dry_run:
         if trainer.env.is_main:
             print(trainer.summary(), "\ndry run: everything built, stopping", sep="", flush=True)
-        return
-    trainer.train()
+    else:
+        trainer.train()
+    torch.distributed.destroy_process_group()
 
 
 def export_checkpoint(cfg: RunConfig, which: str, dest: str | None) -> Path:

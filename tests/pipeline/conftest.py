@@ -21,8 +21,9 @@ MIRROR_ID = "test-org/docstrings"
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """python pipeline/curate.py ARGS, as a user runs it (offline: HF_HUB_OFFLINE=1)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "pipeline" / "curate.py"), *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+                          capture_output=True, timeout=timeout, env=env)
 
 
 def stdlib_files(limit: int) -> list[Path]:
@@ -80,8 +81,8 @@ def small_recipe(tmp_path_factory: pytest.TempPathFactory) -> dict:
             {"name": "docs", "type": "hf", "hub_id": MIRROR_ID, "hub_config": "default", "filters": ["language"]},
         ],
         "filters": {"language": {"threshold": 0.5}},
-        "decontamination": {"files": [{"name": "local_passages", "path": str(EMBEDDED / "eval" / "local_passages.jsonl"),
-                                       "query_key": "question"}]},
+        "decontamination": {"files": [{"name": "local_passages", "query_key": "question",
+                                       "path": str(EMBEDDED / "eval" / "local_passages.jsonl")}]},
         "tokenizer": {"vocab_size": 700, "sample_docs": 400, "input_sentence_size": 20000},
         "output": {"shard_tokens": 40000, "validation_fraction": 0.1, "seed": 7},
         "cluster": {"tasks": 2},

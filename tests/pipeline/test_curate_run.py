@@ -49,7 +49,7 @@ def test_manifest_totals_equal_shard_contents(curated: Path) -> None:
     m = load_manifest(curated / "manifest.json")
     m.verify()
     assert m.tokenizer.vocab_size == 700 and m.token_dtype == "uint16" and m.eos_id == 2
-    for split, entry in m.splits.items():
+    for entry in m.splits.values():
         docs = tokens = 0
         for source in entry.sources:
             for shard in source.shards:
@@ -70,13 +70,13 @@ def test_shards_decode_to_the_curated_text(curated: Path) -> None:
     hf = load_hf_tokenizer(m.resolve(m.tokenizer.json_path))
     for split in ("train", "validation"):
         for source in m.splits[split].sources:
-            texts = {json.loads(line)["text"] for f in (curated / "work" / "curated" / split / source.name).glob("*.jsonl")
-                     for line in f.read_text().splitlines()}
+            folder = curated / "work" / "curated" / split / source.name
+            texts = {json.loads(line)["text"] for f in folder.glob("*.jsonl") for line in f.read_text().splitlines()}
             decoded = set()
             for shard in source.shards:
                 ids = np.fromfile(m.resolve(shard.path), dtype=np.uint16).tolist()
                 ends = np.fromfile(m.resolve(shard.index), dtype=np.uint64).tolist()
-                for start, end in zip([0] + ends[:-1], ends):
+                for start, end in zip([0] + ends[:-1], ends, strict=True):
                     doc = ids[start:end - 1]
                     decoded.add(sp.decode(doc))
                     assert hf.decode(doc) == sp.decode(doc)

@@ -16,7 +16,8 @@ from pipeline.errors import CurationError
 from .conftest import EMBEDDED, write_jsonl
 
 PASSAGES = [json.loads(line) for line in (EMBEDDED / "eval" / "local_passages.jsonl").read_text().splitlines()]
-CLEAN = "The museum opens at nine in the morning and closes at six in the evening, except on public holidays when it closes early."
+CLEAN = ("The museum opens at nine in the morning and closes at six in the evening, except on public holidays "
+         "when it closes early.")
 
 
 def kept(cfg: DecontConfig, index: Path, texts: dict[str, str]) -> set[str]:
@@ -60,8 +61,8 @@ def test_lm_eval_tasks_from_local_task_yamls(tmp_path: Path) -> None:
                                               "answer": 0}])
     common = {"dataset_path": "json", "test_split": "test", "metadata": {"version": 1.0}}
     (tmp_path / "gen.yaml").write_text(yaml.safe_dump({
-        "task": "t_gen", **common, "dataset_kwargs": {"data_files": {"test": str(gen)}}, "output_type": "generate_until",
-        "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{answer}}"}))
+        "task": "t_gen", **common, "dataset_kwargs": {"data_files": {"test": str(gen)}},
+        "output_type": "generate_until", "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{answer}}"}))
     (tmp_path / "mc.yaml").write_text(yaml.safe_dump({
         "task": "t_mc", **common, "dataset_kwargs": {"data_files": {"test": str(mc)}}, "output_type": "multiple_choice",
         "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_choice": "choices", "doc_to_target": "answer"}))

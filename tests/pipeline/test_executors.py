@@ -46,9 +46,10 @@ def test_slurm_executors_carry_the_cluster_settings(stages) -> None:
     assert (first.partition, first.time, first.cpus_per_task, first.mem_per_cpu_gb, first.tasks) == (
         "cpu", "20:00:00", 1, 4, 1000)
     assert first.job_name == "curate100b.prepare.fineweb_edu" and first.depends is None
-    assert all(b.depends is a for a, b in zip(executors, executors[1:]))  # one chain: last.run() submits all
+    # one chain: running the last executor submits them all
+    assert all(b.depends is a for a, b in zip(executors, executors[1:], strict=False))
     assert last.tasks == 1 and last.logging_dir.path == str(layout.logs("finalize"))
-    by_name = dict(zip([s.name for s in plan], executors))
+    by_name = dict(zip([s.name for s in plan], executors, strict=True))
     assert (by_name["minhash.cluster"].cpus_per_task, by_name["minhash.cluster"].mem_per_cpu_gb) == (8, 25)
     assert by_name["tokenizer"].cpus_per_task == 32 and by_name["merge.train.code"].mem_per_cpu_gb == 8
     assert by_name["merge.train.code"].time == "20:00:00"

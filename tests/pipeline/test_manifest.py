@@ -65,7 +65,8 @@ def test_paths_are_relative_to_the_manifest_folder(copy: Path, tmp_path: Path) -
     moved = tmp_path / "moved"
     copy.rename(moved)
     m = load_manifest(moved)
-    assert m.root == moved.resolve() and m.source_folders("validation")["code"] == moved.resolve() / "tokens/validation/code"
+    assert m.root == moved.resolve()
+    assert m.source_folders("validation")["code"] == moved.resolve() / "tokens/validation/code"
     m.verify()
 
 

@@ -39,9 +39,10 @@ def test_runs_from_local_mirrors(tmp_path: Path) -> None:
                  **{field: f"{field}-{j}" for field in source.metadata.values()}} for j, r in enumerate(rows[i::8])]
         make_mirror(mirrors, source.hub_id, docs, config=source.hub_config, data_dir=source.hub_data_dir)
     out = tmp_path / "out"
-    proc = run_cli("--recipe", "production_100b", "--output", str(out), "--data-root", str(mirrors), "--limit-docs", "6",
-                   "--set", "tokenizer.vocab_size=400", "--set", "decontamination.lm_eval_tasks=[]",
-                   "--set", "cluster.tasks=1", "--set", "output.validation_fraction=0.2", timeout=400)
+    proc = run_cli("--recipe", "production_100b", "--output", str(out), "--data-root", str(mirrors),
+                   "--limit-docs", "6", "--set", "tokenizer.vocab_size=400",
+                   "--set", "decontamination.lm_eval_tasks=[]", "--set", "cluster.tasks=1",
+                   "--set", "output.validation_fraction=0.2", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert {s: r["read"] for s, r in report["sources"].items()} == {s.name: 6 for s in recipe.sources}

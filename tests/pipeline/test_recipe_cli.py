@@ -23,14 +23,17 @@ def test_shipped_recipes_validate() -> None:
     assert prod.decontamination.n_grams == 13
 
 
+PYDOC = {"name": "a", "type": "pydoc"}
+
+
 @pytest.mark.parametrize("patch, message", [
     ({"sources": [{"name": "a", "type": "jsonl", "path": "x", "colour": 1}]}, "sources.0.colour: unknown key"),
     ({"sources": [{"name": "a", "type": "jsonl"}]}, "sources.0: path is required for a jsonl source"),
     ({"sources": [{"name": "a", "type": "hf"}]}, "sources.0: hub_id is required"),
     ({"sources": [{"name": "a b", "type": "pydoc"}]}, "sources.0: name 'a b' must match"),
     ({"sources": [{"name": "a", "type": "pydoc"}, {"name": "a", "type": "pydoc"}]}, "sources.name must be unique"),
-    ({"sources": [{"name": "a", "type": "pydoc"}], "dedup": {"minhash": {"n_gram": 5}}}, "dedup.minhash.n_gram: unknown key"),
-    ({"sources": [{"name": "a", "type": "pydoc"}], "output": {"validation_fraction": 1.5}}, "output.validation_fraction"),
+    ({"sources": [PYDOC], "dedup": {"minhash": {"n_gram": 5}}}, "dedup.minhash.n_gram: unknown key"),
+    ({"sources": [PYDOC], "output": {"validation_fraction": 1.5}}, "output.validation_fraction"),
 ])
 def test_schema_errors_name_the_key(tmp_path: Path, patch: dict, message: str) -> None:
     path = tmp_path / "r.yaml"

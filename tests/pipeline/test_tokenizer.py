@@ -71,3 +71,29 @@ def test_training_is_reproducible(model: Path, tmp_path: Path) -> None:
     first = train_sentencepiece(sample, tmp_path / "a", TokenizerConfig(vocab_size=500)).read_bytes()
     second = train_sentencepiece(sample, tmp_path / "b", TokenizerConfig(vocab_size=500)).read_bytes()
     assert first == second
+
+
+def test_reused_tokenizer_is_checked_and_copied(model: Path, tmp_path: Path) -> None:
+    from config.recipe import RecipeConfig
+    from pipeline.errors import CurationError
+    from pipeline.preflight import resolve_tokenizer
+    from pipeline.spm_tokenizer import TokenizerStep
+
+    recipe = RecipeConfig(name="r", sources=[{"name": "a", "type": "pydoc"}], tokenizer={"path": str(model)})
+    with pytest.raises(CurationError, match="has 1000 pieces but tokenizer.vocab_size is 32000"):
+        resolve_tokenizer(recipe, tmp_path)
+    recipe.tokenizer.vocab_size = 1000
+    reuse = resolve_tokenizer(recipe, tmp_path)
+    TokenizerStep(recipe.tokenizer, reuse, str(tmp_path), str(tmp_path / "work"), str(tmp_path / "tok"), {}, 0).run()
+    assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == model.read_bytes()
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == spm_to_hf(model).to_str(pretty=True)
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(r["text"] for r in docstring_rows()))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "plain"), vocab_size=300,
+                                   minloglevel=2)  # sentencepiece defaults: unigram, NFKC, dummy prefix
+    recipe.tokenizer.path = str(tmp_path / "plain.model")
+    recipe.tokenizer.vocab_size = 300
+    with pytest.raises(CurationError, match=r"lacks model_type BPE, byte_fallback, identity normalization, "
+                                            r"add_dummy_prefix off, remove_extra_whitespaces off, <pad>=0"):
+        resolve_tokenizer(recipe, tmp_path)

@@ -1,24 +1,17 @@
 """The data path in-process: windows and document boundaries against the raw shards, the rank split,
-blending, packing; plus the optimizer groups, schedules and the DeepSpeed config builder."""
+blending, packing."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from config.loader import ConfigError
-from config.sections import TrainConfig
-from model.config import ModelConfig
-from model.hybrid import HybridLM
 from pipeline.manifest import load_manifest
 from train.data import IGNORE_INDEX, Blend, RankBatches, TrainData, collate, eval_index_batches
-from train.ds_config import build_ds_config
-from train.optim import lr_multiplier, param_groups
 
 SEQ = 64
 
@@ -123,46 +116,3 @@ def test_blend_follows_the_weights_and_is_prefix_stable() -> None:
             assert blend.count(s, n) == sum(src == s for src, _ in seq[:n])
     period = Blend.PERIOD
     assert blend.locate(2 * period + 5) == (seq[5][0], 2 * blend.counts[seq[5][0]] + seq[5][1])
-
-
-def test_parameter_groups_skip_norms_embedding_and_ssm_parameters() -> None:
-    model = HybridLM(ModelConfig(preset="tiny", vocab_size=512))
-    decay, no_decay = param_groups(model, 0.1)
-    names = {id(p): n for n, p in model.named_parameters()}
-    skipped = {names[id(p)] for p in no_decay["params"]}
-    decayed = {names[id(p)] for p in decay["params"]}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert "embed.weight" in skipped and "layers.0.mixer.A_log" in skipped and "layers.0.mixer.dt_bias" in skipped
-    assert "layers.0.mixer.D" in skipped and "final_norm.weight" in skipped and "layers.0.mixer.conv1d.bias" in skipped
-    assert "layers.0.mixer.in_proj.weight" in decayed and "layers.1.mixer.q_proj.weight" in decayed
-    assert len(skipped) + len(decayed) == len(list(model.parameters()))
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
-def test_lr_schedules(schedule: str) -> None:
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1, decay_fraction=0.2,
-                      seq_len=8, micro_batch_size=1, global_batch_tokens=8)
-    f = lr_multiplier(cfg)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    if schedule == "cosine":
-        assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
-    elif schedule == "wsd":
-        assert f(79) == pytest.approx(1.0) and f(80) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
-        assert f(85) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(0.25)))
-    else:
-        assert f(99) == 1.0
-
-
-def test_ds_config_is_completed_from_the_run_config(tmp_path: Path) -> None:
-    cfg = TrainConfig(seq_len=64, micro_batch_size=2, global_batch_tokens=1024, grad_clip=0.5, precision="bf16",
-                      ds_config="ds_configs/zero3.json")
-    ds = build_ds_config(cfg, world_size=2, on_cuda=False)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (16, 2, 4)
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
-    assert ds["optimizer"]["params"]["torch_adam"] and "torch_adam" not in build_ds_config(cfg, 2, True)["optimizer"]["params"]
-    with pytest.raises(ConfigError, match="must be a multiple of micro_batch_size x world size"):
-        build_ds_config(cfg, world_size=3, on_cuda=False)
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}))
-    with pytest.raises(ConfigError, match="comes from train.grad_clip"):
-        build_ds_config(cfg.model_copy(update={"ds_config": str(bad)}), 2, False)

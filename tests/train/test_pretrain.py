@@ -145,12 +145,12 @@ def _damage(corpus: Path, tmp_path: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("bad_key", "train.lrr: unknown key"),
-    ("missing_manifest", "manifest /nonexistent/manifest.json not found"),
-    ("truncated_shard", "corrupt file"),
-    ("flipped_byte", "sha256 differs from the manifest"),
+    ("bad_key", ["train.lrr: unknown key"]),
+    ("missing_manifest", ["/nonexistent/manifest.json", "curate.py"]),
+    ("truncated_shard", ["corrupt", "000_stdlib_a.ds", "curate.py"]),
+    ("flipped_byte", ["corrupt", "000_stdlib_a.ds", "sha256"]),
 ])
-def test_bad_input_is_a_one_line_error(case: str, expected: str, corpus: Path, tmp_path: Path) -> None:
+def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: Path, tmp_path: Path) -> None:
     if case == "bad_key":
         extra = ["--set", "train.lrr=1"]
     elif case == "missing_manifest":
@@ -162,7 +162,7 @@ def test_bad_input_is_a_one_line_error(case: str, expected: str, corpus: Path, t
     proc = single_process(corpus, tmp_path / "out", *extra, "--dry-run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and expected in last, last
+    assert last.startswith("error: ") and all(part in last for part in expected), last
     assert "Traceback" not in proc.stderr
 
 
