@@ -118,3 +118,16 @@ def load(model: type[T], path: str | Path | None = None, overrides: Sequence[str
 def dump_yaml(cfg: BaseModel) -> str:
     """Resolved config as YAML (round-trips through `load` to an equal object)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def resolve_named_yaml(name_or_path: str | Path, folder: Path, kind: str) -> Path:
+    """A YAML path, or the name of a file in `folder` (with or without .yaml); `kind` names it in errors."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (folder / f"{name_or_path}.yaml", folder / str(name_or_path)):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(f.stem for f in folder.glob("*.yaml")))
+    raise ConfigError(f"{kind} {name_or_path} not found (a YAML path or one of: {known})")
+

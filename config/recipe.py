@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from config.loader import ConfigError, load
+from config.loader import load, resolve_named_yaml
 from model.config import StrictModel
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "data_recipes"
@@ -301,14 +301,7 @@ class RecipeConfig(StrictModel):
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
     """A path, or the name of a recipe in data_recipes/ (with or without .yaml)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for cand in (RECIPES_DIR / f"{name_or_path}.yaml", RECIPES_DIR / str(name_or_path)):
-        if cand.is_file():
-            return cand
-    known = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"recipe {name_or_path} not found (a YAML path or one of: {known})")
+    return resolve_named_yaml(name_or_path, RECIPES_DIR, "recipe")
 
 
 def load_recipe(name_or_path: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeConfig, Path]:

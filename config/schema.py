@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from config.loader import ConfigError, dump_yaml, load
+from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
 from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
 from model.config import ModelConfig, StrictModel
 
@@ -28,14 +28,7 @@ class RunConfig(StrictModel):
 
 def resolve_run_path(name_or_path: str | Path) -> Path:
     """A path, or the name of a file in config/runs/ (with or without .yaml)."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    for cand in (RUNS_DIR / f"{name_or_path}.yaml", RUNS_DIR / str(name_or_path)):
-        if cand.is_file():
-            return cand
-    known = ", ".join(sorted(f.stem for f in RUNS_DIR.glob("*.yaml")))
-    raise ConfigError(f"config {name_or_path} not found (a YAML path or one of: {known})")
+    return resolve_named_yaml(name_or_path, RUNS_DIR, "config")
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:

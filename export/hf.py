@@ -286,6 +286,5 @@ def import_hf(folder: str | Path) -> HybridLM:
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     model.load_state_dict(state, strict=True, assign=True)
-    model.rope.inv_freq = model.rope._inv_freq()
     model.set_impl()
     return model.eval()

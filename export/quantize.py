@@ -223,7 +223,6 @@ def load_quantized(folder: str | Path, device: torch.device) -> HybridLM:
     if method.library == "bitsandbytes":
         for name in info["modules"]:
             _swap(model, name, _load_bnb_module(method, quantized, name, device))
-    model.rope.inv_freq = model.rope._inv_freq().to(device)
     model.set_impl()
     return model.eval()
 

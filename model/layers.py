@@ -58,22 +58,25 @@ class SwiGLU(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE at arbitrary integer positions (restart per document when packed)."""
+    """cos/sin tables for RoPE at arbitrary integer positions (restart per document when packed).
+
+    The inverse frequencies are computed in float32 on every call rather than kept as a buffer: a
+    buffer would be rounded by `model.to(torch.bfloat16)` (and left on the meta device by meta-device
+    loading), which puts RoPE angles visibly off at long positions. They are head_dim / 2 numbers.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
-    def _inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-
-    def reset_parameters(self) -> None:
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """(head_dim / 2,) float32 inverse frequencies theta^(-2i / head_dim)."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta ** exponent)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (b, l) int -> cos, sin: (b, l, k) in `dtype` (angles in float32)."""
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()  # (b, l, k/2)
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq(position_ids.device)  # (b, l, k/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

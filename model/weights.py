@@ -97,7 +97,6 @@ def load_weights(
     state = load_file(str(wfile), device=str(device))
     check_state_dict(model, state, str(wfile))
     model.load_state_dict(state, strict=True, assign=True)
-    model.rope.inv_freq = model.rope._inv_freq().to(device)
     if dtype is not None:
         model.to(dtype)
     model.set_impl()
