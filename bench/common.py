@@ -103,5 +103,7 @@ def write_results(name: str, rows: list[dict], meta: dict, columns: Sequence[str
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-2 or abs(v) >= 1e5 else f"{v:.4g}"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.4g}"
     return str(v)
