@@ -211,14 +211,9 @@ def strategic_pattern(n_layers: int, attn_ratio: float) -> str:
     top = list(range(n_layers - 1 - n_top, n_layers - 1))
     lo, hi = early[-1], (top[0] if top else n_layers - 1)
     mid = [int(round(lo + (hi - lo) * (i + 1) / (n_mid + 1))) for i in range(n_mid)]
+    # hi - lo >= n_mid + 1 because n_attn <= n_layers - 2, so the middle spacing is >= 1: the rounded
+    # positions are distinct and strictly between the early and top groups.
     chosen = set(early) | set(top) | set(mid)
-    # Rounding can collide when the stack is crowded: fill the nearest free Mamba2 slots.
-    free = [i for i in range(n_layers) if i not in chosen]
-    while len(chosen) < n_attn:
-        centre = (lo + hi) / 2
-        pick = min(free, key=lambda i: (abs(i - centre), i))
-        chosen.add(pick)
-        free.remove(pick)
     for i in chosen:
         layers[i] = ATTENTION
     return "".join(layers)
