@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--name", default="fwd_bwd_throughput")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
-    preset, seq, batches = ("tiny", 128, [1]) if args.smoke else (args.preset, args.seq_len,
+    preset, seq, batches = ("tiny", 64, [1]) if args.smoke else (args.preset, args.seq_len,
                                                                    [int(b) for b in args.batches.split(",")])
     overrides = {"pattern": args.pattern, "n_layers": len(args.pattern)} if args.pattern else {}
     cfg = ModelConfig(preset=preset, **overrides)

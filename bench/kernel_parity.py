@@ -77,7 +77,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     kernel_impl = "reference" if args.smoke else "kernels"
     presets = ["tiny"] if args.smoke else args.presets.split(",")
-    seq = 128 if args.smoke else args.seq_len
+    seq = 48 if args.smoke else args.seq_len
     rows, details = [], {}
     for name in presets:
         torch.manual_seed(0)
@@ -117,7 +117,8 @@ def main() -> None:
         m = copy.deepcopy(model)
         m.set_impl(kernel_impl)
         with torch.no_grad():
-            n_prompt, n_steps = seq // 2, 32
+            n_prompt = seq // 2
+            n_steps = min(32, seq - n_prompt + 1)
             logits, cache = m.prefill(ids[:, :n_prompt])
             steps = [logits]
             for t in range(n_prompt, n_prompt + n_steps - 1):

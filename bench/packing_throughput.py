@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
-    preset, seq, iters = ("tiny", 256, 2) if args.smoke else (args.preset, args.seq_len, args.iters)
+    preset, seq, iters = ("tiny", 128, 2) if args.smoke else (args.preset, args.seq_len, args.iters)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = document_lengths(args.manifest)
     n_rows = 4

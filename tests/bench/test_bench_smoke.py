@@ -1,0 +1,71 @@
+"""Every GPU benchmark script runs on CPU with --smoke and writes valid result files (so they do not rot).
+
+No timing is asserted: only that the rows and the metadata (device, date, command) are there and
+that the numbers are finite where the smoke run defines them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, module, args: list[str]) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
+    module.main()
+
+
+def _load(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    assert data["rows"], f"{path.name} has no rows"
+    for key in ("device", "date", "command"):
+        assert data["meta"].get(key), f"{path.name} lacks meta.{key}"
+    assert path.with_suffix(".md").read_text().startswith("# ")
+    return data
+
+
+def test_kernel_parity_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, kernel_parity, ["--smoke", "--out", str(tmp_path)])
+    data = _load(tmp_path / "kernel_parity_smoke.json")
+    rows = {r["case"]: r for r in data["rows"]}
+    # smoke compares the reference path with itself: float32 cases agree exactly
+    assert rows["float32"]["logits_rel_err"] == 0.0 and rows["float32 packed"]["grad_rel_err_max"] == 0.0
+    assert 0 < rows["bf16"]["logits_rel_err"] < 0.1  # bf16 rounding shows, and stays small
+    assert rows["decode (kernel steps) vs full forward (ref), float32"]["logits_rel_err"] < 1e-5
+    assert json.loads((tmp_path / "kernel_parity_smoke_per_tensor.json").read_text())
+
+
+def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, fwd_bwd_throughput, ["--smoke", "--out", str(tmp_path)])
+    rows = _load(tmp_path / "fwd_bwd_throughput_smoke.json")["rows"]
+    assert {r["act_ckpt"] for r in rows} == {False, True}
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in rows)
+
+
+def test_profile_step_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, profile_step, ["--smoke", "--out", str(tmp_path), "--top", "5"])
+    data = _load(tmp_path / "profile_step_smoke.json")
+    assert len(data["rows"]) == 5 and data["meta"]["wall_ms_per_step"] > 0
+
+
+def test_packing_throughput_smoke(monkeypatch, tmp_path):
+    shard = tmp_path / "tokens" / "train" / "src"
+    shard.mkdir(parents=True)
+    np.cumsum([40, 3, 90, 17, 1, 200, 60], dtype=np.uint64).tofile(shard / "000_src.ds.index")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"splits": {"train": {"sources": [
+        {"name": "src", "shards": [{"index": "tokens/train/src/000_src.ds.index"}]}]}}}))
+    assert packing_throughput.document_lengths(manifest).tolist() == [40, 3, 90, 17, 1, 200, 60]
+    sid = packing_throughput.packed_seq_idx(np.array([40, 3, 90, 17, 1, 200, 60]), 128, 2)
+    assert sid[0].tolist() == [0] * 40 + [1] * 3 + [2] * 85 and sid[1, :5].tolist() == [0] * 5
+    _run(monkeypatch, packing_throughput, ["--smoke", "--manifest", str(manifest), "--out", str(tmp_path)])
+    data = _load(tmp_path / "packing_throughput_smoke.json")
+    assert [r["packing"] for r in data["rows"]] == ["continuous", "document"]
+    assert data["meta"]["packed_vs_alone_logits_rel_err"] < 1e-5  # float32 reference path on CPU
