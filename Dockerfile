@@ -67,6 +67,6 @@ ENV HF_HOME=/home/trainer/.cache/huggingface
 # The four stages (docs/cluster.md):
 #   python pipeline/curate.py --recipe production_100b --data-root /workspace/data
 #   deepspeed --num_gpus=8 launch/pretrain.py --config 1.3b
-#   python eval/run.py --checkpoint outputs/1.3b/final --benchmarks standard
-#   python launch/export.py --checkpoint outputs/1.3b/final --format hf --output outputs/hf
+#   python eval/run.py --checkpoint outputs/1.3b_100b/final --benchmarks standard
+#   python launch/export.py --checkpoint outputs/1.3b_100b/final --format hf --output outputs/hf
 CMD ["python", "-m", "model", "list"]
