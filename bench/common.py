@@ -13,11 +13,25 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
+if TYPE_CHECKING:
+    from model import HybridLM, ModelConfig
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_model(cfg: "ModelConfig", device: torch.device) -> "HybridLM":
+    """A freshly initialised model for timing: bf16 on CUDA (float32 on CPU), train mode, its fastest
+    execution path on `device` (kernels on CUDA)."""
+    from model import HybridLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
+    model.set_impl()
+    return model
 
 
 def device_name(device: torch.device) -> str:

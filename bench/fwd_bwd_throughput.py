@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, matmul_peak_tflops, median, sync, time_fn, write_results
-from model import HybridLM, ModelConfig, train_flops_per_token
+from bench.common import bench_model, environment, matmul_peak_tflops, median, sync, time_fn, write_results
+from model import ModelConfig, train_flops_per_token
 
 
 def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, device: torch.device, iters: int) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
-    model.set_impl()
+    model = bench_model(cfg, device)
     model.activation_checkpointing = ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import environment, matmul_peak_tflops, median, rel_err, time_fn, write_results
-from model import HybridLM, ModelConfig, positions_from_seq_idx, train_flops_per_token
+from bench.common import bench_model, environment, matmul_peak_tflops, median, rel_err, time_fn, write_results
+from model import ModelConfig, positions_from_seq_idx, train_flops_per_token
 
 
 def document_lengths(manifest: Path) -> np.ndarray:
@@ -62,14 +62,12 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     preset, seq, iters = ("tiny", 128, 2) if args.smoke else (args.preset, args.seq_len, args.iters)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lengths = document_lengths(args.manifest)
     n_rows = 4
     seq_idx = packed_seq_idx(lengths, seq, n_rows).to(device)
     cfg = ModelConfig(preset=preset)
     torch.manual_seed(0)
-    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
-    model.set_impl()
+    model = bench_model(cfg, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     ids = torch.randint(0, cfg.vocab_size, (n_rows, seq + 1), device=device)
     peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
@@ -110,7 +108,7 @@ def main() -> None:
     parity = rel_err(packed, alone)
     docs_per_row = [int(seq_idx[r].max()) + 1 for r in range(n_rows)]
     meta = environment(device) | {"matmul_peak_tflops": peak, "document_packing_cost": cost,
-                                  "packed_vs_alone_logits_rel_err": parity, "dtype": str(dtype),
+                                  "packed_vs_alone_logits_rel_err": parity, "dtype": str(model.embed.weight.dtype),
                                   "documents_per_row": docs_per_row, "impl": model.impl,
                                   "mean_document_tokens": float(lengths.mean()), "manifest": str(args.manifest)}
     print(f"document packing cost {100 * cost:.2f}%; packed vs alone logits rel err {parity:.2e}; "

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS, environment, sync, write_results
-from model import HybridLM, ModelConfig
+from bench.common import RESULTS, bench_model, environment, sync, write_results
+from model import ModelConfig
 
 
 def main() -> None:
@@ -33,9 +33,7 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
     cfg = ModelConfig(preset=preset)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
-    model.set_impl()
+    model = bench_model(cfg, device)
     model.activation_checkpointing = args.act_ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
