@@ -7,15 +7,14 @@ entrypoints can print it and exit before doing any work.
 from __future__ import annotations
 
 from pathlib import Path
-import re
 from typing import Any, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from model.config import format_validation_error
+
 T = TypeVar("T", bound=BaseModel)
-# Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
-_SECTION_KEYS = {"preset", "pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
 
 
 class ConfigError(ValueError):
@@ -72,28 +71,6 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[parts[-1]] = value
     return data
-
-
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line: 'key.path: message (got value)' for each problem, joined by '; '."""
-    msgs = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the schema in config/ for the allowed keys)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        head = re.match(r"[a-z_][a-z0-9_.]*(?= )", msg)
-        names_key = head is not None and ("." in head.group(0) or head.group(0) in _SECTION_KEYS)
-        if err["type"] == "value_error" and names_key:
-            msgs.append(f"{loc}.{msg}")  # a cross-field check names the key it is about
-        else:
-            msgs.append(f"{loc}: {msg}")
-    return "; ".join(msgs)
 
 
 def validate(model: type[T], data: dict[str, Any], prefix: str = "") -> T:

@@ -13,9 +13,10 @@ explicitly as `pattern` or derived from `n_layers` and `attn_ratio` by the strat
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAMBA, ATTENTION = "M", "A"
 VOCAB_MULTIPLE = 128
@@ -217,3 +218,29 @@ def strategic_pattern(n_layers: int, attn_ratio: float) -> str:
     for i in chosen:
         layers[i] = ATTENTION
     return "".join(layers)
+
+
+# Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
+_SECTION_KEYS = {"preset", "pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """One line: 'key.path: message (got value)' for each problem, joined by '; '."""
+    msgs = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the schema in config/ for the allowed keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+        head = re.match(r"[a-z_][a-z0-9_.]*(?= )", msg)
+        names_key = head is not None and ("." in head.group(0) or head.group(0) in _SECTION_KEYS)
+        if err["type"] == "value_error" and names_key:
+            msgs.append(f"{loc}.{msg}")  # a cross-field check names the key it is about
+        else:
+            msgs.append(f"{loc}: {msg}")
+    return "; ".join(msgs)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig
+from model.config import ModelConfig, format_validation_error
 from model.hybrid import HybridLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -72,7 +73,12 @@ def load_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {folder}: pass a folder written by save_weights or the trainer's export")
-    return ModelConfig.model_validate(json.loads(path.read_text()))
+    try:
+        return ModelConfig.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}): re-export the checkpoint") from None
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} is not a valid model config: {format_validation_error(exc)}") from None
 
 
 def load_weights(
