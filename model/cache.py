@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,11 +56,6 @@ class HybridCache:
     next_pos: torch.Tensor
     key_valid: torch.Tensor | None = None
     seen: int = 0  # tokens consumed per row (padding included)
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return self.next_pos.size(0)
 
     def memory_bytes(self) -> int:
         """Bytes held by all layer states (KV counted at its filled length)."""
@@ -72,14 +67,3 @@ class HybridCache:
                 per_pos = st.k.size(0) * st.k.size(1) * st.k.size(3) * st.k.element_size()
                 total += 2 * per_pos * st.length
         return total
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep/reorder batch rows (beam search, dropping finished rows). index: (b',) long."""
-        for st in self.layers:
-            if isinstance(st, MambaState):
-                st.conv, st.ssm = st.conv[index], st.ssm[index]
-            elif st.k is not None:
-                st.k, st.v = st.k[index], st.v[index]
-        self.next_pos = self.next_pos[index]
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid[index]

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import Attention
 from model.cache import HybridCache, KVState, MambaState
 from model.config import MAMBA, ModelConfig
-from model.kernels import resolve_impl
+from model.kernels import kernel_report, resolve_impl
 from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
 from model.mamba2 import Mamba2Mixer
 
@@ -95,7 +95,8 @@ class HybridLM(nn.Module):
         for layer in self.layers:
             layer.mixer.impl = chosen
         self.impl = chosen
-        log.info("model execution path: %s (device %s)", chosen, device)
+        found = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in kernel_report().items())
+        log.info("model execution path: %s (device %s; %s)", chosen, device, found)
         return chosen
 
     @property
