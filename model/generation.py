@@ -122,6 +122,7 @@ def generate(
                 done[row] = True
         if bool(done.all()) or i == params.max_new_tokens - 1:
             break
-        history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
+        if params.repetition_penalty != 1.0:  # the history only feeds the penalty: no per-token copy otherwise
+            history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
         logits = model.step(nxt, cache)
     return out
