@@ -30,21 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
 from bench.common import RESULTS, environment, sync, write_results  # noqa: E402
+from bench.peers import attention_twin  # noqa: E402
 from model import HybridLM, ModelConfig  # noqa: E402
-from model.config import ATTENTION  # noqa: E402
-from model.sizing import count_params, mamba_mixer_params, attention_mixer_params  # noqa: E402
+from model.sizing import count_params  # noqa: E402
 
 DEFAULT_CONTEXTS, DEFAULT_NEW_TOKENS = "1024,8192,32768", 64
 COLUMNS = ["model", "context", "params_m", "impl", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token",
            "state_mb", "peak_mem_gb", "tokens_agree_with_ours"]
-
-
-def attention_twin(cfg: ModelConfig) -> ModelConfig:
-    """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights."""
-    n_mamba = cfg.layer_pattern.count("M")
-    extra = n_mamba * (mamba_mixer_params(cfg) - attention_mixer_params(cfg))
-    ffn = cfg.ffn_hidden + round(extra / (3 * cfg.d_model * cfg.n_layers) / 64) * 64
-    return cfg.model_copy(update={"pattern": ATTENTION * cfg.n_layers, "ffn_hidden": ffn, "preset": None})
 
 
 def state_bytes(obj: object) -> int:

@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument("--cases", default="float32,bf16,float32 packed,bf16 packed",
+                    help="comma-separated subset of the kernel-vs-reference cases (each new dtype/packing costs "
+                         "a Triton compile on first use)")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -79,6 +82,19 @@ def main() -> None:
     presets = ["tiny"] if args.smoke else args.presets.split(",")
     seq = 48 if args.smoke else args.seq_len
     rows, details = [], {}
+    meta = environment(device) | {"seq_len": seq, "batch": args.batch, "kernel_impl": kernel_impl,
+                                  "note": "smoke: reference vs reference on CPU" if args.smoke else ""}
+    name_out = "kernel_parity_smoke" if args.smoke else "kernel_parity"
+
+    def record(row: dict) -> None:
+        """Append a row and rewrite the results (a run cut by a time limit keeps what it measured)."""
+        rows.append(row)
+        print(row, flush=True)
+        out = write_results(name_out, rows, meta, ["preset", "case", "logits_rel_err", "grad_rel_err_median",
+                                                   "grad_rel_err_max", "grad_worst_tensor"],
+                            args.out, title="Kernel path vs reference path (same weights)")
+        (out.parent / f"{name_out}_per_tensor.json").write_text(json.dumps(details, indent=1) + "\n")
+
     for name in presets:
         torch.manual_seed(0)
         cfg = ModelConfig(preset=name)
@@ -94,13 +110,12 @@ def main() -> None:
             ("float32 packed", model, sid, torch.float32, torch.float32),
             ("bf16 packed", bf16_model, sid, torch.bfloat16, torch.float32),
         ]
-        for label, base, seq_idx, k_dtype, r_dtype in cases:
+        for label, base, seq_idx, k_dtype, r_dtype in [c for c in cases if c[0] in args.cases.split(",")]:
             ref = run_paths(base, "reference", ids, seq_idx, r_dtype)
             test = run_paths(base, kernel_impl, ids, seq_idx, k_dtype)
             res = compare(ref, test)
             details[f"{name} {label}"] = res.pop("per_tensor")
-            rows.append({"preset": name, "case": label, **res})
-            print(rows[-1], flush=True)
+            record({"preset": name, "case": label, **res})
         # packed == unpacked on the kernel path (per document, logits)
         for dtype in (torch.float32, torch.bfloat16):
             m = copy.deepcopy(model).to(dtype)
@@ -111,8 +126,8 @@ def main() -> None:
                 for n in lens:
                     alone.append(m(ids[:1, start:start + n]).float())
                     start += n
-            rows.append({"preset": name, "case": f"packed vs alone ({str(dtype).split('.')[-1]}, kernels)",
-                         "logits_rel_err": rel_err(packed, torch.cat(alone, 1)), "documents": len(lens)})
+            record({"preset": name, "case": f"packed vs alone ({str(dtype).split('.')[-1]}, kernels)",
+                    "logits_rel_err": rel_err(packed, torch.cat(alone, 1)), "documents": len(lens)})
         # decoding on the kernel path vs the reference full forward (float32)
         m = copy.deepcopy(model)
         m.set_impl(kernel_impl)
@@ -125,18 +140,11 @@ def main() -> None:
                 steps.append(m.step(ids[:, t], cache))
             m.set_impl("reference")
             full = m(ids[:, : n_prompt + n_steps - 1])[:, n_prompt - 1:]
-        rows.append({"preset": name, "case": "decode (kernel steps) vs full forward (ref), float32",
-                     "logits_rel_err": rel_err(torch.stack(steps, 1), full)})
+        record({"preset": name, "case": "decode (kernel steps) vs full forward (ref), float32",
+                "logits_rel_err": rel_err(torch.stack(steps, 1), full)})
         del model, bf16_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    meta = environment(device) | {"seq_len": seq, "batch": args.batch, "kernel_impl": kernel_impl,
-                                  "note": "smoke: reference vs reference on CPU" if args.smoke else ""}
-    name = "kernel_parity_smoke" if args.smoke else "kernel_parity"
-    out = write_results(name, rows, meta,
-                        ["preset", "case", "logits_rel_err", "grad_rel_err_median", "grad_rel_err_max", "grad_worst_tensor"],
-                        args.out, title="Kernel path vs reference path (same weights)")
-    (out.parent / f"{name}_per_tensor.json").write_text(json.dumps(details, indent=1) + "\n")
     for r in rows:
         print({k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in r.items()})
 

@@ -1,9 +1,13 @@
-"""Profile one forward+backward step of a preset: top GPU kernels by time, and CPU vs GPU time.
+"""Profile one forward+backward step (or, with --decode, one cached decode step) of a preset: top
+ops by time, and wall vs kernel time.
 
-Answers "where does a training step spend its time" so the next optimisation targets the largest
-cost. Warm-up steps (Triton autotune/compile) run first and are not profiled.
+Answers "where does a step spend its time" so the next optimisation targets the largest cost.
+Warm-up steps (Triton autotune/compile) run first and are not profiled. Two views of the same
+profile: ops by device time (`--sort device`, what the GPU does) and by host time (`--sort cpu`,
+what the Python side launches; a step whose wall time exceeds its kernel time is launch-bound).
 
     python bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2
+    python bench/profile_step.py --preset 1.3b --decode --seq-len 1024 --sort cpu
     python bench/profile_step.py --smoke
 """
 
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--act-ckpt", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="profile one decode step after a --seq-len prompt")
+    ap.add_argument("--sort", choices=("device", "cpu"), default="device", help="rank ops by device or host time")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -37,10 +43,20 @@ def main() -> None:
     model.activation_checkpointing = args.act_ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
-    def step() -> None:
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        for p in model.parameters():
-            p.grad = None
+    if args.decode:
+        model.eval()
+        with torch.inference_mode():
+            logits, cache = model.prefill(ids[:, :-1])
+        token = [logits.argmax(-1)]
+
+        @torch.inference_mode()
+        def step() -> None:
+            token[0] = model.step(token[0], cache).argmax(-1)
+    else:
+        def step() -> None:
+            model.loss(ids[:, :-1], ids[:, 1:]).backward()
+            for p in model.parameters():
+                p.grad = None
 
     for _ in range(3):
         step()
@@ -52,7 +68,8 @@ def main() -> None:
             step()
         sync(device)
     wall = (time.perf_counter() - t0) / 2
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    on_device = device.type == "cuda" and args.sort == "device"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) / 2
     rows = []
@@ -61,12 +78,15 @@ def main() -> None:
         rows.append({"op": e.key[:90], "calls_per_step": e.count // 2, "ms_per_step": t / 1e3,
                      "share": t / total if total else 0.0})
     meta = environment(device) | {"preset": preset, "batch": batch, "seq_len": seq, "act_ckpt": args.act_ckpt,
+                                  "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
                                   "timer": key}
-    name = "profile_step_smoke" if args.smoke else f"profile_step_{preset}"
+    kind = "decode" if args.decode else "step"
+    name = f"profile_{kind}_smoke" if args.smoke else f"profile_{kind}_{preset}" + ("_cpu_time" if key.startswith("self_cpu") and device.type == "cuda" else "")
     write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
-                  title=f"One fwd+bwd step of {preset}, {batch}x{seq}: wall {wall * 1e3:.1f} ms, "
-                        f"kernels {total / 1e3:.1f} ms")
+                  title=(f"One decode step of {preset}, batch {batch}, context {seq}" if args.decode else
+                         f"One fwd+bwd step of {preset}, {batch}x{seq}") +
+                  f": wall {wall * 1e3:.1f} ms, profiled {'kernels' if on_device else 'host ops'} {total / 1e3:.1f} ms")
     print(f"wall {wall * 1e3:.1f} ms/step, profiled {total / 1e3:.1f} ms/step")
     for r in rows[:20]:
         print(f"{r['ms_per_step']:9.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5} {r['op']}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, NonNegativeFloat, model_validator
 
 from model.config import StrictModel
 
@@ -21,6 +21,11 @@ class DataConfig(StrictModel):
         description="document: boundaries travel with each sequence (Mamba2 state/conv reset, attention "
         "masked per document, RoPE restarts, cross-document targets masked); continuous: plain "
         "EOS-separated concatenation.",
+    )
+    weights: dict[str, NonNegativeFloat] | None = Field(
+        None,
+        description="Source weights by name, replacing the manifest's (0 leaves a source out); sources not "
+        "named keep the manifest's weight. Re-blends without re-curating.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank.")
     verify: Literal["size", "sha256"] = Field(

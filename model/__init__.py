@@ -4,7 +4,8 @@ Imports nothing from the rest of the project.
 """
 
 from model.config import ModelConfig, strategic_pattern
-from model.hybrid import HybridLM, positions_from_seq_idx
+from model.documents import DocumentLayout, positions_from_seq_idx
+from model.hybrid import HybridLM
 from model.sizing import count_params, train_flops_per_token
 
 __all__ = [

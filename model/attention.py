@@ -5,9 +5,12 @@ Shape legend: b batch, l query length, t key length, d d_model, h query heads, j
 Backends (same weights):
   reference  torch SDPA with an explicit boolean mask when documents are packed, rows are
              left-padded or a KV cache offsets the queries; kv heads repeated (ONNX-safe).
-  kernels    plain causal training: SDPA (is_causal, enable_gqa), measured faster than flash-attn 2
-             on H100 (shared/device/README.md); packed documents: flash-attn's varlen kernel over
-             cu_seqlens when installed (attn_backend auto|flash), else SDPA with the document mask.
+  kernels    plain causal training (and batches whose rows are single documents): SDPA (is_causal,
+             enable_gqa), measured faster than flash-attn 2 on H100 (shared/device/README.md);
+             packed documents, by `attn_backend`: flash-attn's varlen kernel over the batch's
+             cu_seqlens (auto/flash, when installed), FlexAttention with a document-causal block mask
+             (flex), else SDPA with the dense document mask. The boundaries come from the batch's
+             `DocumentLayout`, computed once per forward (model/documents.py), never per layer.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 
 from model.cache import KVState
 from model.config import ModelConfig
-from model.kernels import flash_ops
+from model.documents import DocumentLayout
+from model.kernels import flash_ops, flex_ops
 from model.layers import RMSNorm, apply_rope, init_linear, residual_std
 
 log = logging.getLogger(__name__)
@@ -32,33 +36,22 @@ def attention_mask(
     k_len: int,
     key_valid: torch.Tensor | None,
     device: torch.device,
-    key_seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (b or 1, 1, l, t): True where query i may attend key j.
 
     Causal with the queries at the end of the keys (offset = t - l); within one document when
-    `seq_idx` (b, l) is given (keys' documents from `key_seq_idx` (b, t), default seq_idx);
-    never to padded keys (`key_valid` (b, t) False).
+    `seq_idx` (b, l) is given (queries and keys the same tokens, l == t); never to padded keys
+    (`key_valid` (b, t) False).
     """
     offset = k_len - q_len
     qi = torch.arange(q_len, device=device).unsqueeze(1) + offset
     kj = torch.arange(k_len, device=device).unsqueeze(0)
     mask = (kj <= qi).unsqueeze(0)  # (1, l, t)
     if seq_idx is not None:
-        ks = key_seq_idx if key_seq_idx is not None else seq_idx
-        mask = mask & (seq_idx.unsqueeze(-1) == ks.unsqueeze(-2))
+        mask = mask & (seq_idx.unsqueeze(-1) == seq_idx.unsqueeze(-2))
     if key_valid is not None:
         mask = mask & key_valid.unsqueeze(1)
     return mask.unsqueeze(1)
-
-
-def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Flattened document boundaries for flash-attn varlen. seq_idx: (b, l) -> (n_docs + 1,) int32."""
-    b, l = seq_idx.shape
-    flat = (seq_idx + torch.arange(b, device=seq_idx.device).unsqueeze(1) * (seq_idx.max() + 1)).flatten()
-    starts = torch.nonzero(torch.diff(flat, prepend=flat[:1] - 1)).flatten()
-    cu = torch.cat([starts, torch.tensor([b * l], device=seq_idx.device)]).to(torch.int32)
-    return cu, int(torch.diff(cu).max())
 
 
 class Attention(nn.Module):
@@ -92,11 +85,11 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        seq_idx: torch.Tensor | None = None,
+        docs: DocumentLayout | None = None,
         kv: KVState | None = None,
         key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (b, l, d); rope: cos, sin (b, l, k); seq_idx: (b, l) documents (training/prefill);
+        """x: (b, l, d); rope: cos, sin (b, l, k); docs: packed documents (training/prefill);
         kv: cache appended in place; key_valid: (b, t) real-token mask over all cached keys."""
         b, l, _ = x.shape
         q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
@@ -112,9 +105,10 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = kv.append(k, v)  # (b, j, t, k)
         if self.impl == "kernels" and prior == 0 and key_valid is None:
-            out = self._kernel_attention(q, k, v, seq_idx)
+            out = self._kernel_attention(q, k, v, docs)
         else:
-            out = self._masked_attention(q, k, v, seq_idx if prior == 0 else None, key_valid)
+            seq_idx = docs.seq_idx if docs is not None and prior == 0 else None
+            out = self._masked_attention(q, k, v, seq_idx, key_valid)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
     def _masked_attention(
@@ -130,22 +124,27 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _kernel_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_idx: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout | None
     ) -> torch.Tensor:
+        """q: (b, h, l, k); k, v: (b, j, l, k) -> (b, h, l, k)."""
         fa = flash_ops() if q.dtype in (torch.bfloat16, torch.float16) else None  # flash: half types only
-        if seq_idx is not None and fa is not None and self.backend in ("auto", "flash"):
-            b, h, l, kd = q.shape
-            cu, max_len = cu_seqlens_from_seq_idx(seq_idx)
-            flat = lambda t: t.transpose(1, 2).reshape(b * l, t.size(1), kd)  # noqa: E731
-            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
-            return out.view(b, l, h, kd).transpose(1, 2)
-        if seq_idx is None and fa is not None and self.backend == "flash":
-            out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-            return out.transpose(1, 2)
-        if seq_idx is None:
+        if docs is None:
+            if fa is not None and self.backend == "flash":
+                out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+                return out.transpose(1, 2)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if self.backend == "flex":
+            flex = flex_ops()
+            return flex.attention(q, k, v, block_mask=docs.flex_block_mask(flex.create_block_mask), enable_gqa=True)
+        if fa is not None and self.backend in ("auto", "flash"):
+            b, h, l, kd = q.shape
+            flat = lambda t: t.transpose(1, 2).reshape(b * l, t.size(1), kd)  # noqa: E731
+            cu, n = docs.cu_seqlens, docs.max_seqlen
+            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True)
+            return out.view(b, l, h, kd).transpose(1, 2)
         if not getattr(self, "_warned_dense_mask", False):
-            log.warning("packed documents without flash-attn: dense-mask SDPA (slower); install flash-attn")
+            log.warning("packed documents without flash-attn: dense-mask SDPA (slower); install flash-attn "
+                        "or set model.attn_backend=flex")
             self._warned_dense_mask = True
-        mask = attention_mask(seq_idx, q.size(2), k.size(2), None, q.device)
+        mask = attention_mask(docs.seq_idx, q.size(2), k.size(2), None, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

@@ -85,8 +85,9 @@ class ModelConfig(StrictModel):
     impl: Literal["auto", "reference", "kernels"] = Field(
         "auto", description="Execution path: auto = kernels on CUDA when installed, else reference."
     )
-    attn_backend: Literal["auto", "sdpa", "flash"] = Field(
-        "auto", description="Attention kernel on the kernel path (auto: SDPA, flash-attn varlen for packed docs)."
+    attn_backend: Literal["auto", "sdpa", "flash", "flex"] = Field(
+        "auto", description="Attention kernel on the kernel path (auto: SDPA, flash-attn varlen for packed docs; "
+        "flex: FlexAttention with a document mask for packed docs)."
     )
 
     @model_validator(mode="before")

@@ -1,13 +1,16 @@
 """The hybrid causal LM: embedding, a stack of pre-norm blocks, final RMSNorm, LM head.
 
 Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer a Mamba2 mixer (`M`)
-or GQA attention (`A`) as the config's layer pattern says, and the MLP a SwiGLU.
+or GQA attention (`A`) as the config's layer pattern says, and the MLP a SwiGLU. Blocks pass the
+pair (branch output, residual stream) so that each residual add is fused into the following norm on
+the kernel path (`model.layers.add_rms_norm`); the arithmetic is the same on both paths.
 
 Shape legend: b batch, l sequence, d d_model, v vocabulary.
 
 Packed documents: pass `seq_idx` (b, l), the document index of every token (non-decreasing per row),
 and `position_ids` restarting at 0 per document (`positions_from_seq_idx`). Then the Mamba2 conv and
-state restart at every document, attention stays inside its document and RoPE restarts.
+state restart at every document, attention stays inside its document and RoPE restarts. The
+boundaries are worked out once per forward (`DocumentLayout`) and shared by all layers.
 """
 
 from __future__ import annotations
@@ -22,25 +25,20 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import Attention
 from model.cache import HybridCache, KVState, MambaState
 from model.config import MAMBA, ModelConfig
+from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
-from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
+from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, add_rms_norm, init_linear, residual_std
 from model.mamba2 import Mamba2Mixer
 
 log = logging.getLogger(__name__)
 
 
-def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
-    """Position of each token inside its document. seq_idx: (b, l) -> (b, l) long."""
-    b, l = seq_idx.shape
-    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    starts = torch.ones_like(seq_idx, dtype=torch.bool)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    start_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-    return idx - start_pos
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: mixer then SwiGLU MLP. (b, l, d) -> (b, l, d)."""
+    """Pre-norm residual block: mixer then SwiGLU MLP.
+
+    (x, residual) -> (x', residual'), all (b, l, d): the stream entering the block is x + residual
+    (x alone for the first block), the stream leaving it is x' + residual'.
+    """
 
     def __init__(self, cfg: ModelConfig, kind: str, layer_idx: int) -> None:
         super().__init__()
@@ -55,19 +53,21 @@ class Block(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        seq_idx: torch.Tensor | None,
+        docs: DocumentLayout | None,
         state: MambaState | KVState | None = None,
         key_valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = self.mixer_norm(h)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.mixer.impl == "kernels"
+        x, residual = add_rms_norm(x, residual, self.mixer_norm, fused)
         if self.kind == MAMBA:
-            x = self.mixer(x, seq_idx=seq_idx, state=state)
+            x = self.mixer(x, seq_idx=docs.seq_idx if docs is not None else None, state=state)
         else:
-            x = self.mixer(x, rope, seq_idx=seq_idx, kv=state, key_valid=key_valid)
-        h = h + x
-        return h + self.mlp(self.mlp_norm(h))
+            x = self.mixer(x, rope, docs=docs, kv=state, key_valid=key_valid)
+        x, residual = add_rms_norm(x, residual, self.mlp_norm, fused)
+        return self.mlp(x), residual
 
 
 class HybridLM(nn.Module):
@@ -99,6 +99,12 @@ class HybridLM(nn.Module):
         log.info("model execution path: %s (device %s; %s)", chosen, device, found)
         return chosen
 
+    def set_attn_backend(self, backend: str) -> None:
+        """Attention kernel of the kernel path for every attention block (see ModelConfig.attn_backend)."""
+        for layer in self.layers:
+            if layer.kind != MAMBA:
+                layer.mixer.backend = backend
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -111,28 +117,32 @@ class HybridLM(nn.Module):
         seq_idx: torch.Tensor | None = None,
         cache: HybridCache | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (b, l, d). input_ids: (b, l) long."""
+        """Final-norm hidden states (b, l, d). input_ids: (b, l) long; seq_idx (b, l) may stay on the
+        host (the document boundaries are derived there)."""
         b, l = input_ids.shape
         h = self.embed(input_ids)
+        kernels = self.impl == "kernels"
+        docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels) if seq_idx is not None else None
         if position_ids is None:
             if cache is not None:
                 position_ids = cache.next_pos.unsqueeze(1) + torch.arange(l, device=input_ids.device)
-            elif seq_idx is not None:
-                position_ids = positions_from_seq_idx(seq_idx)
-            else:
+            elif docs is not None:
+                position_ids = positions_from_seq_idx(docs.seq_idx)
+            else:  # also rows that are single documents
                 position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         rope = self.rope(position_ids, h.dtype)
         key_valid = cache.key_valid if cache is not None else None
+        residual = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, rope, seq_idx, use_reentrant=False)
+                h, residual = checkpoint(layer, h, residual, rope, docs, use_reentrant=False)
             else:
-                h = layer(h, rope, seq_idx, state, key_valid)
+                h, residual = layer(h, residual, rope, docs, state, key_valid)
         if cache is not None:
             cache.next_pos = position_ids[:, -1] + 1
             cache.seen += l
-        return self.final_norm(h)
+        return add_rms_norm(h, residual, self.final_norm, kernels)[0]
 
     def forward(
         self,

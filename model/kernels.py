@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def mamba_ops() -> SimpleNamespace | None:
-    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step and gated RMSNorm."""
+    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step, gated RMSNorm and the fused
+    residual-add + RMSNorm."""
     try:
+        from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
         from mamba_ssm.ops.triton.ssd_combined import (
@@ -36,6 +38,7 @@ def mamba_ops() -> SimpleNamespace | None:
         split_conv1d_scan=mamba_split_conv1d_scan_combined,
         state_update=selective_state_update,
         rmsnorm_gated=rmsnorm_fn,
+        add_rms_norm=rms_norm_fn,
     )
 
 
@@ -59,6 +62,14 @@ def flash_ops() -> SimpleNamespace | None:
         log.debug("flash_attn unavailable: %s", exc)
         return None
     return SimpleNamespace(dense=flash_attn_func, varlen=flash_attn_varlen_func)
+
+
+@functools.cache
+def flex_ops() -> SimpleNamespace:
+    """torch's FlexAttention, compiled once per process (its eager form is a slow reference)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    return SimpleNamespace(attention=torch.compile(flex_attention, dynamic=False), create_block_mask=create_block_mask)
 
 
 def kernel_report() -> dict[str, bool]:

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.kernels import mamba_ops
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, statistics in float32 (float64 stays float64). x: (..., dim)."""
@@ -28,6 +30,22 @@ class RMSNorm(nn.Module):
         xf = x.to(work)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * self.weight.to(work)).to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm step of a residual block: residual' = x + residual (x when residual is None),
+    returns (norm(residual'), residual'). x, residual: (..., dim), same dtype.
+
+    fused: mamba_ssm's Triton kernel does the add and the RMSNorm in one pass (float32 statistics,
+    the sum rounded to x's dtype as the unfused add does), forward and backward; otherwise plain
+    PyTorch. The unfused form costs ~15 float32 elementwise launches per norm on a GPU.
+    """
+    if fused:
+        return mamba_ops().add_rms_norm(x, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True)
+    residual = x if residual is None else x + residual
+    return norm(residual), residual
 
 
 def rmsnorm_gated_ref(

@@ -31,10 +31,11 @@ Packing (`collate`). From windows tokens (b, l+1) and positions (b, l+1):
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,13 +121,21 @@ class BlendedWindows(Dataset):
     `skipped`), since a held-out share of a small source may be tiny.
     """
 
-    def __init__(self, manifest: Manifest, split: str, seq_len: int) -> None:
+    def __init__(self, manifest: Manifest, split: str, seq_len: int,
+                 weights_override: Mapping[str, float] | None = None) -> None:
         self.split_name = split
         self.sources: list[SourceWindows] = []
         self.skipped: list[str] = []
+        entries = manifest.splits[split].sources
+        override = dict(weights_override or {})
+        unknown = sorted(set(override) - {e.name for e in entries})
+        if unknown:
+            raise TrainingError(f"data.weights names {unknown}, not sources of the {split} split "
+                                f"({', '.join(e.name for e in entries)}): fix the names")
         weights = []
-        for entry in manifest.splits[split].sources:
-            if entry.weight == 0:
+        for entry in entries:
+            weight = override.get(entry.name, entry.weight)
+            if weight == 0:
                 continue
             src = self._open(manifest, entry, seq_len) if entry.tokens else None
             if src is None or src.n_windows == 0:
@@ -138,7 +147,7 @@ class BlendedWindows(Dataset):
                 self.skipped.append(entry.name)
                 continue
             self.sources.append(src)
-            weights.append(entry.weight)
+            weights.append(weight)
         if not self.sources:
             raise TrainingError(f"the {split} split has no source with a window of {seq_len + 1} tokens"
                                 + (": set train.eval_every=0 or lower train.seq_len" if split != "train" else ""))
@@ -220,6 +229,19 @@ def eval_index_batches(n_sequences: int, rank: int, world: int, micro_batch: int
     return batches, math.ceil(math.ceil(n_sequences / world) / micro_batch)
 
 
+def shield_worker_from_termination(worker_id: int) -> None:
+    """DataLoader worker_init_fn: workers ignore SIGTERM and SIGINT.
+
+    On preemption the scheduler (or Ctrl-C) signals every process of the job. A worker that dies of it
+    makes the main process raise `DataLoader worker ... killed by signal` in the middle of the
+    emergency checkpoint the main process is writing (seen on an H100: inside save_checkpoint). The
+    main process handles the signal (train/checkpoint.py), saves, and then shuts its workers down;
+    a worker whose main process is gone exits by itself (torch's worker watchdog).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @dataclass
 class TrainData:
     """The train and validation datasets of a manifest at one sequence length and packing."""
@@ -228,16 +250,17 @@ class TrainData:
     seq_len: int
     packing: Packing
     num_workers: int = 0
+    weights: Mapping[str, float] | None = None  # data.weights: per-source overrides of the manifest's
 
     def __post_init__(self) -> None:
-        self.train = BlendedWindows(self.manifest, "train", self.seq_len)
+        self.train = BlendedWindows(self.manifest, "train", self.seq_len, self.weights)
 
     @cached_property
     def validation(self) -> BlendedWindows:
         """Opened on first use, so a run with train.eval_every=0 needs no usable validation split."""
         if "validation" not in self.manifest.splits:
             raise TrainingError(f"{self.manifest.root}/manifest.json has no validation split: set train.eval_every=0")
-        return BlendedWindows(self.manifest, "validation", self.seq_len)
+        return BlendedWindows(self.manifest, "validation", self.seq_len, self.weights)
 
     def train_loader(self, first_sample: int, n_steps: int, per_step: int, rank: int, world: int,
                      micro_batch: int, pin_memory: bool = False) -> DataLoader:
@@ -246,6 +269,7 @@ class TrainData:
         return DataLoader(
             self.train, batch_sampler=sampler, collate_fn=partial(collate, packing=self.packing),
             num_workers=self.num_workers, pin_memory=pin_memory,
+            worker_init_fn=shield_worker_from_termination if self.num_workers else None,
         )
 
     def eval_batches(self, n_sequences: int, rank: int, world: int, micro_batch: int) -> tuple[list[dict], int]:

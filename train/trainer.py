@@ -114,7 +114,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+    """Model inputs on `device`, except `seq_idx`: the model derives the document boundaries from it
+    on the host (model.documents.DocumentLayout) and moves them itself, so no forward waits on a
+    device-to-host copy."""
+    return {k: batch[k] if k == "seq_idx" else batch[k].to(device, non_blocking=True)
+            for k in MODEL_INPUTS if k in batch}
 
 
 def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
@@ -134,7 +138,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str) -> None:
         self.cfg, t = cfg, cfg.train
         self.manifest = open_manifest(cfg)
-        self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers)
+        self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers, cfg.data.weights)
         self.env: DistEnv = init_distributed()
         if cfg.data.verify == "sha256":
             if self.env.local_rank == 0:

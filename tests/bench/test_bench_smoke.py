@@ -55,6 +55,13 @@ def test_profile_step_smoke(monkeypatch, tmp_path):
     assert len(data["rows"]) == 5 and data["meta"]["wall_ms_per_step"] > 0
 
 
+def test_profile_decode_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, profile_step, ["--smoke", "--decode", "--out", str(tmp_path), "--top", "5"])
+    data = _load(tmp_path / "profile_decode_smoke.json")
+    assert data["meta"]["decode"] and len(data["rows"]) == 5
+    assert not any("backward" in r["op"].lower() for r in data["rows"])  # a decode step has no backward
+
+
 def test_packing_throughput_smoke(monkeypatch, tmp_path):
     shard = tmp_path / "tokens" / "train" / "src"
     shard.mkdir(parents=True)
@@ -67,5 +74,6 @@ def test_packing_throughput_smoke(monkeypatch, tmp_path):
     assert sid[0].tolist() == [0] * 40 + [1] * 3 + [2] * 85 and sid[1, :5].tolist() == [0] * 5
     _run(monkeypatch, packing_throughput, ["--smoke", "--manifest", str(manifest), "--out", str(tmp_path)])
     data = _load(tmp_path / "packing_throughput_smoke.json")
-    assert [r["packing"] for r in data["rows"]] == ["continuous", "document"]
+    assert [r["packing"] for r in data["rows"]] == ["continuous", "document", "document_flex"]
+    assert data["meta"]["fastest_document_mode"] in ("document", "document_flex")
     assert data["meta"]["packed_vs_alone_logits_rel_err"] < 1e-5  # float32 reference path on CPU

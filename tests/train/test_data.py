@@ -12,6 +12,7 @@ import torch
 
 from pipeline.manifest import load_manifest
 from train.data import IGNORE_INDEX, Blend, RankBatches, TrainData, collate, eval_index_batches
+from train.errors import TrainingError
 
 SEQ = 64
 
@@ -116,3 +117,28 @@ def test_blend_follows_the_weights_and_is_prefix_stable() -> None:
             assert blend.count(s, n) == sum(src == s for src, _ in seq[:n])
     period = Blend.PERIOD
     assert blend.locate(2 * period + 5) == (seq[5][0], 2 * blend.counts[seq[5][0]] + seq[5][1])
+
+
+def test_weights_override_reblends_and_names_unknown_sources(corpus: Path) -> None:
+    manifest = load_manifest(corpus)
+    names = [s.name for s in manifest.splits["train"].sources]
+    only_first = TrainData(manifest, SEQ, "document", weights={names[1]: 0.0})
+    assert only_first.train.source_names == [names[0]]
+    assert only_first.validation.source_names == [names[0]]
+    with pytest.raises(TrainingError, match="data.weights names \\['nope'\\]"):
+        TrainData(manifest, SEQ, "document", weights={"nope": 1.0})
+
+
+def test_loader_workers_survive_the_preemption_signal(data: TrainData) -> None:
+    """SIGTERM reaches every process of a preempted job; the workers must outlive it so that the
+    main process can write its checkpoint (and go on reading batches until it does)."""
+    import os
+    import signal
+
+    loader = TrainData(data.manifest, SEQ, "document", num_workers=1).train_loader(0, 4, 2, 0, 1, 2)
+    batches = iter(loader)
+    next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    for _ in range(3):  # a worker killed by the signal makes this raise
+        assert next(batches)["input_ids"].shape == (2, SEQ)

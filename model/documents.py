@@ -1,0 +1,79 @@
+"""Document boundaries of a packed batch, computed once per forward and shared by every layer.
+
+A packed row holds several documents; `seq_idx` (b, l) numbers them (non-decreasing per row). Every
+layer needs the same facts in a different form: Mamba2 kernels take `seq_idx` as contiguous int32,
+flash-attn's varlen kernel takes `cu_seqlens` (flattened starts) and the longest document, and
+FlexAttention takes a block mask. Working them out per layer costs a host sync per attention layer
+(`nonzero`, `max`) that stalls the launch queue (measured: 13% of a 1.3B step at 8192, see
+bench/NOTES.md), so `DocumentLayout.build(..., boundaries=True)` (the kernel path) does it once,
+with one device-to-host copy of the boundary flags (none when `seq_idx` is already on the CPU).
+There, rows that hold a single document need no boundaries at all: when every row is one document
+`build` returns None and the model runs its plain causal path (SDPA, no seq_idx in the kernels).
+The reference path (`boundaries=False`) only wraps `seq_idx`: no host work, so it traces for ONNX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its document. seq_idx: (b, l) -> (b, l) long."""
+    b, l = seq_idx.shape
+    idx = torch.arange(l, device=seq_idx.device).expand(b, l)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - start_pos
+
+
+@dataclass
+class DocumentLayout:
+    """Boundaries of the documents in a (b, l) batch.
+
+    seq_idx     (b, l) on the model's device (int32 and contiguous with boundaries: Mamba2 kernels)
+    cu_seqlens  (n_docs + 1,) int32 on the device: start of every document in the flattened b * l
+                tokens, then b * l (flash-attn varlen); None without boundaries
+    max_seqlen  longest document, tokens (0 without boundaries)
+    block_mask  FlexAttention BlockMask, built on first use by `flex_block_mask` and kept
+    """
+
+    seq_idx: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    block_mask: Any = None
+
+    @classmethod
+    def build(cls, seq_idx: torch.Tensor, device: torch.device, boundaries: bool) -> "DocumentLayout | None":
+        """Layout of `seq_idx` (b, l) on `device`. With `boundaries`: cu_seqlens and max_seqlen too,
+        and None when every row is one document."""
+        if not boundaries:
+            return cls(seq_idx=seq_idx.to(device))
+        b, l = seq_idx.shape
+        starts = torch.ones(b, l, dtype=torch.bool, device=seq_idx.device)
+        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+        flat_starts = starts.flatten().cpu()  # the one host sync of a packed forward
+        if int(flat_starts.sum()) == b:
+            return None
+        cu = torch.cat([flat_starts.nonzero().flatten(), torch.tensor([b * l])]).to(torch.int32)
+        max_seqlen = int(torch.diff(cu).max())
+        return cls(
+            seq_idx=seq_idx.to(device=device, dtype=torch.int32).contiguous(),
+            cu_seqlens=cu.to(device, non_blocking=True),
+            max_seqlen=max_seqlen,
+        )
+
+    def flex_block_mask(self, create_block_mask: Any) -> Any:
+        """Document-causal BlockMask for FlexAttention (built once per layout, shared by layers)."""
+        if self.block_mask is None:
+            doc = self.seq_idx
+            b, l = doc.shape
+
+            def document_causal(bi: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+                return (q >= kv) & (doc[bi, q] == doc[bi, kv])
+
+            self.block_mask = create_block_mask(document_causal, B=b, H=None, Q_LEN=l, KV_LEN=l, device=doc.device)
+        return self.block_mask
