@@ -256,10 +256,13 @@ class Mamba2Mixer(nn.Module):
         A = self._decay_rates()
         if self.impl == "kernels":
             p, n = self.headdim, self.d_state
+            if self.dt_limit == (0.0, float("inf")):  # the kernel applies dt_bias and softplus itself
+                dt_bias, softplus = self.dt_bias.unsqueeze(-1).expand(-1, p), True
+            else:  # it has no clamp: discretise here, as the forward's kernels do with dt_limit
+                dt, dt_bias, softplus = discretize_dt(dt, self.dt_bias, self.dt_limit), None, False
             y = ops.state_update(
                 state.ssm, x, dt.unsqueeze(-1).expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
-                B, C, D=self.D.unsqueeze(-1).expand(-1, p), dt_bias=self.dt_bias.unsqueeze(-1).expand(-1, p),
-                dt_softplus=True,
+                B, C, D=self.D.unsqueeze(-1).expand(-1, p), dt_bias=dt_bias, dt_softplus=softplus,
             )
         else:
             y, new = ssd_step(state.ssm, x, discretize_dt(dt, self.dt_bias, self.dt_limit), A, B, C, self.D)
