@@ -106,12 +106,15 @@ def generate(
     if params.max_new_tokens == 0:
         return out
     logits, cache = model.prefill(ids, mask)
-    history = ids.masked_fill(mask == 0, pad_id)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    # the penalty's history: padding repeats the row's last prompt token, so it only ever sees the row's
+    # own tokens (a pad id would be penalised in padded rows only, and rows would differ from alone)
+    history = torch.where(mask.bool(), ids, ids[:, -1:])
+    done = [False] * len(prompts)
     for i in range(params.max_new_tokens):
         nxt = choose_next(logits, params, history, generator)
-        for row in torch.nonzero(~done).flatten().tolist():
-            tok = int(nxt[row])
+        for row, tok in enumerate(nxt.tolist()):  # one device-to-host copy per step
+            if done[row]:
+                continue
             if eos_id is not None and tok == eos_id:
                 done[row] = True
                 continue
@@ -120,7 +123,7 @@ def generate(
                 on_token(row, tok)
             if should_stop is not None and should_stop(row, out[row]):
                 done[row] = True
-        if bool(done.all()) or i == params.max_new_tokens - 1:
+        if all(done) or i == params.max_new_tokens - 1:
             break
         if params.repetition_penalty != 1.0:  # the history only feeds the penalty: no per-token copy otherwise
             history = torch.cat([history, nxt.unsqueeze(1)], dim=1)

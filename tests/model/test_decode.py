@@ -101,3 +101,19 @@ def test_mamba_state_size_independent_of_context(tiny_model) -> None:
     # The KV cache grows linearly: 2 (k, v) * kv heads * head_dim * 8 bytes per position per layer.
     per_pos = 2 * m.attention.n_kv_heads * m.head_dim * 8 * PATTERN.count("A")
     assert kv_sizes == [per_pos * 5, per_pos * 42]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 5.0])
+def test_generate_batch_equals_rows_alone_with_repetition_penalty(tiny_model, penalty) -> None:
+    """Greedy generation of left-padded prompts gives each row what it gives alone, also with a
+    repetition penalty: padding must not enter the penalised history. The pad id is the first token
+    the shortest row generates alone, so a penalised pad would change that row."""
+    from model.generation import SamplingParams, generate
+
+    model = tiny_model(pattern=PATTERN)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, repetition_penalty=penalty)
+    prompts = [_ids(n, model.cfg.vocab_size, seed=20 + n)[0].tolist() for n in (7, 2, 4)]
+    alone = [generate(model, [p], params)[0] for p in prompts]
+    pad_id = alone[1][0]
+    assert pad_id not in prompts[1]
+    assert generate(model, prompts, params, pad_id=pad_id) == alone
