@@ -3,7 +3,7 @@
 Validation tokens come from the curated manifest's validation split (docs/data_contract.md: flat
 little-endian token arrays, documents concatenated with EOS) or from a plain text file tokenized
 with the checkpoint's tokenizer. Perplexity is exp(mean next-token loss) over non-overlapping
-windows, the same loss the trainer optimises (`HybridLM.loss`).
+windows (`model.scoring`, shared with the evaluation stage), the loss the trainer optimises.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from export import ExportError
 from model.hybrid import HybridLM
+from model.scoring import stream_nll
 
 
 def manifest_validation_tokens(manifest: str | Path, limit: int) -> torch.Tensor:
@@ -65,25 +66,13 @@ def text_tokens(text_file: str | Path, tokenizer: Any, limit: int) -> torch.Tens
 
 @torch.inference_mode()
 def perplexity(model: HybridLM, tokens: torch.Tensor, seq_len: int, batch_size: int = 8) -> dict[str, float]:
-    """exp(mean loss) over non-overlapping windows of `seq_len` + 1 tokens (the tail window shorter)."""
-    device = model.embed.weight.device
-    windows = [tokens[i : i + seq_len + 1] for i in range(0, tokens.numel() - 1, seq_len)]
-    windows = [w for w in windows if w.numel() >= 2]
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        group = windows[start : start + batch_size]
-        width = max(w.numel() for w in group)
-        ids = torch.zeros(len(group), width - 1, dtype=torch.long)
-        labels = torch.full((len(group), width - 1), -100, dtype=torch.long)
-        for row, w in enumerate(group):
-            ids[row, : w.numel() - 1] = w[:-1]
-            labels[row, : w.numel() - 1] = w[1:]
-        n = int((labels != -100).sum())
-        loss = model.loss(ids.to(device), labels.to(device))
-        total_loss += float(loss) * n
-        total_tokens += n
-    mean = total_loss / total_tokens
-    return {"loss": mean, "ppl": math.exp(mean), "tokens": total_tokens}
+    """exp(mean loss) over non-overlapping windows of `seq_len` targets (the tail window shorter),
+    windows running across documents (`model.scoring.stream_nll`). tokens: (n,) long."""
+    nll, scored, _ = stream_nll(model, tokens, seq_len, batch_size)
+    if scored == 0:
+        raise ExportError(f"no token to score in {tokens.numel()} evaluation tokens")
+    mean = nll / scored
+    return {"loss": mean, "ppl": math.exp(mean), "tokens": scored}
 
 
 def _sync(device: torch.device) -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from eval.errors import EvalError
-from eval.val_ppl import read_manifest, validation_perplexity, verify, windows
+from eval.val_ppl import read_manifest, validation_perplexity, verify
+from model.scoring import windows
 
 SEQ_LEN = 16
 
