@@ -8,6 +8,7 @@ greedily decodes `--new-tokens` tokens one at a time with its cache; the decode 
               own `export.hf.bamba_config` + `to_hf_state_dict`, i.e. exactly what --format hf writes)
   attention   an all-attention model (pattern of only `A`) of the same parameter count: the MLP is
               widened to absorb the Mamba2 mixers' weights (rounded to a multiple of 64)
+  ours_graph  ours, decoding through the static cache replayed as one CUDA graph per token (CUDA only)
 Memory: the decoding state (KV + conv + SSM) in bytes for every model, and on CUDA the peak
 allocated memory during the run. Weights are random (`--checkpoint` loads real ones instead): decode
 speed does not depend on the values.
@@ -61,17 +62,24 @@ def state_bytes(obj: object) -> int:
 
 
 class OursRunner:
-    """prefill + step through HybridLM's own cache."""
+    """prefill + step through HybridLM's own cache; with `graph_capacity`, the static cache replayed
+    as a CUDA graph (model/decode_graph.py), capture included in the prefill time."""
 
-    def __init__(self, model: HybridLM) -> None:
-        self.model = model
+    def __init__(self, model: HybridLM, graph_capacity: int | None = None) -> None:
+        self.model, self.graph_capacity = model, graph_capacity
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         logits, self.cache = self.model.prefill(ids)
+        self.graphed = None
+        if self.graph_capacity is not None:
+            from model.decode_graph import GraphedDecodeStep
+
+            self.cache.make_static(ids.size(1) + self.graph_capacity)
+            self.graphed = GraphedDecodeStep(self.model, self.cache)
         return logits
 
     def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.model.step(tok, self.cache)
+        return self.graphed(tok) if self.graphed is not None else self.model.step(tok, self.cache)
 
     def state(self) -> int:
         return self.cache.memory_bytes()
@@ -210,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, tuple[object, int, str]] = {}
     if "ours" in wanted:
         models["ours"] = (OursRunner(ours), count_params(cfg), ours.impl)
+    if "ours_graph" in wanted:
+        if device.type != "cuda":
+            print("error: ours_graph needs a CUDA device", file=sys.stderr)
+            return 2
+        models["ours_graph"] = (OursRunner(ours, graph_capacity=args.new_tokens + 2), count_params(cfg),
+                                f"{ours.impl} + CUDA graph")
     if "hf" in wanted:
         models["hf"] = (HFRunner(build_hf(ours)), count_params(cfg), "transformers Bamba")
     if "attention" in wanted:
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(params_m=params / 1e6, impl=impl)
             if name == "ours":
                 reference[ctx] = tokens
-            elif name == "hf" and tokens is not None and ctx in reference:
+            elif name in ("hf", "ours_graph") and tokens is not None and ctx in reference:
                 row["tokens_agree_with_ours"] = sum(a == b for a, b in zip(tokens, reference[ctx]))
                 row["tokens_agree_with_ours"] = f"{row['tokens_agree_with_ours']}/{len(tokens)}"
             rows.append(row)

@@ -67,8 +67,8 @@ peers)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192,2048 --out "$res"
     ;;
 inference)
-    step 150 python3 bench/decode_throughput.py --preset small --results-dir "$res"
-    step 200 python3 bench/decode_throughput.py --preset 1.3b --results-dir "$res"
+    step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"
+    step 200 python3 bench/decode_throughput.py --preset 1.3b --models ours,ours_graph,hf,attention --results-dir "$res"
     step 240 python3 bench/memory_scaling.py --preset 1.3b --out "$res"
     step 90 python3 bench/profile_step.py --preset 1.3b --decode --batch 1 --seq-len 1024 --sort cpu --out "$res"
     step 90 python3 bench/profile_step.py --preset 1.3b --decode --batch 1 --seq-len 1024 --sort device --out "$res"

@@ -77,6 +77,7 @@ def complete(
     params: SamplingParams,
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
+    cuda_graph: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate for a batch of text prompts; `on_text(row, piece)` streams final text.
 
@@ -94,7 +95,7 @@ def complete(
     rows = generate(
         model, [encode_prompt(tokenizer, p) for p in prompts], params,
         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
-        on_token=on_token, should_stop=lambda row, _tokens: decoders[row].stopped,
+        on_token=on_token, should_stop=lambda row, _tokens: decoders[row].stopped, cuda_graph=cuda_graph,
     )
     elapsed = time.perf_counter() - t0
     results = []

@@ -46,19 +46,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", help="stop string (repeatable); cut from the output")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the completion once it is finished")
+    p.add_argument("--cuda-graph", action="store_true", help="decode through a CUDA graph (export.cuda_graph)")
     p.add_argument("--config", help="run config YAML (path or name under config/runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
 
 
 def sampling_overrides(args: argparse.Namespace) -> list[str]:
-    """Flags as `export.sampling.*` overrides, so the schema validates them like any config value."""
+    """Flags as config overrides (`export.sampling.*`, `export.cuda_graph`), so the schema validates them
+    like any config value."""
     out = [f"export.sampling.{key}={getattr(args, dest)}" for dest, key in _FLAGS.items()
            if getattr(args, dest) is not None]
     if args.stop:
         import json
 
         out.append(f"export.sampling.stop={json.dumps(args.stop)}")
+    if args.cuda_graph:
+        out.append("export.cuda_graph=true")
     return out
 
 
@@ -67,8 +71,8 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_interactive(model, tokenizer, params, stop: list[str]) -> None:
-    from export.textgen import HELP, apply_line, complete
+def run_interactive(model, tokenizer, params, stop: list[str], complete) -> None:
+    from export.textgen import HELP, apply_line
 
     print(f"interactive generation; /help lists the commands\n{HELP}", file=sys.stderr)
     while True:
@@ -100,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = checkpoint_model_config(args.checkpoint)
     run_cfg = resolve_run_config(model_cfg, args.checkpoint, args.config, args.overrides + sampling_overrides(args))
     s = run_cfg.export.sampling
-    from export.textgen import complete
+    from functools import partial
+
+    from export import textgen
     from model.generation import SamplingParams
     from model.weights import atomic_write_json
 
@@ -109,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_checkpoint(args.checkpoint, pick_device(run_cfg.export.device), pick_dtype(run_cfg.export.dtype),
                              run_cfg.model.impl)
     model, tok = bundle.model, bundle.tokenizer
+    if run_cfg.export.cuda_graph and model.embed.weight.device.type != "cuda":
+        raise ExportError("--cuda-graph (export.cuda_graph) needs a CUDA device: set export.device=cuda or drop it")
+    complete = partial(textgen.complete, cuda_graph=run_cfg.export.cuda_graph)
     if args.interactive:
-        run_interactive(model, tok, params, s.stop)
+        run_interactive(model, tok, params, s.stop, complete)
         return 0
     if args.prompt is not None:
         stream = None if args.no_stream else (lambda _row, piece: write(piece))

@@ -9,6 +9,12 @@
 - `key_valid` (b, length) marks real (non left-padding) positions; None when no row is padded.
 - `next_pos` (b,) is the RoPE position of each row's next token (rows may have different prompt
   lengths under left padding).
+
+Static form (`HybridCache.make_static(capacity)`, after a prefill): every KV buffer is allocated to a
+fixed capacity, the number of filled columns lives in a device tensor (`filled`) and `key_valid`
+covers all capacity columns, so a decode step has fixed shapes and no host-side state: it can be
+captured once in a CUDA graph and replayed per token (model/decode_graph.py). Each step writes its
+keys at column `filled` and attends over all columns with the mask `key_valid & (column <= filled)`.
 """
 
 from __future__ import annotations
@@ -30,10 +36,17 @@ class KVState:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     length: int = 0
+    filled: torch.Tensor | None = None  # static form: the cache's shared filled-column count (0-d long)
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (b, kv, l, k) keys/values; return views of everything cached so far."""
+        """Append (b, kv, l, k) keys/values; return views of everything cached so far (static form:
+        the whole fixed-capacity buffers, written at columns filled .. filled + l - 1)."""
         l_new = k_new.size(2)
+        if self.filled is not None:
+            cols = self.filled + torch.arange(l_new, device=k_new.device)
+            self.k.index_copy_(2, cols, k_new)
+            self.v.index_copy_(2, cols, v_new)
+            return self.k, self.v
         need = self.length + l_new
         if self.k is None or need > self.k.size(2):
             cap = max(need, 2 * (self.k.size(2) if self.k is not None else 0), 16)
@@ -56,6 +69,35 @@ class HybridCache:
     next_pos: torch.Tensor
     key_valid: torch.Tensor | None = None
     seen: int = 0  # tokens consumed per row (padding included)
+    filled: torch.Tensor | None = None  # static form only: filled KV columns, 0-d long on the device
+
+    def make_static(self, capacity: int) -> None:
+        """Turn a prefilled cache into its static form with room for `capacity` positions in all."""
+        kv = [st for st in self.layers if isinstance(st, KVState)]
+        length = kv[0].length if kv else self.seen
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is below the {length} positions already cached")
+        device = self.next_pos.device
+        self.filled = torch.tensor(length, device=device)
+        valid = torch.ones(self.next_pos.size(0), capacity, dtype=torch.bool, device=device)
+        if self.key_valid is not None:
+            valid[:, :length] = self.key_valid
+        self.key_valid = valid
+        for st in kv:
+            shape = (*st.k.shape[:2], capacity, st.k.size(3))
+            k, v = st.k.new_zeros(shape), st.v.new_zeros(shape)
+            k[:, :, :length], v[:, :, :length] = st.k[:, :, :length], st.v[:, :, :length]
+            st.k, st.v, st.length, st.filled = k, v, capacity, self.filled
+
+    def attention_keys(self, l_new: int) -> torch.Tensor | None:
+        """(b, t) mask of the keys that l_new new tokens may see (their own included): key_valid,
+        and in the static form only the columns filled after this step."""
+        if self.filled is None or self.key_valid is None:
+            return self.key_valid
+        if l_new != 1:
+            raise ValueError("a static cache decodes one token per step; prefill with the dynamic cache")
+        cols = torch.arange(self.key_valid.size(1), device=self.key_valid.device)
+        return self.key_valid & (cols < self.filled + l_new)
 
     def memory_bytes(self) -> int:
         """Bytes held by all layer states (KV counted at its filled length)."""

@@ -9,10 +9,12 @@ Shape legend: b batch rows, v vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
+from model.decode_graph import GraphedDecodeStep
 from model.hybrid import HybridLM
 
 
@@ -91,11 +93,13 @@ def generate(
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
+    cuda_graph: bool = False,
 ) -> list[list[int]]:
     """Generate continuations for a batch of prompts; returns the new tokens of each row.
 
     A row stops at `eos_id` (not included), after `max_new_tokens`, or when `should_stop(row, tokens)`
     says so (e.g. a stop string appeared). `on_token(row, token)` streams tokens as they are chosen.
+    cuda_graph: decode through a static cache replayed as a CUDA graph (model/decode_graph.py; CUDA only).
     """
     device = model.embed.weight.device
     generator = None
@@ -106,6 +110,11 @@ def generate(
     if params.max_new_tokens == 0:
         return out
     logits, cache = model.prefill(ids, mask)
+    if cuda_graph:
+        cache.make_static(ids.size(1) + params.max_new_tokens)
+        step: Callable[[torch.Tensor], torch.Tensor] = GraphedDecodeStep(model, cache)
+    else:
+        step = partial(model.step, cache=cache)
     # the penalty's history: padding repeats the row's last prompt token, so it only ever sees the row's
     # own tokens (a pad id would be penalised in padded rows only, and rows would differ from alone)
     history = torch.where(mask.bool(), ids, ids[:, -1:])
@@ -127,5 +136,5 @@ def generate(
             break
         if params.repetition_penalty != 1.0:  # the history only feeds the penalty: no per-token copy otherwise
             history = torch.cat([history, nxt.unsqueeze(1)], dim=1)
-        logits = model.step(nxt, cache)
+        logits = step(nxt)
     return out

@@ -131,7 +131,7 @@ class HybridLM(nn.Module):
             else:  # also rows that are single documents
                 position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         rope = self.rope(position_ids, h.dtype)
-        key_valid = cache.key_valid if cache is not None else None
+        key_valid = cache.attention_keys(l) if cache is not None else None
         residual = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
@@ -140,7 +140,11 @@ class HybridLM(nn.Module):
             else:
                 h, residual = layer(h, residual, rope, docs, state, key_valid)
         if cache is not None:
-            cache.next_pos = position_ids[:, -1] + 1
+            if cache.filled is not None:  # static form: in place, so that a captured graph advances it
+                cache.next_pos.copy_(position_ids[:, -1] + 1)
+                cache.filled.add_(l)
+            else:
+                cache.next_pos = position_ids[:, -1] + 1
             cache.seen += l
         return add_rms_norm(h, residual, self.final_norm, kernels)[0]
 
@@ -204,6 +208,6 @@ class HybridLM(nn.Module):
 
     def step(self, token: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """Decode one token per row. token: (b,) long -> logits (b, v); cache updated in place."""
-        if cache.key_valid is not None:
+        if cache.key_valid is not None and cache.filled is None:
             cache.key_valid = torch.cat([cache.key_valid, cache.key_valid.new_ones(token.size(0), 1)], dim=1)
         return self.forward(token.unsqueeze(1), cache=cache)[:, -1]

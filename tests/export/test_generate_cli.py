@@ -73,6 +73,7 @@ def test_missing_checkpoint_is_one_line_error(run_script):
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--top-p", "3"], "export.sampling.top_p"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "model.d_model=32"], "model.d_model"),
     ("generate", ["--checkpoint", "{ckpt}", "--input", "{tmp}/none.txt", "--output", "{tmp}/r.json"], "does not exist"),
+    ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--cuda-graph"], "needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_path, export_cli, generate_cli, capsys):
     main = {"export": export_cli, "generate": generate_cli}[script].main

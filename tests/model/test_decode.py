@@ -117,3 +117,34 @@ def test_generate_batch_equals_rows_alone_with_repetition_penalty(tiny_model, pe
     pad_id = alone[1][0]
     assert pad_id not in prompts[1]
     assert generate(model, prompts, params, pad_id=pad_id) == alone
+
+
+def test_static_cache_decodes_like_the_growing_cache(tiny_model, rel_err) -> None:
+    """The static form (fixed-capacity KV, device-side fill count: what a CUDA graph replays) gives the
+    growing cache's logits step by step, left-padded rows included; float64 reference path."""
+    model = tiny_model(pattern=PATTERN)
+    ids = _ids(9, model.cfg.vocab_size, seed=3, batch=3)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4], mask[2, :2] = 0, 0
+    runs = []
+    for static in (False, True):
+        logits, cache = model.prefill(ids, mask)
+        if static:
+            cache.make_static(9 + 6)
+        steps = [logits]
+        for _ in range(5):
+            steps.append(model.step(steps[-1].argmax(-1), cache))
+        runs.append(torch.stack(steps, 1))
+    assert rel_err(runs[1], runs[0]) < TOL
+    assert int(cache.filled) == 14 and torch.equal(cache.next_pos, torch.tensor([14, 10, 12]))
+
+
+def test_cuda_graph_capture_needs_cuda_and_a_static_cache(tiny_model) -> None:
+    from model.decode_graph import GraphedDecodeStep
+
+    model = tiny_model(pattern=PATTERN)
+    _, cache = model.prefill(_ids(4, model.cfg.vocab_size, seed=1))
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        GraphedDecodeStep(model, cache)
+    with pytest.raises(ValueError, match="below the 4 positions"):
+        cache.make_static(3)

@@ -1,0 +1,68 @@
+"""One decode step as a CUDA graph: the host launches a token's ~1,000 kernels once, then replays.
+
+A decode step of the hybrid is a few milliseconds of GPU work behind hundreds of small launches
+(projections, conv and state updates, norms, Triton kernels with a Python launcher): measured on an
+H100 it ran ~100 ms per token at batch 1, independent of model size and context, i.e. bound by the
+host (bench/NOTES.md). A CUDA graph records the step once and replays it with one launch. It needs
+fixed shapes and no host-side state, which the static cache provides (`HybridCache.make_static`):
+the token goes in through a fixed input buffer, the logits come out in a fixed output buffer, and
+every state (KV columns, filled count, RoPE positions, conv/SSM states) is updated in place by the
+replay itself. This is what mamba_ssm's own generation does for its models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from model.cache import HybridCache
+    from model.hybrid import HybridLM
+
+
+class GraphedDecodeStep:
+    """`HybridLM.step` for one static cache, captured once and replayed per token.
+
+    Capturing runs the step a few times first (CUDA graphs need warmed-up allocations, and Triton
+    autotuning cannot run under capture); those runs would advance the cache, so its state is saved
+    before and restored after. The returned logits (b, v) live in the graph's output buffer: the next
+    call overwrites them.
+    """
+
+    def __init__(self, model: "HybridLM", cache: "HybridCache", warmup: int = 2) -> None:
+        device = cache.next_pos.device
+        if device.type != "cuda":
+            raise RuntimeError("CUDA-graph decoding needs a CUDA device; decode with model.step on this one")
+        if cache.filled is None:
+            raise ValueError("capture needs a static cache: call cache.make_static(capacity) after the prefill")
+        self.token = torch.zeros(cache.next_pos.size(0), dtype=torch.long, device=device)
+        saved, seen = _state_tensors(cache), cache.seen
+        backup = [t.clone() for t in saved]
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(warmup):
+                model.step(self.token, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.logits = model.step(self.token, cache)
+        with torch.inference_mode():
+            for t, b in zip(saved, backup):
+                t.copy_(b)
+        cache.seen = seen
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """token: (b,) long -> logits (b, v) of the next position; the cache advances by one."""
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+
+def _state_tensors(cache: "HybridCache") -> list[torch.Tensor]:
+    """Every tensor a decode step writes in place."""
+    out = [cache.next_pos, cache.filled]
+    for st in cache.layers:
+        out += [st.conv, st.ssm] if hasattr(st, "ssm") else [st.k, st.v]
+    return out
