@@ -69,6 +69,7 @@ class HybridEvalLM(TemplateLM):
         prefix_token_id: token that conditions empty contexts and rolling windows; default EOS,
             the token that precedes every document in the EOS-separated training stream.
         max_batch_size: accepted for lm-eval compatibility, unused.
+        cuda_graph: generate_until decodes through a CUDA graph (model/decode_graph.py; CUDA only).
     """
 
     backend = "causal"
@@ -83,6 +84,7 @@ class HybridEvalLM(TemplateLM):
         max_gen_toks: int = 256,
         prefix_token_id: int | None = None,
         max_batch_size: int | None = None,
+        cuda_graph: bool | str = False,
     ) -> None:
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
@@ -90,6 +92,9 @@ class HybridEvalLM(TemplateLM):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         self._device = resolve_device(device)
+        self._cuda_graph = str(cuda_graph).lower() in ("true", "1", "yes")
+        if self._cuda_graph and self._device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got device {self._device}")
         bundle = load_bundle(checkpoint, device=self._device, dtype=DTYPES.get(dtype))
         self.bundle: Bundle = bundle
         self.model = bundle.model.eval()
@@ -245,7 +250,7 @@ class HybridEvalLM(TemplateLM):
                 raise ValueError(f"max_gen_toks ({params.max_new_tokens}) must be below max_length ({self.max_length})")
             prompts = [self.tok_encode(c, left_truncate_len=max_ctx) or [self.prefix_token_id] for c in contexts]
             new_tokens = generate(self.model, prompts, params, eos_id=self.eot_token_id, pad_id=self.pad_token_id,
-                                  should_stop=StopOnText(self, until))
+                                  should_stop=StopOnText(self, until), cuda_graph=self._cuda_graph)
             for context, gen_kwargs, tokens in zip(contexts, all_kwargs, new_tokens):
                 text = postprocess_generated_text(self.tok_decode(tokens), stop=until, think_end_token=None)
                 results.append(text)

@@ -158,3 +158,8 @@ def test_registered_with_lm_eval_beside_builtin_backends():
 
     assert get_model("hybrid") is HybridEvalLM
     assert "hf" in model_registry  # registering ours must not hide lm-eval's own backends
+
+
+def test_cuda_graph_on_cpu_is_refused(make_lm):
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
+        make_lm(cuda_graph="True")
