@@ -20,11 +20,20 @@
 #   peers      full training step (DeepSpeed ZeRO-2) of ours vs HF Bamba, all-attention, HF Llama
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
+# Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
+#   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1;
+#              13B ZeRO-3 with activation checkpointing on 2 GPUs
+#   x4         1.3B ZeRO-2 on 1, 2 and 4 GPUs; 13B ZeRO-3 and ZeRO-3 + CPU offload on 4; 4 -> 2 resume
+#   x8         the README's command, `deepspeed --num_gpus=8 launch/pretrain.py --config 1.3b` then
+#              `--config 13b`, on the curated shards; SIGTERM + --resume auto on 8
+# The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
+# still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|inference OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
+work=${WORK:-/dev/shm/scale}
 mkdir -p "$res"
 export PYTHONUNBUFFERED=1
 log="$out/log.txt"
@@ -73,8 +82,41 @@ inference)
     step 90 python3 bench/profile_step.py --preset 1.3b --decode --batch 1 --seq-len 1024 --sort cpu --out "$res"
     step 90 python3 bench/profile_step.py --preset 1.3b --decode --batch 1 --seq-len 1024 --sort device --out "$res"
     ;;
+x2|x4|x8)
+    peak=$(python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))")
+    vocab=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data")
+    common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
+            --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
+            --set train.wandb.mode=disabled --work "$work" --out "$res")
+    small=(--config 1.3b --set train.global_batch_tokens=262144)   # 4 x 4096 micro-batches: 16 / 8 / 4 / 2 per step
+    big=(--config 13b --set train.global_batch_tokens=65536)       # 1 x 4096 micro-batches: 8 / 4 / 2 per step
+    n=${stage#x}
+    case "$stage" in
+    x2)
+        step 420 python3 bench/scale_runs.py scaling "${small[@]}" --gpus 1,2 --steps 30 --name scale_1.3b_x2 "${common[@]}"
+        step 420 python3 bench/scale_runs.py preempt "${small[@]}" --gpus 2 --resume-gpus 1 --steps 20 \
+            --signal-after 8 --name preempt_1.3b_x2 "${common[@]}"
+        step 540 python3 bench/scale_runs.py scaling "${big[@]}" --gpus 2 --steps 20 --name scale_13b_zero3_x2 "${common[@]}"
+        ;;
+    x4)
+        step 540 python3 bench/scale_runs.py scaling "${small[@]}" --gpus 1,2,4 --steps 30 --name scale_1.3b_x4 "${common[@]}"
+        step 540 python3 bench/scale_runs.py scaling "${big[@]}" --gpus 4 --steps 20 --name scale_13b_zero3_x4 "${common[@]}"
+        step 540 python3 bench/scale_runs.py scaling "${big[@]}" --gpus 4 --steps 20 \
+            --set train.ds_config=ds_configs/zero3_offload.json --name scale_13b_zero3_offload_x4 "${common[@]}"
+        step 420 python3 bench/scale_runs.py preempt "${small[@]}" --gpus 4 --resume-gpus 2 --steps 20 \
+            --signal-after 8 --name preempt_1.3b_x4 "${common[@]}"
+        ;;
+    x8)  # the README's command (config 1.3b, then 13b) through the driver, which adds only the --set above
+        step 420 python3 bench/scale_runs.py scaling "${small[@]}" --gpus 8 --steps 30 --name readme_1.3b_x8 "${common[@]}"
+        step 540 python3 bench/scale_runs.py scaling "${big[@]}" --gpus 8 --steps 30 --name readme_13b_x8 "${common[@]}"
+        step 420 python3 bench/scale_runs.py preempt "${small[@]}" --gpus 8 --steps 20 --signal-after 8 \
+            --name preempt_1.3b_x8 "${common[@]}"
+        ;;
+    esac
+    echo "stage $stage on $n GPUs done" >>"$log"
+    ;;
 *)
-    echo "unknown stage $stage (core|train|peers|inference)" >&2
+    echo "unknown stage $stage (core|train|peers|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

@@ -91,6 +91,10 @@ class TrainConfig(StrictModel):
         64, ge=1, description="Validation sequences per evaluation over all ranks; the same set every time."
     )
     save_every: int = Field(500, ge=0, description="Steps between checkpoints; 0: only at the end/on signal.")
+    save_final: bool = Field(
+        True, description="Checkpoint and consolidated export at the last step; false for throughput-only runs "
+        "(a signal still saves)."
+    )
     keep_last: int = Field(3, ge=1, description="Complete checkpoints kept on disk.")
     output_dir: str = Field("runs/default", description="Checkpoints, metrics.jsonl and exports go here.")
     on_nan: Literal["skip", "stop"] = Field(

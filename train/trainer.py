@@ -273,12 +273,13 @@ class Trainer:
                         log.warning("train source '%s' is repeating (epoch %.2f at step %d)", name, epochs, state.step)
                 if eval_set is not None and (state.step % t.eval_every == 0 or state.step == t.max_steps):
                     metrics.log_eval(state.step, *self.evaluate(*eval_set))
-                if stopping or state.step == t.max_steps or (t.save_every and state.step % t.save_every == 0):
+                at_end = state.step == t.max_steps and t.save_final
+                if stopping or at_end or (t.save_every and state.step % t.save_every == 0):
                     metrics.print(f"saved {self.ckpt.save(self.engine, state, self.cfg)}")
                 if stopping:
                     metrics.print(f"stopped by signal after step {state.step}; resume with --resume auto")
                     return
-            if not self._final_exported():
+            if t.save_final and not self._final_exported():
                 self.export_final(metrics)
         finally:
             metrics.close()

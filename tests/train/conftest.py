@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import pytest
+
+from bench.scale_runs import read_metrics, run as run_launch  # noqa: F401  (read_metrics: for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -143,36 +143,11 @@ def train_run(nprocs: int, manifest: Path, out: Path, sets: list[str] = (), resu
     return out
 
 
-def read_metrics(out: Path) -> dict[int, dict]:
-    """Per step: the train record merged with the validation record of that step."""
-    steps: dict[int, dict] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        steps.setdefault(rec["step"], {}).update(rec)
-    return steps
-
-
 def run_until_signalled(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str,
                         signal_after_step: int) -> subprocess.CompletedProcess:
-    """Start a run, SIGTERM its rank processes once metrics.jsonl shows `signal_after_step` (as Slurm
-    signals every task on preemption), and wait for the launcher."""
-    import psutil
-
-    proc = subprocess.Popen(launch_cmd(nprocs, manifest, out, sets, resume), cwd=REPO, env=run_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    metrics = out / "metrics.jsonl"
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(x).get("step", 0) >= signal_after_step
-                                         for x in metrics.read_text().splitlines() if x.strip()):
-                ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if any(a.startswith("--local_rank=") for a in p.cmdline())]
-                for p in ranks:
-                    p.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.05)
-        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
+    """Start a run, SIGTERM its rank processes once metrics.jsonl shows `signal_after_step`, and wait
+    for the launcher (bench/scale_runs.py does the signalling, as on a GPU machine)."""
+    cmd = launch_cmd(nprocs, manifest, out, sets, resume)
+    log = out.parent / f"{out.name}.launch.log"
+    rc = run_launch(cmd, log, LAUNCH_TIMEOUT, signal_after_step, out / "metrics.jsonl", env=run_env())
+    return subprocess.CompletedProcess(cmd, rc, log.read_text(), "")

@@ -1,0 +1,24 @@
+"""bench/scale_runs.py on CPU (gloo): the driver of the multi-GPU runs, so that it cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+from bench import scale_runs
+
+
+def test_preempt_and_resume_smoke(tmp_path) -> None:
+    """Reference run, SIGTERM mid-run, resume on 1 process (universal) and on 2 (--resume auto): both
+    continue the reference's losses (float32 on CPU: same world bitwise, other world within 1e-5)."""
+    assert scale_runs.main(["preempt", "--smoke", "--gpus", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scale_preempt_tiny_smoke.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    reference, preempted, other, same = rows
+    assert reference["steps"] == 6 and preempted["steps"] < 6
+    assert other["world_size"] == 1 and same["world_size"] == 2
+    assert same["max_loss_diff_vs_reference"] == 0.0
+    assert other["max_loss_diff_vs_reference"] is not None and other["max_loss_diff_vs_reference"] < 1e-5
+    assert (tmp_path / "scale_preempt_tiny_smoke.md").read_text().startswith("# preempt")
+    runs = tmp_path / "scale_preempt_tiny_smoke_runs"
+    assert not (runs / "reference" / "checkpoints").exists()  # train.save_final=false: nothing written
+    assert not (runs / "reference" / "final").exists()
