@@ -3,7 +3,7 @@
 Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer a Mamba2 mixer (`M`)
 or GQA attention (`A`) as the config's layer pattern says, and the MLP a SwiGLU. Blocks pass the
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
-the kernel path (`model.layers.add_rms_norm`); the arithmetic is the same on both paths.
+the kernel path (`model.layers.ResidualRMSNorm`); the arithmetic is the same on both paths.
 
 Shape legend: b batch, l sequence, d d_model, v vocabulary.
 
@@ -27,7 +27,7 @@ from model.cache import HybridCache, KVState, MambaState
 from model.config import MAMBA, ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
-from model.layers import RMSNorm, RotaryEmbedding, SwiGLU, add_rms_norm, init_linear, residual_std
+from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
 from model.mamba2 import Mamba2Mixer
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, kind: str, layer_idx: int) -> None:
         super().__init__()
         self.kind = kind
-        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Mamba2Mixer(cfg, layer_idx) if kind == MAMBA else Attention(cfg, layer_idx)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         init_linear(self.mlp.gate_proj, cfg.resolved_init_std)
         init_linear(self.mlp.up_proj, cfg.resolved_init_std)
@@ -61,12 +61,12 @@ class Block(nn.Module):
         key_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         fused = self.mixer.impl == "kernels"
-        x, residual = add_rms_norm(x, residual, self.mixer_norm, fused)
+        x, residual = self.mixer_norm(x, residual, fused)
         if self.kind == MAMBA:
             x = self.mixer(x, seq_idx=docs.seq_idx if docs is not None else None, state=state)
         else:
             x = self.mixer(x, rope, docs=docs, kv=state, key_valid=key_valid)
-        x, residual = add_rms_norm(x, residual, self.mlp_norm, fused)
+        x, residual = self.mlp_norm(x, residual, fused)
         return self.mlp(x), residual
 
 
@@ -78,7 +78,7 @@ class HybridLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layer_pattern))
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
         self.activation_checkpointing = False
@@ -146,7 +146,7 @@ class HybridLM(nn.Module):
             else:
                 cache.next_pos = position_ids[:, -1] + 1
             cache.seen += l
-        return add_rms_norm(h, residual, self.final_norm, kernels)[0]
+        return self.final_norm(h, residual, kernels)[0]
 
     def forward(
         self,

@@ -32,20 +32,23 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.to(work)).to(x.dtype)
 
 
-def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, fused: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+class ResidualRMSNorm(RMSNorm):
     """The pre-norm step of a residual block: residual' = x + residual (x when residual is None),
     returns (norm(residual'), residual'). x, residual: (..., dim), same dtype.
 
-    fused: mamba_ssm's Triton kernel does the add and the RMSNorm in one pass (float32 statistics,
-    the sum rounded to x's dtype as the unfused add does), forward and backward; otherwise plain
-    PyTorch. The unfused form costs ~15 float32 elementwise launches per norm on a GPU.
+    A module (not a function reading `.weight`) so that ZeRO-3 gathers the weight when it is called.
+    fused: mamba_ssm's Triton kernel does the add and the RMSNorm in one pass (float32 statistics, the
+    sum rounded to x's dtype as the unfused add does), forward and backward; otherwise plain PyTorch,
+    which costs ~15 float32 elementwise launches per norm on a GPU.
     """
-    if fused:
-        return mamba_ops().add_rms_norm(x, norm.weight, None, residual=residual, eps=norm.eps, prenorm=True)
-    residual = x if residual is None else x + residual
-    return norm(residual), residual
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, residual: torch.Tensor | None, fused: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused:
+            return mamba_ops().add_rms_norm(x, self.weight, None, residual=residual, eps=self.eps, prenorm=True)
+        residual = x if residual is None else x + residual
+        return super().forward(residual), residual
 
 
 def rmsnorm_gated_ref(

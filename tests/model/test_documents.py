@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model import DocumentLayout, positions_from_seq_idx
-from model.layers import RMSNorm, add_rms_norm
+from model.layers import RMSNorm, ResidualRMSNorm
 
 
 def test_boundaries_of_a_packed_batch() -> None:
@@ -32,19 +32,19 @@ def test_positions_restart_per_document() -> None:
     assert positions_from_seq_idx(seq_idx).tolist() == [[0, 1, 0, 1, 2, 0]]
 
 
-def test_add_rms_norm_is_residual_add_then_norm() -> None:
+def test_residual_norm_is_residual_add_then_norm() -> None:
     torch.manual_seed(0)
-    norm = RMSNorm(16)
+    norm = ResidualRMSNorm(16).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x, r = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
-    out, res = add_rms_norm(x, r, norm, fused=False)
+    out, res = norm(x, r)
     assert torch.equal(res, x + r)
-    ref = (x + r) / torch.sqrt(((x + r) ** 2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+    ref = (x + r) / torch.sqrt(((x + r) ** 2).mean(-1, keepdim=True) + norm.eps) * norm.weight
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    first, res0 = add_rms_norm(x, None, norm, fused=False)  # first block: the stream is x itself
+    first, res0 = norm(x, None)  # first block: the stream is x itself
     assert res0 is x
-    torch.testing.assert_close(first, norm(x), rtol=0, atol=0)
+    torch.testing.assert_close(first, RMSNorm.forward(norm, x), rtol=0, atol=0)
 
 
 @torch.no_grad()  # FlexAttention has no CPU backward; the forward checks the document mask itself
