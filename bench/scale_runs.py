@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="results file name (default scale_<mode>_<config>)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.config, args.steps, args.signal_after = "tiny", 6, 3
+        args.config, args.steps, args.signal_after = "tiny", 12, 2  # 10 steps of margin for the signal
         args.sets = [*SMOKE_SETS, *args.sets]
         args.resume_gpus = args.resume_gpus or 1
     sets = [*RUN_SETS, *args.sets, f"train.max_steps={args.steps}"]
