@@ -7,7 +7,9 @@ On CPU, --smoke runs the tiny preset under gloo with 1 and 2 processes so that t
 
     python bench/scale_runs.py scaling --config 1.3b --gpus 1,2,4 --steps 30 --set data.manifest=M ... --out DIR
     python bench/scale_runs.py preempt --config 1.3b --gpus 2 --resume-gpus 1 --steps 30 --signal-after 12 ...
-    python bench/scale_runs.py scaling --smoke --out /tmp/scale
+    python bench/scale_runs.py scaling --smoke --out /tmp/scale    # after scripts/run_default.sh (tiny
+                                                                   # config's embedded shards) or with
+                                                                   # --set data.manifest=...
 
 scaling: one fresh run per GPU count at the same global batch; per run the mean tokens/s and MFU of the
 steps after the first two (start-up apart), tokens/s per GPU, peak memory, first and last loss, and the

@@ -1,16 +1,22 @@
-"""bench/scale_runs.py on CPU (gloo): the driver of the multi-GPU runs, so that it cannot rot."""
+"""bench/scale_runs.py on CPU (gloo) over the test corpus: the driver of the multi-GPU runs, so that it
+cannot rot."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from bench import scale_runs
 
+from .conftest import VOCAB
 
-def test_preempt_and_resume_smoke(tmp_path) -> None:
+
+def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path) -> None:
     """Reference run, SIGTERM mid-run, resume on 1 process (universal) and on 2 (--resume auto): both
     continue the reference's losses (float32 on CPU: same world bitwise, other world within 1e-5)."""
-    assert scale_runs.main(["preempt", "--smoke", "--gpus", "2", "--out", str(tmp_path)]) == 0
+    args = ["preempt", "--smoke", "--gpus", "2", "--out", str(tmp_path),
+            "--set", f"data.manifest={corpus}", "--set", f"model.vocab_size={VOCAB}"]
+    assert scale_runs.main(args) == 0
     rows = json.loads((tmp_path / "scale_preempt_tiny_smoke.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok"] * 4
     reference, preempted, other, same = rows
