@@ -93,6 +93,23 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     return 2 * n**3 / t / 1e12
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks write PNGs, never open windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` to `path` as a PNG (tight layout, 120 dpi) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double(), b.detach().double()

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
-from bench.common import RESULTS, environment, sync, write_results  # noqa: E402
+from bench.common import RESULTS, environment, pyplot, save_figure, sync, write_results  # noqa: E402
 from bench.peers import attention_twin  # noqa: E402
 from model import HybridLM, ModelConfig  # noqa: E402
 from model.sizing import count_params  # noqa: E402
@@ -155,10 +155,7 @@ def measure(name: str, runner, ids: torch.Tensor, new_tokens: int, device: torch
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["model"] for r in rows):
@@ -173,9 +170,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

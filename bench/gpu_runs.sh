@@ -45,6 +45,13 @@ step() {  # step SECONDS CMD...: run with a time limit, log it, never stop the s
     echo "=== exit $? at $(date -u +%H:%M:%S)" | tee -a "$log"
 }
 
+matmul_peak() {  # bf16 GEMM TFLOP/s of this GPU: the MFU denominator handed to the trainer
+    python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))"
+}
+manifest_vocab() {  # the curated tokenizer's vocabulary: the model's vocab_size for these shards
+    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data"
+}
+
 case "$stage" in
 core)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >>"$log" 2>&1
@@ -55,9 +62,9 @@ core)
     step 90 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --out "$res"
     ;;
 train)
-    peak=$(python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))")
+    peak=$(matmul_peak)
     echo "measured bf16 matmul peak: $peak TFLOP/s" | tee -a "$log"
-    vocab=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data")
+    vocab=$(manifest_vocab)
     run_dir=/tmp/pretrain_1.3b
     step 360 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -83,8 +90,8 @@ inference)
     step 90 python3 bench/profile_step.py --preset 1.3b --decode --batch 1 --seq-len 1024 --sort device --out "$res"
     ;;
 x2|x4|x8)
-    peak=$(python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))")
-    vocab=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data")
+    peak=$(matmul_peak)
+    vocab=$(manifest_vocab)
     common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
             --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
             --set train.wandb.mode=disabled --work "$work" --out "$res")

@@ -38,7 +38,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
 from bench import peers  # noqa: E402
-from bench.common import RESULTS, environment, median, sync, time_fn, write_results  # noqa: E402
+from bench.common import RESULTS, environment, median, pyplot, save_figure, sync, time_fn, write_results  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
 NAME = "memory_scaling"
@@ -113,10 +113,7 @@ def add_growth(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """2 x 2 panels: (prefill, train) x (activation memory, seconds per call) vs sequence length, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for col, mode in enumerate(MODES):
@@ -139,16 +136,14 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title + " (log-log: slope 1 = linear)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--seq-lens", default="2048,4096,8192,16384,32768", help="comma-separated, increasing")
-    ap.add_argument("--models", default="ours,attention,hf_bamba", help=f"comma-separated, of {', '.join(peers.PEERS)}")
+    ap.add_argument("--models", type=peers.model_list, default="ours,attention,hf_bamba", help=f"comma-separated, of {', '.join(peers.PEERS)}")
     ap.add_argument("--act-ckpt", action="store_true",
                     help="add training rows with activation checkpointing (ours, attention)")
     ap.add_argument("--iters", type=int, default=2, help="timed calls per row")
@@ -158,9 +153,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.seq_lens, args.iters, args.act_ckpt = "tiny", "64,128,256", 1, True
-    unknown = set(args.models.split(",")) - set(peers.PEERS)
-    if unknown:
-        ap.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(peers.PEERS)}")
     return args
 
 
@@ -184,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         write_results(name, rows, meta, COLUMNS, args.out, title=title)
         plot(rows, args.out / f"{name}.png", title)
 
-    models = args.models.split(",")
+    models = args.models
     for model_name in models:
         peers.release_memory(device)  # the previous model, or a failed build's leftovers
         try:

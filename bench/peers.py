@@ -19,6 +19,7 @@ row's status instead of ending the run.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import traceback
 from typing import Callable
@@ -35,6 +36,15 @@ from model.sizing import attention_mixer_params, count_params, mamba_mixer_param
 OURS = ("ours", "attention")  # HybridLM peers
 PEERS = (*OURS, "hf_bamba", "hf_llama")
 HF_SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def model_list(text: str) -> list[str]:
+    """argparse type of a `--models` option: comma-separated peer names, each one of PEERS."""
+    names = text.split(",")
+    unknown = sorted(set(names) - set(PEERS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(PEERS)}")
+    return names
 
 
 def attention_twin(cfg: ModelConfig) -> ModelConfig:

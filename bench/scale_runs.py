@@ -52,7 +52,8 @@ COLUMNS = ["run", "world_size", "steps", "tokens_per_step", "tokens_per_s", "tok
 
 def deepspeed_cmd(nprocs: int, config: str, sets: list[str], resume: str, out_dir: Path) -> list[str]:
     """The documented launch command for `nprocs` processes (GPUs, or gloo processes on CPU)."""
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    beside = Path(sys.executable).parent / "deepspeed"  # this interpreter's own launcher first
+    launcher = str(beside) if beside.is_file() else shutil.which("deepspeed") or "deepspeed"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -39,7 +39,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
 from bench import peers  # noqa: E402
-from bench.common import RESULTS, environment, matmul_peak_tflops, median, sync, time_fn, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
+)
 from model import ModelConfig, count_params, train_flops_per_token  # noqa: E402
 
 NAME = "train_step_throughput"
@@ -115,10 +117,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Grouped bars: tokens/s per sequence length, one bar per model, MFU written on each bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seqs = sorted({r["seq_len"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -136,9 +135,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,16 +146,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before (at least 1: the first)")
-    ap.add_argument("--models", default=",".join(peers.PEERS), help=f"comma-separated, of {', '.join(peers.PEERS)}")
+    ap.add_argument("--models", type=peers.model_list, default=",".join(peers.PEERS), help=f"comma-separated, of {', '.join(peers.PEERS)}")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.seq_lens, args.micro_batch_tokens, args.grad_accum, args.steps = "tiny", "32,64", 64, 2, 1
-    unknown = set(args.models.split(",")) - set(peers.PEERS)
-    if unknown:
-        ap.error(f"unknown --models {sorted(unknown)}; choose from {', '.join(peers.PEERS)}")
     return args
 
 
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for seq in seqs:
         micro_batch = max(1, args.micro_batch_tokens // seq)
-        for model in args.models.split(","):
+        for model in args.models:
             row = {"model": model, "params_m": count_params(peers.flops_config(model, cfg)) / 1e6, "seq_len": seq,
                    "micro_batch": micro_batch, "grad_accum": args.grad_accum}
             row |= peers.run_guarded(lambda: measure(model, cfg, seq, micro_batch, args, device, peak), device)

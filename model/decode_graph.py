@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.cache import MambaState
+
 if TYPE_CHECKING:
     from model.cache import HybridCache
     from model.hybrid import HybridLM
@@ -64,5 +66,5 @@ def _state_tensors(cache: "HybridCache") -> list[torch.Tensor]:
     """Every tensor a decode step writes in place."""
     out = [cache.next_pos, cache.filled]
     for st in cache.layers:
-        out += [st.conv, st.ssm] if hasattr(st, "ssm") else [st.k, st.v]
+        out += [st.conv, st.ssm] if isinstance(st, MambaState) else [st.k, st.v]
     return out

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from bench.scale_runs import read_metrics, run as run_launch  # noqa: F401  (read_metrics: for the tests)
+from bench.scale_runs import deepspeed_cmd, read_metrics, run as run_launch  # noqa: F401  (read_metrics: for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 VOCAB = 512
 SOURCES = {"stdlib_a": 0.75, "stdlib_b": 0.25}
 LAUNCH_TIMEOUT = 420  # the first launch on a machine JIT-builds DeepSpeed's CPU comm op (~1.5 min)
@@ -117,20 +114,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---- launching runs -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def launch_cmd(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str = "auto") -> list[str]:
-    overrides = [*BASE_SETS, f"data.manifest={manifest}", f"train.output_dir={out}", *sets]
-    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(PRETRAIN),
-            "--config", "tiny", "--resume", resume, *[a for s in overrides for a in ("--set", s)]]
+    return deepspeed_cmd(nprocs, "tiny", [*BASE_SETS, f"data.manifest={manifest}", *sets], resume, out)
 
 
 def train_run(nprocs: int, manifest: Path, out: Path, sets: list[str] = (), resume: str = "auto") -> Path:
