@@ -5,7 +5,13 @@ the model's own ceiling. MFU = model FLOPs per token (model.sizing.train_flops_p
 over the bf16 GEMM rate measured in the same run. The first steps at a new shape spend time in Triton
 autotuning and compilation: they are timed apart (`warmup_s`) from the steady state.
 
+With --cuda-graph every shape is measured twice, eagerly and with the forward and backward replayed
+as CUDA graphs (model/train_graph.py); the graphed row also reports how far its loss and gradients
+are from the eager step's on the same batch (`graph_loss_rel_err`, `graph_grad_rel_err`: relative
+error of the loss and of all gradients concatenated).
+
     python bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 1,2,4
+    python bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 1,2 --cuda-graph --act-ckpt off
     python bench/fwd_bwd_throughput.py --smoke        # CPU plumbing check on the tiny preset
 """
 
@@ -17,34 +23,52 @@ from pathlib import Path
 
 import torch
 
-from bench.common import bench_model, environment, matmul_peak_tflops, median, sync, time_fn, write_results
+from bench.common import (
+    bench_model, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results,
+)
 from model import ModelConfig, train_flops_per_token
+from model.train_graph import graph_training_forward
 
 
-def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, device: torch.device, iters: int) -> dict:
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One forward+backward: (loss, all gradients flattened into one float32 vector); grads cleared."""
+    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    for p in model.parameters():
+        p.grad = None
+    return float(loss.detach()), grads
+
+
+def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, device: torch.device,
+            iters: int) -> dict:
     model = bench_model(cfg, device)
     model.activation_checkpointing = ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+    row = {"preset": cfg.preset, "batch": batch, "seq_len": seq, "act_ckpt": ckpt, "cuda_graph": graph,
+           "impl": model.impl}
 
     def step() -> None:
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
+        loss_and_grads(model, ids)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    step()
+    if graph:
+        eager_loss, eager_grads = loss_and_grads(model, ids)
+        graph_training_forward(model, ids[:, :-1])
+        graphed_loss, graphed_grads = loss_and_grads(model, ids)
+        row["graph_loss_rel_err"] = abs(graphed_loss - eager_loss) / abs(eager_loss)
+        row["graph_grad_rel_err"] = rel_err(graphed_grads, eager_grads)
+        del eager_grads, graphed_grads
+    else:
+        step()
     sync(device)
     warm = time.perf_counter() - t0
     times = time_fn(step, device, warmup=2, iters=iters)
     t = median(times)
-    row = {
-        "preset": cfg.preset, "batch": batch, "seq_len": seq, "act_ckpt": ckpt, "impl": model.impl,
-        "step_ms": 1e3 * t, "tokens_per_s": batch * seq / t, "first_step_s": warm,
-        "flops_per_token": train_flops_per_token(cfg, seq),
-    }
+    row |= {"step_ms": 1e3 * t, "tokens_per_s": batch * seq / t, "first_step_s": warm,
+            "flops_per_token": train_flops_per_token(cfg, seq)}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     del model
@@ -58,6 +82,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--pattern", default=None, help="override the layer pattern (e.g. all A)")
+    ap.add_argument("--act-ckpt", choices=("off", "on", "both"), default="both", help="activation checkpointing")
+    ap.add_argument("--cuda-graph", action="store_true", help="also measure each shape with CUDA-graph replay")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--name", default="fwd_bwd_throughput")
@@ -69,24 +95,28 @@ def main() -> None:
     cfg = ModelConfig(preset=preset, **overrides)
     peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
     rows = []
-    for ckpt in (False, True):
-        for b in batches:
-            try:
-                row = measure(cfg, b, seq, ckpt, device, 2 if args.smoke else args.iters)
-            except torch.OutOfMemoryError:
-                rows.append({"preset": preset, "batch": b, "seq_len": seq, "act_ckpt": ckpt, "impl": "OOM"})
-                torch.cuda.empty_cache()
-                continue
-            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
-            rows.append(row)
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    ckpts = {"off": (False,), "on": (True,), "both": (False, True)}[args.act_ckpt]
+    graphs = (False, True) if args.cuda_graph else (False,)
     meta = environment(device) | {"matmul_peak_tflops": peak, "pattern": cfg.layer_pattern}
-    write_results(args.name + ("_smoke" if args.smoke else ""), rows, meta,
-                  ["preset", "batch", "seq_len", "act_ckpt", "impl", "tokens_per_s", "mfu", "step_ms",
-                   "peak_mem_gb", "first_step_s"], args.out,
-                  title=f"Forward+backward throughput ({preset}, bf16, no optimizer)")
+    rows = []
+    for ckpt in ckpts:
+        for b in batches:
+            for graph in graphs:
+                try:
+                    row = measure(cfg, b, seq, ckpt, graph, device, 2 if args.smoke else args.iters)
+                    row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
+                except Exception as exc:  # OOM or a failed capture: the row says so, the run goes on
+                    status = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {exc}"[:200]
+                    row = {"preset": preset, "batch": b, "seq_len": seq, "act_ckpt": ckpt, "cuda_graph": graph,
+                           "impl": status}
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                write_results(args.name + ("_smoke" if args.smoke else ""), rows, meta,
+                              ["preset", "batch", "seq_len", "act_ckpt", "cuda_graph", "impl", "tokens_per_s", "mfu",
+                               "step_ms", "peak_mem_gb", "first_step_s", "graph_loss_rel_err", "graph_grad_rel_err"],
+                              args.out, title=f"Forward+backward throughput ({preset}, bf16, no optimizer)")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

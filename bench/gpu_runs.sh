@@ -18,6 +18,10 @@
 #              evaluation backend throughput vs lm-eval's hf backend; kernel vs reference parity
 #              (small preset, packed, per tensor)
 #   peers      full training step (DeepSpeed ZeRO-2) of ours vs HF Bamba, all-attention, HF Llama
+#   graph      forward+backward eager vs CUDA-graph replay (1.3B, 4096, with the graphed step's loss and
+#              gradient error vs eager); a host-time profile of one 1.3B step; packing re-measured
+#   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
+#   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
@@ -29,7 +33,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|peers_graph|train_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -82,6 +86,29 @@ train)
 peers)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192,2048 --out "$res"
     ;;
+graph)
+    step 300 python3 bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 1,2 --iters 6 --act-ckpt off \
+        --cuda-graph --name fwd_bwd_graph_1.3b_h100 --out "$res"
+    step 100 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --sort cpu --out "$res"
+    step 160 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 --out "$res"
+    ;;
+peers_graph)
+    step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192 --cuda-graph \
+        --name train_step_throughput_graph_1.3b_h100 --out "$res"
+    ;;
+train_graph)
+    peak=$(matmul_peak)
+    vocab=$(manifest_vocab)
+    run_dir=/tmp/pretrain_1.3b_graph
+    step 300 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
+        --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
+        --set data.packing=continuous --set train.cuda_graph=true \
+        --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 --set train.max_steps=25 \
+        --set train.warmup_steps=5 --set train.eval_every=25 --set train.eval_sequences=16 \
+        --set train.save_every=0 --set train.save_final=false --set train.log_every=1 --set train.peak_tflops="$peak" \
+        --set train.output_dir="$run_dir" --set train.wandb.mode=disabled
+    cp "$run_dir"/metrics.jsonl "$res/pretrain_1.3b_graph_metrics.jsonl" 2>/dev/null
+    ;;
 inference)
     step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"
     step 200 python3 bench/decode_throughput.py --preset 1.3b --models ours,ours_graph,hf,attention --results-dir "$res"
@@ -123,7 +150,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|peers_graph|train_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

@@ -16,6 +16,9 @@ is reported apart as first_step_s. Then --steps timed steps: step_s is their med
   peak_mem_gb    peak allocated device memory over the timed steps (weights, gradients, optimizer
                  states and activations), 1e9 bytes
   ours_over_peer ours' tokens/s over this model's at the same sequence length
+With --cuda-graph, `ours` and `attention` get a second row each (`ours_graph`, `attention_graph`) whose
+forward and backward replay CUDA graphs (model/train_graph.py, what train.cuda_graph does), and the
+column ours_graph_over_peer compares `ours_graph` with every other row.
 Every row is printed and the results rewritten as soon as it is measured; an out-of-memory or other
 failure becomes the row's status and the run goes on.
 
@@ -23,6 +26,7 @@ Writes <out>/<name>.{json,md,png}; --name defaults to train_step_throughput_<pre
 
     python bench/train_step_throughput.py --preset 1.3b                 # H100: 2K/4K/8K, 8192 tokens/micro-batch
     python bench/train_step_throughput.py --preset small --micro-batch-tokens 16384
+    python bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192 --cuda-graph
     python bench/train_step_throughput.py --smoke                       # tiny preset, tiny sizes (CPU without GPU)
 """
 
@@ -43,10 +47,12 @@ from bench.common import (  # noqa: E402
     RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
 )
 from model import ModelConfig, count_params, train_flops_per_token  # noqa: E402
+from model.train_graph import graph_training_forward  # noqa: E402
 
 NAME = "train_step_throughput"
 COLUMNS = ["model", "impl", "params_m", "seq_len", "micro_batch", "grad_accum", "tokens_per_s", "mfu",
-           "peak_mem_gb", "step_s", "first_step_s", "ours_over_peer", "status"]
+           "peak_mem_gb", "step_s", "first_step_s", "ours_over_peer", "ours_graph_over_peer", "status"]
+GRAPHED = "_graph"  # row-name suffix of a CUDA-graph variant
 LR, WEIGHT_DECAY = 1e-4, 0.1
 
 
@@ -71,7 +77,7 @@ def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool) -> dic
     return build_ds_config(train, world_size=1, on_cuda=on_cuda)
 
 
-def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, args: argparse.Namespace,
+def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, graph: bool, args: argparse.Namespace,
             device: torch.device, peak_tflops: float) -> dict:
     """One (model, seq) row: build the engine, warm up, time optimizer steps, destroy the engine."""
     import deepspeed
@@ -83,6 +89,8 @@ def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, args: argpa
                                       config=ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda"))
     try:
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device=engine.device)
+        if graph:  # after deepspeed.initialize: the graphs must see the parameters' final storage
+            graph_training_forward(model, ids[:, :-1])
 
         def step() -> None:
             for _ in range(args.grad_accum):
@@ -108,11 +116,13 @@ def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, args: argpa
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ours_over_peer on every measured peer row whose sequence length has a measured `ours` row."""
-    ours = {r["seq_len"]: r["tokens_per_s"] for r in rows if r["model"] == "ours" and r["status"] == "ok"}
-    for r in rows:
-        if r["model"] != "ours" and r["status"] == "ok" and r["seq_len"] in ours:
-            r["ours_over_peer"] = ours[r["seq_len"]] / r["tokens_per_s"]
+    """ours_over_peer (ours_graph_over_peer) on every other measured row whose sequence length has a
+    measured `ours` (`ours_graph`) row."""
+    for ref in ("ours", "ours" + GRAPHED):
+        ours = {r["seq_len"]: r["tokens_per_s"] for r in rows if r["model"] == ref and r["status"] == "ok"}
+        for r in rows:
+            if r["model"] != ref and r["status"] == "ok" and r["seq_len"] in ours:
+                r[f"{ref}_over_peer"] = ours[r["seq_len"]] / r["tokens_per_s"]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -147,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before (at least 1: the first)")
     ap.add_argument("--models", type=peers.model_list, default=",".join(peers.PEERS), help=f"comma-separated, of {', '.join(peers.PEERS)}")
+    ap.add_argument("--cuda-graph", action="store_true", help="add CUDA-graph rows of ours and attention (CUDA only)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
@@ -174,10 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for seq in seqs:
         micro_batch = max(1, args.micro_batch_tokens // seq)
-        for model in args.models:
-            row = {"model": model, "params_m": count_params(peers.flops_config(model, cfg)) / 1e6, "seq_len": seq,
-                   "micro_batch": micro_batch, "grad_accum": args.grad_accum}
-            row |= peers.run_guarded(lambda: measure(model, cfg, seq, micro_batch, args, device, peak), device)
+        variants = [(m, False) for m in args.models]
+        if args.cuda_graph:
+            variants += [(m, True) for m in args.models if m in peers.OURS]
+        for model, graph in variants:
+            row = {"model": model + (GRAPHED if graph else ""), "seq_len": seq, "micro_batch": micro_batch,
+                   "params_m": count_params(peers.flops_config(model, cfg)) / 1e6, "grad_accum": args.grad_accum}
+            row |= peers.run_guarded(lambda: measure(model, cfg, seq, micro_batch, graph, args, device, peak), device)
             rows.append(row)
             add_ratios(rows)
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from pydantic import model_validator
+
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
 from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
 from model.config import ModelConfig, StrictModel
@@ -24,6 +26,13 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.train.cuda_graph and self.data.packing != "continuous":
+            raise ValueError("train.cuda_graph replays one static batch and needs data.packing=continuous "
+                             "(document packing changes the boundaries every batch): set one of them")
+        return self
 
 
 def resolve_run_path(name_or_path: str | Path) -> Path:

@@ -84,6 +84,13 @@ class TrainConfig(StrictModel):
     )
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Parameter/compute dtype (bf16: fp32 master weights).")
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    cuda_graph: bool = Field(
+        False,
+        description="Replay each micro-batch's forward and backward as CUDA graphs (model/train_graph.py): "
+        "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs "
+        "data.packing=continuous (one static batch shape, no per-batch document boundaries) and ZeRO "
+        "stage 2 (its gradient hooks consume each backward's gradients before the next replay).",
+    )
     seed: int = Field(1234, description="Model init and RNG seed (the data order does not depend on it).")
     log_every: int = Field(1, ge=1, description="Steps between console lines (metrics.jsonl gets every step).")
     eval_every: int = Field(200, ge=0, description="Steps between validation losses; 0 disables.")

@@ -168,10 +168,7 @@ class HybridLM(nn.Module):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (float32, or float64 for a float64 model) over labels != -100.
         labels: (b, l), already shifted."""
-        h = self.hidden_states(input_ids, position_ids, seq_idx)
-        logits = F.linear(h, self.head_weight)
-        if logits.size(-1) != self.cfg.vocab_size:  # same softmax as forward(): padding columns excluded
-            logits = logits[..., : self.cfg.vocab_size]
+        logits = self.forward(input_ids, position_ids, seq_idx)  # the instance's: a graphed one if installed
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 

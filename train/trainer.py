@@ -31,6 +31,7 @@ from config.loader import ConfigError
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
 from model.mamba2 import Mamba2Mixer
+from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.sizing import count_params, train_flops_per_token
 from model.weights import CheckpointError
 from pipeline.manifest import Manifest, load_manifest, sha256_of
@@ -121,6 +122,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k in MODEL_INPUTS if k in batch}
 
 
+def check_graphable(env: DistEnv, stage: int) -> None:
+    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 2."""
+    if not env.on_cuda:
+        raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
+    if stage != 2:
+        raise ConfigError(f"train.cuda_graph needs ZeRO stage 2 (train.ds_config is stage {stage}): ZeRO-3 gathers "
+                          "parameters per module, which a graph cannot follow; use ds_configs/zero2.json or "
+                          "set train.cuda_graph=false")
+
+
 def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
     """Act on a step whose loss was non-finite on `bad_ranks` (train.on_nan: stop | skip)."""
     if not bad_ranks:
@@ -156,6 +167,9 @@ class Trainer:
         self.ds_config = build_ds_config(t, self.env.world_size, self.env.on_cuda, load_universal=universal)
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
+        if t.cuda_graph:
+            check_graphable(self.env, stage)
+        self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
         if resume_dir is None:
@@ -181,7 +195,7 @@ class Trainer:
                             for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}",
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, CUDA graph {t.cuda_graph}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
             f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step",
@@ -223,6 +237,8 @@ class Trainer:
         n_scored = max(float(all_reduce_sum(scored).item()), 1.0)
         scale = env.world_size * self.accumulation / n_scored
         nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
+        if self.cfg.train.cuda_graph and self.graph is None:
+            self.graph = graph_training_forward(self.model, micro[0]["input_ids"])
         for m in micro:
             nll = forward_nll(self.engine, m).sum()
             nll_local += nll.detach().double()

@@ -149,6 +149,8 @@ def _damage(corpus: Path, tmp_path: Path, how: str) -> Path:
     ("missing_manifest", ["/nonexistent/manifest.json", "curate.py"]),
     ("truncated_shard", ["corrupt", "000_stdlib_a.ds", "curate.py"]),
     ("flipped_byte", ["corrupt", "000_stdlib_a.ds", "sha256"]),
+    ("cuda_graph_with_document_packing", ["train.cuda_graph", "data.packing=continuous"]),
+    ("cuda_graph_without_cuda", ["train.cuda_graph needs CUDA", "train.cuda_graph=false"]),
 ])
 def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: Path, tmp_path: Path) -> None:
     if case == "bad_key":
@@ -157,8 +159,12 @@ def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: P
         extra = ["--set", "data.manifest=/nonexistent/manifest.json"]
     elif case == "truncated_shard":
         extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'truncate')}"]
-    else:
+    elif case == "flipped_byte":
         extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'flip')}", "--set", "data.verify=sha256"]
+    elif case == "cuda_graph_with_document_packing":
+        extra = ["--set", "train.cuda_graph=true", "--set", "data.packing=document"]
+    else:
+        extra = ["--set", "train.cuda_graph=true", "--set", "data.packing=continuous"]
     proc = single_process(corpus, tmp_path / "out", *extra, "--dry-run")
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
