@@ -51,8 +51,6 @@ def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, dev
     def step() -> None:
         loss_and_grads(model, ids)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     if graph:
         eager_loss, eager_grads = loss_and_grads(model, ids)
@@ -65,6 +63,8 @@ def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, dev
         step()
     sync(device)
     warm = time.perf_counter() - t0
+    if device.type == "cuda":  # the peak of the steady steps (not of the eager-vs-graph check above)
+        torch.cuda.reset_peak_memory_stats(device)
     times = time_fn(step, device, warmup=2, iters=iters)
     t = median(times)
     row |= {"step_ms": 1e3 * t, "tokens_per_s": batch * seq / t, "first_step_s": warm,

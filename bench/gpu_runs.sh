@@ -19,7 +19,7 @@
 #              (small preset, packed, per tensor)
 #   peers      full training step (DeepSpeed ZeRO-2) of ours vs HF Bamba, all-attention, HF Llama
 #   graph      forward+backward eager vs CUDA-graph replay (1.3B, 4096, with the graphed step's loss and
-#              gradient error vs eager); a host-time profile of one 1.3B step; packing re-measured
+#              gradient error vs eager); a host-time profile of one 1.3B step
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
@@ -89,8 +89,7 @@ peers)
 graph)
     step 300 python3 bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 1,2 --iters 6 --act-ckpt off \
         --cuda-graph --name fwd_bwd_graph_1.3b_h100 --out "$res"
-    step 100 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --sort cpu --out "$res"
-    step 160 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 --out "$res"
+    step 200 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --sort cpu --out "$res"
     ;;
 peers_graph)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192 --cuda-graph \

@@ -3,14 +3,24 @@
 Why: a 1.3B kernel-path forward+backward is thousands of launches (each Mamba2 layer runs ~25
 Triton kernels through Triton's Python launcher, plus the GEMMs and norms). On an H100, one and two
 4096-token sequences took about the same time (bench/NOTES.md): at small micro-batches the host,
-not the GPU, sets the pace. A CUDA graph records the launches once and replays them.
+not the GPU, sets the pace. Replaying both passes as CUDA graphs measured 2.1x faster at 1 x 4096.
 
-How: `torch.cuda.make_graphed_callables` (warm-up iterations on a side stream, where Triton
-autotunes outside any capture; then one forward and one backward graph). What is captured is
-`HybridLM.forward(input_ids)` for one input shape: logits out, parameter gradients back. The
-model's `forward` is then replaced by a dispatcher: training-mode calls with `input_ids` alone, of
-the captured shape, replay the graphs; everything else (evaluation, packed documents with seq_idx
-or position_ids, other shapes, caches) runs the eager forward, so one model serves both.
+What is captured: `HybridLM.forward(input_ids)` for one input shape, logits out, parameter
+gradients back. `graph_training_forward` installs a dispatcher as the model's `forward`:
+training-mode calls with `input_ids` alone, of the captured shape, replay the graphs; everything
+else (evaluation, packed documents with seq_idx or position_ids, other shapes, caches) runs the
+eager forward, so one model serves both.
+
+How, and why not `torch.cuda.make_graphed_callables`: that function captures the backward with
+`torch.autograd.grad` over the module's real parameters. Under DeepSpeed the parameters' gradient
+accumulator nodes already exist, on the default stream, so the captured backward makes the default
+stream wait on the capture stream, which CUDA forbids (measured: cudaErrorStreamCaptureImplicit on
+the first ZeRO-2 capture). Here the capture runs on stand-in leaves that share the parameters'
+storage (`torch.func.functional_call`), whose accumulators are created on the capture stream; the
+replayed backward hands its gradients to the real parameters through one autograd node, so
+DeepSpeed's gradient hooks run as in eager training. Otherwise it follows make_graphed_callables:
+warm-up iterations first on the capture stream (Triton autotunes there, outside any capture), one
+memory pool for both graphs, inputs copied into a static buffer.
 
 Requirements, checked by the callers that enable it (train/trainer.py):
   * CUDA, and parameters that keep their storage: in-place optimizer updates (DeepSpeed ZeRO-1/2,
@@ -25,10 +35,12 @@ Requirements, checked by the callers that enable it (train/trainer.py):
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
-import torch.nn as nn
+from torch.autograd.function import once_differentiable
+from torch.func import functional_call
 
 if TYPE_CHECKING:
     from model.hybrid import HybridLM
@@ -36,9 +48,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _EagerLogits(nn.Module):
-    """The capture target: ids (b, l) -> logits (b, l, v) through the model's eager forward. A
-    separate module, hook-free, that owns no parameters of its own (they are the model's)."""
+class CudaGraphs:
+    """The graph operations the capture needs. Tests substitute a stand-in with the same methods
+    (one that re-runs `run` on replay and copies the result into the captured outputs)."""
+
+    def new(self) -> Any:
+        return torch.cuda.CUDAGraph()
+
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, graph: Any, pool: Any, stream: Any, run: Callable[[], Any]) -> Any:
+        """Record `run` into `graph` on `stream` (memory from `pool`); returns its outputs, which
+        become the graph's static output buffers."""
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            return run()
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()
+
+
+class _EagerLogits(torch.nn.Module):
+    """ids (b, l) -> logits (b, l, v) through the model's class forward, never the dispatcher that
+    replaces the instance's `forward` (a stand-in graph re-runs the capture)."""
 
     def __init__(self, model: "HybridLM") -> None:
         super().__init__()
@@ -48,18 +83,89 @@ class _EagerLogits(nn.Module):
         return type(self.model).forward(self.model, input_ids)
 
 
+class _CapturedStep:
+    """Static buffers and the two graphs of one captured forward+backward.
+
+    ids        (b, l) long     static input (each call's ids are copied in)
+    logits     (b, l, v)       static forward output
+    grad_out   (b, l, v)       static incoming gradient of the logits
+    grads      per parameter   static gradients produced by the backward graph
+    """
+
+    def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, ops: CudaGraphs, warmup: int) -> None:
+        self.ops = ops
+        self.params = [p for p in model.parameters()]
+        names = [n for n, _ in model.named_parameters()]
+        leaves = {f"model.{n}": p.detach().requires_grad_() for n, p in zip(names, self.params)}  # same storage
+        order = list(leaves.values())
+        target = _EagerLogits(model)
+        self.ids = sample_ids.clone()
+
+        def forward() -> torch.Tensor:
+            self._live = functional_call(target, leaves, (self.ids,), strict=True)
+            return self._live
+
+        def backward() -> tuple[torch.Tensor, ...]:  # differentiates the forward that ran last
+            return torch.autograd.grad(self._live, order, grad_outputs=self.grad_out)
+
+        on_cuda = sample_ids.device.type == "cuda"
+        stream = ops.stream(sample_ids.device)
+        if on_cuda:
+            stream.wait_stream(torch.cuda.current_stream(sample_ids.device))
+        with _on(stream if on_cuda else None):
+            for _ in range(warmup):
+                out = forward()
+                torch.autograd.grad(out, order, grad_outputs=torch.zeros_like(out))
+                del out
+            self._live = None
+        if on_cuda:
+            torch.cuda.current_stream(sample_ids.device).wait_stream(stream)
+        pool = ops.pool()
+        self.fwd, self.bwd = ops.new(), ops.new()
+        self.logits = ops.capture(self.fwd, pool, stream, forward)
+        self.grad_out = torch.zeros_like(self.logits)
+        self.grads = ops.capture(self.bwd, pool, stream, backward)
+
+
+@contextmanager
+def _on(stream: Any) -> Iterator[None]:
+    if stream is None:
+        yield
+    else:
+        with torch.cuda.stream(stream):
+            yield
+
+
+class _Replay(torch.autograd.Function):
+    """One autograd node: forward replays the forward graph, backward the backward graph and hands
+    the static gradients to the real parameters (inputs 2..)."""
+
+    @staticmethod
+    def forward(ctx: Any, step: _CapturedStep, input_ids: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        if input_ids.data_ptr() != step.ids.data_ptr():
+            step.ids.copy_(input_ids)
+        step.ops.replay(step.fwd)
+        ctx.step = step
+        return step.logits.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[Any, ...]:
+        step: _CapturedStep = ctx.step
+        step.grad_out.copy_(grad_logits)
+        step.ops.replay(step.bwd)
+        return (None, None, *(g.detach() for g in step.grads))
+
+
 class GraphedTrainingForward:
     """Installed as `model.forward` by `graph_training_forward`; see the module docstring."""
 
-    def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, capture: Callable[..., Any], warmup: int) -> None:
+    def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, ops: CudaGraphs, warmup: int) -> None:
         self.model = model
         self.shape = tuple(sample_ids.shape)
         self.replays = 0
         self.eager_calls = 0
-        target = _EagerLogits(model).train()
-        # The sample becomes the graph's static input buffer (later batches are copied into it): a
-        # clone, so that nothing else owns or rewrites it.
-        self.graphed = capture(target, (sample_ids.clone(),), num_warmup_iters=warmup)
+        self.step = _CapturedStep(model, sample_ids, ops, warmup)
 
     def __call__(
         self,
@@ -72,7 +178,7 @@ class GraphedTrainingForward:
         if (model.training and torch.is_grad_enabled() and position_ids is None and seq_idx is None
                 and cache is None and tuple(input_ids.shape) == self.shape):
             self.replays += 1
-            return self.graphed(input_ids)
+            return _Replay.apply(self.step, input_ids, *self.step.params)
         self.eager_calls += 1
         return type(model).forward(model, input_ids, position_ids, seq_idx, cache)
 
@@ -80,21 +186,21 @@ class GraphedTrainingForward:
 def graph_training_forward(
     model: "HybridLM",
     sample_ids: torch.Tensor,
-    capture: Callable[..., Any] | None = None,
+    ops: CudaGraphs | None = None,
     warmup: int = 3,
 ) -> GraphedTrainingForward:
     """Capture the training forward/backward of `model` for batches shaped like `sample_ids` (b, l)
     long, and install the dispatcher as `model.forward`. Returns it (its `replays` / `eager_calls`
-    count what ran). `capture` defaults to torch.cuda.make_graphed_callables (tests pass another)."""
+    count what ran). `ops` defaults to CUDA graphs (tests pass a stand-in)."""
     if isinstance(model.forward, GraphedTrainingForward):
         raise RuntimeError("the model's training forward is already graphed")
-    if capture is None:
+    if ops is None:
         if sample_ids.device.type != "cuda":
             raise RuntimeError("CUDA-graph training needs a CUDA device; train eagerly on this one")
-        capture = torch.cuda.make_graphed_callables
+        ops = CudaGraphs()
     if not model.training:
         raise RuntimeError("capture the training forward in train mode (model.train())")
-    dispatcher = GraphedTrainingForward(model, sample_ids, capture, warmup)
+    dispatcher = GraphedTrainingForward(model, sample_ids, ops, warmup)
     model.forward = dispatcher  # instance attribute: nn.Module.__call__ finds it before the class's
     log.info("training forward+backward captured as CUDA graphs for input shape %s", dispatcher.shape)
     return dispatcher
