@@ -12,10 +12,10 @@ else (evaluation, packed documents with seq_idx or position_ids, other shapes, c
 eager forward, so one model serves both.
 
 How, and why not `torch.cuda.make_graphed_callables`: that function captures the backward with
-`torch.autograd.grad` over the module's real parameters. Under DeepSpeed the parameters' gradient
-accumulator nodes already exist, on the default stream, so the captured backward makes the default
-stream wait on the capture stream, which CUDA forbids (measured: cudaErrorStreamCaptureImplicit on
-the first ZeRO-2 capture). Here the capture runs on stand-in leaves that share the parameters'
+`torch.autograd.grad` over the module's real parameters. Under a DeepSpeed ZeRO-2 engine that
+capture failed on an H100 (cudaErrorStreamCaptureImplicit: the default stream was made to wait on
+the capture stream), after torch's warning that the parameters' gradient-accumulator nodes predate
+the capture and belong to another stream. Here the capture runs on stand-in leaves that share the parameters'
 storage (`torch.func.functional_call`), whose accumulators are created on the capture stream; the
 replayed backward hands its gradients to the real parameters through one autograd node, so
 DeepSpeed's gradient hooks run as in eager training. Otherwise it follows make_graphed_callables:
@@ -94,9 +94,9 @@ class _CapturedStep:
 
     def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, ops: CudaGraphs, warmup: int) -> None:
         self.ops = ops
-        self.params = [p for p in model.parameters()]
-        names = [n for n, _ in model.named_parameters()]
-        leaves = {f"model.{n}": p.detach().requires_grad_() for n, p in zip(names, self.params)}  # same storage
+        named = list(model.named_parameters())
+        self.params = [p for _, p in named]
+        leaves = {f"model.{n}": p.detach().requires_grad_() for n, p in named}  # same storage, new leaves
         order = list(leaves.values())
         target = _EagerLogits(model)
         self.ids = sample_ids.clone()
