@@ -32,6 +32,9 @@ class RunConfig(StrictModel):
         if self.train.cuda_graph and self.data.packing != "continuous":
             raise ValueError("train.cuda_graph replays one static batch and needs data.packing=continuous "
                              "(document packing changes the boundaries every batch): set one of them")
+        if self.train.cuda_graph and self.train.activation_checkpointing:
+            raise ValueError("train.cuda_graph with train.activation_checkpointing is not supported yet (never "
+                             "captured on a GPU): set one of them to false")
         return self
 
 

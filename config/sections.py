@@ -125,9 +125,6 @@ class TrainConfig(StrictModel):
             )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.cuda_graph and self.activation_checkpointing:
-            raise ValueError("cuda_graph with activation_checkpointing is not supported yet (never captured on a "
-                             "GPU): set one of them to false")
         return self
 
     @property
