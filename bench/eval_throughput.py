@@ -12,6 +12,7 @@ Triton autotune), then the timed passes.
 
 Backends:
   hybrid   eval/lm_backend.py: batches by length, scores only continuation positions, cached decoding
+  hybrid_graph  the same with model arg cuda_graph=True (generate_until decodes through CUDA graphs; CUDA only)
   hf       lm_eval.models.huggingface.HFLM on transformers' BambaForCausalLM holding the same weights
            (built in memory by the exporter, export/hf.py); skipped, with the reason in the results,
            when the config cannot be expressed as Bamba or a package is missing (HFLM imports
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=16, help="requests in the untimed warm-up pass")
-    ap.add_argument("--backends", default="hybrid,hf")
+    ap.add_argument("--backends", default="hybrid,hf", help="comma-separated, of hybrid, hybrid_graph, hf")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, shipped task, 4 prompts x 8 tokens")
     ap.add_argument("--out", help="result name under bench/results (default eval_throughput_<preset>)")
     args = ap.parse_args(argv)
@@ -198,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.backends.split(","):
             if name == "hybrid":
                 lm, note = ours, f"model impl {ours.model.impl}"
+            elif name == "hybrid_graph":  # the same backend, generate_until decoding through CUDA graphs
+                lm = HybridEvalLM(checkpoint, device=str(device), dtype=dtype, batch_size=args.batch_size,
+                                  cuda_graph=True)
+                note = f"model impl {lm.model.impl}, cuda_graph"
             elif name == "hf":
                 lm, note = hf_backend(ours, args.batch_size)
             else:
-                raise SystemExit(f"unknown backend {name} (hybrid, hf)")
+                raise SystemExit(f"unknown backend {name} (hybrid, hybrid_graph, hf)")
             if lm is None:
                 rows.append({"backend": name, "note": note})
                 print(note, flush=True)

@@ -22,6 +22,7 @@
 #              gradient error vs eager); a host-time profile of one 1.3B step
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
 #   peers_16k  the same at 16384 tokens (ours, all-attention twin, HF Bamba; eager and graphed)
+#   eval_graph lm-eval throughput with generate_until through CUDA graphs (hybrid_graph) vs eager and hf
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
@@ -34,7 +35,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|peers_graph|peers_16k|train_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|peers_graph|peers_16k|eval_graph|train_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -100,6 +101,10 @@ peers_16k)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 16384 --cuda-graph \
         --models ours,attention,hf_bamba --name train_step_throughput_16k_1.3b_h100 --out "$res"
     ;;
+eval_graph)
+    step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
+    cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
+    ;;
 train_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
@@ -154,7 +159,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|peers_graph|peers_16k|train_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|peers_graph|peers_16k|eval_graph|train_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac
