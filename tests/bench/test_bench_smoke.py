@@ -77,3 +77,27 @@ def test_packing_throughput_smoke(monkeypatch, tmp_path):
     assert [r["packing"] for r in data["rows"]] == ["continuous", "document", "document_flex"]
     assert data["meta"]["fastest_document_mode"] in ("document", "document_flex")
     assert data["meta"]["packed_vs_alone_logits_rel_err"] < 1e-5  # float32 reference path on CPU
+
+
+def test_decode_throughput_smoke(tmp_path):
+    from bench import decode_throughput
+
+    assert decode_throughput.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    rows = _load(tmp_path / "decode_throughput_tiny_smoke.json")["rows"]
+    assert {r["model"] for r in rows} == {"ours", "hf", "attention"}
+    assert all(r["decode_tokens_per_s"] > 0 and r["state_mb"] > 0 for r in rows)
+    # the HF export decodes the same greedy tokens as ours (float32 on CPU)
+    assert all(a == b for a, b in (r["tokens_agree_with_ours"].split("/") for r in rows if r["model"] == "hf"))
+
+
+def test_eval_throughput_smoke(monkeypatch, tmp_path):
+    import bench.common
+    from bench import eval_throughput
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)  # write_results' default folder
+    monkeypatch.setattr(sys, "argv", ["eval_throughput.py", "--smoke"])
+    assert eval_throughput.main() == 0
+    rows = _load(tmp_path / "eval_throughput_tiny_smoke.json")["rows"]
+    kinds = {(r["backend"], r.get("request_type")) for r in rows}
+    assert {("hybrid", "loglikelihood"), ("hybrid", "generate_until")} <= kinds
+    assert all(r["requests_per_s"] > 0 for r in rows if "requests_per_s" in r)
