@@ -124,10 +124,13 @@ def launch_cmd(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: 
 
 def train_run(nprocs: int, manifest: Path, out: Path, sets: list[str] = (), resume: str = "auto") -> Path:
     """Run to the end; fail the test with the output's tail if the run fails."""
-    proc = subprocess.run(launch_cmd(nprocs, manifest, out, list(sets), resume), cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    cmd = launch_cmd(nprocs, manifest, out, list(sets), resume)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     if proc.returncode != 0:
         pytest.fail(f"training run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    port = cmd[cmd.index("--master_port") + 1]
+    leaked = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"the run left DeepSpeed's shared-memory segments behind: {leaked}"
     (out / "launch.log").write_text(proc.stdout + proc.stderr)
     return out
 
