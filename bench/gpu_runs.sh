@@ -20,10 +20,15 @@
 #   peers      full training step (DeepSpeed ZeRO-2) of ours vs HF Bamba, all-attention, HF Llama
 #   graph      forward+backward eager vs CUDA-graph replay (1.3B, 4096, with the graphed step's loss and
 #              gradient error vs eager); a host-time profile of one 1.3B step
+#   parts      forward+backward GPU time of each block part and variant (bench/block_costs.py, with the
+#              Mamba2 mixer's top kernels)
+#   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
+#              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
 #   peers_16k  the same at 16384 tokens (ours, all-attention twin, HF Bamba; eager and graphed)
 #   eval_graph lm-eval throughput with generate_until through CUDA graphs (hybrid_graph) vs eager and hf
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
+#   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
@@ -35,7 +40,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|peers_graph|peers_16k|eval_graph|train_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -93,6 +98,18 @@ graph)
         --cuda-graph --name fwd_bwd_graph_1.3b_h100 --out "$res"
     step 200 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --sort cpu --out "$res"
     ;;
+parts)
+    step 300 python3 bench/block_costs.py --preset 1.3b --seq-lens 4096,8192 --tokens 8192 --chunks 128,256 \
+        --profile --name block_costs_1.3b_h100 --out "$res"
+    ;;
+docs_graph)
+    step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
+        --modes continuous,document,continuous_graph,document_graph --out "$res"
+    step 150 python3 bench/fwd_bwd_throughput.py --preset 1.3b --seq-len 4096 --batches 2 --iters 6 --act-ckpt off \
+        --cuda-graph --name fwd_bwd_graph_fused_mlp_1.3b_h100 --out "$res"
+    step 200 python3 bench/kernel_parity.py --presets small --seq-len 1024 --batch 2 \
+        --cases "bf16 packed,float32 packed" --out "$res"
+    ;;
 peers_graph)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 4096,8192 --cuda-graph \
         --name train_step_throughput_graph_1.3b_h100 --out "$res"
@@ -105,18 +122,20 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph)
+train_graph|train_docs_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
-    run_dir=/tmp/pretrain_1.3b_graph
+    packing=continuous name=pretrain_1.3b_graph
+    [ "$stage" = train_docs_graph ] && packing=document name=pretrain_1.3b_docs_graph
+    run_dir=/tmp/$name
     step 300 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
-        --set data.packing=continuous --set train.cuda_graph=true \
+        --set data.packing=$packing --set train.cuda_graph=true \
         --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 --set train.max_steps=25 \
         --set train.warmup_steps=5 --set train.eval_every=25 --set train.eval_sequences=16 \
         --set train.save_every=0 --set train.save_final=false --set train.log_every=1 --set train.peak_tflops="$peak" \
         --set train.output_dir="$run_dir" --set train.wandb.mode=disabled
-    cp "$run_dir"/metrics.jsonl "$res/pretrain_1.3b_graph_metrics.jsonl" 2>/dev/null
+    cp "$run_dir"/metrics.jsonl "$res/${name}_metrics.jsonl" 2>/dev/null
     ;;
 inference)
     step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"
@@ -159,7 +178,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|peers_graph|peers_16k|eval_graph|train_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

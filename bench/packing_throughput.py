@@ -6,10 +6,16 @@ boundary, as the data loader does). Each step is forward + backward + a fused Ad
 preset in bf16 on the kernel path; `document` passes seq_idx (kept on the host, as the trainer does)
 and restarting positions (Mamba2 state and conv reset, attention within documents through
 flash-attn varlen), `document_flex` the same with FlexAttention's document mask, `continuous`
-passes neither. The cost is that of the faster document mode. Also checks on the kernel path that
-a packed sequence gives each document the logits it gets alone.
+passes neither. `continuous_graph` and `document_graph` run the same steps with the forward and
+backward replayed as CUDA graphs (model/train_graph.py; packed documents through fixed-capacity
+cu_seqlens). `grad_rel_err`: a graphed mode's gradients against its eager mode's on the same batch
+and weights, and, on the eager row, a second eager step against the first (the kernels' own
+run-to-run spread, the floor the graphed error is read against). The cost is that of the faster document mode against continuous packing, eager and graphed
+apart. Also checks on the kernel path that a packed sequence gives each document the logits it gets
+alone.
 
     python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --preset 1.3b --seq-len 8192
+    python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --modes continuous,document,continuous_graph,document_graph
     python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --smoke
 """
 
@@ -24,6 +30,9 @@ import torch
 
 from bench.common import bench_model, environment, matmul_peak_tflops, median, rel_err, time_fn, write_results
 from model import ModelConfig, positions_from_seq_idx, train_flops_per_token
+from model.train_graph import graph_training_forward
+
+GRAPH_MODES = ("continuous_graph", "document_graph")
 
 
 def document_lengths(manifest: Path) -> np.ndarray:
@@ -59,7 +68,8 @@ def main() -> None:
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--modes", default="continuous,document,document_flex")
+    ap.add_argument("--modes", default="continuous,document,document_flex,continuous_graph,document_graph",
+                    help="the *_graph modes need CUDA (left out with --smoke)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -76,28 +86,72 @@ def main() -> None:
     peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
     flops = train_flops_per_token(cfg, seq)
     rows, step_no, used = [], [0], []  # used: the packed row of every step, in order
+    modes = [m for m in args.modes.split(",") if device.type == "cuda" or m not in GRAPH_MODES]
+    graphs = None
+    if any(m in GRAPH_MODES for m in modes):
+        graphs = graph_training_forward(model, ids[:1, :-1], documents=True)  # steps captured on first use
+    graph_err: dict[str, tuple[float, str]] = {}
+
+    def batch(r: int, packing: str) -> tuple[torch.Tensor, ...]:
+        """Row r as (input_ids, labels, position_ids, seq_idx): the last two None when continuous."""
+        x, y = ids[r:r + 1, :-1], ids[r:r + 1, 1:].clone()
+        sid = pos = None
+        if not packing.startswith("continuous"):
+            sid = seq_idx[r:r + 1]
+            pos = positions_from_seq_idx(sid).to(device)
+            y[:, :-1][(sid[:, 1:] != sid[:, :-1]).to(device)] = -100  # cross-document targets are not scored
+        return x, y, pos, sid
+
+    def select(packing: str) -> None:
+        """The attention backend and the forward (graphed or eager) of a mode."""
+        model.set_attn_backend("flex" if packing == "document_flex" else cfg.attn_backend)
+        vars(model).pop("forward", None)  # the class's eager forward
+        if packing in GRAPH_MODES:
+            model.forward = graphs
 
     def train_step(packing: str) -> None:
         r = step_no[0] % n_rows  # rotate through the packed rows
         step_no[0] += 1
         used.append(r)
-        x, y = ids[r:r + 1, :-1], ids[r:r + 1, 1:].clone()
-        sid = pos = None
-        if packing != "continuous":
-            sid = seq_idx[r:r + 1]
-            pos = positions_from_seq_idx(sid).to(device)
-            y[:, :-1][(sid[:, 1:] != sid[:, :-1]).to(device)] = -100  # cross-document targets are not scored
+        x, y, pos, sid = batch(r, packing)
         model.loss(x, y, position_ids=pos, seq_idx=sid).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    modes = args.modes.split(",")
+    names = [n for n, _ in model.named_parameters()]
+
+    def gradients(packing: str, r: int) -> list[torch.Tensor]:
+        """Every parameter's gradient of one step on row r (copies); no update."""
+        select(packing)
+        x, y, pos, sid = batch(r, packing)
+        model.loss(x, y, position_ids=pos, seq_idx=sid).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.zero_grad(set_to_none=True)
+        return grads
+
+    def grads_rel_err(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, str]:
+        """||got - want|| / ||want|| over all gradients, accumulated per tensor in float64 (one
+        float64 copy of a 1.3B model's gradients would not fit beside the graphs' memory), and the
+        three tensors with the largest error of their own."""
+        diffs = [float((g.double() - w.double()).pow(2).sum()) for g, w in zip(got, want)]
+        norms = [float(w.double().pow(2).sum()) for w in want]
+        own = sorted(((d / max(n, 1e-300)) ** 0.5, name) for d, n, name in zip(diffs, norms, names))[-3:]
+        worst = "; ".join(f"{name} {err:.2g}" for err, name in reversed(own))
+        return (sum(diffs) / max(sum(norms), 1e-300)) ** 0.5, worst
+
     for packing in modes:  # every mode and row once before any timing: first-call costs (autotune,
-        model.set_attn_backend("flex" if packing == "document_flex" else cfg.attn_backend)  # compile,
-        for _ in range(n_rows):  # allocator growth) must not land in the first mode measured
+        select(packing)  # compile, graph capture, allocator growth) must not land in the first mode measured
+        for _ in range(n_rows):
             train_step(packing)
+    for packing in GRAPH_MODES:  # the graphed step against the eager one, same weights and batch, and
+        if packing in modes:    # the eager step against itself (the kernels' own run-to-run spread)
+            eager = packing.removesuffix("_graph")
+            r = max(range(n_rows), key=lambda i: int(seq_idx[i].max()))  # the row with the most documents
+            want = gradients(eager, r)
+            graph_err[packing] = grads_rel_err(gradients(packing, r), want)
+            graph_err[eager] = grads_rel_err(gradients(eager, r), want)
     for packing in modes:
-        model.set_attn_backend("flex" if packing == "document_flex" else cfg.attn_backend)
+        select(packing)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = time_fn(lambda: train_step(packing), device, warmup=3, iters=iters)
@@ -108,12 +162,23 @@ def main() -> None:
                # per packed row (its document count): tells which rows a mode is slow on
                "ms_by_row": "; ".join(f"{int(seq_idx[r].max()) + 1} docs {1e3 * median(v):.1f}"
                                       for r, v in by_row.items() if v)}
+        if packing in graph_err:  # graphed rows: vs eager; eager rows: vs a second eager step
+            row["grad_rel_err"], row["grad_worst_tensors"] = graph_err[packing]
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         rows.append(row)
         print(row, flush=True)
-    best_document = max((r for r in rows if r["packing"] != "continuous"), key=lambda r: r["tokens_per_s"])
-    cost = 1 - best_document["tokens_per_s"] / rows[modes.index("continuous")]["tokens_per_s"]
+    select("document")
+    speed = {r["packing"]: r["tokens_per_s"] for r in rows}
+
+    def packing_cost(plain: str, documents: tuple[str, ...]) -> float | None:
+        """1 - (fastest of `documents`) / `plain` tokens/s, None when not both were measured."""
+        measured = [speed[m] for m in documents if m in speed]
+        return 1 - max(measured) / speed[plain] if plain in speed and measured else None
+
+    cost = packing_cost("continuous", ("document", "document_flex"))
+    cost_graph = packing_cost("continuous_graph", ("document_graph",))
+    best_document = max((r for r in rows if r["packing"] in ("document", "document_flex")), key=lambda r: r["tokens_per_s"])
     # packed == each document alone, kernel path (the faster document mode), first packed row
     model.set_attn_backend("flex" if best_document["packing"] == "document_flex" else cfg.attn_backend)
     model.eval()
@@ -126,16 +191,19 @@ def main() -> None:
     parity = rel_err(packed, alone)
     docs_per_row = [int(seq_idx[r].max()) + 1 for r in range(n_rows)]
     meta = environment(device) | {"matmul_peak_tflops": peak, "document_packing_cost": cost,
+                                  "document_packing_cost_graphed": cost_graph,
                                   "fastest_document_mode": best_document["packing"],
                                   "packed_vs_alone_logits_rel_err": parity, "dtype": str(model.embed.weight.dtype),
                                   "documents_per_row": docs_per_row, "impl": model.impl,
                                   "mean_document_tokens": float(lengths.mean()), "manifest": str(args.manifest)}
-    print(f"document packing cost {100 * cost:.2f}%; packed vs alone logits rel err {parity:.2e}; "
+    graphed = f", {100 * cost_graph:.2f}% graphed" if cost_graph is not None else ""
+    print(f"document packing cost {100 * cost:.2f}% eager{graphed}; packed vs alone logits rel err {parity:.2e}; "
           f"documents per row {docs_per_row}")
     write_results("packing_throughput" + ("_smoke" if args.smoke else ""), rows, meta,
-                  ["preset", "packing", "seq_len", "tokens_per_s", "mfu", "step_ms", "ms_by_row", "peak_mem_gb"], args.out,
-                  title=f"Document vs continuous packing ({preset}, 1 x {seq}, bf16, fwd+bwd+AdamW); "
-                        f"cost {100 * cost:.2f}%, packed-vs-alone rel err {parity:.1e}")
+                  ["preset", "packing", "seq_len", "tokens_per_s", "mfu", "step_ms", "ms_by_row", "peak_mem_gb",
+                   "grad_rel_err", "grad_worst_tensors"], args.out,
+                  title=f"Document vs continuous packing ({preset}, 1 x {seq}, bf16, fwd+bwd+AdamW); cost "
+                        f"{100 * cost:.2f}% eager{graphed}, packed-vs-alone rel err {parity:.1e}")
 
 
 if __name__ == "__main__":

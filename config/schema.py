@@ -29,9 +29,10 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
-        if self.train.cuda_graph and self.data.packing != "continuous":
-            raise ValueError("train.cuda_graph replays one static batch and needs data.packing=continuous "
-                             "(document packing changes the boundaries every batch): set one of them")
+        if self.train.cuda_graph and self.data.packing == "document" and self.model.attn_backend not in ("auto", "flash"):
+            raise ValueError(f"train.cuda_graph with data.packing=document needs model.attn_backend auto or flash "
+                             f"(flash-attn's varlen kernel; {self.model.attn_backend} builds its document mask per "
+                             "batch): set model.attn_backend=auto, or data.packing=continuous")
         if self.train.cuda_graph and self.train.activation_checkpointing:
             raise ValueError("train.cuda_graph with train.activation_checkpointing is not supported yet (never "
                              "captured on a GPU): set one of them to false")

@@ -87,10 +87,11 @@ class TrainConfig(StrictModel):
     cuda_graph: bool = Field(
         False,
         description="Replay each micro-batch's forward and backward as CUDA graphs (model/train_graph.py): "
-        "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs "
-        "data.packing=continuous (one static batch shape, no per-batch document boundaries), ZeRO "
+        "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs ZeRO "
         "stage 2 (its gradient hooks consume each backward's gradients before the next replay) and no "
-        "activation checkpointing.",
+        "activation checkpointing; with data.packing=document, flash-attn's varlen kernel "
+        "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
+        "micro-batch runs eagerly).",
     )
     seed: int = Field(1234, description="Model init and RNG seed (the data order does not depend on it).")
     log_every: int = Field(1, ge=1, description="Steps between console lines (metrics.jsonl gets every step).")

@@ -20,12 +20,25 @@ from typing import Any
 import torch
 
 
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """(b, l) bool on seq_idx's device: True at each row's first token and where a document begins."""
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def cu_seqlens_of(flat_starts: torch.Tensor) -> torch.Tensor:
+    """flash-attn's cu_seqlens from the flattened start flags (b * l,) bool on the host: the start of
+    every document in the flattened tokens, then b * l. (n_docs + 1,) int32 on the host."""
+    total = torch.tensor([flat_starts.numel()])
+    return torch.cat([flat_starts.nonzero().flatten(), total]).to(torch.int32)
+
+
 def positions_from_seq_idx(seq_idx: torch.Tensor) -> torch.Tensor:
     """Position of each token inside its document. seq_idx: (b, l) -> (b, l) long."""
     b, l = seq_idx.shape
     idx = torch.arange(l, device=seq_idx.device).expand(b, l)
-    starts = torch.ones_like(seq_idx, dtype=torch.bool)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    starts = document_starts(seq_idx)
     start_pos = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
     return idx - start_pos
 
@@ -52,13 +65,10 @@ class DocumentLayout:
         and None when every row is one document."""
         if not boundaries:
             return cls(seq_idx=seq_idx.to(device))
-        b, l = seq_idx.shape
-        starts = torch.ones(b, l, dtype=torch.bool, device=seq_idx.device)
-        starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-        flat_starts = starts.flatten().cpu()  # the one host sync of a packed forward
-        if int(flat_starts.sum()) == b:
+        flat_starts = document_starts(seq_idx).flatten().cpu()  # the one host sync of a packed forward
+        if int(flat_starts.sum()) == seq_idx.size(0):
             return None
-        cu = torch.cat([flat_starts.nonzero().flatten(), torch.tensor([b * l])]).to(torch.int32)
+        cu = cu_seqlens_of(flat_starts)
         max_seqlen = int(torch.diff(cu).max())
         return cls(
             seq_idx=seq_idx.to(device=device, dtype=torch.int32).contiguous(),

@@ -89,11 +89,11 @@ class HybridLM(nn.Module):
 
     # ---- execution path ---------------------------------------------------------------------------
     def set_impl(self, impl: str | None = None) -> str:
-        """Choose reference/kernels for every mixer (default: config's `impl` on the model's device)."""
+        """Choose reference/kernels for every mixer and MLP (default: config's `impl` on the model's device)."""
         device = self.embed.weight.device
         chosen = resolve_impl(impl or self.cfg.impl, device)
         for layer in self.layers:
-            layer.mixer.impl = chosen
+            layer.mixer.impl = layer.mlp.impl = chosen
         self.impl = chosen
         found = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in kernel_report().items())
         log.info("model execution path: %s (device %s; %s)", chosen, device, found)
@@ -116,13 +116,17 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (b, l, d). input_ids: (b, l) long; seq_idx (b, l) may stay on the
-        host (the document boundaries are derived there)."""
+        host (the document boundaries are derived there); layout: the boundaries already worked out
+        (model.train_graph's static buffers), used instead of seq_idx."""
         b, l = input_ids.shape
         h = self.embed(input_ids)
         kernels = self.impl == "kernels"
-        docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels) if seq_idx is not None else None
+        docs = layout
+        if docs is None and seq_idx is not None:
+            docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels)
         if position_ids is None:
             if cache is not None:
                 position_ids = cache.next_pos.unsqueeze(1) + torch.arange(l, device=input_ids.device)
@@ -154,9 +158,10 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         cache: HybridCache | None = None,
+        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
         """Logits (b, l, vocab_size) (padding columns of the embedding dropped)."""
-        h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
+        h = self.hidden_states(input_ids, position_ids, seq_idx, cache, layout)
         return F.linear(h, self.head_weight)[..., : self.cfg.vocab_size]
 
     def loss(

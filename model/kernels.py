@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def mamba_ops() -> SimpleNamespace | None:
-    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step, gated RMSNorm and the fused
-    residual-add + RMSNorm."""
+    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step, gated RMSNorm, the fused
+    residual-add + RMSNorm and SwiGLU (input [gate | up] on the last dim)."""
     try:
+        from mamba_ssm.ops.triton.k_activations import swiglu
         from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
         from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
@@ -39,6 +40,7 @@ def mamba_ops() -> SimpleNamespace | None:
         state_update=selective_state_update,
         rmsnorm_gated=rmsnorm_fn,
         add_rms_norm=rms_norm_fn,
+        swiglu=swiglu,
     )
 
 

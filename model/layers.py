@@ -66,15 +66,36 @@ def rmsnorm_gated_ref(
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); no biases. x: (b, l, d) -> (b, l, d)."""
+    """down(silu(gate(x)) * up(x)); no biases. x: (b, l, d) -> (b, l, d).
+
+    impl "kernels": gate and up run as one GEMM over the concatenated weights (2 * hidden, d) and
+    mamba_ssm's Triton SwiGLU applies silu(gate) * up in one pass forward and one backward (the eager
+    form launches 2 kernels forward and 3 backward over (b, l, hidden) tensors, and keeps silu(gate)
+    for the backward). The weights stay two Linear modules: the checkpoint and export layout is the
+    same on both paths; quantized gate/up run unfused. It reads the weights outside their modules'
+    forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
+    """
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.impl = "reference"
+
+    def fused_gate_up(self) -> bool:
+        """Whether the kernel path's concatenated GEMM applies: gate and up are plain Linears holding
+        plain tensors (quantization swaps in other modules or tensor subclasses: those run unfused;
+        model.train_graph's stand-in leaves are plain tensors: fused, as in eager training)."""
+        return self.impl == "kernels" and all(
+            type(lin) is nn.Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
+            for lin in (self.gate_proj, self.up_proj)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up():
+            gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # (2 * hidden, d): gate first
+            return self.down_proj(mamba_ops().swiglu(F.linear(x, gate_up)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

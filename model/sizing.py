@@ -66,23 +66,30 @@ def _matmul_weights(cfg: ModelConfig, kind: str) -> int:
     return cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model + mlp_params(cfg)
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Forward FLOPs per token at sequence length `seq_len`, split by where they are spent."""
-    m, a = cfg.mamba, cfg.attention
-    pattern = cfg.layer_pattern
-    n_attn, n_mamba = pattern.count(ATTENTION), pattern.count(MAMBA)
-    s_eff = (seq_len + 1) / 2
+def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one Mamba2 layer's scan and conv (the terms in the module docstring)."""
+    m = cfg.mamba
     q_eff = (min(m.chunk_size, seq_len) + 1) / 2
-    head = cfg.padded_vocab_size * cfg.d_model
-    ssd = (
+    return (
         2 * q_eff * (m.n_groups * m.d_state + cfg.n_ssm_heads * m.headdim)
         + 4 * cfg.n_ssm_heads * m.headdim * m.d_state
         + 2 * m.d_conv * cfg.conv_dim
     )
+
+
+def attention_core_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one attention layer's QK^T and PV (causal: s_eff = (s + 1) / 2)."""
+    return 4.0 * cfg.attention.n_heads * cfg.head_dim * (seq_len + 1) / 2
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token at sequence length `seq_len`, split by where they are spent."""
+    pattern = cfg.layer_pattern
+    head = cfg.padded_vocab_size * cfg.d_model
     return {
         "matmul": 2.0 * (sum(_matmul_weights(cfg, k) for k in pattern) + head),
-        "attention": n_attn * 4.0 * a.n_heads * cfg.head_dim * s_eff,
-        "ssd": n_mamba * ssd,
+        "attention": pattern.count(ATTENTION) * attention_core_flops_per_token(cfg, seq_len),
+        "ssd": pattern.count(MAMBA) * ssd_flops_per_token(cfg, seq_len),
     }
 
 

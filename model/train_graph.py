@@ -5,11 +5,23 @@ Triton kernels through Triton's Python launcher, plus the GEMMs and norms). On a
 4096-token sequences took about the same time (bench/NOTES.md): at small micro-batches the host,
 not the GPU, sets the pace. Replaying both passes as CUDA graphs measured 2.1x faster at 1 x 4096.
 
-What is captured: `HybridLM.forward(input_ids)` for one input shape, logits out, parameter
-gradients back. `graph_training_forward` installs a dispatcher as the model's `forward`:
-training-mode calls with `input_ids` alone, of the captured shape, replay the graphs; everything
-else (evaluation, packed documents with seq_idx or position_ids, other shapes, caches) runs the
-eager forward, so one model serves both.
+What is captured: `HybridLM.forward` for one input shape, logits out, parameter gradients back.
+`graph_training_forward` installs a dispatcher as the model's `forward`: training-mode calls of the
+captured shape replay graphs; everything else (evaluation, other shapes, caches, explicit positions
+without documents) runs the eager forward, so one model serves both. Two kinds of step:
+  plain      `input_ids` alone (continuous packing).
+  documents  packed batches (`seq_idx`, with or without `position_ids`; with `documents=True`). The
+             boundaries change every batch, the shapes must not: the inputs are the ids, positions,
+             int32 seq_idx (which the Mamba2 kernels take as a tensor) and flash-attn's cu_seqlens
+             padded with empty documents to a fixed capacity, with max_seqlen = the row length. The
+             smallest capacity of DOC_CAPACITIES that holds the batch's documents is replayed
+             (captured on first use); a batch with more documents runs eagerly. Needs flash-attn's
+             varlen kernel for attention (SDPA's dense mask and FlexAttention's block mask are
+             built per batch).
+All steps share one memory pool. That is safe because a step's forward is always followed by its
+own backward before any other step runs (one micro-batch at a time): what one step leaves in the
+pool is dead by the time another runs, except its static inputs, outputs and gradients, which
+stay referenced and are never handed out again.
 
 How, and why not `torch.cuda.make_graphed_callables`: that function captures the backward with
 `torch.autograd.grad` over the module's real parameters. Under a DeepSpeed ZeRO-2 engine that
@@ -20,7 +32,7 @@ storage (`torch.func.functional_call`), whose accumulators are created on the ca
 replayed backward hands its gradients to the real parameters through one autograd node, so
 DeepSpeed's gradient hooks run as in eager training. Otherwise it follows make_graphed_callables:
 warm-up iterations first on the capture stream (Triton autotunes there, outside any capture), one
-memory pool for both graphs, inputs copied into a static buffer.
+memory pool, inputs copied into static buffers.
 
 Requirements, checked by the callers that enable it (train/trainer.py):
   * CUDA, and parameters that keep their storage: in-place optimizer updates (DeepSpeed ZeRO-1/2,
@@ -36,16 +48,26 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from model.config import MAMBA
+from model.documents import DocumentLayout, cu_seqlens_of, document_starts, positions_from_seq_idx
+from model.kernels import flash_ops
+
 if TYPE_CHECKING:
     from model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
+
+# Document capacities of the packed-batch graphs: a micro-batch replays the smallest one that holds
+# its documents (more documents: eager). Each is captured on first use. flash-attn's varlen backward
+# allocates (total tokens + 128 x capacity) rows of float32 per head: at 512, 0.6 GB for 16 heads.
+DOC_CAPACITIES = (64, 512)
 
 
 class CudaGraphs:
@@ -72,46 +94,88 @@ class CudaGraphs:
 
 
 class _EagerLogits(torch.nn.Module):
-    """ids (b, l) -> logits (b, l, v) through the model's class forward, never the dispatcher that
-    replaces the instance's `forward` (a stand-in graph re-runs the capture)."""
+    """(ids, position_ids, layout) -> logits (b, l, v) through the model's class forward, never the
+    dispatcher that replaces the instance's `forward` (a stand-in graph re-runs the capture)."""
 
     def __init__(self, model: "HybridLM") -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return type(self.model).forward(self.model, input_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                layout: DocumentLayout | None) -> torch.Tensor:
+        return type(self.model).forward(self.model, input_ids, position_ids, layout=layout)
+
+
+@dataclass
+class GraphInputs:
+    """What one replay reads; the captured step keeps a static copy and each call's values are copied
+    into it.
+
+    ids           (b, l) long
+    position_ids  (b, l) long, packed documents only
+    seq_idx       (b, l) int32, packed documents only
+    cu_seqlens    (capacity + 1,) int32, packed documents only: the batch's document starts padded
+                  with b * l (empty documents), so every batch up to `capacity` documents has the
+                  captured shape; flash-attn's varlen kernel skips the empty ones
+    """
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    seq_idx: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    @property
+    def layout(self) -> DocumentLayout | None:
+        """The model's document layout over these tensors (max_seqlen the row length: a bound that
+        holds for every batch of this shape)."""
+        if self.seq_idx is None:
+            return None
+        return DocumentLayout(seq_idx=self.seq_idx, cu_seqlens=self.cu_seqlens, max_seqlen=self.ids.size(1))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.ids, self.position_ids, self.seq_idx, self.cu_seqlens) if t is not None]
+
+    def static_copy(self) -> "GraphInputs":
+        return GraphInputs(*(t.clone() if t is not None else None
+                             for t in (self.ids, self.position_ids, self.seq_idx, self.cu_seqlens)))
+
+    def copy_into(self, static: "GraphInputs") -> None:
+        for dst, src in zip(static.tensors(), self.tensors()):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src, non_blocking=True)
 
 
 class _CapturedStep:
     """Static buffers and the two graphs of one captured forward+backward.
 
-    ids        (b, l) long     static input (each call's ids are copied in)
+    inputs     GraphInputs     static inputs (each call's are copied in)
     logits     (b, l, v)       static forward output
     grad_out   (b, l, v)       static incoming gradient of the logits
     grads      per parameter   static gradients produced by the backward graph
     """
 
-    def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, ops: CudaGraphs, warmup: int) -> None:
+    def __init__(self, model: "HybridLM", sample: GraphInputs, ops: CudaGraphs, pool: Any, warmup: int) -> None:
         self.ops = ops
         named = list(model.named_parameters())
         self.params = [p for _, p in named]
         leaves = {f"model.{n}": p.detach().requires_grad_() for n, p in named}  # same storage, new leaves
         order = list(leaves.values())
         target = _EagerLogits(model)
-        self.ids = sample_ids.clone()
+        self.inputs = sample.static_copy()
 
         def forward() -> torch.Tensor:
-            self._live = functional_call(target, leaves, (self.ids,), strict=True)
+            args = (self.inputs.ids, self.inputs.position_ids, self.inputs.layout)
+            self._live = functional_call(target, leaves, args, strict=True)
             return self._live
 
         def backward() -> tuple[torch.Tensor, ...]:  # differentiates the forward that ran last
             return torch.autograd.grad(self._live, order, grad_outputs=self.grad_out)
 
-        on_cuda = sample_ids.device.type == "cuda"
-        stream = ops.stream(sample_ids.device)
+        device = sample.ids.device
+        on_cuda = device.type == "cuda"
+        stream = ops.stream(device)
         if on_cuda:
-            stream.wait_stream(torch.cuda.current_stream(sample_ids.device))
+            stream.wait_stream(torch.cuda.current_stream(device))
         with _on(stream if on_cuda else None):
             for _ in range(warmup):
                 out = forward()
@@ -119,8 +183,7 @@ class _CapturedStep:
                 del out
             self._live = None
         if on_cuda:
-            torch.cuda.current_stream(sample_ids.device).wait_stream(stream)
-        pool = ops.pool()
+            torch.cuda.current_stream(device).wait_stream(stream)
         self.fwd, self.bwd = ops.new(), ops.new()
         self.logits = ops.capture(self.fwd, pool, stream, forward)
         self.grad_out = torch.zeros_like(self.logits)
@@ -141,9 +204,8 @@ class _Replay(torch.autograd.Function):
     the static gradients to the real parameters (inputs 2..)."""
 
     @staticmethod
-    def forward(ctx: Any, step: _CapturedStep, input_ids: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        if input_ids.data_ptr() != step.ids.data_ptr():
-            step.ids.copy_(input_ids)
+    def forward(ctx: Any, step: _CapturedStep, inputs: GraphInputs, *params: torch.Tensor) -> torch.Tensor:
+        inputs.copy_into(step.inputs)
         step.ops.replay(step.fwd)
         ctx.step = step
         return step.logits.detach()
@@ -158,14 +220,54 @@ class _Replay(torch.autograd.Function):
 
 
 class GraphedTrainingForward:
-    """Installed as `model.forward` by `graph_training_forward`; see the module docstring."""
+    """Installed as `model.forward` by `graph_training_forward`; see the module docstring.
 
-    def __init__(self, model: "HybridLM", sample_ids: torch.Tensor, ops: CudaGraphs, warmup: int) -> None:
-        self.model = model
-        self.shape = tuple(sample_ids.shape)
+    steps: the captured steps by key, "plain" or the document capacity of a packed step; `replays`
+    and `eager_calls` count what ran.
+    """
+
+    def __init__(self, model: "HybridLM", shape: tuple[int, int], documents: bool, ops: CudaGraphs,
+                 warmup: int) -> None:
+        self.model, self.shape, self.documents = model, shape, documents
+        self.ops, self.warmup = ops, warmup
+        self.pool = ops.pool()  # one memory pool for every captured step (see the module docstring)
+        self.steps: dict[str | int, _CapturedStep] = {}
         self.replays = 0
         self.eager_calls = 0
-        self.step = _CapturedStep(model, sample_ids, ops, warmup)
+
+    def graph_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                     seq_idx: torch.Tensor | None) -> tuple[str | int, GraphInputs] | None:
+        """The key of the captured step that serves this training call and its inputs on the model's
+        device, or None when the call runs eagerly (see the module docstring)."""
+        if tuple(input_ids.shape) != self.shape:
+            return None
+        if seq_idx is None:
+            return ("plain", GraphInputs(input_ids)) if position_ids is None else None
+        if not self.documents:
+            return None
+        flat_starts = document_starts(seq_idx).flatten().cpu()  # no device sync: the loader's seq_idx is on the host
+        n_docs = int(flat_starts.sum())
+        capacity = next((c for c in DOC_CAPACITIES if c >= n_docs), None)
+        if capacity is None:
+            return None
+        device = input_ids.device
+        cu = cu_seqlens_of(flat_starts)
+        cu = torch.cat([cu, cu.new_full((capacity - n_docs,), flat_starts.numel())])
+        if position_ids is None:
+            position_ids = positions_from_seq_idx(seq_idx)
+        return capacity, GraphInputs(input_ids, position_ids.to(device), seq_idx.to(device, torch.int32),
+                                     cu.to(device))
+
+    def prepare(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None) -> None:
+        """Capture the step that a training call with these inputs will replay, if it is not yet
+        captured (the trainer calls this before DeepSpeed's forward; `__call__` would otherwise)."""
+        found = self.graph_inputs(input_ids, position_ids, seq_idx)
+        if found is not None and found[0] not in self.steps:
+            key, inputs = found
+            self.steps[key] = _CapturedStep(self.model, inputs, self.ops, self.pool, self.warmup)
+            log.info("training forward+backward captured as CUDA graphs: input shape %s, %s", self.shape,
+                     "no documents" if key == "plain" else f"up to {key} documents per micro-batch")
 
     def __call__(
         self,
@@ -173,14 +275,21 @@ class GraphedTrainingForward:
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
         cache: Any = None,
+        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
         model = self.model
-        if (model.training and torch.is_grad_enabled() and position_ids is None and seq_idx is None
-                and cache is None and tuple(input_ids.shape) == self.shape):
-            self.replays += 1
-            return _Replay.apply(self.step, input_ids, *self.step.params)
-        self.eager_calls += 1
-        return type(model).forward(model, input_ids, position_ids, seq_idx, cache)
+        found = None
+        if model.training and torch.is_grad_enabled() and cache is None and layout is None:
+            found = self.graph_inputs(input_ids, position_ids, seq_idx)
+        if found is None:
+            self.eager_calls += 1
+            return type(model).forward(model, input_ids, position_ids, seq_idx, cache, layout)
+        key, inputs = found
+        if key not in self.steps:
+            self.prepare(input_ids, position_ids, seq_idx)
+        self.replays += 1
+        step = self.steps[key]
+        return _Replay.apply(step, inputs, *step.params)
 
 
 def graph_training_forward(
@@ -188,10 +297,13 @@ def graph_training_forward(
     sample_ids: torch.Tensor,
     ops: CudaGraphs | None = None,
     warmup: int = 3,
+    documents: bool = False,
 ) -> GraphedTrainingForward:
-    """Capture the training forward/backward of `model` for batches shaped like `sample_ids` (b, l)
-    long, and install the dispatcher as `model.forward`. Returns it (its `replays` / `eager_calls`
-    count what ran). `ops` defaults to CUDA graphs (tests pass a stand-in)."""
+    """Install the dispatcher as `model.forward` for training batches shaped like `sample_ids` (b, l)
+    long. Without `documents` it captures the plain step from `sample_ids` now; with `documents`,
+    packed batches (seq_idx given) replay steps captured on first use per document capacity, and
+    plain calls are captured on first use too. Returns the dispatcher. `ops` defaults to CUDA graphs
+    (tests pass a stand-in)."""
     if isinstance(model.forward, GraphedTrainingForward):
         raise RuntimeError("the model's training forward is already graphed")
     if ops is None:
@@ -200,7 +312,18 @@ def graph_training_forward(
         ops = CudaGraphs()
     if not model.training:
         raise RuntimeError("capture the training forward in train mode (model.train())")
-    dispatcher = GraphedTrainingForward(model, sample_ids, ops, warmup)
+    if documents and model.impl == "kernels" and not varlen_attention(model):
+        raise RuntimeError("CUDA-graph training on packed documents needs flash-attn's varlen kernel: install "
+                           "flash-attn and set model.attn_backend to auto or flash")
+    dispatcher = GraphedTrainingForward(model, tuple(sample_ids.shape), documents, ops, warmup)
+    if not documents:
+        dispatcher.prepare(sample_ids)
     model.forward = dispatcher  # instance attribute: nn.Module.__call__ finds it before the class's
-    log.info("training forward+backward captured as CUDA graphs for input shape %s", dispatcher.shape)
     return dispatcher
+
+
+def varlen_attention(model: "HybridLM") -> bool:
+    """Whether the model's attention runs packed documents through flash-attn's varlen kernel (the
+    one document path whose shapes do not depend on the batch)."""
+    backends = {layer.mixer.backend for layer in model.layers if layer.kind != MAMBA}
+    return flash_ops() is not None and backends <= {"auto", "flash"}

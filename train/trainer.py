@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from config.loader import ConfigError
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
+from model.kernels import flash_ops
+from model.layers import SwiGLU
 from model.mamba2 import Mamba2Mixer
 from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.sizing import count_params, train_flops_per_token
@@ -76,13 +78,14 @@ def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
 
 def prepare_zero3(model: HybridLM) -> None:
     """ZeRO-3 gathers a module's parameters around its forward. The Mamba2 mixer reads its conv, norm
-    and out_proj weights directly (the fused kernel takes them as arguments), and the LM head reads
-    the embedding/head weight outside that module: make each mixer one ZeRO-3 leaf (all its
+    and out_proj weights directly (the fused kernel takes them as arguments), the kernel path's
+    SwiGLU reads its gate and up weights to concatenate them, and the LM head reads the
+    embedding/head weight outside that module: make each mixer and MLP one ZeRO-3 leaf (all its
     parameters gathered together) and register the head weight with the model's forward."""
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
 
-    set_z3_leaf_modules(model, [Mamba2Mixer], raise_if_not_found=False)
+    set_z3_leaf_modules(model, [Mamba2Mixer, SwiGLU], raise_if_not_found=False)
     deepspeed.zero.register_external_parameter(model, model.head_weight)
 
 
@@ -122,10 +125,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k in MODEL_INPUTS if k in batch}
 
 
-def check_graphable(env: DistEnv, stage: int) -> None:
-    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 2."""
+def check_graphable(env: DistEnv, stage: int, packing: str) -> None:
+    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 2,
+    flash-attn for document packing."""
     if not env.on_cuda:
         raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
+    if packing == "document" and flash_ops() is None:
+        raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn (its varlen kernel takes the "
+                          "documents as a fixed-shape input): install requirements-cuda.txt, or set "
+                          "data.packing=continuous or train.cuda_graph=false")
     if stage != 2:
         raise ConfigError(f"train.cuda_graph needs ZeRO stage 2 (train.ds_config is stage {stage}): ZeRO-3 gathers "
                           "parameters per module, which a graph cannot follow; use ds_configs/zero2.json or "
@@ -168,7 +176,7 @@ class Trainer:
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:
-            check_graphable(self.env, stage)
+            check_graphable(self.env, stage, cfg.data.packing)
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
@@ -237,8 +245,12 @@ class Trainer:
         n_scored = max(float(all_reduce_sum(scored).item()), 1.0)
         scale = env.world_size * self.accumulation / n_scored
         nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
-        if self.cfg.train.cuda_graph and self.graph is None:
-            self.graph = graph_training_forward(self.model, micro[0]["input_ids"])
+        if self.cfg.train.cuda_graph:
+            if self.graph is None:
+                self.graph = graph_training_forward(self.model, micro[0]["input_ids"],
+                                                    documents=self.cfg.data.packing == "document")
+            for m in micro:  # capture what these micro-batches replay outside DeepSpeed's forward
+                self.graph.prepare(m["input_ids"], m.get("position_ids"), m.get("seq_idx"))
         for m in micro:
             nll = forward_nll(self.engine, m).sum()
             nll_local += nll.detach().double()

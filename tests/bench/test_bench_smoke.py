@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
+from bench import block_costs, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, module, args: list[str]) -> None:
@@ -101,3 +101,27 @@ def test_eval_throughput_smoke(monkeypatch, tmp_path):
     kinds = {(r["backend"], r.get("request_type")) for r in rows}
     assert {("hybrid", "loglikelihood"), ("hybrid", "generate_until")} <= kinds
     assert all(r["requests_per_s"] > 0 for r in rows if "requests_per_s" in r)
+
+
+def test_block_costs_smoke(tmp_path):
+    """Every part and variant is timed at both lengths, and the estimate rows add the parts up: a
+    step of ours is n_mamba mixers + n_attention mixers + n_layers x (MLP + 2 norms) + the head."""
+    assert block_costs.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = _load(tmp_path / "block_costs_tiny_smoke.json")["rows"]
+    parts = [r for r in rows if r["part"] != "estimate"]
+    assert all("status" not in r and r["ms"] > 0 for r in parts), parts
+    assert {(r["part"], r["variant"]) for r in parts} == {
+        ("mamba_mixer", "chunk 32"), ("mamba_mixer", "chunk 64"), ("attention_mixer", "sdpa"),
+        ("mlp", "ours 512, eager"), ("mlp", "twin 704, eager"), ("norm", "eager"), ("head_loss", "float32 CE")}
+    for seq in (64, 128):
+        ms = {(r["part"], r["variant"]): r["ms"] for r in parts if r["seq_len"] == seq}
+        est = {r["variant"]: r for r in rows if r["part"] == "estimate" and r["seq_len"] == seq}
+        cfg = block_costs.ModelConfig(preset="tiny")
+        n_m, n_a = cfg.layer_pattern.count("M"), cfg.layer_pattern.count("A")
+        ours = (n_m * ms[("mamba_mixer", "chunk 64")] + n_a * ms[("attention_mixer", "sdpa")]
+                + cfg.n_layers * (ms[("mlp", "ours 512, eager")] + 2 * ms[("norm", "eager")]) + ms[("head_loss", "float32 CE")])
+        assert est["ours, as the model runs"]["ms"] == pytest.approx(ours, rel=1e-12)
+        twin = cfg.n_layers * (ms[("attention_mixer", "sdpa")] + ms[("mlp", "twin 704, eager")]
+                               + 2 * ms[("norm", "eager")]) + ms[("head_loss", "float32 CE")]
+        assert est["attention twin, as the model runs"]["ms"] == pytest.approx(twin, rel=1e-12)
+        assert est["ours / twin, as the model runs"]["ratio"] == pytest.approx(twin / ours, rel=1e-12)

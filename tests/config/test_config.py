@@ -110,7 +110,8 @@ def test_preset_merges_with_overrides() -> None:
     (["model.preset=huge"], "model.preset", "tiny"),
     (["train.warmup_steps=5000"], "train.warmup_steps", "max_steps"),
     (["data.packing=foo"], "data.packing", "'foo'"),
-    (["train.cuda_graph=true", "data.packing=document"], "train.cuda_graph", "data.packing=continuous"),
+    (["train.cuda_graph=true", "data.packing=document", "model.attn_backend=flex"], "model.attn_backend",
+     "data.packing=continuous"),
     (["train.cuda_graph=true", "data.packing=continuous", "train.activation_checkpointing=true"],
      "train.cuda_graph", "activation_checkpointing"),
 ])

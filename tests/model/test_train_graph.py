@@ -106,3 +106,70 @@ def test_capture_is_refused_when_it_cannot_work(tiny_model) -> None:
     assert isinstance(graph_training_forward(model, ids, ops=StandInGraphs(), warmup=1), GraphedTrainingForward)
     with pytest.raises(RuntimeError, match="already graphed"):
         graph_training_forward(model, ids, ops=StandInGraphs())
+
+
+def packed(b: int, lengths: list[list[int]], vocab: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A packed batch: row r holds documents of `lengths[r]` tokens; positions restart per document,
+    except the first document of each row, which continues from position 5 (a window cut mid-document)."""
+    seq_idx = torch.cat([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls)).unsqueeze(0)
+                         for ls in lengths])
+    positions = torch.cat([torch.cat([torch.arange(n) + (5 if i == 0 else 0) for i, n in enumerate(ls)]).unsqueeze(0)
+                           for ls in lengths])
+    ids = torch.randint(0, vocab, (b, seq_idx.size(1) + 1), generator=gen)
+    return {"ids": ids, "seq_idx": seq_idx, "position_ids": positions}
+
+
+def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(tiny_model, monkeypatch) -> None:
+    """float64: packed micro-batches replay a documents step whose loss and gradients equal the eager
+    packed forward's (1e-12), with positions that do not restart at a row's start. Each capacity is
+    captured on first use; cu_seqlens is padded with empty documents; a batch with more documents than
+    the largest capacity runs eagerly; plain calls of the same shape get their own step."""
+    monkeypatch.setattr("model.train_graph.DOC_CAPACITIES", (3, 5))
+    model = tiny_model("MAMA", tie_embeddings=True).train()
+    ops = StandInGraphs()
+    dispatcher = graph_training_forward(model, torch.zeros(2, 8, dtype=torch.long), ops=ops, warmup=1,
+                                        documents=True)
+    assert ops.captures == 0  # documents: nothing captured before it is needed
+    gen = torch.Generator().manual_seed(3)
+    layouts = [[[8], [3, 5]], [[2, 6], [8]], [[2, 2, 4], [4, 4]], [[1] * 8, [8]], [[4, 4], [8]]]
+    capacities = [3, 3, 5, None, 3]
+    for lengths, capacity in zip(layouts, capacities):
+        batch = packed(2, lengths, model.cfg.vocab_size, gen)
+        ids, labels = batch["ids"][:, :-1], batch["ids"][:, 1:]
+        logits = type(model).forward(model, ids, batch["position_ids"], batch["seq_idx"])
+        want_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        want_grads = torch.autograd.grad(want_loss, list(model.parameters()))
+        before = dispatcher.replays
+        loss = model.loss(ids, labels, batch["position_ids"], batch["seq_idx"])
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-12, atol=0)
+        for p, g in zip(model.parameters(), want_grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+            p.grad = None
+        assert dispatcher.replays - before == (capacity is not None)
+        if capacity is not None:
+            starts = [0] + torch.tensor([n for row in lengths for n in row]).cumsum(0).tolist()
+            want_cu = starts + [16] * (capacity + 1 - len(starts))
+            assert dispatcher.steps[capacity].inputs.cu_seqlens.tolist() == want_cu
+    assert sorted(dispatcher.steps) == [3, 5] and ops.captures == 4 and dispatcher.eager_calls == 1
+    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()  # plain call: its own step
+    assert set(dispatcher.steps) == {3, 5, "plain"} and ops.captures == 6
+
+
+def test_packed_batches_run_eagerly_without_documents(graphed) -> None:
+    model, dispatcher, ops = graphed
+    batch = packed(2, [[3, 5], [8]], model.cfg.vocab_size, torch.Generator().manual_seed(4))
+    model(batch["ids"][:, :-1], batch["position_ids"], batch["seq_idx"])
+    assert dispatcher.eager_calls == 1 and dispatcher.replays == 0 and ops.captures == 2
+
+
+def test_documents_need_flash_attention_varlen_on_the_kernel_path(tiny_model, monkeypatch) -> None:
+    model = tiny_model("MAMA").train()
+    model.impl = "kernels"  # what set_impl picks on a GPU; only the refusal runs here
+    monkeypatch.setattr("model.train_graph.flash_ops", lambda: None)
+    with pytest.raises(RuntimeError, match="flash-attn's varlen kernel"):
+        graph_training_forward(model, torch.zeros(1, 8, dtype=torch.long), ops=StandInGraphs(), documents=True)
+    monkeypatch.setattr("model.train_graph.flash_ops", lambda: object())
+    model.set_attn_backend("flex")
+    with pytest.raises(RuntimeError, match="attn_backend to auto or flash"):
+        graph_training_forward(model, torch.zeros(1, 8, dtype=torch.long), ops=StandInGraphs(), documents=True)

@@ -149,7 +149,7 @@ def _damage(corpus: Path, tmp_path: Path, how: str) -> Path:
     ("missing_manifest", ["/nonexistent/manifest.json", "curate.py"]),
     ("truncated_shard", ["corrupt", "000_stdlib_a.ds", "curate.py"]),
     ("flipped_byte", ["corrupt", "000_stdlib_a.ds", "sha256"]),
-    ("cuda_graph_with_document_packing", ["train.cuda_graph", "data.packing=continuous"]),
+    ("cuda_graph_with_document_packing_and_sdpa", ["train.cuda_graph", "model.attn_backend=auto"]),
     ("cuda_graph_without_cuda", ["train.cuda_graph needs CUDA", "train.cuda_graph=false"]),
 ])
 def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: Path, tmp_path: Path) -> None:
@@ -161,8 +161,8 @@ def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: P
         extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'truncate')}"]
     elif case == "flipped_byte":
         extra = ["--set", f"data.manifest={_damage(corpus, tmp_path, 'flip')}", "--set", "data.verify=sha256"]
-    elif case == "cuda_graph_with_document_packing":
-        extra = ["--set", "train.cuda_graph=true", "--set", "data.packing=document"]
+    elif case == "cuda_graph_with_document_packing_and_sdpa":
+        extra = ["--set", "train.cuda_graph=true", "--set", "data.packing=document", "--set", "model.attn_backend=sdpa"]
     else:
         extra = ["--set", "train.cuda_graph=true", "--set", "data.packing=continuous"]
     proc = single_process(corpus, tmp_path / "out", *extra, "--dry-run")

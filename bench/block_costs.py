@@ -1,0 +1,240 @@
+"""Where a training micro-step spends GPU time: forward+backward of each part of a block, alone.
+
+Each part (Mamba2 mixer, attention mixer, SwiGLU MLP, fused residual RMSNorm, LM head + loss) is
+built from the model package at a preset's widths, in bf16 on the kernel path, and its forward and
+backward over one micro-batch (`--tokens` tokens at each sequence length) are captured as one CUDA
+graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate = the part's model
+FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
+same run. Variants: the Mamba2 chunk sizes (`--chunks`), the attention kernels (`--attn-backends`),
+the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), and the MLP at
+the all-attention twin's width (bench/peers.attention_twin).
+
+From the parts, the `estimate` rows add up a whole micro-step of ours and of the twin (per layer:
+two norms + mixer + MLP; plus the head) with the fastest variant of each part and with the preset's
+own settings, and their ratio: the speed-up the parts allow before optimizer, embedding and any
+launch gaps. `--profile` adds the top kernels of the Mamba2 mixer's forward+backward.
+
+    python bench/block_costs.py --preset 1.3b --seq-lens 4096,8192 --tokens 8192 --chunks 128,256
+    python bench/block_costs.py --smoke      # CPU plumbing check on the tiny preset (eager timing)
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.common import environment, matmul_peak_tflops, median, sync, time_fn, write_results
+from bench.peers import attention_twin
+from model import ModelConfig, train_flops_per_token
+from model.attention import Attention
+from model.config import ATTENTION, MAMBA
+from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU
+from model.mamba2 import Mamba2Mixer
+from model.sizing import attention_core_flops_per_token, attention_mixer_params, mlp_params, ssd_flops_per_token
+
+COLUMNS = ["part", "variant", "seq_len", "batch", "ms", "tflops", "mfu", "fwd_flops_per_token"]
+
+
+@dataclass
+class Part:
+    """One timed unit: `run(x)` is its forward on the (b, l, d) input; flops = forward FLOPs per token."""
+
+    name: str
+    variant: str
+    module: nn.Module
+    run: Callable[[torch.Tensor], torch.Tensor]
+    flops: float
+
+
+def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backends: list[str],
+          device: torch.device, dtype: torch.dtype, kernels: bool) -> list[Part]:
+    """Every part and variant at `cfg`'s widths for (batch, seq_len) inputs."""
+    impl = "kernels" if kernels else "reference"
+    d = cfg.d_model
+    out: list[Part] = []
+
+    def ready(mod: nn.Module) -> nn.Module:
+        mod = mod.to(device=device, dtype=dtype).train()
+        for m in mod.modules():
+            if hasattr(m, "impl"):
+                m.impl = impl
+        return mod
+
+    for chunk in chunks:
+        c = cfg.model_copy(update={"mamba": cfg.mamba.model_copy(update={"chunk_size": chunk})})
+        mixer = ready(Mamba2Mixer(c, 0))
+        mm = 2.0 * (d * c.d_in_proj + c.d_inner * d)
+        out.append(Part("mamba_mixer", f"chunk {chunk}", mixer, mixer, mm + ssd_flops_per_token(c, seq_len)))
+    positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions, dtype)
+    for backend in backends:
+        attn = ready(Attention(cfg.model_copy(update={"attn_backend": backend}), 0))
+        attn.backend = backend
+        flops = 2.0 * attention_mixer_params(cfg) + attention_core_flops_per_token(cfg, seq_len)
+        out.append(Part("attention_mixer", backend, attn, lambda x, a=attn: a(x, rope), flops))
+    twin = attention_twin(cfg)
+    for label, width in (("ours", cfg.ffn_hidden), ("twin", twin.ffn_hidden)):
+        for mlp_impl in (("reference", "kernels") if kernels else ("reference",)):
+            mlp = ready(SwiGLU(d, width))
+            mlp.impl = mlp_impl
+            variant = f"{label} {width}, {'fused' if mlp_impl == 'kernels' else 'eager'}"
+            out.append(Part("mlp", variant, mlp, mlp, 2.0 * mlp_params(cfg.model_copy(update={"ffn_hidden": width}))))
+    norm = ready(ResidualRMSNorm(d, cfg.norm_eps))
+    residual = torch.randn(batch, seq_len, d, device=device, dtype=dtype)
+    out.append(Part("norm", "fused" if kernels else "eager", norm,
+                    lambda x, n=norm: n(x, residual, kernels)[0], 0.0))
+    head = nn.Linear(d, cfg.padded_vocab_size, bias=False).to(device=device, dtype=dtype)
+    labels = torch.randint(0, cfg.vocab_size, (batch * seq_len,), device=device)
+
+    def head_loss(x: torch.Tensor) -> torch.Tensor:  # as HybridLM.loss: float32 cross-entropy
+        return F.cross_entropy(head(x).float().flatten(0, 1), labels)
+
+    out.append(Part("head_loss", "float32 CE", head, head_loss, 2.0 * cfg.padded_vocab_size * d))
+    return out
+
+
+def fwd_bwd(part: Part, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
+    """One forward+backward of `part` (gradient `grad` on its output, or a scalar loss)."""
+    def step() -> None:
+        y = part.run(x)
+        y.backward(grad if y.dim() else None)
+    return step
+
+
+def time_part(step: Callable[[], None], params: list[nn.Parameter], x: torch.Tensor, device: torch.device,
+              iters: int) -> float:
+    """Milliseconds per call of `step`: replayed from a CUDA graph on CUDA, eager elsewhere."""
+    if device.type != "cuda":
+        return 1e3 * median(time_fn(step, device, warmup=2, iters=iters))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up (Triton autotuning) off the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for p in [*params, x]:
+        p.grad = None  # the captured backward allocates the gradients in the graph's pool
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return median(times)
+
+
+def kernel_table(step: Callable[[], None], device: torch.device, top: int = 15) -> list[dict]:
+    """The `top` GPU kernels of one eager call of `step` by total time (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [{"kernel": e.key[:100], "calls": e.count, "ms": e.device_time_total / 1e3} for e in events[:top]]
+
+
+def estimates(rows: list[dict], cfg: ModelConfig, peak: float, kernels: bool) -> list[dict]:
+    """Per sequence length: a whole micro-step of ours and of the all-attention twin summed from the
+    parts (n_layers x (2 norms + mixer + MLP) + head), with the fastest variant of each part and with
+    the settings the model runs (preset chunk size, SDPA, the device's MLP path), and their ratio."""
+    twin = attention_twin(cfg)
+    runs = {"mamba_mixer": f"chunk {cfg.mamba.chunk_size}", "attention_mixer": "sdpa",
+            "mlp": "fused" if kernels else "eager"}
+    n_mamba, n_attn = cfg.layer_pattern.count(MAMBA), cfg.layer_pattern.count(ATTENTION)
+    out = []
+    for seq in sorted({r["seq_len"] for r in rows}):
+        timed = [r for r in rows if r["seq_len"] == seq and "ms" in r]
+        batch = timed[0]["batch"] if timed else 1
+        for label in ("fastest variants", "as the model runs"):
+            def ms(part: str, prefix: str = "") -> float:
+                cand = [r for r in timed if r["part"] == part and r["variant"].startswith(prefix)]
+                if label != "fastest variants" and part in runs:
+                    cand = [r for r in cand if r["variant"].endswith(runs[part])]
+                return min(r["ms"] for r in cand)
+
+            try:
+                shared = 2 * ms("norm")
+                ours = (n_mamba * ms("mamba_mixer") + n_attn * ms("attention_mixer")
+                        + cfg.n_layers * (shared + ms("mlp", "ours")) + ms("head_loss"))
+                twin_ms = twin.n_layers * (ms("attention_mixer") + shared + ms("mlp", "twin")) + ms("head_loss")
+            except ValueError:  # a part failed at this length: no estimate
+                continue
+            for name, c, t in (("ours", cfg, ours), ("attention twin", twin, twin_ms)):
+                tok = batch * seq / (t / 1e3)
+                out.append({"part": "estimate", "variant": f"{name}, {label}", "seq_len": seq, "batch": batch,
+                            "ms": t, "tokens_per_s": tok, "mfu": tok * train_flops_per_token(c, seq) / (peak * 1e12)})
+            out.append({"part": "estimate", "variant": f"ours / twin, {label}", "seq_len": seq, "batch": batch,
+                        "ratio": twin_ms / ours})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1.3b")
+    ap.add_argument("--seq-lens", default="4096,8192")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (batch = tokens / seq_len)")
+    ap.add_argument("--chunks", default="128,256", help="Mamba2 chunk sizes to time")
+    ap.add_argument("--attn-backends", default="sdpa,flash")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="also list the Mamba2 mixer's top kernels")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.smoke else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.smoke:
+        preset, seq_lens, tokens, chunks, backends = "tiny", [64, 128], 128, [32, 64], ["sdpa"]
+    else:
+        preset, seq_lens, tokens = args.preset, [int(s) for s in args.seq_lens.split(",")], args.tokens
+        chunks, backends = [int(c) for c in args.chunks.split(",")], args.attn_backends.split(",")
+    cfg = ModelConfig(preset=preset)
+    peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
+    meta = environment(device) | {"matmul_peak_tflops": peak, "preset": preset, "tokens": tokens}
+    name = args.name or f"block_costs_{preset}" + ("_smoke" if args.smoke else "")
+    rows: list[dict] = []
+    for seq in seq_lens:
+        batch = max(1, tokens // seq)
+        torch.manual_seed(0)
+        for part in parts(cfg, seq, batch, chunks, backends, device, dtype, kernels=device.type == "cuda"):
+            x = torch.randn(batch, seq, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(x)
+            step = fwd_bwd(part, x, grad)
+            row = {"part": part.name, "variant": part.variant, "seq_len": seq, "batch": batch,
+                   "fwd_flops_per_token": part.flops}
+            try:
+                t = time_part(step, list(part.module.parameters()), x, device, 3 if args.smoke else args.iters)
+                row |= {"ms": t, "tflops": 3 * part.flops * batch * seq / (t / 1e3) / 1e12}
+                row["mfu"] = row["tflops"] / peak
+                if args.profile and part.name == "mamba_mixer":
+                    row["kernels"] = kernel_table(step, device)
+            except Exception as exc:  # OOM or a failed capture: the row says so, the run goes on
+                row["status"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "kernels"},
+                  flush=True)
+            del part, step, x, grad
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        write_results(name, rows + estimates(rows, cfg, peak, device.type == "cuda"), meta, COLUMNS + ["tokens_per_s", "ratio", "status"],
+                      args.out, title=f"Forward+backward time of each block part ({preset}, {tokens} tokens per micro-batch)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
