@@ -12,7 +12,10 @@ Triton autotune), then the timed passes.
 
 Backends:
   hybrid   eval/lm_backend.py: batches by length, scores only continuation positions, cached decoding
-  hybrid_graph  the same with model arg cuda_graph=True (generate_until decodes through CUDA graphs; CUDA only)
+           with eager steps (model arg cuda_graph=false)
+  hybrid_graph  the same with cuda_graph=true (generate_until decodes through CUDA graphs; CUDA only;
+           the backend's default on CUDA): `same_text_vs_hybrid` is the share of its generated texts
+           equal to the eager backend's
   hf       lm_eval.models.huggingface.HFLM on transformers' BambaForCausalLM holding the same weights
            (built in memory by the exporter, export/hf.py); skipped, with the reason in the results,
            when the config cannot be expressed as Bamba or a package is missing (HFLM imports
@@ -54,7 +57,7 @@ from model.bundle import save_bundle  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_MC = REPO / "eval" / "tasks" / "local_mc"
 COLUMNS = ["backend", "request_type", "requests", "batch_size", "seconds", "requests_per_s", "tokens_per_s",
-           "speedup_vs_hf", "max_abs_logprob_diff_vs_hybrid", "note"]
+           "speedup_vs_hf", "max_abs_logprob_diff_vs_hybrid", "same_text_vs_hybrid", "note"]
 
 
 def stdlib_text(max_chars: int) -> str:
@@ -136,8 +139,9 @@ def timed(fn, device: torch.device) -> tuple[object, float]:
 
 
 def measure(name: str, lm, ll: list, gen: list, tokenizer, batch_size: int, device: torch.device,
-            warmup: int) -> tuple[list[dict], list[float]]:
-    """Rows for loglikelihood and generate_until; the loglikelihood values (for agreement)."""
+            warmup: int) -> tuple[list[dict], list[float], list[str]]:
+    """Rows for loglikelihood and generate_until; the loglikelihood values and generated texts (for
+    agreement)."""
     lm.loglikelihood(ll[:warmup], disable_tqdm=True)  # untimed warm-up
     lm.generate_until(gen[:max(1, warmup // 4)], disable_tqdm=True)
     scores, t_ll = timed(lambda: lm.loglikelihood(ll, disable_tqdm=True), device)
@@ -149,7 +153,7 @@ def measure(name: str, lm, ll: list, gen: list, tokenizer, batch_size: int, devi
         base | {"request_type": "generate_until", "requests": len(gen), "seconds": t_gen,
                 "requests_per_s": len(gen) / t_gen, "tokens_per_s": new_tokens / t_gen},
     ]
-    return rows, [s for s, _ in scores]
+    return rows, [s for s, _ in scores], texts
 
 
 def hf_backend(lm, batch_size: int):
@@ -179,23 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=16, help="requests in the untimed warm-up pass")
     ap.add_argument("--backends", default="hybrid,hf", help="comma-separated, of hybrid, hybrid_graph, hf")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="model dtype (default bfloat16 on CUDA, float32 on CPU); float32 separates the graphed "
+                         "decode's arithmetic from bf16 rounding in same_text_vs_hybrid")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, shipped task, 4 prompts x 8 tokens")
     ap.add_argument("--out", help="result name under bench/results (default eval_throughput_<preset>)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.docs, args.gen_prompts, args.gen_tokens, args.batch_size, args.warmup = "tiny", 0, 4, 8, 8, 4
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
 
     from eval.lm_backend import HybridEvalLM
 
     with tempfile.TemporaryDirectory(prefix="eval_throughput_") as tmp:
         work = Path(tmp)
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_bundle(args.preset, work)
-        ours = HybridEvalLM(checkpoint, device=str(device), dtype=dtype, batch_size=args.batch_size)
+        ours = HybridEvalLM(checkpoint, device=str(device), dtype=dtype, batch_size=args.batch_size,
+                            cuda_graph=False)
         ll, gen = build_requests(task_folder(work, ours.tokenizer, args.docs, args.context_tokens),
                                  args.gen_prompts, args.gen_tokens)
-        rows, reference = [], None
+        rows, reference, reference_texts = [], None, None
         for name in args.backends.split(","):
             if name == "hybrid":
                 lm, note = ours, f"model impl {ours.model.impl}"
@@ -211,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"backend": name, "note": note})
                 print(note, flush=True)
                 continue
-            got, scores = measure(name, lm, ll, gen, ours.tokenizer, args.batch_size, device, args.warmup)
+            got, scores, texts = measure(name, lm, ll, gen, ours.tokenizer, args.batch_size, device, args.warmup)
             if name == "hybrid":
-                reference = scores
+                reference, reference_texts = scores, texts
             elif reference is not None:
                 got[0]["max_abs_logprob_diff_vs_hybrid"] = max(abs(a - b) for a, b in zip(scores, reference))
+                got[1]["same_text_vs_hybrid"] = sum(a == b for a, b in zip(texts, reference_texts)) / len(texts)
             for row in got:
                 row["note"] = note
                 print(row, flush=True)

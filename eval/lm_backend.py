@@ -34,6 +34,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from model.bundle import Bundle, load_bundle
+from model.decode_graph import decode_graph_enabled
 from model.generation import SamplingParams, generate
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class HybridEvalLM(TemplateLM):
         prefix_token_id: token that conditions empty contexts and rolling windows; default EOS,
             the token that precedes every document in the EOS-separated training stream.
         max_batch_size: accepted for lm-eval compatibility, unused.
-        cuda_graph: generate_until decodes through a CUDA graph (model/decode_graph.py; CUDA only).
+        cuda_graph: generate_until decodes through a CUDA graph (model/decode_graph.py): auto (the
+            default: on for CUDA devices), true (CUDA only) or false.
     """
 
     backend = "causal"
@@ -84,7 +86,7 @@ class HybridEvalLM(TemplateLM):
         max_gen_toks: int = 256,
         prefix_token_id: int | None = None,
         max_batch_size: int | None = None,
-        cuda_graph: bool | str = False,
+        cuda_graph: bool | str = "auto",
     ) -> None:
         super().__init__()
         if not str(batch_size).isdigit() or int(batch_size) < 1:
@@ -92,9 +94,7 @@ class HybridEvalLM(TemplateLM):
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         self._device = resolve_device(device)
-        self._cuda_graph = str(cuda_graph).lower() in ("true", "1", "yes")
-        if self._cuda_graph and self._device.type != "cuda":
-            raise ValueError(f"cuda_graph needs a CUDA device, got device {self._device}")
+        self._cuda_graph = decode_graph_enabled(cuda_graph, self._device)
         bundle = load_bundle(checkpoint, device=self._device, dtype=DTYPES.get(dtype))
         self.bundle: Bundle = bundle
         self.model = bundle.model.eval()

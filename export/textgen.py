@@ -77,7 +77,7 @@ def complete(
     params: SamplingParams,
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | str = "auto",
 ) -> list[dict[str, Any]]:
     """Generate for a batch of text prompts; `on_text(row, piece)` streams final text.
 

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", help="stop string (repeatable); cut from the output")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the completion once it is finished")
-    p.add_argument("--cuda-graph", action="store_true", help="decode through a CUDA graph (export.cuda_graph)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a CUDA graph (export.cuda_graph; default auto: on for CUDA devices)")
     p.add_argument("--config", help="run config YAML (path or name under config/runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
@@ -61,8 +62,8 @@ def sampling_overrides(args: argparse.Namespace) -> list[str]:
         import json
 
         out.append(f"export.sampling.stop={json.dumps(args.stop)}")
-    if args.cuda_graph:
-        out.append("export.cuda_graph=true")
+    if args.cuda_graph is not None:
+        out.append(f"export.cuda_graph={str(args.cuda_graph).lower()}")
     return out
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_checkpoint(args.checkpoint, pick_device(run_cfg.export.device), pick_dtype(run_cfg.export.dtype),
                              run_cfg.model.impl)
     model, tok = bundle.model, bundle.tokenizer
-    if run_cfg.export.cuda_graph and model.embed.weight.device.type != "cuda":
+    if run_cfg.export.cuda_graph is True and model.embed.weight.device.type != "cuda":
         raise ExportError("--cuda-graph (export.cuda_graph) needs a CUDA device: set export.device=cuda or drop it")
     complete = partial(textgen.complete, cuda_graph=run_cfg.export.cuda_graph)
     if args.interactive:

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from model.decode_graph import GraphedDecodeStep
+from model.decode_graph import GraphedDecodeStep, decode_graph_enabled
 from model.hybrid import HybridLM
 
 
@@ -93,15 +93,17 @@ def generate(
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | str = "auto",
 ) -> list[list[int]]:
     """Generate continuations for a batch of prompts; returns the new tokens of each row.
 
     A row stops at `eos_id` (not included), after `max_new_tokens`, or when `should_stop(row, tokens)`
     says so (e.g. a stop string appeared). `on_token(row, token)` streams tokens as they are chosen.
-    cuda_graph: decode through a static cache replayed as a CUDA graph (model/decode_graph.py; CUDA only).
+    cuda_graph: decode through a static cache replayed as a CUDA graph (model/decode_graph.py): auto (on
+    for CUDA devices), true (CUDA only) or false.
     """
     device = model.embed.weight.device
+    graphed = decode_graph_enabled(cuda_graph, device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -110,7 +112,7 @@ def generate(
     if params.max_new_tokens == 0:
         return out
     logits, cache = model.prefill(ids, mask)
-    if cuda_graph:
+    if graphed:
         cache.make_static(ids.size(1) + params.max_new_tokens)
         step: Callable[[torch.Tensor], torch.Tensor] = GraphedDecodeStep(model, cache)
     else:

@@ -74,6 +74,7 @@ def test_missing_checkpoint_is_one_line_error(run_script):
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "model.d_model=32"], "model.d_model"),
     ("generate", ["--checkpoint", "{ckpt}", "--input", "{tmp}/none.txt", "--output", "{tmp}/r.json"], "does not exist"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--cuda-graph"], "needs a CUDA device"),
+    ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "export.cuda_graph=maybe"], "export.cuda_graph"),
 ])
 def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_path, export_cli, generate_cli, capsys):
     main = {"export": export_cli, "generate": generate_cli}[script].main
@@ -82,3 +83,11 @@ def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_
     assert rc == 2
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [([], []), (["--cuda-graph"], ["export.cuda_graph=true"]),
+                                            (["--no-cuda-graph"], ["export.cuda_graph=false"])])
+def test_cuda_graph_flag_overrides_the_auto_default(flag, expected, generate_cli):
+    """Without a flag the config's `auto` stands (CUDA graphs on CUDA devices, eager elsewhere)."""
+    args = generate_cli.parse_args(["--checkpoint", "c", "--prompt", "x", *flag])
+    assert generate_cli.sampling_overrides(args) == expected

@@ -148,3 +148,22 @@ def test_cuda_graph_capture_needs_cuda_and_a_static_cache(tiny_model) -> None:
         GraphedDecodeStep(model, cache)
     with pytest.raises(ValueError, match="below the 4 positions"):
         cache.make_static(3)
+
+
+@pytest.mark.parametrize("setting, device, expected", [
+    ("auto", "cpu", False), ("auto", "cuda", True), (False, "cuda", False), ("false", "cuda", False),
+    (True, "cuda", True), ("True", "cuda", True), ("no", "cpu", False),
+])
+def test_decode_graph_setting_resolves_per_device(setting, device: str, expected: bool) -> None:
+    """auto (every entrypoint's default) decodes through CUDA graphs exactly on CUDA devices."""
+    from model.decode_graph import decode_graph_enabled
+
+    assert decode_graph_enabled(setting, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("setting, message", [(True, "needs a CUDA device"), ("maybe", "auto, true or false")])
+def test_decode_graph_setting_refuses_what_cannot_run(setting, message: str) -> None:
+    from model.decode_graph import decode_graph_enabled
+
+    with pytest.raises(ValueError, match=message):
+        decode_graph_enabled(setting, torch.device("cpu"))
