@@ -234,6 +234,7 @@ class GraphedTrainingForward:
         self.steps: dict[str | int, _CapturedStep] = {}
         self.replays = 0
         self.eager_calls = 0
+        self.warned_capacity = False
 
     def graph_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                      seq_idx: torch.Tensor | None) -> tuple[str | int, GraphInputs] | None:
@@ -249,6 +250,10 @@ class GraphedTrainingForward:
         n_docs = int(flat_starts.sum())
         capacity = next((c for c in DOC_CAPACITIES if c >= n_docs), None)
         if capacity is None:
+            if not self.warned_capacity:  # once: a corpus of very short documents would otherwise flood the log
+                log.warning("a packed micro-batch holds %d documents, more than the CUDA graphs' largest capacity "
+                            "(%d): such micro-batches run eagerly (slower)", n_docs, DOC_CAPACITIES[-1])
+                self.warned_capacity = True
             return None
         device = input_ids.device
         cu = cu_seqlens_of(flat_starts)

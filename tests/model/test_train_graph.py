@@ -119,7 +119,8 @@ def packed(b: int, lengths: list[list[int]], vocab: int, gen: torch.Generator) -
     return {"ids": ids, "seq_idx": seq_idx, "position_ids": positions}
 
 
-def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(tiny_model, monkeypatch) -> None:
+def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(tiny_model, monkeypatch,
+                                                                                caplog) -> None:
     """float64: packed micro-batches replay a documents step whose loss and gradients equal the eager
     packed forward's (1e-12), with positions that do not restart at a row's start. Each capacity is
     captured on first use; cu_seqlens is padded with empty documents; a batch with more documents than
@@ -152,6 +153,9 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
             want_cu = starts + [16] * (capacity + 1 - len(starts))
             assert dispatcher.steps[capacity].inputs.cu_seqlens.tolist() == want_cu
     assert sorted(dispatcher.steps) == [3, 5] and ops.captures == 4 and dispatcher.eager_calls == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "a packed micro-batch holds 9 documents, more than the CUDA graphs' largest capacity (5): such "
+        "micro-batches run eagerly (slower)"]
     model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()  # plain call: its own step
     assert set(dispatcher.steps) == {3, 5, "plain"} and ops.captures == 6
 
