@@ -236,43 +236,50 @@ class GraphedTrainingForward:
         self.eager_calls = 0
         self.warned_capacity = False
 
-    def graph_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
-                     seq_idx: torch.Tensor | None) -> tuple[str | int, GraphInputs] | None:
-        """The key of the captured step that serves this training call and its inputs on the model's
-        device, or None when the call runs eagerly (see the module docstring)."""
+    def step_key(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                 seq_idx: torch.Tensor | None) -> str | int | None:
+        """Which captured step serves a training call with these inputs: "plain", the document
+        capacity of a packed step, or None when the call runs eagerly (see the module docstring).
+        Host work only: the loader's seq_idx is on the host."""
         if tuple(input_ids.shape) != self.shape:
             return None
         if seq_idx is None:
-            return ("plain", GraphInputs(input_ids)) if position_ids is None else None
+            return "plain" if position_ids is None else None
         if not self.documents:
             return None
-        flat_starts = document_starts(seq_idx).flatten().cpu()  # no device sync: the loader's seq_idx is on the host
-        n_docs = int(flat_starts.sum())
+        n_docs = int(document_starts(seq_idx).sum())
         capacity = next((c for c in DOC_CAPACITIES if c >= n_docs), None)
-        if capacity is None:
-            if not self.warned_capacity:  # once: a corpus of very short documents would otherwise flood the log
-                log.warning("a packed micro-batch holds %d documents, more than the CUDA graphs' largest capacity "
-                            "(%d): such micro-batches run eagerly (slower)", n_docs, DOC_CAPACITIES[-1])
-                self.warned_capacity = True
-            return None
+        if capacity is None and not self.warned_capacity:  # once: short documents would flood the log
+            log.warning("a packed micro-batch holds %d documents, more than the CUDA graphs' largest capacity "
+                        "(%d): such micro-batches run eagerly (slower)", n_docs, DOC_CAPACITIES[-1])
+            self.warned_capacity = True
+        return capacity
+
+    def graph_inputs(self, key: str | int, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                     seq_idx: torch.Tensor | None) -> GraphInputs:
+        """This call's inputs on the model's device, shaped as step `key` takes them."""
+        if key == "plain":
+            return GraphInputs(input_ids)
         device = input_ids.device
+        flat_starts = document_starts(seq_idx).flatten().cpu()
         cu = cu_seqlens_of(flat_starts)
-        cu = torch.cat([cu, cu.new_full((capacity - n_docs,), flat_starts.numel())])
+        cu = torch.cat([cu, cu.new_full((key + 1 - cu.numel(),), flat_starts.numel())])  # empty documents
         if position_ids is None:
             position_ids = positions_from_seq_idx(seq_idx)
-        return capacity, GraphInputs(input_ids, position_ids.to(device), seq_idx.to(device, torch.int32),
-                                     cu.to(device))
+        return GraphInputs(input_ids, position_ids.to(device), seq_idx.to(device, torch.int32), cu.to(device))
+
+    def _capture(self, key: str | int, inputs: GraphInputs) -> None:
+        self.steps[key] = _CapturedStep(self.model, inputs, self.ops, self.pool, self.warmup)
+        log.info("training forward+backward captured as CUDA graphs: input shape %s, %s", self.shape,
+                 "no documents" if key == "plain" else f"up to {key} documents per micro-batch")
 
     def prepare(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 seq_idx: torch.Tensor | None = None) -> None:
         """Capture the step that a training call with these inputs will replay, if it is not yet
         captured (the trainer calls this before DeepSpeed's forward; `__call__` would otherwise)."""
-        found = self.graph_inputs(input_ids, position_ids, seq_idx)
-        if found is not None and found[0] not in self.steps:
-            key, inputs = found
-            self.steps[key] = _CapturedStep(self.model, inputs, self.ops, self.pool, self.warmup)
-            log.info("training forward+backward captured as CUDA graphs: input shape %s, %s", self.shape,
-                     "no documents" if key == "plain" else f"up to {key} documents per micro-batch")
+        key = self.step_key(input_ids, position_ids, seq_idx)
+        if key is not None and key not in self.steps:
+            self._capture(key, self.graph_inputs(key, input_ids, position_ids, seq_idx))
 
     def __call__(
         self,
@@ -283,15 +290,15 @@ class GraphedTrainingForward:
         layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
         model = self.model
-        found = None
+        key = None
         if model.training and torch.is_grad_enabled() and cache is None and layout is None:
-            found = self.graph_inputs(input_ids, position_ids, seq_idx)
-        if found is None:
+            key = self.step_key(input_ids, position_ids, seq_idx)
+        if key is None:
             self.eager_calls += 1
             return type(model).forward(model, input_ids, position_ids, seq_idx, cache, layout)
-        key, inputs = found
+        inputs = self.graph_inputs(key, input_ids, position_ids, seq_idx)
         if key not in self.steps:
-            self.prepare(input_ids, position_ids, seq_idx)
+            self._capture(key, inputs)
         self.replays += 1
         step = self.steps[key]
         return _Replay.apply(step, inputs, *step.params)
