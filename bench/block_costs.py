@@ -6,8 +6,9 @@ backward over one micro-batch (`--tokens` tokens at each sequence length) are ca
 graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate = the part's model
 FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
 same run. Variants: the Mamba2 chunk sizes (`--chunks`), the attention kernels (`--attn-backends`),
-the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), and the MLP at
-the all-attention twin's width (bench/peers.attention_twin).
+the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), the MLP at
+the all-attention twin's width (bench/peers.attention_twin), and the loss as float32 torch
+cross-entropy vs the kernel path's fused cross-entropy (model/loss.py).
 
 From the parts, the `estimate` rows add up a whole micro-step of ours and of the twin (per layer:
 two norms + mixer + MLP; plus the head) with the fastest variant of each part and with the preset's
@@ -29,16 +30,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import environment, matmul_peak_tflops, median, sync, time_fn, write_results
+from bench.common import environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results
 from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
 from model.attention import Attention
 from model.config import ATTENTION, MAMBA
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU
+from model.loss import mean_nll
 from model.mamba2 import Mamba2Mixer
 from model.sizing import attention_core_flops_per_token, attention_mixer_params, mlp_params, ssd_flops_per_token
 
 COLUMNS = ["part", "variant", "seq_len", "batch", "ms", "tflops", "mfu", "fwd_flops_per_token"]
+PART_NAMES = ("mamba_mixer", "attention_mixer", "mlp", "norm", "head_loss")
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Part:
     module: nn.Module
     run: Callable[[torch.Tensor], torch.Tensor]
     flops: float
+    check: Callable[[torch.Tensor], dict] | None = None  # x -> accuracy columns of this variant
 
 
 def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backends: list[str],
@@ -90,13 +94,25 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
     out.append(Part("norm", "fused" if kernels else "eager", norm,
                     lambda x, n=norm: n(x, residual, kernels)[0], 0.0))
     head = nn.Linear(d, cfg.padded_vocab_size, bias=False).to(device=device, dtype=dtype)
-    labels = torch.randint(0, cfg.vocab_size, (batch * seq_len,), device=device)
+    labels = torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device)
 
-    def head_loss(x: torch.Tensor) -> torch.Tensor:  # as HybridLM.loss: float32 cross-entropy
-        return F.cross_entropy(head(x).float().flatten(0, 1), labels)
-
-    out.append(Part("head_loss", "float32 CE", head, head_loss, 2.0 * cfg.padded_vocab_size * d))
+    for impl in (("reference", "kernels") if kernels else ("reference",)):
+        variant = "fused CE" if impl == "kernels" else "float32 CE"
+        out.append(Part("head_loss", variant, head, lambda x, i=impl: mean_nll(head(x), labels, i),
+                        2.0 * cfg.padded_vocab_size * d, lambda x, i=impl: loss_error(head(x).detach(), labels, i)))
     return out
+
+
+def loss_error(logits: torch.Tensor, labels: torch.Tensor, impl: str) -> dict:
+    """Loss and logits-gradient of model.loss.mean_nll on path `impl` against float64 cross-entropy of
+    the same logits (relative errors)."""
+    ref = logits.double().requires_grad_()
+    want = F.cross_entropy(ref.flatten(0, 1), labels.flatten())
+    want.backward()
+    test = logits.clone().requires_grad_()
+    got = mean_nll(test.clone(), labels, impl)  # a copy: the fused backward overwrites its input
+    got.backward()
+    return {"loss_rel_err": rel_err(got, want), "grad_rel_err": rel_err(test.grad, ref.grad)}
 
 
 def fwd_bwd(part: Part, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
@@ -154,7 +170,7 @@ def estimates(rows: list[dict], cfg: ModelConfig, peak: float, kernels: bool) ->
     the settings the model runs (preset chunk size, SDPA, the device's MLP path), and their ratio."""
     twin = attention_twin(cfg)
     runs = {"mamba_mixer": f"chunk {cfg.mamba.chunk_size}", "attention_mixer": "sdpa",
-            "mlp": "fused" if kernels else "eager"}
+            "mlp": "fused" if kernels else "eager", "head_loss": "fused CE" if kernels else "float32 CE"}
     n_mamba, n_attn = cfg.layer_pattern.count(MAMBA), cfg.layer_pattern.count(ATTENTION)
     out = []
     for seq in sorted({r["seq_len"] for r in rows}):
@@ -192,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn-backends", default="sdpa,flash")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="also list the Mamba2 mixer's top kernels")
+    ap.add_argument("--parts", type=lambda t: t.split(","), default=None,
+                    help=f"comma-separated subset of {', '.join(PART_NAMES)} (default all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
+    if args.parts and set(args.parts) - set(PART_NAMES):
+        ap.error(f"--parts: unknown {sorted(set(args.parts) - set(PART_NAMES))}; choose from {', '.join(PART_NAMES)}")
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
@@ -212,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = max(1, tokens // seq)
         torch.manual_seed(0)
         for part in parts(cfg, seq, batch, chunks, backends, device, dtype, kernels=device.type == "cuda"):
+            if args.parts and part.name not in args.parts:
+                continue
             x = torch.randn(batch, seq, cfg.d_model, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
             step = fwd_bwd(part, x, grad)
@@ -221,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 t = time_part(step, list(part.module.parameters()), x, device, 3 if args.smoke else args.iters)
                 row |= {"ms": t, "tflops": 3 * part.flops * batch * seq / (t / 1e3) / 1e12}
                 row["mfu"] = row["tflops"] / peak
+                if part.check is not None:
+                    row |= part.check(x.detach())
                 if args.profile and part.name == "mamba_mixer":
                     row["kernels"] = kernel_table(step, device)
             except Exception as exc:  # OOM or a failed capture: the row says so, the run goes on
@@ -231,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             del part, step, x, grad
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        write_results(name, rows + estimates(rows, cfg, peak, device.type == "cuda"), meta, COLUMNS + ["tokens_per_s", "ratio", "status"],
+        write_results(name, rows + estimates(rows, cfg, peak, device.type == "cuda"), meta,
+                      COLUMNS + ["loss_rel_err", "grad_rel_err", "tokens_per_s", "ratio", "status"],
                       args.out, title=f"Forward+backward time of each block part ({preset}, {tokens} tokens per micro-batch)")
     return 0
 

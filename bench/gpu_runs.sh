@@ -22,6 +22,8 @@
 #              gradient error vs eager); a host-time profile of one 1.3B step
 #   parts      forward+backward GPU time of each block part and variant (bench/block_costs.py, with the
 #              Mamba2 mixer's top kernels)
+#   overhead   the LM head + loss, float32 vs fused cross-entropy (time and error); what the ZeRO step
+#              costs per micro-batch beyond forward+backward, by ZeRO setting (bench/step_overhead.py)
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
@@ -40,7 +42,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -101,6 +103,12 @@ graph)
 parts)
     step 300 python3 bench/block_costs.py --preset 1.3b --seq-lens 4096,8192 --tokens 8192 --chunks 128,256 \
         --profile --name block_costs_1.3b_h100 --out "$res"
+    ;;
+overhead)
+    step 90 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --parts head_loss \
+        --name block_costs_head_loss_1.3b_h100 --out "$res"
+    step 480 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --profile --name step_overhead_1.3b_h100 \
+        --out "$res"
     ;;
 docs_graph)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \

@@ -140,8 +140,9 @@ def impl(name: str, model: nn.Module) -> str:
 
 def train_loss(name: str, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (float32) of ids (b, l+1) long: every model reads ids[:, :-1]
-    and predicts ids[:, 1:], so b*l tokens for all. Ours: `model.loss` (bf16 logits cast to float32,
-    then cross-entropy: what training runs). HF: the same computation on its logits; labels are not
+    and predicts ids[:, 1:], so b*l tokens for all. Ours: `model.loss`, what training runs (on the kernel
+    path flash-attn's fused Triton cross-entropy over the bf16 logits, model/loss.py). HF: its own
+    training loss's computation (logits cast to float32, then torch's cross-entropy); labels are not
     passed (HF would shift them again and predict only l-1 tokens) and use_cache=False (a cache in a
     training forward sends Bamba's Mamba2 off its fused kernel)."""
     inputs, labels = ids[:, :-1], ids[:, 1:]

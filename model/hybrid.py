@@ -28,6 +28,7 @@ from model.config import MAMBA, ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
+from model.loss import mean_nll
 from model.mamba2 import Mamba2Mixer
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,9 @@ class HybridLM(nn.Module):
         seq_idx: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (float32, or float64 for a float64 model) over labels != -100.
-        labels: (b, l), already shifted."""
+        labels: (b, l), already shifted. On the kernel path, the fused cross-entropy of model/loss.py."""
         logits = self.forward(input_ids, position_ids, seq_idx)  # the instance's: a graphed one if installed
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return mean_nll(logits, labels, self.impl)
 
     # ---- decoding ---------------------------------------------------------------------------------
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> HybridCache:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,18 @@ def flash_ops() -> SimpleNamespace | None:
         log.debug("flash_attn unavailable: %s", exc)
         return None
     return SimpleNamespace(dense=flash_attn_func, varlen=flash_attn_varlen_func)
+
+
+@functools.cache
+def cross_entropy_ops() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """flash-attn's Triton cross-entropy: (logits (n, vocab), labels (n,), ignore_index=,
+    inplace_backward=) -> (losses (n,) float32, z-losses)."""
+    try:
+        from flash_attn.ops.triton.cross_entropy import cross_entropy_loss
+    except Exception as exc:
+        log.debug("flash_attn cross-entropy unavailable: %s", exc)
+        return None
+    return cross_entropy_loss
 
 
 @functools.cache

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from model.loss import IGNORE_INDEX
 from pipeline.manifest import Manifest, ManifestError, SourceEntry
 from train.errors import TrainingError
 
-IGNORE_INDEX = -100
 Packing = Literal["document", "continuous"]
 
 

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from config.loader import ConfigError
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
 from model.kernels import flash_ops
 from model.layers import SwiGLU
+from model.loss import IGNORE_INDEX, token_nll
 from model.mamba2 import Mamba2Mixer
 from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.sizing import count_params, train_flops_per_token
@@ -39,7 +39,7 @@ from model.weights import CheckpointError
 from pipeline.manifest import Manifest, load_manifest, sha256_of
 from train.checkpoint import RUN_CONFIG, Checkpointer, TrainerState, read_state, resolve_resume, seed_everything
 from train.consolidate import gather_fp32_state_dict, state_dict_from_checkpoint, write_bundle
-from train.data import IGNORE_INDEX, TrainData
+from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
 from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
 from train.errors import TrainingError
@@ -105,11 +105,10 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
 
 # ---- one step ----------------------------------------------------------------------------------------
 def forward_nll(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-target NLL (b, l) in float32 (0 where labels are -100)."""
+    """Per-target NLL (b, l) in float32 (0 where labels are -100): the fused cross-entropy on the
+    kernel path (model/loss.py)."""
     logits = engine(batch["input_ids"], position_ids=batch.get("position_ids"), seq_idx=batch.get("seq_idx"))
-    nll = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                          ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view_as(batch["labels"])
+    return token_nll(logits, batch["labels"], engine.module.impl)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,16 @@ def test_block_costs_smoke(tmp_path):
                                + 2 * ms[("norm", "eager")]) + ms[("head_loss", "float32 CE")]
         assert est["attention twin, as the model runs"]["ms"] == pytest.approx(twin, rel=1e-12)
         assert est["ours / twin, as the model runs"]["ratio"] == pytest.approx(twin / ours, rel=1e-12)
+    for r in parts:  # the loss rows carry their error against float64 cross-entropy of the same logits
+        assert (r["part"] == "head_loss") == ("loss_rel_err" in r)
+        if r["part"] == "head_loss":
+            assert r["loss_rel_err"] < 1e-6 and r["grad_rel_err"] < 1e-6, r
+
+
+def test_block_costs_parts_filter(tmp_path):
+    """--parts times only the named parts; without all parts there is no estimate; a wrong name is refused."""
+    assert block_costs.main(["--smoke", "--parts", "norm", "--out", str(tmp_path)]) == 0
+    rows = _load(tmp_path / "block_costs_tiny_smoke.json")["rows"]
+    assert {r["part"] for r in rows} == {"norm"}
+    with pytest.raises(SystemExit):
+        block_costs.main(["--smoke", "--parts", "norms", "--out", str(tmp_path)])

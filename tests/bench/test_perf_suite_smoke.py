@@ -7,6 +7,7 @@ process group, sets RANK/WORLD_SIZE and reconfigures logging for the whole proce
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import hw_ceilings, memory_scaling, peers, train_step_throughput
+from bench import hw_ceilings, memory_scaling, peers, step_overhead, train_step_throughput
 from model import ModelConfig, count_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +53,27 @@ def test_train_step_throughput_smoke(tmp_path: Path) -> None:
         assert r["micro_batch"] * r["seq_len"] == 64 and r["grad_accum"] == 2
         if r["model"] != "ours":
             _positive(r, "ours_over_peer")
+
+
+def test_step_overhead_smoke(tmp_path: Path) -> None:
+    """The floor row and one row per engine variant, each with both kinds of micro-batch timed; the
+    profile of the first engine variant lists ops; a malformed variant is refused before any work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile",
+                           "--variants", "zero2,zero2 overlap_comm=false,zero1", "--out", str(tmp_path)],
+                          cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _results(tmp_path / "step_overhead_tiny_smoke.json", png=False)
+    assert [r["variant"] for r in rows] == ["fwd_bwd", "zero2", "zero2 overlap_comm=false", "zero1"]
+    for r in rows:
+        _positive(r, "micro_ms", "boundary_ms", "tokens_per_s")
+    assert all("overhead_ms" in r for r in rows[1:]) and "overhead_ms" not in rows[0]
+    assert rows[1]["profile"] and all("profile" not in r for r in rows[2:])
+    assert step_overhead.parse_variant("zero2 overlap_comm=false reduce_bucket_size=5e8") == (
+        2, {"overlap_comm": False, "reduce_bucket_size": 500_000_000})
+    for bad in ("zero3", "zero2 overlap_comm"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            step_overhead.parse_variant(bad)
 
 
 def test_memory_scaling_smoke(tmp_path: Path) -> None:

@@ -1,0 +1,195 @@
+"""What a DeepSpeed optimizer step costs on top of forward+backward, micro-batch by micro-batch.
+
+At 1 x 8192 on one H100 the graphed 1.3B forward+backward alone ran 48k tokens/s but the ZeRO-2 step
+42k: about 25 ms per 8,192-token micro-batch go to the engine. This script splits that time. One
+model, one batch; each variant times the micro-batches of --steps optimizer steps (--grad-accum
+micro-batches each, a device sync after every micro-batch):
+  fwd_bwd         no engine: forward+backward in bf16, autograd accumulating bf16 .grad (the floor)
+  zero2           ds_configs/zero2.json as shipped (overlap_comm, contiguous gradients, fp32 accumulation)
+  zero2 <key=v>   the same with one ZeRO setting changed (--variants)
+  zero1           ZeRO stage 1 with the shipped settings
+Columns: micro_ms (median of the micro-batches that do not step the optimizer), boundary_ms (median of
+those that do), overhead_ms (micro_ms minus fwd_bwd's), tokens_per_s of the whole step, peak memory.
+With --profile, the host and device time of the top ops of one non-stepping micro-batch of the first
+engine variant (JSON only).
+
+The forward and backward replay CUDA graphs on CUDA (model/train_graph.py, what train.cuda_graph
+does: the engine's share is then not hidden behind launch gaps); on CPU they run eagerly (smoke).
+
+    python bench/step_overhead.py --preset 1.3b --seq-len 8192
+    python bench/step_overhead.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench import peers  # noqa: E402
+from bench.common import RESULTS, environment, median, sync, write_results  # noqa: E402
+from bench.train_step_throughput import LossModule, ds_config  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from model.config import deep_merge  # noqa: E402
+from model.train_graph import graph_training_forward  # noqa: E402
+
+NAME = "step_overhead"
+COLUMNS = ["variant", "micro_ms", "boundary_ms", "overhead_ms", "tokens_per_s", "peak_mem_gb", "status"]
+DEFAULT_VARIANTS = "zero2,zero2 overlap_comm=false,zero2 contiguous_gradients=false,zero2 reduce_bucket_size=2e9,zero1"
+
+
+def parse_variant(text: str) -> tuple[int, dict]:
+    """'zero2 key=value ...' -> (stage, zero_optimization overrides); values are JSON-ish (true/false/numbers)."""
+    head, *pairs = text.split()
+    if head not in ("zero1", "zero2"):
+        raise argparse.ArgumentTypeError(f"variant {text!r}: start with zero1 or zero2")
+    overrides: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: '{pair}' is not key=value")
+        overrides[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in ("true", "false") \
+            else int(float(value))
+    return int(head[-1]), overrides
+
+
+def micro_times(run_micro, grad_accum: int, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Seconds of each micro-batch over `steps` optimizer steps after one untimed step: (those that
+    do not step the optimizer, those that do)."""
+    for i in range(grad_accum):
+        run_micro(i == grad_accum - 1)
+    sync(device)
+    inner, boundary = [], []
+    for _ in range(steps):
+        for i in range(grad_accum):
+            last = i == grad_accum - 1
+            t0 = time.perf_counter()
+            run_micro(last)
+            sync(device)
+            (boundary if last else inner).append(time.perf_counter() - t0)
+    return inner, boundary
+
+
+def timing_row(inner: list[float], boundary: list[float], device: torch.device) -> dict:
+    """Median milliseconds of the two kinds of micro-batch, and the peak device memory so far."""
+    row = {"micro_ms": 1e3 * median(inner), "boundary_ms": 1e3 * median(boundary)}
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return row
+
+
+def profile_micro(run_micro, device: torch.device, top: int = 25) -> list[dict]:
+    """Host and device time of the top ops (by host time) of one non-stepping micro-batch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_micro(False)
+        sync(device)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key[:90], "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
+             "device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in events[:top]]
+
+
+def floor_variant(cfg: ModelConfig, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
+    """Forward+backward alone: bf16 model (float32 on CPU), autograd accumulating into .grad."""
+    model = peers.build("ours", cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":
+        graph_training_forward(model, ids[:, :-1])
+
+    def run_micro(last: bool) -> None:
+        peers.train_loss("ours", model, ids).backward()
+        if last:
+            model.zero_grad(set_to_none=True)
+
+    return timing_row(*micro_times(run_micro, args.grad_accum, args.steps, device), device)
+
+
+def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: dict, args: argparse.Namespace,
+                   device: torch.device, profile: bool) -> dict:
+    """The DeepSpeed step with ZeRO `stage` and `overrides` on the run's config for this batch shape."""
+    import deepspeed
+
+    from train.optim import param_groups
+
+    micro_batch, seq = ids.shape[0], ids.shape[1] - 1
+    config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda"),
+                        {"zero_optimization": {"stage": stage, **overrides}})
+    model = peers.build("ours", cfg, device, torch.float32)
+    engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),
+                                      config=config)
+    try:
+        if device.type == "cuda":
+            graph_training_forward(model, ids[:, :-1])
+
+        def run_micro(last: bool) -> None:
+            engine.backward(engine(ids))
+            engine.step()
+
+        inner, boundary = micro_times(run_micro, args.grad_accum, args.steps, device)
+        row = timing_row(inner, boundary, device)
+        if profile:  # micro_times ended on a step: the next micro-batch does not step
+            row["profile"] = profile_micro(run_micro, device)
+            for _ in range(args.grad_accum - 1):
+                run_micro(False)
+        return row
+    finally:
+        engine.destroy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1.3b")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per variant")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="comma-separated engine variants: zero1|zero2 [key=value ...] (zero_optimization keys)")
+    ap.add_argument("--profile", action="store_true", help="profile one micro-batch of the first engine variant")
+    ap.add_argument("--smoke", action="store_true", help="tiny preset, 32 tokens, 2 micro-batches, 1 step")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset, args.seq_len, args.grad_accum, args.steps = "tiny", 32, 2, 1
+    variants = [(v.strip(), *parse_variant(v.strip())) for v in args.variants.split(",")]
+    from train.distributed import init_distributed
+
+    device = init_distributed().device  # a world of one: NCCL on GPU, gloo on CPU
+    torch.manual_seed(0)
+    cfg = peers.fit_length(ModelConfig(preset=args.preset), args.seq_len)
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), device=device)
+    tokens_per_step = args.micro_batch * args.seq_len * args.grad_accum
+    meta = environment(device) | {"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                                  "grad_accum": args.grad_accum, "steps": args.steps,
+                                  "cuda_graph": device.type == "cuda"}
+    name = args.name or f"{NAME}_{args.preset}" + ("_smoke" if args.smoke else "")
+    title = f"DeepSpeed step cost per micro-batch, {args.preset}, {args.micro_batch} x {args.seq_len}: {meta['device']}"
+    rows: list[dict] = []
+    jobs = [("fwd_bwd", lambda: floor_variant(cfg, ids, args, device))]
+    for k, (label, stage, overrides) in enumerate(variants):
+        jobs.append((label, lambda s=stage, o=overrides, p=args.profile and k == 0:
+                     engine_variant(cfg, ids, s, o, args, device, p)))
+    for label, job in jobs:
+        row = {"variant": label} | peers.run_guarded(job, device)  # releases memory, restarts the peak
+        if row["status"] == "ok":
+            step_s = ((args.grad_accum - 1) * row["micro_ms"] + row["boundary_ms"]) / 1e3
+            row["tokens_per_s"] = tokens_per_step / step_s
+            if rows and "micro_ms" in rows[0]:
+                row["overhead_ms"] = row["micro_ms"] - rows[0]["micro_ms"]
+        rows.append(row)
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "profile"}, flush=True)
+        write_results(name, rows, meta, COLUMNS, args.out, title=title)
+    print(f"wrote {args.out / name}.json/.md", flush=True)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
