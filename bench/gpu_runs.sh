@@ -24,6 +24,7 @@
 #              Mamba2 mixer's top kernels)
 #   overhead   the LM head + loss, float32 vs fused cross-entropy (time and error); what the ZeRO step
 #              costs per micro-batch beyond forward+backward, by ZeRO setting (bench/step_overhead.py)
+#   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
@@ -42,7 +43,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -108,6 +109,11 @@ overhead)
     step 90 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --parts head_loss \
         --name block_costs_head_loss_1.3b_h100 --out "$res"
     step 480 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --profile --name step_overhead_1.3b_h100 \
+        --out "$res"
+    ;;
+overhead2)
+    step 540 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --profile --name step_overhead_knobs_1.3b_h100 \
+        --variants "zero1,zero2,zero2 bf16.check_grad_overflow=false,zero2 data_types.grad_accum_dtype=bf16,zero1 bf16.check_grad_overflow=false,zero1 overlap_comm=false,zero1 contiguous_gradients=false" \
         --out "$res"
     ;;
 docs_graph)

@@ -6,12 +6,13 @@ model, one batch; each variant times the micro-batches of --steps optimizer step
 micro-batches each, a device sync after every micro-batch):
   fwd_bwd         no engine: forward+backward in bf16, autograd accumulating bf16 .grad (the floor)
   zero2           ds_configs/zero2.json as shipped (overlap_comm, contiguous gradients, fp32 accumulation)
-  zero2 <key=v>   the same with one ZeRO setting changed (--variants)
+  zero2 <key=v>   the same with settings changed (--variants; `key` in zero_optimization, or a dotted
+                  path such as bf16.check_grad_overflow)
   zero1           ZeRO stage 1 with the shipped settings
 Columns: micro_ms (median of the micro-batches that do not step the optimizer), boundary_ms (median of
 those that do), overhead_ms (micro_ms minus fwd_bwd's), tokens_per_s of the whole step, peak memory.
-With --profile, the host and device time of the top ops of one non-stepping micro-batch of the first
-engine variant (JSON only).
+With --profile, the top ops (by host and by device time) of one micro-batch that does not step the
+optimizer and one that does, of the first engine variant (JSON only).
 
 The forward and backward replay CUDA graphs on CUDA (model/train_graph.py, what train.cuda_graph
 does: the engine's share is then not hidden behind launch gaps); on CPU they run eagerly (smoke).
@@ -43,18 +44,32 @@ COLUMNS = ["variant", "micro_ms", "boundary_ms", "overhead_ms", "tokens_per_s", 
 DEFAULT_VARIANTS = "zero2,zero2 overlap_comm=false,zero2 contiguous_gradients=false,zero2 reduce_bucket_size=2e9,zero1"
 
 
+def parse_value(text: str) -> bool | int | str:
+    """A variant's value: true/false, a number (5e8 allowed), else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(float(text))
+    except ValueError:
+        return text
+
+
 def parse_variant(text: str) -> tuple[int, dict]:
-    """'zero2 key=value ...' -> (stage, zero_optimization overrides); values are JSON-ish (true/false/numbers)."""
+    """'zero2 key=value ...' -> (stage, overrides of the DeepSpeed config). A key without a dot is a
+    zero_optimization key; a dotted key is a path from the top (bf16.check_grad_overflow=false)."""
     head, *pairs = text.split()
     if head not in ("zero1", "zero2"):
         raise argparse.ArgumentTypeError(f"variant {text!r}: start with zero1 or zero2")
-    overrides: dict = {}
+    overrides: dict = {"zero_optimization": {}}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
+        if not sep or not key:
             raise argparse.ArgumentTypeError(f"variant {text!r}: '{pair}' is not key=value")
-        overrides[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in ("true", "false") \
-            else int(float(value))
+        *path, leaf = key.split(".") if "." in key else ["zero_optimization", key]
+        node = overrides
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = parse_value(value)
     return int(head[-1]), overrides
 
 
@@ -83,17 +98,18 @@ def timing_row(inner: list[float], boundary: list[float], device: torch.device) 
     return row
 
 
-def profile_micro(run_micro, device: torch.device, top: int = 25) -> list[dict]:
-    """Host and device time of the top ops (by host time) of one non-stepping micro-batch."""
+def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) -> dict[str, list[dict]]:
+    """The top ops of one micro-batch (stepping the optimizer if `last`), by host and by device self time."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        run_micro(False)
+        run_micro(last)
         sync(device)
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [{"op": e.key[:90], "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
-             "device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in events[:top]]
+    events = [{"op": e.key[:90], "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
+               "device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in prof.key_averages()]
+    return {f"by_{key.split('_')[0]}": sorted(events, key=lambda e: e[key], reverse=True)[:top]
+            for key in ("host_ms", "device_ms")}
 
 
 def floor_variant(cfg: ModelConfig, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
@@ -119,7 +135,7 @@ def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: d
 
     micro_batch, seq = ids.shape[0], ids.shape[1] - 1
     config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda"),
-                        {"zero_optimization": {"stage": stage, **overrides}})
+                        deep_merge(overrides, {"zero_optimization": {"stage": stage}}))
     model = peers.build("ours", cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),
                                       config=config)
@@ -133,10 +149,11 @@ def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: d
 
         inner, boundary = micro_times(run_micro, args.grad_accum, args.steps, device)
         row = timing_row(inner, boundary, device)
-        if profile:  # micro_times ended on a step: the next micro-batch does not step
-            row["profile"] = profile_micro(run_micro, device)
-            for _ in range(args.grad_accum - 1):
+        if profile:  # micro_times ended on a step: the next micro-batch does not step, the last one does
+            row["profile"] = profile_micro(run_micro, False, device)
+            for _ in range(args.grad_accum - 2):
                 run_micro(False)
+            row["profile_step"] = profile_micro(run_micro, True, device)
         return row
     finally:
         engine.destroy()
@@ -150,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, default=8)
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per variant")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help="comma-separated engine variants: zero1|zero2 [key=value ...] (zero_optimization keys)")
+                    help="comma-separated engine variants: zero1|zero2 [key=value ...] (zero_optimization keys or dotted paths)")
     ap.add_argument("--profile", action="store_true", help="profile one micro-batch of the first engine variant")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, 32 tokens, 2 micro-batches, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS)
