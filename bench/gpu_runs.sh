@@ -25,6 +25,9 @@
 #   overhead   the LM head + loss, float32 vs fused cross-entropy (time and error); what the ZeRO step
 #              costs per micro-batch beyond forward+backward, by ZeRO setting (bench/step_overhead.py)
 #   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
+#   zero1      graphed vs eager weight updates under ZeRO-2 and ZeRO-1 (step_overhead --check); the graphed
+#              step of ours and the all-attention twin on ds_configs/zero1.json
+#   peers_fused_ce  the graphed ZeRO-2 step of ours and the twin (fused cross-entropy) vs HF Bamba
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
@@ -43,7 +46,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|zero1|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -115,6 +118,16 @@ overhead2)
     step 540 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --profile --name step_overhead_knobs_1.3b_h100 \
         --variants "zero1,zero2,zero2 bf16.check_grad_overflow=false,zero2 data_types.grad_accum_dtype=bf16,zero1 bf16.check_grad_overflow=false,zero1 overlap_comm=false,zero1 contiguous_gradients=false" \
         --out "$res"
+    ;;
+zero1)
+    step 300 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --check --variants "zero2,zero1" \
+        --name step_overhead_check_1.3b_h100 --out "$res"
+    step 280 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
+        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_zero1_1.3b_h100 --out "$res"
+    ;;
+peers_fused_ce)
+    step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
+        --models ours,attention,hf_bamba --name train_step_throughput_graph_fused_ce_1.3b_h100 --out "$res"
     ;;
 docs_graph)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \

@@ -1,4 +1,5 @@
-"""Training throughput, MFU and peak memory: forward + backward + optimizer step, DeepSpeed ZeRO-2 on one GPU.
+"""Training throughput, MFU and peak memory: forward + backward + optimizer step, DeepSpeed ZeRO-2 on one GPU
+(or the ZeRO config of --ds-config).
 
 For each sequence length, each model of bench/peers.py (ours, attention, hf_bamba, hf_llama) gets its
 own DeepSpeed engine with the training run's DeepSpeed config (train.ds_config.build_ds_config over
@@ -54,6 +55,7 @@ COLUMNS = ["model", "impl", "params_m", "seq_len", "micro_batch", "grad_accum", 
            "peak_mem_gb", "step_s", "first_step_s", "ours_over_peer", "ours_graph_over_peer", "status"]
 GRAPHED = "_graph"  # row-name suffix of a CUDA-graph variant
 LR, WEIGHT_DECAY = 1e-4, 0.1
+DS_CONFIG = "ds_configs/zero2.json"  # what issue 7's suite measures; --ds-config ds_configs/zero1.json for one GPU's best
 
 
 class LossModule(nn.Module):
@@ -67,13 +69,13 @@ class LossModule(nn.Module):
         return peers.train_loss(self.name, self.model, ids)
 
 
-def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool) -> dict:
-    """The DeepSpeed config launch/pretrain.py would build for this batch shape on one rank."""
+def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool, base: str = DS_CONFIG) -> dict:
+    """The DeepSpeed config launch/pretrain.py would build over `base` for this batch shape on one rank."""
     from config.sections import TrainConfig
     from train.ds_config import build_ds_config
 
     train = TrainConfig(seq_len=seq, micro_batch_size=micro_batch, global_batch_tokens=seq * micro_batch * grad_accum,
-                        lr=LR, weight_decay=WEIGHT_DECAY, precision="bf16" if on_cuda else "fp32")
+                        lr=LR, weight_decay=WEIGHT_DECAY, precision="bf16" if on_cuda else "fp32", ds_config=base)
     return build_ds_config(train, world_size=1, on_cuda=on_cuda)
 
 
@@ -86,7 +88,8 @@ def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, graph: bool
 
     model = peers.build(name, cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule(name, model), model_parameters=param_groups(model, WEIGHT_DECAY),
-                                      config=ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda"))
+                                      config=ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda",
+                                                       args.ds_config))
     try:
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device=engine.device)
         if graph:  # after deepspeed.initialize: the graphs must see the parameters' final storage
@@ -158,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before (at least 1: the first)")
     ap.add_argument("--models", type=peers.model_list, default=",".join(peers.PEERS), help=f"comma-separated, of {', '.join(peers.PEERS)}")
     ap.add_argument("--cuda-graph", action="store_true", help="add CUDA-graph rows of ours and attention (CUDA only)")
+    ap.add_argument("--graph-only", action="store_true", help="with --cuda-graph: only the graphed rows of ours and attention")
+    ap.add_argument("--ds-config", default=DS_CONFIG, help="the DeepSpeed JSON every engine is built over")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
@@ -170,6 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from train.distributed import init_distributed
+    from train.ds_config import read_ds_json, zero_stage
 
     device = init_distributed().device  # a world of one: NCCL on GPU, gloo on CPU
     torch.manual_seed(0)
@@ -180,12 +186,14 @@ def main(argv: list[str] | None = None) -> int:
                                   "grad_accum": args.grad_accum, "micro_batch_tokens": args.micro_batch_tokens,
                                   "steps": args.steps, "warmup_steps": args.warmup_steps, "lr": LR}
     name = args.name or f"{NAME}_{args.preset}{'_smoke' if args.smoke else ''}"
-    title = f"train step (ZeRO-2, 1 device), {args.preset}: {meta['device']}"
+    stage = zero_stage(read_ds_json(args.ds_config))
+    meta["ds_config"] = args.ds_config
+    title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []
     for seq in seqs:
         micro_batch = max(1, args.micro_batch_tokens // seq)
-        variants = [(m, False) for m in args.models]
+        variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]
         if args.cuda_graph:
             variants += [(m, True) for m in args.models if m in peers.OURS]
         for model, graph in variants:

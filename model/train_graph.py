@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -91,6 +92,39 @@ class CudaGraphs:
 
     def replay(self, graph: Any) -> None:
         graph.replay()
+
+
+class EagerReplayGraphs(CudaGraphs):
+    """CudaGraphs' interface without CUDA: a "replay" runs the captured function again and copies its
+    results into the outputs of the capture, as a real replay refills its static buffers. Exercises
+    everything around the graphs (static inputs, outputs and gradients, the hand-off of gradients to
+    the optimizer's hooks) on any device: the CPU tests and bench/step_overhead.py --smoke use it."""
+
+    def __init__(self) -> None:
+        self.captures = self.replays = 0
+
+    def new(self) -> Any:
+        return SimpleNamespace(run=None, out=None)
+
+    def stream(self, device: torch.device) -> None:
+        return None
+
+    def pool(self) -> None:
+        return None
+
+    def capture(self, graph: Any, pool: Any, stream: Any, run: Callable[[], Any]) -> Any:
+        self.captures += 1
+        graph.run, graph.out = run, run()
+        return graph.out
+
+    def replay(self, graph: Any) -> None:
+        self.replays += 1
+        with torch.enable_grad():  # a real replay records nothing; re-running needs autograd (Function.forward disables it)
+            fresh = graph.run()
+        pairs = zip(graph.out, fresh) if isinstance(fresh, tuple) else [(graph.out, fresh)]
+        with torch.no_grad():
+            for static, new in pairs:
+                static.copy_(new)
 
 
 class _EagerLogits(torch.nn.Module):
@@ -315,7 +349,7 @@ def graph_training_forward(
     long. Without `documents` it captures the plain step from `sample_ids` now; with `documents`,
     packed batches (seq_idx given) replay steps captured on first use per document capacity, and
     plain calls are captured on first use too. Returns the dispatcher. `ops` defaults to CUDA graphs
-    (tests pass a stand-in)."""
+    (EagerReplayGraphs runs the same plumbing without CUDA)."""
     if isinstance(model.forward, GraphedTrainingForward):
         raise RuntimeError("the model's training forward is already graphed")
     if ops is None:

@@ -57,9 +57,12 @@ def test_train_step_throughput_smoke(tmp_path: Path) -> None:
 
 def test_step_overhead_smoke(tmp_path: Path) -> None:
     """The floor row and one row per engine variant, each with both kinds of micro-batch timed; the
-    profile of the first engine variant lists ops; a malformed variant is refused before any work."""
+    profile of the first engine variant lists ops; with --check the graphed run's weight updates equal
+    the eager run's under ZeRO-1 and ZeRO-2 (the stand-in graphs replay the same float32 arithmetic:
+    a gradient lost or overwritten before the engine's hooks consume it gives an error of order 1);
+    a malformed variant is refused before any work."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile",
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile", "--check",
                            "--variants", "zero2,zero2 overlap_comm=false,zero1 bf16.check_grad_overflow=false", "--out", str(tmp_path)],
                           cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -69,6 +72,7 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
     for r in rows:
         _positive(r, "micro_ms", "boundary_ms", "tokens_per_s")
     assert all("overhead_ms" in r for r in rows[1:]) and "overhead_ms" not in rows[0]
+    assert all(r["update_rel_err"] < 1e-6 for r in rows[1:]), rows
     assert rows[1]["profile"]["by_host"] and rows[1]["profile_step"]["by_device"]
     assert all("profile" not in r for r in rows[2:])
     assert step_overhead.parse_variant("zero2 overlap_comm=false reduce_bucket_size=5e8") == (

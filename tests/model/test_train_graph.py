@@ -1,7 +1,7 @@
 """CUDA-graph training (model/train_graph.py) on CPU: the capture's data flow and the dispatcher.
 
-CUDA graphs need a GPU. Here a stand-in takes the place of the graph operations: "capture" runs the
-function once and keeps its outputs as the static buffers, "replay" runs it again and copies the
+CUDA graphs need a GPU. Here a stand-in (model.train_graph.EagerReplayGraphs) takes the place of the
+graph operations: "capture" runs the function once and keeps its outputs as the static buffers, "replay" runs it again and copies the
 result into them. That checks everything around the graphs: stand-in leaves sharing the parameters'
 storage, static input/output/gradient buffers, the gradients handed to the right parameters, in-place
 parameter updates seen by later replays, and which calls replay. The graphs themselves are compared
@@ -10,39 +10,12 @@ with the eager step on the GPU (bench/fwd_bwd_throughput.py --cuda-graph: loss a
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from model.train_graph import EagerReplayGraphs as StandInGraphs
 from model.train_graph import GraphedTrainingForward, graph_training_forward
-
-
-class StandInGraphs:
-    def __init__(self) -> None:
-        self.captures = self.replays = 0
-
-    def new(self) -> SimpleNamespace:
-        return SimpleNamespace(run=None, out=None)
-
-    def stream(self, device: torch.device) -> None:
-        return None
-
-    def pool(self) -> None:
-        return None
-
-    def capture(self, graph, pool, stream, run):
-        self.captures += 1
-        graph.run, graph.out = run, run()
-        return graph.out
-
-    def replay(self, graph) -> None:
-        self.replays += 1
-        with torch.enable_grad():  # a real replay records nothing; re-running needs autograd (Function.forward disables it)
-            fresh = graph.run()
-        with torch.no_grad():
-            for static, new in zip(*((graph.out, fresh) if isinstance(fresh, tuple) else ((graph.out,), (fresh,)))):
-                static.copy_(new)
 
 
 def eager_loss_and_grads(model, ids):
