@@ -25,8 +25,7 @@
 #   overhead   the LM head + loss, float32 vs fused cross-entropy (time and error); what the ZeRO step
 #              costs per micro-batch beyond forward+backward, by ZeRO setting (bench/step_overhead.py)
 #   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
-#   zero1      graphed vs eager weight updates under ZeRO-2 and ZeRO-1 (step_overhead --check); the graphed
-#              step of ours and the all-attention twin on ds_configs/zero1.json
+#   grad_norm  the engine's gradient norm (ZeRO-1/2, eager/graphed, overlap_comm on/off) vs a float32 reference
 #   peers_fused_ce  the graphed ZeRO-2 step of ours and the twin (fused cross-entropy) vs HF Bamba
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
@@ -46,7 +45,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|zero1|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -119,11 +118,8 @@ overhead2)
         --variants "zero1,zero2,zero2 bf16.check_grad_overflow=false,zero2 data_types.grad_accum_dtype=bf16,zero1 bf16.check_grad_overflow=false,zero1 overlap_comm=false,zero1 contiguous_gradients=false" \
         --out "$res"
     ;;
-zero1)
-    step 300 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --check --variants "zero2,zero1" \
-        --name step_overhead_check_1.3b_h100 --out "$res"
-    step 280 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
-        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_zero1_1.3b_h100 --out "$res"
+grad_norm)
+    step 400 python3 bench/grad_norm_check.py --preset small --name grad_norm_check_small_h100 --out "$res"
     ;;
 peers_fused_ce)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
@@ -205,7 +201,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

@@ -39,9 +39,11 @@ Requirements, checked by the callers that enable it (train/trainer.py):
     torch optimizers) are seen by the replays; ZeRO-3 gathers and frees parameters around each
     module, which a graph cannot follow.
   * The gradients a replay returns live in the graph's static buffers and are overwritten by the
-    next replay: each backward's gradients must be consumed before the next one. DeepSpeed's ZeRO
-    gradient hooks do (with fp32 gradient accumulation they add each into `grad_accum` and drop
-    `.grad`); plain accumulation into `.grad` over several backwards does not.
+    next replay: each backward's gradients must be consumed before the next one. DeepSpeed's ZeRO-2
+    hooks do (each gradient is copied into the reduction bucket as it arrives). Under ZeRO-1 the
+    engine's gradient norm came out wrong (bench/grad_norm_check.py: 104 against 4.49 on an H100,
+    0.14% off on CPU with the stand-in), so the trainer refuses it; plain accumulation into `.grad`
+    over several backwards is not supported either.
 """
 
 from __future__ import annotations

@@ -125,18 +125,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def check_graphable(env: DistEnv, stage: int, packing: str) -> None:
-    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 1 or
-    2, flash-attn for document packing."""
+    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 2,
+    flash-attn for document packing."""
     if not env.on_cuda:
         raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
     if packing == "document" and flash_ops() is None:
         raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn (its varlen kernel takes the "
                           "documents as a fixed-shape input): install requirements-cuda.txt, or set "
                           "data.packing=continuous or train.cuda_graph=false")
-    if stage not in (1, 2):
-        raise ConfigError(f"train.cuda_graph needs ZeRO stage 1 or 2 (train.ds_config is stage {stage}): ZeRO-3 "
-                          "gathers parameters per module, which a graph cannot follow; use ds_configs/zero2.json "
-                          "(or zero1.json on one GPU) or set train.cuda_graph=false")
+    if stage != 2:
+        raise ConfigError(f"train.cuda_graph needs ZeRO stage 2 (train.ds_config is stage {stage}): ZeRO-3 gathers "
+                          "parameters per module, which a graph cannot follow, and under ZeRO-1 the engine reported "
+                          "wrong gradient norms (bench/grad_norm_check.py); use ds_configs/zero2.json or set "
+                          "train.cuda_graph=false")
 
 
 def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
@@ -172,10 +173,6 @@ class Trainer:
         if universal:
             self.ckpt.ensure_universal(resume_dir)
         self.ds_config = build_ds_config(t, self.env.world_size, self.env.on_cuda, load_universal=universal)
-        if stage == 2 and self.env.world_size == 1 and self.env.on_cuda:
-            log.warning("ZeRO-2 on a single GPU partitions nothing but still reduces every micro-batch's gradients "
-                        "into its fp32 partition: ds_configs/zero1.json keeps the same memory and measured 8-12%% "
-                        "faster on an H100 (bench/results/step_overhead_knobs_1.3b_h100.md)")
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:

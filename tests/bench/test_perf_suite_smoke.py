@@ -57,12 +57,9 @@ def test_train_step_throughput_smoke(tmp_path: Path) -> None:
 
 def test_step_overhead_smoke(tmp_path: Path) -> None:
     """The floor row and one row per engine variant, each with both kinds of micro-batch timed; the
-    profile of the first engine variant lists ops; with --check the graphed run's weight updates equal
-    the eager run's under ZeRO-1 and ZeRO-2 (the stand-in graphs replay the same float32 arithmetic:
-    a gradient lost or overwritten before the engine's hooks consume it gives an error of order 1);
-    a malformed variant is refused before any work."""
+    profile of the first engine variant lists ops; a malformed variant is refused before any work."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile", "--check",
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile",
                            "--variants", "zero2,zero2 overlap_comm=false,zero1 bf16.check_grad_overflow=false", "--out", str(tmp_path)],
                           cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -72,7 +69,6 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
     for r in rows:
         _positive(r, "micro_ms", "boundary_ms", "tokens_per_s")
     assert all("overhead_ms" in r for r in rows[1:]) and "overhead_ms" not in rows[0]
-    assert all(r["update_rel_err"] < 1e-6 for r in rows[1:]), rows
     assert rows[1]["profile"]["by_host"] and rows[1]["profile_step"]["by_device"]
     assert all("profile" not in r for r in rows[2:])
     assert step_overhead.parse_variant("zero2 overlap_comm=false reduce_bucket_size=5e8") == (
@@ -82,6 +78,22 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
     for bad in ("zero3", "zero2 overlap_comm"):
         with pytest.raises(argparse.ArgumentTypeError):
             step_overhead.parse_variant(bad)
+
+
+def test_grad_norm_check_smoke(tmp_path: Path) -> None:
+    """Different batches per micro-batch: every eager engine and the graphed ZeRO-2 engine report the
+    float32 reference's gradient norm (1e-6: the same float32 arithmetic, other summation orders).
+    Graphed ZeRO-1 does not (its rows are recorded; train.cuda_graph refuses ZeRO-1)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "grad_norm_check.py"), "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = _results(tmp_path / "grad_norm_check_tiny_smoke.json", png=False)
+    assert [(r["stage"], r["graphed"], r["overlap_comm"]) for r in rows] == [
+        (s, g, o) for s in (1, 2) for g in (False, True) for o in (True, False)]
+    for r in rows:
+        if r["stage"] == 2 or not r["graphed"]:
+            assert r["rel_diff"] < 1e-6, r
 
 
 def test_memory_scaling_smoke(tmp_path: Path) -> None:
