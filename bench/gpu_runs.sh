@@ -34,6 +34,7 @@
 #   eval_graph lm-eval throughput with generate_until through CUDA graphs (hybrid_graph) vs eager and hf
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
+#   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
@@ -45,7 +46,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -145,20 +146,23 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph|train_docs_graph)
+train_graph|train_docs_graph|train_zero1_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
-    packing=continuous name=pretrain_1.3b_graph
+    packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
     [ "$stage" = train_docs_graph ] && packing=document name=pretrain_1.3b_docs_graph
+    [ "$stage" = train_zero1_graph ] && name=pretrain_1.3b_zero1_graph ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 300 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
-        --set data.packing=$packing --set train.cuda_graph=true \
+        --set data.packing=$packing --set train.cuda_graph=true --set train.ds_config=$ds \
         --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 --set train.max_steps=25 \
         --set train.warmup_steps=5 --set train.eval_every=25 --set train.eval_sequences=16 \
         --set train.save_every=0 --set train.save_final=false --set train.log_every=1 --set train.peak_tflops="$peak" \
         --set train.output_dir="$run_dir" --set train.wandb.mode=disabled
     cp "$run_dir"/metrics.jsonl "$res/${name}_metrics.jsonl" 2>/dev/null
+    [ "$stage" = train_zero1_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
+        --variants "zero2,zero1" --name step_overhead_zero1_1.3b_h100 --out "$res"
     ;;
 inference)
     step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"
@@ -201,7 +205,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

@@ -1,14 +1,17 @@
 """Does the DeepSpeed step see the right gradients? The engine's global gradient norm after one
-optimizer step, for ZeRO-1 and ZeRO-2, eager and with the training graphs, each with overlap_comm on
-and off, against the norm of a float32 torch reference (the same model, weights and micro-batches,
-gradients of the mean loss accumulated by autograd, no engine).
+optimizer step over different micro-batches, for ds_configs/zero1.json and zero2.json (bf16 engines,
+as training runs them), eager and with the training graphs, each with overlap_comm on and off,
+against the norm of a float32 torch reference (the same model, weights and micro-batches, gradients of
+the mean loss accumulated by autograd, no engine).
 
 A graphed row equal to its eager row and to the reference says the graphs hand every micro-batch's
-gradients to the engine under that setting; the trainer refuses settings that fail here. On CPU the
-graphs are their eager stand-in (model.train_graph.EagerReplayGraphs).
+gradients to the engine under that setting; train.cuda_graph refuses the settings that failed here
+(ZeRO-1 without bf16.immediate_grad_update: DeepSpeed's BF16_Optimizer then lets autograd add each
+replay's gradient into `.grad`, which is the graph's own gradient buffer, so the sum doubles instead
+of accumulating). On CPU the graphs are their eager stand-in (model.train_graph.EagerReplayGraphs).
 
-    python bench/grad_norm_check.py --preset small      # CUDA (bf16 engines, kernel path)
-    python bench/grad_norm_check.py --smoke             # CPU: tiny preset, float32 engines
+    python bench/grad_norm_check.py --preset small      # CUDA (kernel path)
+    python bench/grad_norm_check.py --smoke             # CPU: tiny preset
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, write_results  # noqa: E402
 from bench.step_overhead import install_graphs  # noqa: E402
-from bench.train_step_throughput import LossModule, ds_config  # noqa: E402
+from bench.train_step_throughput import ZERO_JSONS, LossModule, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
 
@@ -48,8 +51,8 @@ def engine_norm(cfg: ModelConfig, batches: list[torch.Tensor], stage: int, graph
     from train.optim import param_groups
 
     micro_batch, seq = batches[0].shape[0], batches[0].shape[1] - 1
-    config = deep_merge(ds_config(seq, micro_batch, len(batches), device.type == "cuda"),
-                        {"zero_optimization": {"stage": stage, "overlap_comm": overlap}})
+    config = deep_merge(ds_config(seq, micro_batch, len(batches), device.type == "cuda", ZERO_JSONS[stage]),
+                        {"zero_optimization": {"overlap_comm": overlap}, "bf16": {"enabled": True}})
     torch.manual_seed(0)
     model = peers.build("ours", cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),

@@ -8,7 +8,8 @@ micro-batches each, a device sync after every micro-batch):
   zero2           ds_configs/zero2.json as shipped (overlap_comm, contiguous gradients, fp32 accumulation)
   zero2 <key=v>   the same with settings changed (--variants; `key` in zero_optimization, or a dotted
                   path such as bf16.check_grad_overflow)
-  zero1           ZeRO stage 1 with the shipped settings
+  zero1           ds_configs/zero1.json as shipped (bf16.immediate_grad_update: DeepSpeed's BF16_Optimizer
+                  folds each gradient into its fp32 buffer in the gradient hook)
 Columns: micro_ms (median of the micro-batches that do not step the optimizer), boundary_ms (median of
 those that do), overhead_ms (micro_ms minus fwd_bwd's), tokens_per_s of the whole step, peak memory.
 With --profile, the top ops (by host and by device time) of one micro-batch that does not step the
@@ -17,8 +18,8 @@ optimizer and one that does, of the first engine variant (JSON only).
 The forward and backward replay CUDA graphs on CUDA (model/train_graph.py, what train.cuda_graph
 does: the engine's share is then not hidden behind launch gaps); on CPU their eager stand-in
 (EagerReplayGraphs). Timing only: every micro-batch is the same batch, so this script cannot tell
-right gradients from wrong ones; bench/grad_norm_check.py does (ZeRO-1 under the graphs fails it:
-its rows here time a step whose gradients are wrong).
+right gradients from wrong ones; bench/grad_norm_check.py does (ZeRO-1 without
+bf16.immediate_grad_update fails it under the graphs).
 
     python bench/step_overhead.py --preset 1.3b --seq-len 8192
     python bench/step_overhead.py --smoke
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, median, sync, write_results  # noqa: E402
-from bench.train_step_throughput import LossModule, ds_config  # noqa: E402
+from bench.train_step_throughput import ZERO_JSONS, LossModule, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
 from model.train_graph import EagerReplayGraphs, graph_training_forward  # noqa: E402
@@ -141,8 +142,7 @@ def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: d
     from train.optim import param_groups
 
     micro_batch, seq = ids.shape[0], ids.shape[1] - 1
-    config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda"),
-                        deep_merge(overrides, {"zero_optimization": {"stage": stage}}))
+    config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda", ZERO_JSONS[stage]), overrides)
     torch.manual_seed(0)  # the same initial weights for every variant
     model = peers.build("ours", cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),

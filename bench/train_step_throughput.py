@@ -55,7 +55,8 @@ COLUMNS = ["model", "impl", "params_m", "seq_len", "micro_batch", "grad_accum", 
            "peak_mem_gb", "step_s", "first_step_s", "ours_over_peer", "ours_graph_over_peer", "status"]
 GRAPHED = "_graph"  # row-name suffix of a CUDA-graph variant
 LR, WEIGHT_DECAY = 1e-4, 0.1
-DS_CONFIG = "ds_configs/zero2.json"  # what issue 7's suite measures; --ds-config ds_configs/zero1.json for one GPU's best
+DS_CONFIG = "ds_configs/zero2.json"  # what issue 7's suite measures (--ds-config for another)
+ZERO_JSONS = {1: "ds_configs/zero1.json", 2: "ds_configs/zero2.json"}  # the shipped JSON of each stage
 
 
 class LossModule(nn.Module):

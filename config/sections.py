@@ -88,8 +88,8 @@ class TrainConfig(StrictModel):
         False,
         description="Replay each micro-batch's forward and backward as CUDA graphs (model/train_graph.py): "
         "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs ZeRO "
-        "stage 2 (its gradient hooks consume each backward's gradients before the next replay; under ZeRO-1 "
-        "they do not: bench/grad_norm_check.py) and no "
+        "stage 2, or stage 1 with bf16 and bf16.immediate_grad_update (ds_configs/zero1.json): their gradient "
+        "hooks consume each backward's gradients before the next replay (bench/grad_norm_check.py); and no "
         "activation checkpointing; with data.packing=document, flash-attn's varlen kernel "
         "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
         "micro-batch runs eagerly).",

@@ -40,10 +40,12 @@ Requirements, checked by the callers that enable it (train/trainer.py):
     module, which a graph cannot follow.
   * The gradients a replay returns live in the graph's static buffers and are overwritten by the
     next replay: each backward's gradients must be consumed before the next one. DeepSpeed's ZeRO-2
-    hooks do (each gradient is copied into the reduction bucket as it arrives). Under ZeRO-1 the
-    engine's gradient norm came out wrong (bench/grad_norm_check.py: 104 against 4.49 on an H100,
-    0.14% off on CPU with the stand-in), so the trainer refuses it; plain accumulation into `.grad`
-    over several backwards is not supported either.
+    hooks do (each gradient is copied into the reduction bucket as it arrives), and so do ZeRO-1's
+    with bf16 and `bf16.immediate_grad_update` (BF16_Optimizer folds each into its fp32 buffer and
+    drops `.grad`). Without that flag BF16_Optimizer lets autograd accumulate into `.grad`, which then
+    is the graph's own buffer: each replay's gradients are added to themselves (bench/grad_norm_check.py:
+    norm 71.7 against 4.49 on an H100). Plain accumulation into `.grad` over several backwards is not
+    supported for the same reason.
 """
 
 from __future__ import annotations

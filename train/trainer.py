@@ -124,20 +124,25 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k in MODEL_INPUTS if k in batch}
 
 
-def check_graphable(env: DistEnv, stage: int, packing: str) -> None:
-    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA, ZeRO stage 2,
-    flash-attn for document packing."""
+def check_graphable(env: DistEnv, ds_config: dict, packing: str) -> None:
+    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA; ZeRO-2, or ZeRO-1
+    with bf16 and bf16.immediate_grad_update; flash-attn for document packing."""
     if not env.on_cuda:
         raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
     if packing == "document" and flash_ops() is None:
         raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn (its varlen kernel takes the "
                           "documents as a fixed-shape input): install requirements-cuda.txt, or set "
                           "data.packing=continuous or train.cuda_graph=false")
-    if stage != 2:
-        raise ConfigError(f"train.cuda_graph needs ZeRO stage 2 (train.ds_config is stage {stage}): ZeRO-3 gathers "
-                          "parameters per module, which a graph cannot follow, and under ZeRO-1 the engine reported "
-                          "wrong gradient norms (bench/grad_norm_check.py); use ds_configs/zero2.json or set "
-                          "train.cuda_graph=false")
+    stage = zero_stage(ds_config)
+    if stage == 3:
+        raise ConfigError("train.cuda_graph needs ZeRO stage 1 or 2 (train.ds_config is stage 3): ZeRO-3 gathers "
+                          "parameters per module, which a graph cannot follow; use ds_configs/zero2.json or "
+                          "zero1.json, or set train.cuda_graph=false")
+    bf16 = ds_config.get("bf16", {})
+    if stage == 1 and not (bf16.get("enabled") and bf16.get("immediate_grad_update")):
+        raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 and bf16.immediate_grad_update=true "
+                          "in train.ds_config (otherwise each replay's gradients are added into a buffer the next replay "
+                          "overwrites: bench/grad_norm_check.py); use ds_configs/zero1.json or zero2.json")
 
 
 def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
@@ -176,7 +181,7 @@ class Trainer:
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:
-            check_graphable(self.env, stage, cfg.data.packing)
+            check_graphable(self.env, self.ds_config, cfg.data.packing)
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))

@@ -81,9 +81,9 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
 
 
 def test_grad_norm_check_smoke(tmp_path: Path) -> None:
-    """Different batches per micro-batch: every eager engine and the graphed ZeRO-2 engine report the
-    float32 reference's gradient norm (1e-6: the same float32 arithmetic, other summation orders).
-    Graphed ZeRO-1 does not (its rows are recorded; train.cuda_graph refuses ZeRO-1)."""
+    """Different batches per micro-batch, bf16 engines on the shipped ZeRO-1 and ZeRO-2 JSONs: eager and
+    graphed, every engine reports the float32 reference's gradient norm (1e-3: bf16 weights and
+    gradients; a gradient lost, doubled or overwritten moves the norm by tens of percent)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "grad_norm_check.py"), "--smoke", "--out", str(tmp_path)],
                           cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
@@ -91,9 +91,7 @@ def test_grad_norm_check_smoke(tmp_path: Path) -> None:
     rows = _results(tmp_path / "grad_norm_check_tiny_smoke.json", png=False)
     assert [(r["stage"], r["graphed"], r["overlap_comm"]) for r in rows] == [
         (s, g, o) for s in (1, 2) for g in (False, True) for o in (True, False)]
-    for r in rows:
-        if r["stage"] == 2 or not r["graphed"]:
-            assert r["rel_diff"] < 1e-6, r
+    assert all(r["rel_diff"] < 1e-3 for r in rows), rows
 
 
 def test_memory_scaling_smoke(tmp_path: Path) -> None:

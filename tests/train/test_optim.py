@@ -14,7 +14,7 @@ from config.loader import ConfigError
 from config.sections import TrainConfig
 from model.config import ModelConfig
 from model.hybrid import HybridLM
-from train.ds_config import build_ds_config
+from train.ds_config import build_ds_config, zero_stage
 from train.optim import follow_current_config, lr_multiplier, param_groups
 
 
@@ -80,3 +80,29 @@ def test_a_resumed_scheduler_follows_the_current_config() -> None:
         assert sched.last_epoch == t and opt.param_groups[0]["lr"] == pytest.approx(2e-3 * lr_multiplier(new)(t))
         opt.step()
         sched.step()
+
+
+@pytest.mark.parametrize("ds_json, precision, refused", [
+    ("ds_configs/zero2.json", "bf16", None),
+    ("ds_configs/zero1.json", "bf16", None),
+    ("ds_configs/zero1.json", "fp32", "bf16.immediate_grad_update"),
+    ("ds_configs/zero3.json", "bf16", "ZeRO-3"),
+])
+def test_cuda_graph_accepts_the_zero_settings_whose_gradients_were_checked(ds_json: str, precision: str,
+                                                                           refused: str | None) -> None:
+    """train.cuda_graph: ZeRO-2, and ZeRO-1 only with bf16 + immediate_grad_update (what
+    bench/grad_norm_check.py found right); anything else is a one-line config error naming the key."""
+    from train.distributed import DistEnv
+    from train.trainer import check_graphable
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))  # never touched: a label
+    ds = build_ds_config(TrainConfig(ds_config=ds_json, precision=precision), world_size=1, on_cuda=True)
+    if refused is None:
+        check_graphable(env, ds, "continuous")
+    else:
+        with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
+            check_graphable(env, ds, "continuous")
+    without = ds | {"bf16": {"enabled": True, "check_grad_overflow": True}}  # the flag removed from a ZeRO-1 JSON
+    if zero_stage(ds) == 1:
+        with pytest.raises(ConfigError, match="immediate_grad_update"):
+            check_graphable(env, without, "continuous")
