@@ -27,6 +27,7 @@
 #   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
 #   grad_norm  the engine's gradient norm (ZeRO-1/2, eager/graphed, overlap_comm on/off) vs a float32 reference
 #   peers_fused_ce  the graphed ZeRO-2 step of ours and the twin (fused cross-entropy) vs HF Bamba
+#   peers_zero1  the same on ds_configs/zero1.json
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
@@ -46,7 +47,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -122,9 +123,11 @@ overhead2)
 grad_norm)
     step 400 python3 bench/grad_norm_check.py --preset small --name grad_norm_check_small_h100 --out "$res"
     ;;
-peers_fused_ce)
+peers_fused_ce|peers_zero1)
+    ds=ds_configs/zero2.json name=train_step_throughput_graph_fused_ce_1.3b_h100
+    [ "$stage" = peers_zero1 ] && ds=ds_configs/zero1.json name=train_step_throughput_graph_zero1_1.3b_h100
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
-        --models ours,attention,hf_bamba --name train_step_throughput_graph_fused_ce_1.3b_h100 --out "$res"
+        --models ours,attention,hf_bamba --ds-config $ds --name $name --out "$res"
     ;;
 docs_graph)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
@@ -205,7 +208,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac
