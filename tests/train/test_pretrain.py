@@ -1,6 +1,7 @@
 """Launched training runs of the tiny preset on CPU (the DeepSpeed launcher, gloo), sharing runs between
 assertions: one ZeRO-2 fp32 reference run of 16 steps (checkpoints at 6, 12, 16), a SIGTERM-stopped
-and resumed copy of it, a one-process universal resume of it, a ZeRO-3 bf16 run with its export, and
+and resumed copy of it, a one-process universal resume of it, a ZeRO-1 run of its first 6 steps, a
+ZeRO-3 bf16 run with its export, and
 single-process runs for errors, NaN handling and --dry-run.
 
 Tolerances: a resume on the same world size is bitwise (CPU fp32, same reduction order). The
@@ -104,6 +105,18 @@ def test_two_process_checkpoint_resumes_on_one_process(run_a: Path, corpus: Path
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
         assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4)
     assert got[16]["val_loss"] == pytest.approx(ref[16]["val_loss"], rel=1e-5)
+
+
+def test_zero1_run_trains_the_same_model_as_zero2(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    """ds_configs/zero1.json, 2 processes, fp32: the first 6 steps' losses and gradient norms equal the
+    ZeRO-2 reference run's up to float32 summation order (ZeRO-1 reduces the summed micro-batch
+    gradients once per step, ZeRO-2 every micro-batch): rel 1e-5 / 1e-4."""
+    out = train_run(2, corpus, tmp_path / "zero1", ["train.ds_config=ds_configs/zero1.json", "train.max_steps=6"])
+    ref, got = read_metrics(run_a), read_metrics(out)
+    assert '"zero_stage": 1' in (out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text()
+    for step in range(1, 7):
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5), step
+        assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
 
 
 def test_zero3_bf16_run_learns(run_zero3: Path) -> None:
