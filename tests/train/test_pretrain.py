@@ -119,6 +119,22 @@ def test_zero1_run_trains_the_same_model_as_zero2(run_a: Path, corpus: Path, tmp
         assert got[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-4), step
 
 
+def test_zero1_bf16_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> None:
+    """ds_configs/zero1.json in bf16 runs DeepSpeed's BF16_Optimizer (with immediate_grad_update): its
+    checkpoint at step 3 resumes to the same steps 4-6 (CPU, same world size: bitwise)."""
+    sets = ["train.ds_config=ds_configs/zero1.json", "train.precision=bf16", "train.max_steps=6",
+            "train.save_every=3", "train.eval_every=3"]
+    ref = train_run(1, corpus, tmp_path / "ref", sets)
+    out = tmp_path / "resumed"
+    copy_checkpoint(ref, 3, out)
+    train_run(1, corpus, out, sets)
+    want, got = read_metrics(ref), read_metrics(out)
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert got[step].get(key) == want[step].get(key), (step, key)
+
+
 def test_zero3_bf16_run_learns(run_zero3: Path) -> None:
     m = read_metrics(run_zero3)
     assert m[6]["val_loss"] > m[12]["val_loss"]
