@@ -201,11 +201,14 @@ def test_bad_input_is_a_one_line_error(case: str, expected: list[str], corpus: P
     assert "Traceback" not in proc.stderr
 
 
-def test_non_finite_loss_stops_or_skips(corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", [[], ["--set", "train.ds_config=ds_configs/zero1.json", "--set", "train.precision=bf16"]],
+                         ids=["zero2_fp32", "zero1_bf16"])
+def test_non_finite_loss_stops_or_skips(engine: list[str], corpus: Path, tmp_path: Path) -> None:
     """init_std=1e38 makes the first loss NaN: `stop` names step and rank; `skip` skips every update
-    (the run would stop with an error if DeepSpeed had applied one)."""
+    (the run would stop with an error if DeepSpeed had applied one). Both optimizers DeepSpeed builds
+    here: ZeRO-2's, and BF16_Optimizer (ZeRO-1 in bf16, which detects a non-finite gradient norm)."""
     nan = ["--set", "model.init_std=1e38", "--set", "train.max_steps=2", "--set", "train.warmup_steps=1", "--set", "train.eval_every=0",
-           "--set", "train.save_every=0", "--resume", "none"]
+           "--set", "train.save_every=0", "--resume", "none", *engine]
     stop = single_process(corpus, tmp_path / "stop", *nan)
     assert stop.returncode == 2
     assert "error: non-finite loss at step 1 on rank(s) 0 (train.on_nan=stop)" in stop.stderr.strip().splitlines()[-1]
