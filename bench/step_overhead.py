@@ -117,7 +117,9 @@ def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) ->
 
 
 def floor_variant(cfg: ModelConfig, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
-    """Forward+backward alone: bf16 model (float32 on CPU), autograd accumulating into .grad."""
+    """Forward+backward alone: bf16 model (float32 on CPU), autograd accumulating into .grad. Timing
+    only: under the graphs `.grad` can alias the graph's gradient buffer (model/train_graph.py), so the
+    accumulated values are not meaningful; the add per parameter is the cost being timed."""
     model = peers.build("ours", cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     install_graphs(model, ids)
 

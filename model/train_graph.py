@@ -76,8 +76,7 @@ DOC_CAPACITIES = (64, 512)
 
 
 class CudaGraphs:
-    """The graph operations the capture needs. Tests substitute a stand-in with the same methods
-    (one that re-runs `run` on replay and copies the result into the captured outputs)."""
+    """The graph operations the capture needs (EagerReplayGraphs below has the same methods without CUDA)."""
 
     def new(self) -> Any:
         return torch.cuda.CUDAGraph()

@@ -181,7 +181,7 @@ class Trainer:
         if stage == 2 and self.env.world_size == 1 and self.env.on_cuda:
             log.info("one GPU: ZeRO-2 partitions nothing here but still reduces every micro-batch's gradients; "
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
-                     "(bench/results/pretrain_1.3b_zero1_graph_h100_metrics.jsonl)")
+                     "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:
