@@ -96,6 +96,13 @@ def run(cmd: list[str], log: Path, timeout: float, signal_after_step: int | None
             return 124
 
 
+def launch_tail(log: Path, start: int, lines: int = 40) -> list[str]:
+    """The last `lines` lines that one launch appended to `log` from byte offset `start`."""
+    with log.open("rb") as f:
+        f.seek(start)
+        return f.read().decode(errors="replace").splitlines()[-lines:]
+
+
 def summarise(name: str, world: int, out_dir: Path, rc: int) -> dict:
     """One results row from a run's metrics.jsonl (steps after the first two count for speed)."""
     steps = {s: r for s, r in read_metrics(out_dir).items() if "loss" in r}
@@ -162,9 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     def launch(label: str, world: int, resume: str = "none", out_dir: Path | None = None,
                signal_after: int | None = None) -> tuple[Path, int]:
         out_dir = out_dir or work / label
+        start = log.stat().st_size if log.exists() else 0
         rc = run(deepspeed_cmd(world, args.config, sets, resume, out_dir), log, args.timeout, signal_after,
                  out_dir / "metrics.jsonl")
         print(f"{label}: {world} GPU(s), exit {rc}", flush=True)
+        if rc != 0:  # the launch's last lines, so that a failure reads from this output alone
+            print(*launch_tail(log, start), sep="\n", flush=True)
         return out_dir, rc
 
     def record(row: dict) -> None:

@@ -10,6 +10,14 @@ and then that one line, and exits 1. The process ends with os._exit so no rank w
 collective or an atexit hook for a peer that is gone; the launcher (deepspeed, torchrun, srun
 --kill-on-bad-exit) then stops the other ranks, and ranks blocked in NCCL fail on the
 collective timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING).
+
+Success: once the entry point returns, the atexit hooks run (the shared-memory release below, wandb's)
+and the process ends with os._exit(0), skipping interpreter finalization. The process group's C++
+worker threads can outlive `destroy_process_group` and free tensors that hold Python references
+while the interpreter is torn down, which aborts the process (SIGABRT, exit 250 through the deepspeed
+launcher) after a run that finished and wrote everything (seen once in CI on a 2-process gloo run;
+the failure class is discussed in pytorch/pytorch#179291). A finished run has nothing left to
+finalize, so its exit code must not depend on that teardown.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
@@ -154,8 +162,9 @@ class StopSignal:
         return self.received is not None
 
 
-def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> None:
-    """Run `main`; on an exception print one line naming the rank and end the process (see module doc)."""
+def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> NoReturn:
+    """Run `main` and end the process: exit 0 once it returns; on an exception print one line naming
+    the rank and exit 2 (bad input) or 1 (see module doc)."""
     try:
         main()
     except user_errors as exc:
@@ -165,9 +174,20 @@ def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException]
             raise
         traceback.print_exc()
         _die(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+    _finish()
 
 
-def _die(message: str, code: int) -> None:
+def _finish() -> NoReturn:
+    """Flush, run the atexit hooks, end with exit code 0 without interpreter finalization."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # the hooks a normal exit runs; what they print is flushed below
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _die(message: str, code: int) -> NoReturn:
     rank, world = env_rank()
     prefix = f"[rank {rank}] " if world > 1 else ""
     sys.stdout.flush()

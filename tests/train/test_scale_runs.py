@@ -28,3 +28,14 @@ def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path) -> None:
     runs = tmp_path / "scale_preempt_tiny_smoke_runs"
     assert not (runs / "reference" / "checkpoints").exists()  # train.save_final=false: nothing written
     assert not (runs / "reference" / "final").exists()
+
+
+def test_launch_tail_reads_only_the_last_launch(tmp_path: Path) -> None:
+    """A failed launch prints its own last lines, not an earlier launch's."""
+    log = tmp_path / "launch.log"
+    log.write_text("first launch\nok\n")
+    start = log.stat().st_size
+    with log.open("a") as f:
+        f.write("".join(f"line {i}\n" for i in range(50)) + "[rank 1] error: boom")
+    tail = scale_runs.launch_tail(log, start, lines=3)
+    assert tail == ["line 48", "line 49", "[rank 1] error: boom"]

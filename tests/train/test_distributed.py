@@ -1,0 +1,58 @@
+"""train.distributed.fail_loudly: how an entry point's process ends (exit code, atexit hooks, one-line
+errors). Each case runs in a child process, because fail_loudly ends the process it runs in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+ENTRY = """
+import atexit, sys
+from pathlib import Path
+from train.distributed import fail_loudly
+
+marker = Path(sys.argv[1])
+
+def main():
+    atexit.register(lambda: marker.write_text("hook ran"))
+    print("working", flush=False)  # left in the buffer: the exit must flush it
+    {body}
+
+fail_loudly(main, (ValueError,))
+"""
+
+
+def run_entry(body: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    script = tmp_path / "entry.py"
+    script.write_text(textwrap.dedent(ENTRY).replace("{body}", body))
+    marker = tmp_path / "marker"
+    proc = subprocess.run([sys.executable, str(script), str(marker)], cwd=REPO, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    return proc, marker
+
+
+def test_success_runs_atexit_hooks_flushes_and_exits_0(tmp_path: Path) -> None:
+    proc, marker = run_entry("return None", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "working\n"
+    assert marker.read_text() == "hook ran"
+
+
+@pytest.mark.parametrize(("body", "code", "line"), [
+    ("raise ValueError('model.d_model must be > 0: set it in the config')", 2,
+     "error: model.d_model must be > 0: set it in the config"),
+    ("raise RuntimeError('boom\\nsecond line')", 1, "error: RuntimeError: boom"),
+])
+def test_failure_prints_one_line_and_skips_hooks(tmp_path: Path, body: str, code: int, line: str) -> None:
+    """A failing rank ends at once: no atexit hook (it could wait on a peer that is gone)."""
+    proc, marker = run_entry(body, tmp_path)
+    assert proc.returncode == code
+    assert proc.stderr.strip().splitlines()[-1] == line
+    assert ("Traceback" in proc.stderr) == (code == 1)  # bad input: the line alone
+    assert not marker.exists()
