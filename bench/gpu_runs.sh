@@ -36,6 +36,9 @@
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
+#   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
+#              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
+#              the tokens/s each costs)
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
@@ -47,7 +50,7 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|determinism|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -167,6 +170,18 @@ train_graph|train_docs_graph|train_zero1_graph)
     [ "$stage" = train_zero1_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
         --variants "zero2,zero1" --name step_overhead_zero1_1.3b_h100 --out "$res"
     ;;
+determinism)
+    peak=$(matmul_peak)
+    vocab=$(manifest_vocab)
+    common=(--config 1.3b --set model.preset=small --set data.manifest="$data" --set data.weights.planted=0
+            --set model.vocab_size="$vocab" --set train.micro_batch_size=4 --set train.global_batch_tokens=65536
+            --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
+            --set train.wandb.mode=disabled --gpus 1 --resume-gpus 1 --steps 16 --signal-after 6
+            --work "$work" --out "$res")
+    step 240 python3 bench/scale_runs.py preempt "${common[@]}" --name determinism_default_small
+    step 240 python3 bench/scale_runs.py preempt "${common[@]}" --set train.deterministic=true \
+        --name determinism_on_small
+    ;;
 inference)
     step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"
     step 200 python3 bench/decode_throughput.py --preset 1.3b --models ours,ours_graph,hf,attention --results-dir "$res"
@@ -208,7 +223,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|determinism|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

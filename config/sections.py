@@ -94,6 +94,13 @@ class TrainConfig(StrictModel):
         "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
         "micro-batch runs eagerly).",
     )
+    deterministic: bool = Field(
+        False,
+        description="Bitwise-reproducible steps on GPU (model/kernels.py make_deterministic): torch's "
+        "deterministic algorithms, flash-attn's and mamba_ssm's deterministic backward, the Mamba2 conv in "
+        "PyTorch instead of causal_conv1d. Slower; for checking exact resume and bisecting a divergence. "
+        "CPU steps are reproducible without it.",
+    )
     seed: int = Field(1234, description="Model init and RNG seed (the data order does not depend on it).")
     log_every: int = Field(1, ge=1, description="Steps between console lines (metrics.jsonl gets every step).")
     eval_every: int = Field(200, ge=0, description="Steps between validation losses; 0 disables.")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from model.cache import KVState
 from model.config import ModelConfig
 from model.documents import DocumentLayout
-from model.kernels import flash_ops, flex_ops
+from model.kernels import deterministic, flash_ops, flex_ops
 from model.layers import RMSNorm, apply_rope, init_linear, residual_std
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,8 @@ class Attention(nn.Module):
         fa = flash_ops() if q.dtype in (torch.bfloat16, torch.float16) else None  # flash: half types only
         if docs is None:
             if fa is not None and self.backend == "flash":
-                out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+                out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                               deterministic=deterministic())
                 return out.transpose(1, 2)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if self.backend == "flex":
@@ -140,7 +141,7 @@ class Attention(nn.Module):
             b, h, l, kd = q.shape
             flat = lambda t: t.transpose(1, 2).reshape(b * l, t.size(1), kd)  # noqa: E731
             cu, n = docs.cu_seqlens, docs.max_seqlen
-            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True)
+            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True, deterministic=deterministic())
             return out.view(b, l, h, kd).transpose(1, 2)
         if not getattr(self, "_warned_dense_mask", False):
             log.warning("packed documents without flash-attn: dense-mask SDPA (slower); install flash-attn "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from types import SimpleNamespace
 from typing import Callable
 
@@ -85,6 +86,29 @@ def flex_ops() -> SimpleNamespace:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     return SimpleNamespace(attention=torch.compile(flex_attention, dynamic=False), create_block_mask=create_block_mask)
+
+
+def make_deterministic() -> None:
+    """Make every training kernel bitwise reproducible from run to run (for this process).
+
+    torch's global switch (cuBLAS with a fixed workspace, cuDNN's deterministic algorithms, SDPA's
+    deterministic flash backward; an op with no deterministic form raises and names itself);
+    mamba_ssm's SSD reads the same switch (per-program partial sums instead of atomics, and one
+    fixed tile config instead of autotuning, whose timing-based pick can differ between runs);
+    `deterministic()` makes the model pass flash-attn `deterministic=True` and take the Mamba2 conv
+    off causal_conv1d, whose backward adds weight gradients with atomics. Call before the first
+    CUDA matmul (cuBLAS reads CUBLAS_WORKSPACE_CONFIG once) and before mamba_ssm is imported.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["MAMBA_DETERMINISTIC"] = "1"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def deterministic() -> bool:
+    """Whether kernels must be bitwise reproducible (torch.use_deterministic_algorithms is on)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def kernel_report() -> dict[str, bool]:

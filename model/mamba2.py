@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from model.cache import MambaState
 from model.config import ModelConfig
-from model.kernels import conv_ops, mamba_ops
+from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 
@@ -188,7 +188,10 @@ class Mamba2Mixer(nn.Module):
     def _forward_kernels(
         self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
     ) -> torch.Tensor:
-        ops, cops = mamba_ops(), conv_ops()
+        ops = mamba_ops()
+        # causal_conv1d's backward adds weight gradients with atomics: a reproducible backward runs the conv
+        # in PyTorch (F.conv1d under cuDNN's deterministic algorithms) and the unfused SSD scan
+        cops = None if deterministic() and torch.is_grad_enabled() else conv_ops()
         b, l, _ = u.shape
         zxbcdt = self.in_proj(u)
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None

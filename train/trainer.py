@@ -29,7 +29,7 @@ import torch
 from config.loader import ConfigError
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
-from model.kernels import flash_ops
+from model.kernels import flash_ops, make_deterministic
 from model.layers import SwiGLU
 from model.loss import IGNORE_INDEX, token_nll
 from model.mamba2 import Mamba2Mixer
@@ -161,6 +161,8 @@ def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) ->
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str) -> None:
         self.cfg, t = cfg, cfg.train
+        if t.deterministic:
+            make_deterministic()  # before any CUDA matmul and before mamba_ssm is imported
         self.manifest = open_manifest(cfg)
         self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers, cfg.data.weights)
         self.env: DistEnv = init_distributed()
@@ -212,7 +214,8 @@ class Trainer:
                             for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, CUDA graph {t.cuda_graph}",
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, CUDA graph {t.cuda_graph}, "
+            f"deterministic {t.deterministic}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
             f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step",

@@ -107,6 +107,21 @@ def test_two_process_checkpoint_resumes_on_one_process(run_a: Path, corpus: Path
     assert got[16]["val_loss"] == pytest.approx(ref[16]["val_loss"], rel=1e-5)
 
 
+def test_deterministic_mode_continues_bitwise(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    """train.deterministic=true (torch's deterministic algorithms, which also fill every uninitialised
+    allocation with NaN) resumed from run_a's step-12 checkpoint on 2 processes: steps 13-16 equal run_a's
+    bitwise, so on CPU the mode changes no arithmetic and no step reads memory it did not write."""
+    out = tmp_path / "deterministic"
+    copy_checkpoint(run_a, 12, out)
+    train_run(2, corpus, out, ["train.deterministic=true"])
+    assert "deterministic True" in (out / "launch.log").read_text()
+    ref, got = read_metrics(run_a), read_metrics(out)
+    assert sorted(got) == list(range(13, 17))
+    for step in range(13, 17):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            assert got[step].get(key) == ref[step].get(key), (step, key)
+
+
 def test_zero1_run_trains_the_same_model_as_zero2(run_a: Path, corpus: Path, tmp_path: Path) -> None:
     """ds_configs/zero1.json, 2 processes, fp32: the first 6 steps' losses and gradient norms equal the
     ZeRO-2 reference run's up to float32 summation order (ZeRO-1 reduces the summed micro-batch
