@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -178,10 +179,14 @@ def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException]
 
 
 def _finish() -> NoReturn:
-    """Flush, run the atexit hooks, end with exit code 0 without interpreter finalization."""
+    """What a normal exit does before finalization (join the non-daemon threads, run the atexit
+    hooks), then exit code 0 without the finalization."""
     sys.stdout.flush()
     sys.stderr.flush()
-    atexit._run_exitfuncs()  # the hooks a normal exit runs; what they print is flushed below
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what they print is flushed below
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -44,6 +44,18 @@ def test_success_runs_atexit_hooks_flushes_and_exits_0(tmp_path: Path) -> None:
     assert marker.read_text() == "hook ran"
 
 
+def test_success_waits_for_non_daemon_threads(tmp_path: Path) -> None:
+    """As a normal exit does: a thread still writing (say, a checkpoint) finishes before the hooks run."""
+    body = """import threading, time
+    def write():
+        time.sleep(0.5)
+        marker.with_suffix(".thread").write_text("written")
+    threading.Thread(target=write).start()"""
+    proc, marker = run_entry(body, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.with_suffix(".thread").read_text() == "written"
+
+
 @pytest.mark.parametrize(("body", "code", "line"), [
     ("raise ValueError('model.d_model must be > 0: set it in the config')", 2,
      "error: model.d_model must be > 0: set it in the config"),
