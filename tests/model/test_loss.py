@@ -1,6 +1,7 @@
 """model/loss.py: per-target NLL against a float64 log-softmax written out, ignored targets, and which
-path runs. The fused Triton kernel itself needs CUDA: its parity with the reference is measured on the
-GPU (bench/block_costs.py, head_loss rows: loss and gradient error against float64)."""
+path runs. The fused Triton kernel itself runs in test_kernels_interpreted.py (Triton's CPU
+interpreter, fp16) and on the GPU (bench/block_costs.py, head_loss rows: loss and gradient error
+against float64 in bf16)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,195 @@
+"""The kernel path on the real Triton kernels of mamba_ssm and flash-attn, run on CPU by Triton's interpreter.
+
+mamba_ssm's kernels (SSD chunk scan forward and backward, gated RMSNorm, fused residual-add RMSNorm,
+SwiGLU, the decode state update) and flash-attn's fused cross-entropy are Triton; with
+TRITON_INTERPRET=1 Triton runs them on CPU tensors, so the kernel path is checked against the
+reference path here, in CI, with the real kernels instead of stand-ins. What stays out: causal_conv1d
+and flash-attn's attention are CUDA extensions (the kernel path then runs its PyTorch conv and SDPA,
+as it does without them on a GPU), and the kernels' GPU speed and thread timing (bench/kernel_parity.py
+compares the paths on a GPU).
+
+Set-up, all undone after the module: TRITON_INTERPRET=1 before mamba_ssm is imported (Triton decides
+at import whether a kernel is compiled or interpreted); MAMBA_DETERMINISTIC=1, under which each
+mamba_ssm kernel has one tile config (the autotuner otherwise times every config through a GPU
+driver; the tests switch its reductions between atomics and per-program sums at call time); empty
+modules for the packages' CUDA extensions (`selective_scan_cuda`, `flash_attn_2_cuda`: imported by
+the packages' __init__, never called by these kernels); and two CUDA queries answered for CPU
+tensors: `torch.cuda.device(None)` (both packages enter the tensor's device around each launch) and
+the SM count (mamba_ssm sizes a backward workspace by it). On CPU machines scripts/setup.sh installs
+triton and the two packages' Python sources into .venv/kernels-cpu, which is on sys.path only while
+this module runs (where the packages are installed, as on a GPU image, they are used as they are).
+
+Tolerances: the model in float32, observed relative errors 3e-7 (logits) to 3e-6 (gradients of A_log),
+bound 2e-5; the loss on fp16 logits against float64 on the same values, bound 1e-5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import model.kernels as kernels
+from model import HybridLM, ModelConfig
+
+TOL = 2e-5
+PACKAGES = ("mamba_ssm", "flash_attn")
+KERNELS_CPU = Path(__file__).resolve().parents[2] / ".venv" / "kernels-cpu"
+
+
+@pytest.fixture(scope="module")
+def interpreted_kernels() -> Iterator[types.SimpleNamespace]:
+    """The packages' kernels imported under Triton's interpreter (see the module doc): mamba_ssm's ops."""
+    if any(name in sys.modules for name in PACKAGES):
+        pytest.fail(f"{PACKAGES} imported before this module: their kernels are compiled, not interpreted; "
+                    "run these tests in a process of their own")
+    with pytest.MonkeyPatch.context() as mp:
+        if KERNELS_CPU.is_dir():
+            mp.syspath_prepend(str(KERNELS_CPU))
+        mp.setenv("TRITON_INTERPRET", "1")
+        mp.setenv("MAMBA_DETERMINISTIC", "1")
+        for extension in ("selective_scan_cuda", "flash_attn_2_cuda"):
+            mp.setitem(sys.modules, extension, types.ModuleType(extension))
+        cuda_device, cuda_props = torch.cuda.device, torch.cuda.get_device_properties
+        mp.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext() if index is None else cuda_device(index))
+        mp.setattr(torch.cuda, "get_device_properties",
+                   lambda d=None: types.SimpleNamespace(multi_processor_count=4)
+                   if getattr(d, "type", None) == "cpu" else cuda_props(d))
+        accessors = (kernels.mamba_ops, kernels.cross_entropy_ops)
+        for accessor in accessors:
+            accessor.cache_clear()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Deterministic mode")  # about autotune caching
+            ops = kernels.mamba_ops()
+        assert ops is not None and kernels.cross_entropy_ops() is not None, \
+            "the Triton kernels did not import: run scripts/setup.sh (triton, mamba-ssm, flash-attn)"
+        mp.setattr("model.mamba2.conv_ops", lambda: None)  # causal_conv1d: a CUDA extension
+        yield ops
+        for accessor in accessors:
+            accessor.cache_clear()
+        for name in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
+            del sys.modules[name]  # interpreter-mode kernels: no later test may see them
+
+
+def _model(pattern: str = "MAMA", seed: int = 0) -> HybridLM:
+    """float32, chunk 16 (few interpreter programs), both block kinds, 2 SSM groups."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=61, d_model=32, n_layers=len(pattern), pattern=pattern, ffn_hidden=48,
+        attention={"n_heads": 4, "n_kv_heads": 2},
+        mamba={"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 16},
+        tie_embeddings=False, impl="reference",
+    )
+    model = HybridLM(cfg)
+    with torch.no_grad():  # norm weights, D and conv bias away from their init, so a misuse shows
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _use(model: HybridLM, impl: str) -> None:
+    for layer in model.layers:
+        layer.mixer.impl = layer.mlp.impl = impl
+    model.impl = impl
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("reduction", ["atomic adds", "per-program sums"])
+def test_training_step_matches_reference(interpreted_kernels, reduction: str) -> None:
+    """Packed documents (2 in the first row), forward and backward: logits and every parameter's gradient,
+    with mamba_ssm's backward reductions as atomic adds (its default) and as per-program partial sums
+    (its deterministic mode, which train.deterministic turns on)."""
+    from mamba_ssm.utils.determinism import set_deterministic_mode
+
+    model = _model()
+    ids = torch.randint(0, 61, (2, 32))
+    seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
+    results = {}
+    set_deterministic_mode(reduction == "per-program sums")
+    try:
+        for impl in ("reference", "kernels"):
+            _use(model, impl)
+            model.zero_grad(set_to_none=True)
+            logits = model(ids, seq_idx=seq_idx)
+            logits.pow(2).mean().backward()
+            results[impl] = [("logits", logits.detach())] + [(n, p.grad.clone()) for n, p in model.named_parameters()]
+    finally:
+        set_deterministic_mode(None)  # back to the environment's MAMBA_DETERMINISTIC
+    for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
+        assert _rel(got, want) < TOL, name
+
+
+def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
+    """A Mamba2 mixer fed 20 then 12 tokens through its state (the scan's initial state, the conv's
+    carried inputs) gives the one-shot reference output and final state."""
+    model = _model()
+    mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
+    u = torch.randn(2, 32, model.cfg.d_model)
+    with torch.no_grad():
+        mixer.impl = "reference"
+        ref_state = mixer.empty_state(2, u.device, u.dtype)
+        want = mixer(u, state=ref_state)
+        mixer.impl = "kernels"
+        state = mixer.empty_state(2, u.device, u.dtype)
+        got = torch.cat([mixer(u[:, :20], state=state), mixer(u[:, 20:], state=state)], dim=1)
+    assert _rel(got, want) < TOL
+    assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
+
+
+def test_decoding_matches_reference(interpreted_kernels) -> None:
+    """Prefill of left-padded prompts, then 5 decode steps on the same tokens (teacher-forced, so that a
+    near-tie cannot fork the paths): every step's logits."""
+    model = _model().eval()
+    prompts = [[5, 9, 2, 33, 7, 1, 14, 3, 8, 21, 40, 6], [11, 4, 30, 2, 9]]
+    ids = torch.tensor([[0] * 7 + prompts[1], prompts[0]])
+    mask = (torch.arange(12) >= torch.tensor([[7], [0]])).long()
+    forced = torch.randint(1, 61, (5, 2))
+    steps = {}
+    with torch.no_grad():
+        for impl in ("reference", "kernels"):
+            _use(model, impl)
+            logits, cache = model.prefill(ids, mask)
+            steps[impl] = [logits] + [model.step(tok, cache=cache) for tok in forced]
+    for i, (got, want) in enumerate(zip(steps["kernels"], steps["reference"])):
+        assert _rel(got, want) < TOL, f"step {i}"
+
+
+def test_fused_cross_entropy_matches_float64(interpreted_kernels, monkeypatch) -> None:
+    """model/loss.py's fused branch on flash-attn's kernel (fp16 logits of a linear head, an ignored
+    target): the per-target NLL against float64 on the same logits, and the head's gradients against
+    the torch path's (both round one float32 gradient to fp16); the backward overwrites the logits.
+    fp16, not bf16: Triton 3.9's interpreter reads a scalar bf16 load (the kernel loads the target's
+    logit so) as its raw bits. bf16 runs on the GPU: bench/block_costs.py's head_loss rows."""
+    from model import loss as loss_mod
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 16, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(61, 16, dtype=torch.float16, requires_grad=True)
+    labels = torch.randint(0, 61, (2, 12))
+    labels[0, 3] = loss_mod.IGNORE_INDEX
+    grads = {}
+    for fused in (False, True):
+        monkeypatch.setattr(loss_mod, "use_fused", lambda logits, impl, fused=fused: fused)
+        h.grad = w.grad = None
+        logits = h @ w.T
+        before = logits.detach().clone()
+        nll = loss_mod.token_nll(logits, labels, "kernels")
+        want = torch.nn.functional.cross_entropy(before.double().flatten(0, 1), labels.flatten(),
+                                                 ignore_index=loss_mod.IGNORE_INDEX, reduction="none")
+        assert nll.dtype == torch.float32 and nll.shape == labels.shape
+        torch.testing.assert_close(nll.double().flatten(), want, rtol=1e-5, atol=1e-6)
+        nll.mean().backward()
+        assert torch.equal(logits.detach(), before) != fused  # the fused backward wrote into the logits
+        grads[fused] = (h.grad.clone(), w.grad.clone())
+    for got, want in zip(grads[True], grads[False]):
+        assert _rel(got.float(), want.float()) < 1e-2
