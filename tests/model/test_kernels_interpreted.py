@@ -5,8 +5,9 @@ SwiGLU, the decode state update) and flash-attn's fused cross-entropy are Triton
 TRITON_INTERPRET=1 Triton runs them on CPU tensors, so the kernel path is checked against the
 reference path here, in CI, with the real kernels instead of stand-ins. What stays out: causal_conv1d
 and flash-attn's attention are CUDA extensions (the kernel path then runs its PyTorch conv and SDPA,
-as it does without them on a GPU), and the kernels' GPU speed and thread timing (bench/kernel_parity.py
-compares the paths on a GPU).
+as it does without them on a GPU; the test of the fused split-conv scan, the GPU training path,
+answers mamba_ssm's two causal_conv1d calls with the reference conv), and the kernels' GPU speed and
+thread timing (bench/kernel_parity.py compares the paths on a GPU).
 
 Set-up, all undone after the module: TRITON_INTERPRET=1 before mamba_ssm is imported (Triton decides
 at import whether a kernel is compiled or interpreted); MAMBA_DETERMINISTIC=1, under which each
@@ -37,6 +38,7 @@ import torch
 
 import model.kernels as kernels
 from model import HybridLM, ModelConfig
+from model.mamba2 import causal_conv1d_ref
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
@@ -193,3 +195,45 @@ def test_fused_cross_entropy_matches_float64(interpreted_kernels, monkeypatch) -
         grads[fused] = (h.grad.clone(), w.grad.clone())
     for got, want in zip(grads[True], grads[False]):
         assert _rel(got.float(), want.float()) < 1e-2
+
+
+def _conv_fwd_standin(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
+    """causal_conv1d's C++ forward contract (x: (b, d, l) -> (b, d, l)) on the reference conv."""
+    assert initial_states is None and final_states_out is None
+    out = causal_conv1d_ref(x.transpose(1, 2), weight, bias, None, seq_idx).transpose(1, 2)
+    return torch.nn.functional.silu(out) if silu else out
+
+
+def _conv_bwd_standin(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, return_dinitial, silu):
+    """causal_conv1d's C++ backward contract: (dx (into `dx` when given), dweight, dbias, dinitial_states)."""
+    assert initial_states is None and dfinal_states is None and not return_dinitial
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+        grads = torch.autograd.grad(_conv_fwd_standin(*leaves, seq_idx, None, None, silu), leaves, dout)
+    if dx is not None:
+        dx.copy_(grads[0])
+    return (dx if dx is not None else grads[0], *grads[1:], None)
+
+
+def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkeypatch) -> None:
+    """The GPU training path: mamba_ssm's mamba_split_conv1d_scan_combined (conv, SSD scan, gated
+    RMSNorm and out_proj in one autograd function) with the model's arguments, its causal_conv1d calls
+    answered by the reference conv. Packed documents; output and every gradient of the mixer."""
+    from mamba_ssm.ops.triton import ssd_combined
+
+    monkeypatch.setattr(ssd_combined, "causal_conv1d_fwd_function", _conv_fwd_standin)
+    monkeypatch.setattr(ssd_combined, "causal_conv1d_bwd_function", _conv_bwd_standin)
+    monkeypatch.setattr("model.mamba2.conv_ops", lambda: types.SimpleNamespace())  # present: the fused path
+    model = _model()
+    mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
+    u = torch.randn(2, 32, model.cfg.d_model)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
+    results = {}
+    for impl in ("reference", "kernels"):
+        mixer.impl = impl
+        mixer.zero_grad(set_to_none=True)
+        out = mixer(u, seq_idx=seq_idx)
+        out.pow(2).mean().backward()
+        results[impl] = [("out", out.detach())] + [(n, p.grad.clone()) for n, p in mixer.named_parameters()]
+    for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
+        assert _rel(got, want) < TOL, name
