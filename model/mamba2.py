@@ -261,8 +261,10 @@ class Mamba2Mixer(nn.Module):
             p, n = self.headdim, self.d_state
             if self.dt_limit == (0.0, float("inf")):  # the kernel applies dt_bias and softplus itself
                 dt_bias, softplus = self.dt_bias.unsqueeze(-1).expand(-1, p), True
-            else:  # it has no clamp: discretise here, as the forward's kernels do with dt_limit
-                dt, dt_bias, softplus = discretize_dt(dt, self.dt_bias, self.dt_limit), None, False
+            else:  # it has no clamp: discretise here, as the forward's kernels do with dt_limit, and hand it a
+                # zero bias (mamba_ssm 2.3.2 reads dt_bias's strides unconditionally: None raises)
+                dt, softplus = discretize_dt(dt, self.dt_bias, self.dt_limit), False
+                dt_bias = self.dt_bias.new_zeros(()).expand(self.n_heads, p)
             y = ops.state_update(
                 state.ssm, x, dt.unsqueeze(-1).expand(-1, -1, p), A[:, None, None].expand(-1, p, n),
                 B, C, D=self.D.unsqueeze(-1).expand(-1, p), dt_bias=dt_bias, dt_softplus=softplus,

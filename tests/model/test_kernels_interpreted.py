@@ -79,13 +79,17 @@ def interpreted_kernels() -> Iterator[types.SimpleNamespace]:
             del sys.modules[name]  # interpreter-mode kernels: no later test may see them
 
 
-def _model(pattern: str = "MAMA", seed: int = 0) -> HybridLM:
+DT_LIMITS = [(0.0, float("inf")), (0.01, 0.05)]  # none (the kernels' own softplus), and a clamp
+
+
+def _model(pattern: str = "MAMA", seed: int = 0, dt_limit: tuple[float, float] = DT_LIMITS[0]) -> HybridLM:
     """float32, chunk 16 (few interpreter programs), both block kinds, 2 SSM groups."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=61, d_model=32, n_layers=len(pattern), pattern=pattern, ffn_hidden=48,
         attention={"n_heads": 4, "n_kv_heads": 2},
-        mamba={"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 16},
+        mamba={"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 16,
+               "dt_limit": dt_limit},
         tie_embeddings=False, impl="reference",
     )
     model = HybridLM(cfg)
@@ -148,10 +152,12 @@ def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
     assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
 
 
-def test_decoding_matches_reference(interpreted_kernels) -> None:
+@pytest.mark.parametrize("dt_limit", DT_LIMITS)
+def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, float]) -> None:
     """Prefill of left-padded prompts, then 5 decode steps on the same tokens (teacher-forced, so that a
-    near-tie cannot fork the paths): every step's logits."""
-    model = _model().eval()
+    near-tie cannot fork the paths): every step's logits. With a dt clamp the decode step discretises
+    dt itself (the state-update kernel has no clamp)."""
+    model = _model(dt_limit=dt_limit).eval()
     prompts = [[5, 9, 2, 33, 7, 1, 14, 3, 8, 21, 40, 6], [11, 4, 30, 2, 9]]
     ids = torch.tensor([[0] * 7 + prompts[1], prompts[0]])
     mask = (torch.arange(12) >= torch.tensor([[7], [0]])).long()
@@ -215,7 +221,9 @@ def _conv_bwd_standin(x, weight, bias, dout, seq_idx, initial_states, dfinal_sta
     return (dx if dx is not None else grads[0], *grads[1:], None)
 
 
-def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkeypatch) -> None:
+@pytest.mark.parametrize("dt_limit", DT_LIMITS)
+def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkeypatch,
+                                                     dt_limit: tuple[float, float]) -> None:
     """The GPU training path: mamba_ssm's mamba_split_conv1d_scan_combined (conv, SSD scan, gated
     RMSNorm and out_proj in one autograd function) with the model's arguments, its causal_conv1d calls
     answered by the reference conv. Packed documents; output and every gradient of the mixer."""
@@ -224,7 +232,7 @@ def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkey
     monkeypatch.setattr(ssd_combined, "causal_conv1d_fwd_function", _conv_fwd_standin)
     monkeypatch.setattr(ssd_combined, "causal_conv1d_bwd_function", _conv_bwd_standin)
     monkeypatch.setattr("model.mamba2.conv_ops", lambda: types.SimpleNamespace())  # present: the fused path
-    model = _model()
+    model = _model(dt_limit=dt_limit)
     mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
     u = torch.randn(2, 32, model.cfg.d_model)
     seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
