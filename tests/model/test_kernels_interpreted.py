@@ -221,17 +221,21 @@ def _conv_bwd_standin(x, weight, bias, dout, seq_idx, initial_states, dfinal_sta
     return (dx if dx is not None else grads[0], *grads[1:], None)
 
 
-@pytest.mark.parametrize("dt_limit", DT_LIMITS)
-def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkeypatch,
-                                                     dt_limit: tuple[float, float]) -> None:
-    """The GPU training path: mamba_ssm's mamba_split_conv1d_scan_combined (conv, SSD scan, gated
-    RMSNorm and out_proj in one autograd function) with the model's arguments, its causal_conv1d calls
-    answered by the reference conv. Packed documents; output and every gradient of the mixer."""
+@pytest.fixture
+def fused_split_conv(interpreted_kernels, monkeypatch) -> None:
+    """The kernel path's fused split-conv scan, causal_conv1d's calls inside it answered by the reference conv."""
     from mamba_ssm.ops.triton import ssd_combined
 
     monkeypatch.setattr(ssd_combined, "causal_conv1d_fwd_function", _conv_fwd_standin)
     monkeypatch.setattr(ssd_combined, "causal_conv1d_bwd_function", _conv_bwd_standin)
     monkeypatch.setattr("model.mamba2.conv_ops", lambda: types.SimpleNamespace())  # present: the fused path
+
+
+@pytest.mark.parametrize("dt_limit", DT_LIMITS)
+def test_fused_split_conv_training_matches_reference(fused_split_conv, dt_limit: tuple[float, float]) -> None:
+    """The GPU training path: mamba_ssm's mamba_split_conv1d_scan_combined (conv, SSD scan, gated
+    RMSNorm and out_proj in one autograd function) with the model's arguments. Packed documents;
+    output and every gradient of the mixer."""
     model = _model(dt_limit=dt_limit)
     mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
     u = torch.randn(2, 32, model.cfg.d_model)
@@ -245,3 +249,21 @@ def test_fused_split_conv_training_matches_reference(interpreted_kernels, monkey
         results[impl] = [("out", out.detach())] + [(n, p.grad.clone()) for n, p in mixer.named_parameters()]
     for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
         assert _rel(got, want) < TOL, name
+
+
+def test_fused_split_conv_prefill_returns_the_final_state(fused_split_conv) -> None:
+    """The GPU prefill: the fused scan's final SSM state (what decoding continues from) and output equal
+    the reference's, after packed documents and left padding."""
+    model = _model()
+    mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
+    u = torch.randn(2, 32, model.cfg.d_model)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 25, [1] * 32])  # row 0: 7 padding positions, then the prompt
+    outs, states = [], []
+    with torch.no_grad():
+        for impl in ("reference", "kernels"):
+            mixer.impl = impl
+            state = mixer.empty_state(2, u.device, u.dtype)
+            outs.append(mixer(u, seq_idx=seq_idx, state=state))
+            states.append(state)
+    assert _rel(outs[1], outs[0]) < TOL
+    assert _rel(states[1].ssm, states[0].ssm) < TOL and torch.equal(states[1].conv, states[0].conv)
