@@ -11,13 +11,13 @@ collective or an atexit hook for a peer that is gone; the launcher (deepspeed, t
 --kill-on-bad-exit) then stops the other ranks, and ranks blocked in NCCL fail on the
 collective timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING).
 
-Success: once the entry point returns, the atexit hooks run (the shared-memory release below, wandb's)
-and the process ends with os._exit(0), skipping interpreter finalization. The process group's C++
-worker threads can outlive `destroy_process_group` and free tensors that hold Python references
-while the interpreter is torn down, which aborts the process (SIGABRT, exit 250 through the deepspeed
-launcher) after a run that finished and wrote everything (seen once in CI on a 2-process gloo run;
-the failure class is discussed in pytorch/pytorch#179291). A finished run has nothing left to
-finalize, so its exit code must not depend on that teardown.
+Success: once the entry point returns, the non-daemon threads are joined and the atexit hooks run (the
+shared-memory release below, wandb's), as at a normal exit, and the process ends with os._exit(0),
+skipping interpreter finalization. In CI a 2-process gloo run that had logged all its steps exited 250
+(a rank's SIGABRT, through the deepspeed launcher) during that teardown; the known way for it to abort
+is the process group's C++ threads freeing tensors that hold Python references while the interpreter
+is torn down (pytorch/pytorch#179291). A finished run has nothing left to finalize, so its exit code
+must not depend on that teardown.
 """
 
 from __future__ import annotations
