@@ -348,6 +348,7 @@ def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False) -> None:
             print(trainer.summary(), "\ndry run: everything built, stopping", sep="", flush=True)
     else:
         trainer.train()
+    barrier()  # no rank tears its connections down while a peer is still in a collective
     torch.distributed.destroy_process_group()
 
 
