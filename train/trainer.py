@@ -216,7 +216,8 @@ class Trainer:
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
             f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, CUDA graph {t.cuda_graph}, "
             f"deterministic {t.deterministic}",
-            f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}, {t.precision}, "
+            f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
+            f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
             f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step",
             f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}",

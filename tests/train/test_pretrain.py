@@ -150,6 +150,22 @@ def test_zero1_bf16_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> 
             assert got[step].get(key) == want[step].get(key), (step, key)
 
 
+def test_zero3_offload_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> None:
+    """ds_configs/zero3_offload.json (the Adam state in CPU memory: issue 12's 13B setting) on 2 processes:
+    the step-3 checkpoint of a 6-step run resumes to the same steps 4-6, bitwise (fp32 on CPU)."""
+    sets = ["train.ds_config=ds_configs/zero3_offload.json", "train.max_steps=6", "train.save_every=3"]
+    ref = train_run(2, corpus, tmp_path / "reference", sets)
+    out = tmp_path / "resumed"
+    copy_checkpoint(ref, 3, out)
+    train_run(2, corpus, out, sets)
+    want, got = read_metrics(ref), read_metrics(out)
+    assert "ZeRO-3 (optimizer state in CPU memory)" in (out / "launch.log").read_text()
+    assert sorted(got) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            assert got[step].get(key) == want[step].get(key), (step, key)
+
+
 def test_zero3_bf16_run_learns(run_zero3: Path) -> None:
     m = read_metrics(run_zero3)
     assert m[6]["val_loss"] > m[12]["val_loss"]
