@@ -42,8 +42,8 @@
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
-#   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1;
-#              13B ZeRO-3 with activation checkpointing on 2 GPUs
+#   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1 (default
+#              kernels, then train.deterministic=true); 13B ZeRO-3 with activation checkpointing on 2 GPUs
 #   x4         1.3B ZeRO-2 on 1, 2 and 4 GPUs; 13B ZeRO-3 and ZeRO-3 + CPU offload on 4; 4 -> 2 resume
 #   x8         the README's command, `deepspeed --num_gpus=8 launch/pretrain.py --config 1.3b` then
 #              `--config 13b`, on the curated shards; SIGTERM + --resume auto on 8
@@ -204,6 +204,8 @@ x2|x4|x8)
         step 420 python3 bench/scale_runs.py scaling "${small[@]}" --gpus 1,2 --steps 30 --name scale_1.3b_x2 "${common[@]}"
         step 420 python3 bench/scale_runs.py preempt "${small[@]}" --gpus 2 --resume-gpus 1 --steps 20 \
             --signal-after 8 --name preempt_1.3b_x2 "${common[@]}"
+        step 420 python3 bench/scale_runs.py preempt "${small[@]}" --gpus 2 --resume-gpus 1 --steps 20 \
+            --signal-after 8 --set train.deterministic=true --name preempt_1.3b_x2_deterministic "${common[@]}"
         step 540 python3 bench/scale_runs.py scaling "${big[@]}" --gpus 2 --steps 20 --name scale_13b_zero3_x2 "${common[@]}"
         ;;
     x4)
