@@ -21,7 +21,8 @@ triton and the two packages' Python sources into .venv/kernels-cpu, which is on 
 this module runs (where the packages are installed, as on a GPU image, they are used as they are).
 
 Tolerances: the model in float32, observed relative errors 3e-7 (logits) to 3e-6 (gradients of A_log),
-bound 2e-5; the loss on fp16 logits against float64 on the same values, bound 1e-5.
+bound 2e-5; the loss on fp16 logits against float64 on the same values, bound 1e-5; the head's fp16
+gradients fused vs torch, bound 1e-3 (observed 0.0).
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def test_fused_cross_entropy_matches_float64(interpreted_kernels, monkeypatch) -
         assert torch.equal(logits.detach(), before) != fused  # the fused backward wrote into the logits
         grads[fused] = (h.grad.clone(), w.grad.clone())
     for got, want in zip(grads[True], grads[False]):
-        assert _rel(got.float(), want.float()) < 1e-2
+        assert _rel(got.float(), want.float()) < 1e-3  # observed 0.0: the same fp16 rounding of equal float32
 
 
 def _conv_fwd_standin(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
