@@ -270,3 +270,34 @@ def test_fused_split_conv_prefill_returns_the_final_state(fused_split_conv) -> N
             states.append(state)
     assert _rel(outs[1], outs[0]) < TOL
     assert _rel(states[1].ssm, states[0].ssm) < TOL and torch.equal(states[1].conv, states[0].conv)
+
+
+def test_graphed_training_step_replays_the_eager_kernel_step(fused_split_conv) -> None:
+    """model/train_graph.py on the kernel path (fused split-conv scan, fused norms and SwiGLU): the
+    capture's stand-in parameters and static buffers through mamba_ssm's autograd functions. With
+    EagerReplayGraphs in place of CUDA graphs, two replayed steps (an in-place weight update between
+    them, as the optimizer makes) give the eager kernel step's loss and gradients."""
+    from model.train_graph import EagerReplayGraphs, graph_training_forward
+
+    def eager(ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        logits = type(model).forward(model, ids[:, :-1])  # the class's forward: not the dispatcher
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    model = _model("MA").train()
+    _use(model, "kernels")
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
+    dispatcher = graph_training_forward(model, batches[0][:, :-1], ops=EagerReplayGraphs(), warmup=1)
+    for ids in batches:
+        want_loss, want_grads = eager(ids)
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        assert _rel(loss.detach(), want_loss) < TOL
+        for (name, p), g in zip(model.named_parameters(), want_grads):
+            assert _rel(p.grad, g) < TOL, name
+            p.grad = None  # consumed before the next replay, as the engine's hooks do
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    assert dispatcher.replays == 2 and dispatcher.eager_calls == 0
