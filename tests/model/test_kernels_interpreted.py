@@ -155,11 +155,12 @@ def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
     assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["growing cache", "static cache"])
 @pytest.mark.parametrize("dt_limit", DT_LIMITS)
-def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, float]) -> None:
+def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, float], static: bool) -> None:
     """Prefill of left-padded prompts, then 5 decode steps on the same tokens (teacher-forced, so that a
     near-tie cannot fork the paths): every step's logits. With a dt clamp the decode step discretises
-    dt itself (the state-update kernel has no clamp)."""
+    dt itself (the state-update kernel has no clamp). The static cache is the form a CUDA graph replays."""
     model = _model(dt_limit=dt_limit).eval()
     prompts = [[5, 9, 2, 33, 7, 1, 14, 3, 8, 21, 40, 6], [11, 4, 30, 2, 9]]
     ids = torch.tensor([[0] * 7 + prompts[1], prompts[0]])
@@ -170,6 +171,8 @@ def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, 
         for impl in ("reference", "kernels"):
             _use(model, impl)
             logits, cache = model.prefill(ids, mask)
+            if static:
+                cache.make_static(12 + len(forced))
             steps[impl] = [logits] + [model.step(tok, cache=cache) for tok in forced]
     for i, (got, want) in enumerate(zip(steps["kernels"], steps["reference"])):
         assert _rel(got, want) < TOL, f"step {i}"
