@@ -66,7 +66,7 @@ def interpreted_kernels() -> Iterator[types.SimpleNamespace]:
         mp.setattr(torch.cuda, "get_device_properties",
                    lambda d=None: types.SimpleNamespace(multi_processor_count=4)
                    if getattr(d, "type", None) == "cpu" else cuda_props(d))
-        accessors = (kernels.mamba_ops, kernels.cross_entropy_ops)
+        accessors = (kernels.mamba_ops, kernels.cross_entropy_ops, kernels.flash_ops)
         for accessor in accessors:
             accessor.cache_clear()
         with warnings.catch_warnings():
