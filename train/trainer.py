@@ -214,8 +214,8 @@ class Trainer:
                             for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, CUDA graph {t.cuda_graph}, "
-            f"deterministic {t.deterministic}",
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, "
+            f"CUDA graph {t.cuda_graph}, deterministic {t.deterministic}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
             f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "

@@ -9,16 +9,17 @@ as it does without them on a GPU; the test of the fused split-conv scan, the GPU
 answers mamba_ssm's two causal_conv1d calls with the reference conv), and the kernels' GPU speed and
 thread timing (bench/kernel_parity.py compares the paths on a GPU).
 
-Set-up, undone after the module (only the triton package stays imported): TRITON_INTERPRET=1 before mamba_ssm is imported (Triton decides
-at import whether a kernel is compiled or interpreted); MAMBA_DETERMINISTIC=1, under which each
-mamba_ssm kernel has one tile config (the autotuner otherwise times every config through a GPU
-driver; the tests switch its reductions between atomics and per-program sums at call time); empty
-modules for the packages' CUDA extensions where they are not built (`selective_scan_cuda`,
-`flash_attn_2_cuda`: imported by the packages' __init__, never called by these kernels); and two CUDA queries answered for CPU
-tensors: `torch.cuda.device(None)` (both packages enter the tensor's device around each launch) and
-the SM count (mamba_ssm sizes a backward workspace by it). On CPU machines scripts/setup.sh installs
-triton and the two packages' Python sources into .venv/kernels-cpu, which is on sys.path only while
-this module runs (where the packages are installed, as on a GPU image, they are used as they are).
+Set-up, undone after the module (only the triton package stays imported): TRITON_INTERPRET=1 before
+mamba_ssm is imported (Triton decides at import whether a kernel is compiled or interpreted);
+MAMBA_DETERMINISTIC=1, under which each mamba_ssm kernel has one tile config (the autotuner otherwise
+times every config through a GPU driver; the tests switch its reductions between atomics and per-program
+sums at call time); empty modules for the packages' CUDA extensions where they are not built
+(`selective_scan_cuda`, `flash_attn_2_cuda`: imported by the packages' __init__, never called by these
+kernels); and two CUDA queries answered for CPU tensors: `torch.cuda.device(None)` (both packages enter
+the tensor's device around each launch) and the SM count (mamba_ssm sizes a backward workspace by it).
+On CPU machines scripts/setup.sh installs triton and the two packages' Python sources into
+.venv/kernels-cpu, which is on sys.path only while this module runs (where the packages are installed,
+as on a GPU image, they are used as they are).
 
 Tolerances: the model in float32, observed relative errors 3e-7 (logits) to 3e-6 (gradients of A_log),
 bound 2e-5; the loss on fp16 logits against float64 on the same values, bound 1e-5; the head's fp16
@@ -62,7 +63,8 @@ def interpreted_kernels() -> Iterator[types.SimpleNamespace]:
             if importlib.util.find_spec(extension) is None:  # built only on CUDA machines
                 mp.setitem(sys.modules, extension, types.ModuleType(extension))
         cuda_device, cuda_props = torch.cuda.device, torch.cuda.get_device_properties
-        mp.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext() if index is None else cuda_device(index))
+        mp.setattr(torch.cuda, "device",
+                   lambda index: contextlib.nullcontext() if index is None else cuda_device(index))
         mp.setattr(torch.cuda, "get_device_properties",
                    lambda d=None: types.SimpleNamespace(multi_processor_count=4)
                    if getattr(d, "type", None) == "cpu" else cuda_props(d))
