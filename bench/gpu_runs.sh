@@ -49,6 +49,8 @@
 #              `--config 13b`, on the curated shards; SIGTERM + --resume auto on 8
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
+# CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
+# x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
 stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|determinism|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
@@ -67,6 +69,7 @@ step() {  # step SECONDS CMD...: run with a time limit, log it, never stop the s
 }
 
 matmul_peak() {  # bf16 GEMM TFLOP/s of this GPU: the MFU denominator handed to the trainer
+    [ -n "${CHECK_ONLY:-}" ] && { echo 1; return; }
     python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))"
 }
 manifest_vocab() {  # the curated tokenizer's vocabulary: the model's vocab_size for these shards
@@ -177,7 +180,7 @@ determinism)
             --set model.vocab_size="$vocab" --set train.micro_batch_size=4 --set train.global_batch_tokens=65536
             --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
             --set train.wandb.mode=disabled --gpus 1 --resume-gpus 1 --steps 16 --signal-after 6
-            --work "$work" --out "$res")
+            --work "$work" --out "$res" ${CHECK_ONLY:+--check})
     export TRITON_CACHE_AUTOTUNING=1  # each of the 8 launches would otherwise autotune mamba_ssm afresh
     step 280 python3 bench/scale_runs.py preempt "${common[@]}" --name determinism_default_small
     step 280 python3 bench/scale_runs.py preempt "${common[@]}" --set train.deterministic=true \
@@ -195,7 +198,7 @@ x2|x4|x8)
     vocab=$(manifest_vocab)
     common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
             --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
-            --set train.wandb.mode=disabled --work "$work" --out "$res")
+            --set train.wandb.mode=disabled --work "$work" --out "$res" ${CHECK_ONLY:+--check})
     small=(--config 1.3b --set train.global_batch_tokens=262144)   # 4 x 4096 micro-batches: 16 / 8 / 4 / 2 per step
     big=(--config 13b --set train.global_batch_tokens=65536)       # 1 x 4096 micro-batches: 8 / 4 / 2 per step
     n=${stage#x}

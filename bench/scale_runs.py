@@ -18,6 +18,10 @@ preempt: an uninterrupted reference run; a run SIGTERMed after --signal-after st
 signalled, as Slurm does on preemption) then resumed with --resume auto on the same GPUs, and its
 signal-time checkpoint resumed on --resume-gpus GPUs (a universal checkpoint when the count differs); the
 largest loss difference to the reference over the resumed steps, for each.
+
+The runs are short: unless --set gives train.warmup_steps, the warm-up is a fifth of --steps (a preset's
+own, 2000 steps, exceeds any measurement run and fails validation). Every run config, with each GPU
+count's accumulation, is validated before the first launch, so a bad setting costs no GPU time.
 """
 
 from __future__ import annotations
@@ -60,6 +64,20 @@ def deepspeed_cmd(nprocs: int, config: str, sets: list[str], resume: str, out_di
     overrides = [*sets, f"train.output_dir={out_dir}"]
     return [launcher, "--num_gpus", str(nprocs), "--master_port", str(port), str(PRETRAIN), "--config", config,
             "--resume", resume, *[a for s in overrides for a in ("--set", s)]]
+
+
+def check_runs(config: str, sets: list[str], worlds: list[int]) -> None:
+    """Validate the run config and each world size's batch split before launching (SystemExit: one line)."""
+    from config.loader import ConfigError
+    from config.schema import load_run_config
+    from train.ds_config import accumulation_steps
+
+    try:
+        cfg = load_run_config(config, sets)
+        for world in worlds:
+            accumulation_steps(cfg.train, world)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def read_metrics(out_dir: Path) -> dict[int, dict]:
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny preset under gloo, 1 and 2 processes")
+    ap.add_argument("--check", action="store_true", help="validate every run's config and batch split, launch nothing")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--work", type=Path, help="scratch folder for the run folders, removed at the end "
                     "(default: kept, under <out>/<name>_runs)")
@@ -158,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         args.sets = [*SMOKE_SETS, *args.sets]
         args.resume_gpus = args.resume_gpus or 1
     sets = [*RUN_SETS, *args.sets, f"train.max_steps={args.steps}"]
+    if not any(s.startswith("train.warmup_steps=") for s in args.sets):
+        sets.append(f"train.warmup_steps={max(1, args.steps // 5)}")
+    worlds = [int(g) for g in args.gpus.split(",")]
+    if args.mode == "preempt" and args.resume_gpus:
+        worlds.append(args.resume_gpus)
+    check_runs(args.config, sets, worlds)
+    if args.check:
+        print(f"{args.mode} {args.config}: run configs valid on {worlds} GPU(s)")
+        return 0
     name = args.name or f"scale_{args.mode}_{Path(args.config).stem}" + ("_smoke" if args.smoke else "")
     work = (args.work or args.out) / f"{name}_runs"
     shutil.rmtree(work, ignore_errors=True)

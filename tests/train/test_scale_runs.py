@@ -4,11 +4,17 @@ cannot rot."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from bench import scale_runs
 
-from .conftest import VOCAB
+from .conftest import REPO, VOCAB
 
 
 def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path) -> None:
@@ -39,3 +45,27 @@ def test_launch_tail_reads_only_the_last_launch(tmp_path: Path) -> None:
         f.write("".join(f"line {i}\n" for i in range(50)) + "[rank 1] error: boom")
     tail = scale_runs.launch_tail(log, start, lines=3)
     assert tail == ["line 48", "line 49", "[rank 1] error: boom"]
+
+
+@pytest.mark.parametrize("stage", ["determinism", "x2", "x4", "x8"])
+def test_gpu_stages_launch_valid_run_configs(stage: str, corpus: Path, tmp_path: Path) -> None:
+    """bench/gpu_runs.sh's stages that drive scale_runs, with CHECK_ONLY=1: every run they would launch
+    has a valid config and batch split at its GPU counts. (Before the driver shortened the warm-up,
+    each would have stopped at once on the presets' 2000 warm-up steps, on a lent multi-GPU machine.)"""
+    env = {**os.environ, "CHECK_ONLY": "1", "DATA": str(corpus),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "bench/gpu_runs.sh", stage, str(tmp_path)], cwd=REPO, env=env, timeout=300, check=True)
+    log = (tmp_path / "log.txt").read_text()
+    exits = re.findall(r"=== exit (\d+)", log)
+    assert exits and set(exits) == {"0"}, log
+    assert log.count("run configs valid") == len(exits)
+
+
+@pytest.mark.parametrize(("sets", "gpus", "key"), [
+    (["train.warmup_steps=2000"], "1", "train.warmup_steps"),  # a preset's warm-up, given explicitly
+    ([], "3", "train.global_batch_tokens"),                     # 512 sequences over 4 x 3
+])
+def test_check_stops_a_bad_run_before_launch(sets: list[str], gpus: str, key: str) -> None:
+    args = ["scaling", "--config", "1.3b", "--gpus", gpus, "--steps", "30", "--check", "--set", "data.manifest=unused"]
+    with pytest.raises(SystemExit, match=re.escape(key)):
+        scale_runs.main([*args, *[a for s in sets for a in ("--set", s)]])
