@@ -1,0 +1,85 @@
+"""launch/slurm_pretrain.sbatch run on this machine with stand-ins for Slurm's two commands: the script's
+rendezvous and rank variables make a working 2-process run, and a SIGTERM to every task (what Slurm
+sends before the time limit) saves a checkpoint that the requeued job resumes from.
+
+The stand-ins: `scontrol show hostnames` prints this host; `srun [options] CMD...` starts SLURM_NTASKS
+copies of CMD, each with its SLURM_PROCID / SLURM_LOCALID, and exits with the first non-zero code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from .conftest import BASE_SETS, REPO, read_metrics, run_env
+
+SBATCH = REPO / "launch" / "slurm_pretrain.sbatch"
+SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || { code=$?; [ "$rc" -eq 0 ] && rc=$code; }; done
+exit $rc
+"""
+SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1
+"""
+
+
+def _job_id() -> int:
+    """A job id whose port (20000 + id % 20000, as the script derives it) is free here."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if 20000 <= port < 40000:
+            return port - 20000
+
+
+def _slurm_env(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**run_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": str(_job_id()), "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1"}
+
+
+def _args(corpus: Path, out: Path) -> list[str]:
+    sets = [*BASE_SETS, f"data.manifest={corpus}", f"train.output_dir={out}", "train.max_steps=12",
+            "train.save_every=0", "train.eval_every=0", "train.log_every=1"]
+    return ["--config", "tiny", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_preempted_job_saves_and_the_requeued_job_resumes(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = _slurm_env(tmp_path)
+    job = subprocess.Popen(["bash", str(SBATCH), *_args(corpus, out)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while max(read_metrics(out), default=0) < 2 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "launch/pretrain.py" in p.cmdline()]
+    assert len(ranks) == 2, job.communicate()[0][-3000:] if job.poll() is not None else ranks
+    for p in ranks:  # --signal=TERM@600: every task at once
+        p.send_signal(signal.SIGTERM)
+    log, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, log[-3000:]
+    assert "world 2 x cpu" in log and "SIGTERM: saving a checkpoint" in log
+    stop_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 2 <= stop_step < 12
+    requeued = subprocess.run(["bash", str(SBATCH), *_args(corpus, out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert sorted(read_metrics(out)) == list(range(1, 13))  # the requeued job went on from the checkpoint
