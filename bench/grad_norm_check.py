@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, write_results  # noqa: E402
 from bench.step_overhead import install_graphs  # noqa: E402
-from bench.train_step_throughput import ZERO_JSONS, LossModule, ds_config  # noqa: E402
+from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
 
@@ -46,17 +46,11 @@ def reference_norm(cfg: ModelConfig, batches: list[torch.Tensor], device: torch.
 def engine_norm(cfg: ModelConfig, batches: list[torch.Tensor], stage: int, graphed: bool, overlap: bool,
                 device: torch.device) -> float:
     """The engine's global gradient norm after one optimizer step over `batches` (same initial weights)."""
-    import deepspeed
-
-    from train.optim import param_groups
-
     micro_batch, seq = batches[0].shape[0], batches[0].shape[1] - 1
     config = deep_merge(ds_config(seq, micro_batch, len(batches), device.type == "cuda", ZERO_JSONS[stage]),
                         {"zero_optimization": {"overlap_comm": overlap}, "bf16": {"enabled": True}})
     torch.manual_seed(0)
-    model = peers.build("ours", cfg, device, torch.float32)
-    engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),
-                                      config=config)
+    model, engine = build_engine("ours", cfg, device, config)
     try:
         if graphed:
             install_graphs(model, batches[0])

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, median, sync, write_results  # noqa: E402
-from bench.train_step_throughput import ZERO_JSONS, LossModule, ds_config  # noqa: E402
+from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
 from model.train_graph import EagerReplayGraphs, graph_training_forward  # noqa: E402
@@ -139,16 +139,10 @@ def install_graphs(model: torch.nn.Module, ids: torch.Tensor) -> None:
 def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: dict, args: argparse.Namespace,
                    device: torch.device, profile: bool) -> dict:
     """The DeepSpeed step with ZeRO `stage` and `overrides` on the run's config for this batch shape."""
-    import deepspeed
-
-    from train.optim import param_groups
-
     micro_batch, seq = ids.shape[0], ids.shape[1] - 1
     config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda", ZERO_JSONS[stage]), overrides)
     torch.manual_seed(0)  # the same initial weights for every variant
-    model = peers.build("ours", cfg, device, torch.float32)
-    engine, *_ = deepspeed.initialize(model=LossModule("ours", model), model_parameters=param_groups(model, 0.1),
-                                      config=config)
+    model, engine = build_engine("ours", cfg, device, config)
     try:
         install_graphs(model, ids)
 

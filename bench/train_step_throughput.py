@@ -37,11 +37,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 from bench import peers  # noqa: E402
 from bench.common import (  # noqa: E402
@@ -80,17 +84,25 @@ def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool, base: 
     return build_ds_config(train, world_size=1, on_cuda=on_cuda)
 
 
-def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, graph: bool, args: argparse.Namespace,
-            device: torch.device, peak_tflops: float) -> dict:
-    """One (model, seq) row: build the engine, warm up, time optimizer steps, destroy the engine."""
+def build_engine(name: str, cfg: ModelConfig, device: torch.device,
+                 config: dict) -> tuple[nn.Module, "DeepSpeedEngine"]:
+    """(model, engine): the peer `name` built in float32 (DeepSpeed casts it to the config's precision)
+    under a DeepSpeed engine with `config` and train.optim's parameter groups."""
     import deepspeed
 
     from train.optim import param_groups
 
     model = peers.build(name, cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule(name, model), model_parameters=param_groups(model, WEIGHT_DECAY),
-                                      config=ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda",
-                                                       args.ds_config))
+                                      config=config)
+    return model, engine
+
+
+def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, graph: bool, args: argparse.Namespace,
+            device: torch.device, peak_tflops: float) -> dict:
+    """One (model, seq) row: build the engine, warm up, time optimizer steps, destroy the engine."""
+    model, engine = build_engine(name, cfg, device, ds_config(seq, micro_batch, args.grad_accum,
+                                                              device.type == "cuda", args.ds_config))
     try:
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device=engine.device)
         if graph:  # after deepspeed.initialize: the graphs must see the parameters' final storage
