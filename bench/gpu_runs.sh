@@ -27,7 +27,9 @@
 #   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
 #   grad_norm  the engine's gradient norm (ZeRO-1/2, eager/graphed, overlap_comm on/off) vs a float32 reference
 #   peers_fused_ce  the graphed ZeRO-2 step of ours and the twin (fused cross-entropy) vs HF Bamba
+#   peers_saved  peers_fused_ce again after the Mamba2 backward kept its forward's intermediates (model/ssd_saved.py)
 #   peers_zero1  the same on ds_configs/zero1.json
+#   peers_zero1_16k  ours and the all-attention twin, graphed, ZeRO-1, at 16384 tokens
 #   docs_graph document vs continuous packing, eager and as CUDA graphs (1.3B, 8192); the graphed
 #              fwd_bwd row with the fused MLP; kernel vs reference parity
 #   peers_graph  the `peers` step comparison with CUDA-graph rows of ours and the all-attention twin
@@ -36,9 +38,12 @@
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
+#   mixer      the Mamba2 mixer's backward with the forward's intermediates kept (model/ssd_saved.py) vs
+#              mamba_ssm's recomputing function, and the gated-norm backward's programs per SM (every
+#              part at 8192); the graphed ZeRO-1 step of ours and the all-attention twin with it
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
-#              the tokens/s each costs)
+#              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
@@ -52,7 +57,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|determinism|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -129,11 +134,14 @@ overhead2)
 grad_norm)
     step 400 python3 bench/grad_norm_check.py --preset small --name grad_norm_check_small_h100 --out "$res"
     ;;
-peers_fused_ce|peers_zero1)
-    ds=ds_configs/zero2.json name=train_step_throughput_graph_fused_ce_1.3b_h100
+peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k)
+    ds=ds_configs/zero2.json name=train_step_throughput_graph_fused_ce_1.3b_h100 seqs=8192,4096 models=ours,attention,hf_bamba
+    [ "$stage" = peers_saved ] && name=train_step_throughput_graph_saved_zero2_1.3b_h100
     [ "$stage" = peers_zero1 ] && ds=ds_configs/zero1.json name=train_step_throughput_graph_zero1_1.3b_h100
-    step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
-        --models ours,attention,hf_bamba --ds-config $ds --name $name --out "$res"
+    [ "$stage" = peers_zero1_16k ] && ds=ds_configs/zero1.json name=train_step_throughput_graph_zero1_16k_1.3b_h100 \
+        seqs=16384 models=ours,attention
+    step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens $seqs --cuda-graph --graph-only \
+        --models $models --ds-config $ds --name $name --out "$res"
     ;;
 docs_graph)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
@@ -173,17 +181,25 @@ train_graph|train_docs_graph|train_zero1_graph)
     [ "$stage" = train_zero1_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
         --variants "zero2,zero1" --name step_overhead_zero1_1.3b_h100 --out "$res"
     ;;
-determinism)
+mixer)
+    step 180 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --chunks 256 --attn-backends sdpa \
+        --norm-programs 1,2,4,8 --profile --name block_costs_mixer_saved_1.3b_h100 --out "$res"
+    step 330 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
+        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
+        --out "$res"
+    ;;
+determinism|determinism_on)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     common=(--config 1.3b --set model.preset=small --set data.manifest="$data" --set data.weights.planted=0
             --set model.vocab_size="$vocab" --set train.micro_batch_size=4 --set train.global_batch_tokens=65536
             --set train.peak_tflops="$peak" --set train.log_every=1 --set train.eval_every=0
-            --set train.wandb.mode=disabled --gpus 1 --resume-gpus 1 --steps 16 --signal-after 6
+            --set train.wandb.mode=disabled --gpus 1 --steps 12 --signal-after 5
             --work "$work" --out "$res" ${CHECK_ONLY:+--check})
-    export TRITON_CACHE_AUTOTUNING=1  # each of the 8 launches would otherwise autotune mamba_ssm afresh
-    step 280 python3 bench/scale_runs.py preempt "${common[@]}" --name determinism_default_small
-    step 280 python3 bench/scale_runs.py preempt "${common[@]}" --set train.deterministic=true \
+    export TRITON_CACHE_AUTOTUNING=1  # each of the 6 launches would otherwise autotune mamba_ssm afresh
+    [ "$stage" = determinism ] && step 310 python3 bench/scale_runs.py preempt "${common[@]}" --name determinism_default_small
+    dlimit=300; [ "$stage" = determinism_on ] && dlimit=540  # alone: room for a cold first launch
+    step $dlimit python3 bench/scale_runs.py preempt "${common[@]}" --set train.deterministic=true \
         --name determinism_on_small
     ;;
 inference)
@@ -229,7 +245,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_zero1|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|determinism|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

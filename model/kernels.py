@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def mamba_ops() -> SimpleNamespace | None:
-    """mamba_ssm's Triton SSD scan, fused split-conv scan, decode step, gated RMSNorm, the fused
-    residual-add + RMSNorm and SwiGLU (input [gate | up] on the last dim)."""
+    """mamba_ssm's Triton SSD scan, fused split-conv scan (and model.ssd_saved's training form of it,
+    which keeps the forward's intermediates), decode step, gated RMSNorm, the fused residual-add +
+    RMSNorm and SwiGLU (input [gate | up] on the last dim)."""
     try:
         from mamba_ssm.ops.triton.k_activations import swiglu
         from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
@@ -33,12 +34,15 @@ def mamba_ops() -> SimpleNamespace | None:
             mamba_chunk_scan_combined,
             mamba_split_conv1d_scan_combined,
         )
+
+        from model.ssd_saved import split_conv1d_scan_saved
     except Exception as exc:  # ImportError, or a broken CUDA build raising at import
         log.debug("mamba_ssm unavailable: %s", exc)
         return None
     return SimpleNamespace(
         chunk_scan=mamba_chunk_scan_combined,
         split_conv1d_scan=mamba_split_conv1d_scan_combined,
+        split_conv1d_scan_saved=split_conv1d_scan_saved,
         state_update=selective_state_update,
         rmsnorm_gated=rmsnorm_fn,
         add_rms_norm=rms_norm_fn,
@@ -94,13 +98,17 @@ def make_deterministic() -> None:
     torch's global switch (cuBLAS with a fixed workspace, cuDNN's deterministic algorithms, SDPA's
     deterministic flash backward; an op with no deterministic form raises and names itself);
     mamba_ssm's SSD reads the same switch (per-program partial sums instead of atomics, and one
-    fixed tile config instead of autotuning, whose timing-based pick can differ between runs);
+    fixed tile config instead of autotuning, whose timing-based pick can differ between runs). That
+    last part needs TRITON_CACHE_AUTOTUNING off: with it on, mamba_ssm autotunes once and replays
+    the cached pick, and on an H100 a run's first launch then differed from its later launches
+    (bench/results/determinism_on_cached_autotune_run2_small_h100.md);
     `deterministic()` makes the model pass flash-attn `deterministic=True` and take the Mamba2 conv
     off causal_conv1d, whose backward adds weight gradients with atomics. Call before the first
     CUDA matmul (cuBLAS reads CUBLAS_WORKSPACE_CONFIG once) and before mamba_ssm is imported.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     os.environ["MAMBA_DETERMINISTIC"] = "1"
+    os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False

@@ -11,7 +11,9 @@ Paths:
   reference  pure PyTorch (CPU, tests, ONNX): conv via F.conv1d (or a masked unfold when documents
              are packed), chunked SSD from `model.ssd`, gated RMSNorm in float32.
   kernels    mamba_ssm's fused `mamba_split_conv1d_scan_combined` when causal_conv1d is installed
-             (conv + scan + gated norm + out_proj in one autograd function), otherwise causal conv
+             (conv + scan + gated norm + out_proj in one autograd function; when training, its form
+             in `model.ssd_saved` that keeps the forward's intermediates instead of recomputing
+             them, unless `model.mamba.recompute_in_backward`), otherwise causal conv
              + `mamba_chunk_scan_combined` + the Triton gated norm; decoding uses
              `selective_state_update` and `causal_conv1d_update`.
 """
@@ -197,6 +199,12 @@ class Mamba2Mixer(nn.Module):
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         A = self._decay_rates()
         continuing = state is not None and state.filled
+        if cops is not None and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
+            return ops.split_conv1d_scan_saved(
+                zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, self.D, chunk_size=self.chunk_size,
+                seq_idx=sid, dt_limit=self.dt_limit, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
+                outproj_weight=self.out_proj.weight, headdim=self.headdim, ngroups=self.n_groups,
+            )
         if cops is not None and not continuing:
             if state is not None:
                 self._store_conv_state(state, self._split(zxbcdt)[1], seq_idx)

@@ -5,8 +5,11 @@ kernels then repeat bitwise is the question of bench/gpu_runs.sh`s `determinism`
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +21,15 @@ from model.documents import DocumentLayout
 from model.layers import rmsnorm_gated_ref
 from model.ssd import discretize_dt, ssd_chunked
 
+KERNELS_CPU = Path(__file__).resolve().parents[2] / ".venv" / "kernels-cpu"
+
 
 @pytest.fixture
 def deterministic_mode(monkeypatch):
     """make_deterministic() for one test, then torch's switches and the environment as they were."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
              torch.backends.cudnn.benchmark)
-    for key in ("CUBLAS_WORKSPACE_CONFIG", "MAMBA_DETERMINISTIC"):
+    for key in ("CUBLAS_WORKSPACE_CONFIG", "MAMBA_DETERMINISTIC", "TRITON_CACHE_AUTOTUNING"):
         monkeypatch.delenv(key, raising=False)
     kernels.make_deterministic()
     yield
@@ -37,6 +42,29 @@ def test_make_deterministic_sets_every_switch(deterministic_mode) -> None:
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert os.environ["MAMBA_DETERMINISTIC"] == "1"  # mamba_ssm.utils.determinism reads it at import
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"
+
+
+def test_mamba_ssm_keeps_one_tile_config_under_cached_autotuning(deterministic_mode, monkeypatch) -> None:
+    """mamba_ssm's own config choice (mamba_ssm/utils/determinism.py, loaded from its file without
+    importing the package) after make_deterministic, in a shell that exported TRITON_CACHE_AUTOTUNING=1
+    (bench/gpu_runs.sh does, for the default kernels): one config per kernel, not a cached timing pick."""
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
+    kernels.make_deterministic()
+    spec = importlib.util.find_spec("mamba_ssm")  # locates the package without importing it
+    root = Path(spec.origin).parent if spec is not None else KERNELS_CPU / "mamba_ssm"
+    path = root / "utils" / "determinism.py"
+    assert path.is_file(), f"{path} missing: run scripts/setup.sh (it installs mamba-ssm's sources)"
+    # the module reads triton's version (>= 3.4: the cache exists); a stand-in, as importing triton here
+    # would fix its mode before test_kernels_interpreted.py asks for the interpreter
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.9.0"))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_mamba_determinism", path))
+    module.__spec__.loader.exec_module(module)
+    assert module.TRITON_HAS_CACHE_RESULTS, "triton >= 3.4 expected: the case where the cache would be used"
+    configs = [types.SimpleNamespace(kwargs={"BLOCK_SIZE_M": m}, num_stages=3) for m in (128, 32, 64)]
+    with pytest.warns(UserWarning, match="TRITON_CACHE_AUTOTUNING"):
+        chosen = module.autotune_configs(configs)
+    assert chosen == [configs[1]]  # the cheapest, the same in every process
 
 
 def _chunk_scan_standin(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False, seq_idx=None,
@@ -63,7 +91,7 @@ def _fused(*args, **kwargs):
 @pytest.fixture
 def mamba_standins(monkeypatch):
     ops = types.SimpleNamespace(chunk_scan=_chunk_scan_standin, rmsnorm_gated=_gated_norm_standin,
-                                split_conv1d_scan=_fused)
+                                split_conv1d_scan=_fused, split_conv1d_scan_saved=_fused)
     monkeypatch.setattr("model.mamba2.mamba_ops", lambda: ops)
     monkeypatch.setattr("model.mamba2.conv_ops", lambda: types.SimpleNamespace(conv=_fused))
 

@@ -259,6 +259,48 @@ def test_fused_split_conv_training_matches_reference(fused_split_conv, dt_limit:
         assert _rel(got, want) < TOL, name
 
 
+@pytest.mark.parametrize("norm_programs_per_sm", [1, 3])
+def test_saved_intermediates_give_mamba_ssms_result_bitwise(fused_split_conv, monkeypatch,
+                                                            norm_programs_per_sm: int) -> None:
+    """model/ssd_saved.py (the training form that keeps the conv output, chunk states and C.B from
+    the forward) runs mamba_ssm's kernels on the same inputs as mamba_ssm's own fused function, which
+    recomputes them: the same output and every gradient, bitwise. The gated norm's weight gradient sums
+    one partial per program: with more programs per SM than mamba_ssm's one, another float32 summation
+    order (bound 1e-6). Training takes it by default; `model.mamba.recompute_in_backward` and
+    gradient-free calls take mamba_ssm's function."""
+    import model.ssd_saved as ssd_saved
+
+    monkeypatch.setattr(ssd_saved, "NORM_BWD_PROGRAMS_PER_SM", norm_programs_per_sm)
+
+    model = _model(dt_limit=DT_LIMITS[1])
+    mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
+    mixer.impl = "kernels"
+    calls = []
+    apply = ssd_saved.SplitConvScanSavedFn.apply
+    monkeypatch.setattr(ssd_saved.SplitConvScanSavedFn, "apply", lambda *a: calls.append(1) or apply(*a))
+    u = torch.randn(2, 40, model.cfg.d_model)  # 40: a partial last chunk
+    seq_idx = torch.tensor([[0] * 10 + [1] * 30, [0] * 40])
+    results = []
+    for recompute in (False, True):
+        mixer.cfg.mamba.recompute_in_backward = recompute
+        mixer.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_()
+        out = mixer(x, seq_idx=seq_idx)
+        out.pow(2).mean().backward()
+        results.append([out.detach(), x.grad] + [p.grad.clone() for p in mixer.parameters()])
+        assert len(calls) == 1, "training takes the saved form by default, mamba_ssm's with the flag"
+    names = ["out", "input"] + [n for n, _ in mixer.named_parameters()]
+    for name, got, want in zip(names, *results):
+        if name == "norm.weight" and norm_programs_per_sm > 1:
+            assert _rel(got, want) < 1e-6, name
+        else:
+            assert torch.equal(got, want), name
+    with torch.no_grad():
+        mixer.cfg.mamba.recompute_in_backward = False
+        mixer(u, seq_idx=seq_idx)
+    assert len(calls) == 1, "a gradient-free call kept intermediates"
+
+
 def test_fused_split_conv_prefill_returns_the_final_state(fused_split_conv) -> None:
     """The GPU prefill: the fused scan's final SSM state (what decoding continues from) and output equal
     the reference's, after packed documents and left padding."""
