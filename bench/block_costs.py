@@ -6,8 +6,7 @@ backward over one micro-batch (`--tokens` tokens at each sequence length) are ca
 graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate = the part's model
 FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
 same run. Variants: the Mamba2 chunk sizes (`--chunks`), its backward as the model runs it (intermediates kept
-from the forward, model/ssd_saved.py) vs mamba_ssm's recomputing function, the gated-norm backward's
-programs per SM (`--norm-programs`), the attention kernels (`--attn-backends`),
+from the forward, model/ssd_saved.py) vs mamba_ssm's recomputing function, the attention kernels (`--attn-backends`),
 the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), the MLP at
 the all-attention twin's width (bench/peers.attention_twin), and the loss as float32 torch
 cross-entropy vs the kernel path's fused cross-entropy (model/loss.py).
@@ -59,7 +58,7 @@ class Part:
 
 
 def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backends: list[str],
-          device: torch.device, dtype: torch.dtype, kernels: bool, norm_programs: list[int] = ()) -> list[Part]:
+          device: torch.device, dtype: torch.dtype, kernels: bool) -> list[Part]:
     """Every part and variant at `cfg`'s widths for (batch, seq_len) inputs."""
     impl = "kernels" if kernels else "reference"
     d = cfg.d_model
@@ -72,19 +71,13 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
                 m.impl = impl
         return mod
 
-    default_programs = None
-    if kernels:
-        import model.ssd_saved as ssd_saved
-
-        default_programs = ssd_saved.NORM_BWD_PROGRAMS_PER_SM
     for chunk in chunks:
-        for variant, recompute, programs in mamba_variants(chunk, norm_programs, default_programs):
+        for variant, recompute in mamba_variants(chunk, kernels):
             c = cfg.model_copy(update={"mamba": cfg.mamba.model_copy(
                 update={"chunk_size": chunk, "recompute_in_backward": recompute})})
             mixer = ready(Mamba2Mixer(c, 0))
             mm = 2.0 * (d * c.d_in_proj + c.d_inner * d)
-            run = mixer if programs is None else lambda x, m=mixer, n=programs: norm_programs_per_sm(n, m, x)
-            out.append(Part("mamba_mixer", variant, mixer, run, mm + ssd_flops_per_token(c, seq_len)))
+            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + ssd_flops_per_token(c, seq_len)))
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
     rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions, dtype)
     for backend in backends:
@@ -113,25 +106,10 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
     return out
 
 
-def mamba_variants(chunk: int, norm_programs: list[int], default_programs: int | None
-                   ) -> list[tuple[str, bool, int | None]]:
-    """(variant, recompute_in_backward, gated-norm backward programs per SM) of the Mamba2 mixer at one
-    chunk size: as the model runs (model.ssd_saved's default count; None off the kernel path, whose
-    reference path has one form only), and on the kernel path mamba_ssm's recomputing function and each
-    other programs-per-SM count of the gated norm's backward."""
-    if default_programs is None:
-        return [(f"chunk {chunk}", False, None)]
-    out = [(f"chunk {chunk}", False, default_programs), (f"chunk {chunk}, recompute", True, None)]
-    return out + [(f"chunk {chunk}, norm bwd {n}/SM", False, n) for n in norm_programs if n != default_programs]
-
-
-def norm_programs_per_sm(n: int, mixer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mixer(x) with model.ssd_saved's gated-norm backward at n programs per SM (read when the backward
-    launches: set at every forward, which the timed step's backward follows)."""
-    import model.ssd_saved as ssd_saved
-
-    ssd_saved.NORM_BWD_PROGRAMS_PER_SM = n
-    return mixer(x)
+def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool]]:
+    """(variant, recompute_in_backward) of the Mamba2 mixer at one chunk size: as the model runs and, on the
+    kernel path (the reference path has one form), mamba_ssm's recomputing function."""
+    return [(f"chunk {chunk}", False)] + ([(f"chunk {chunk}, recompute", True)] if kernels else [])
 
 
 def loss_error(logits: torch.Tensor, labels: torch.Tensor, impl: str) -> dict:
@@ -237,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (batch = tokens / seq_len)")
     ap.add_argument("--chunks", default="128,256", help="Mamba2 chunk sizes to time")
     ap.add_argument("--attn-backends", default="sdpa,flash")
-    ap.add_argument("--norm-programs", default="",
-                    help="Mamba2 variants: gated-norm backward programs per SM to time (kernel path), e.g. 1,2,4")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="also list the Mamba2 mixer's top kernels")
     ap.add_argument("--parts", type=lambda t: t.split(","), default=None,
@@ -264,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     for seq in seq_lens:
         batch = max(1, tokens // seq)
         torch.manual_seed(0)
-        norm_programs = [int(n) for n in args.norm_programs.split(",") if n]
-        for part in parts(cfg, seq, batch, chunks, backends, device, dtype, device.type == "cuda", norm_programs):
+        for part in parts(cfg, seq, batch, chunks, backends, device, dtype, kernels=device.type == "cuda"):
             if args.parts and part.name not in args.parts:
                 continue
             x = torch.randn(batch, seq, cfg.d_model, device=device, dtype=dtype, requires_grad=True)

@@ -39,8 +39,9 @@
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
 #   mixer      the Mamba2 mixer's backward with the forward's intermediates kept (model/ssd_saved.py) vs
-#              mamba_ssm's recomputing function, and the gated-norm backward's programs per SM (every
-#              part at 8192); the graphed ZeRO-1 step of ours and the all-attention twin with it
+#              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
+#              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
+#              graphed ZeRO-1 step of ours and the all-attention twin with it
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
@@ -183,7 +184,7 @@ train_graph|train_docs_graph|train_zero1_graph)
     ;;
 mixer)
     step 180 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --chunks 256 --attn-backends sdpa \
-        --norm-programs 1,2,4,8 --profile --name block_costs_mixer_saved_1.3b_h100 --out "$res"
+        --profile --name block_costs_mixer_saved_1.3b_h100 --out "$res"
     step 330 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
         --out "$res"

@@ -3,15 +3,15 @@ forward's intermediates kept for the backward.
 
 mamba_ssm's `mamba_split_conv1d_scan_combined` saves only its input and recomputes, in the backward,
 the conv output, the chunked dt/decay sums, the chunk states, their passing across chunks and the C.B
-products: five kernels per layer per micro-step that cost ~0.2 ms of the mixer's 3.6 ms at 8,192
-tokens on an H100 (bench/results/block_costs_1.3b_h100.json). This function runs the same mamba_ssm
+products: five kernels per layer per micro-step. This function runs the same mamba_ssm
 kernels in the same order on the same inputs, but keeps those five results (per token the conv
 output in the activations' dtype, per chunk the float32 states and C.B, per head and token the float32
 dt and decay sums), so its outputs and gradients equal mamba_ssm's bitwise. The memory cost, per layer
 and 8,192 tokens at the 1.3B widths: ~71 MB of conv output, 67 MB of states, 8 MB of C.B and 4 MB of
-dt sums (`model.mamba.recompute_in_backward` turns it off; activation checkpointing makes it moot). (mamba_ssm's
-backward also runs its state passing in float32; its forward hands the scan bf16 states, which the
-scan kernel rounds to the same values.)
+dt sums (`model.mamba.recompute_in_backward` turns it off; activation checkpointing makes it moot).
+mamba_ssm's backward also runs its state passing in float32; its forward hands the scan bf16 states,
+which the scan kernel rounds to the same values. Measured on an H100 (1.3B widths, 8,192 tokens): the
+mixer's forward+backward 3.55 -> 3.40 ms (bench/results/block_costs_mixer_saved_1.3b_h100.md).
 
 It mirrors `MambaSplitConv1dScanCombinedFn` (mamba_ssm 2.3) for the configuration the model uses:
 no extra SwiGLU channels (d_nonssm = 0), the gated norm applied after the gate (norm_before_gate
@@ -24,46 +24,11 @@ Imports mamba_ssm (Triton) at load: import this module only where the kernels ar
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-import triton
 from einops import rearrange
 from mamba_ssm.ops.triton import ssd_combined as sc
-from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd_kernel, _layer_norm_fwd
-
-# Programs per SM of the gated norm's backward. mamba_ssm launches one 8-warp program per SM for a
-# 4096-wide group, each walking its rows one after another; more programs per SM overlap the rows'
-# memory traffic. Set from bench/block_costs.py's `norm_bwd` sweep (the mixer's forward+backward time).
-NORM_BWD_PROGRAMS_PER_SM = 1
-
-
-def gated_rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      eps: float, group_size: int, dz: torch.Tensor, out: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of rmsnorm(x * silu(z)) * weight per group of `group_size` channels, the output recomputed
-    into `out` and dz written into `dz`. x, z, dy, dz, out: (rows, channels); rstd: (groups, rows)
-    float32. Returns (dx, dweight). mamba_ssm's `_layer_norm_bwd` launcher for this case, with
-    NORM_BWD_PROGRAMS_PER_SM programs per SM instead of its fixed count (the kernel is mamba_ssm's)."""
-    rows, channels = x.shape
-    ngroups = channels // group_size
-    block = triton.next_power_of_2(group_size)
-    if block * x.element_size() > 65536:
-        raise RuntimeError(f"gated RMSNorm backward: group size {group_size} over the kernel's 64 KB row limit")
-    num_warps = min(max(block // 256, 1), 8)
-    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count
-    programs = math.ceil(sm_count * NORM_BWD_PROGRAMS_PER_SM * math.ceil(4 / num_warps) / ngroups)
-    dw_part = torch.empty((programs, channels), dtype=torch.float32, device=weight.device)
-    dx = torch.empty_like(x)
-    with torch.cuda.device(x.device.index):
-        _layer_norm_bwd_kernel[(programs, ngroups)](
-            x, weight, None, z, out, dy, dx, dw_part, None, dz, None, rstd,
-            x.stride(0), z.stride(0), out.stride(0), dy.stride(0), dx.stride(0), dz.stride(0), dw_part.stride(0), 0,
-            rows, group_size, eps, math.ceil(rows / programs),
-            BLOCK_N=block, NORM_BEFORE_GATE=False, IS_RMS_NORM=True, num_warps=num_warps,
-        )
-    return dx, dw_part.sum(0).to(weight.dtype)
+from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
 
 
 def _conv_fwd(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -138,9 +103,10 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         # out_proj and the gated norm (the norm's output recomputed for out_proj's weight gradient)
         dnormed = F.linear(dout_og, outproj_weight.t())
         normed = torch.empty(*y.shape[:2], dim, device=y.device, dtype=y.dtype)
-        dy, dnorm_weight = gated_rmsnorm_bwd(
-            rearrange(dnormed, "b s d -> (b s) d"), rearrange(y, "b s h p -> (b s) (h p)"),
-            rearrange(z, "b s d -> (b s) d"), norm_weight, rstd, norm_eps, dim // ngroups,
+        dy, dnorm_weight, _, dz, *_ = _layer_norm_bwd(
+            rearrange(dnormed, "b s d -> (b s) d"), rearrange(y, "b s h p -> (b s) (h p)"), norm_weight, None,
+            norm_eps, None, rstd, rearrange(z, "b s d -> (b s) d"), group_size=dim // ngroups,
+            norm_before_gate=False, is_rms_norm=True, recompute_output=True,
             dz=rearrange(dz, "b l d -> (b l) d"), out=rearrange(normed, "b s d -> (b s) d"),
         )
         doutproj_weight = torch.einsum("bso,bsd->od", dout_og, normed)
