@@ -42,6 +42,8 @@
 #              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
 #              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
 #              graphed ZeRO-1 step of ours and the all-attention twin with it
+#   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
+#              in the 1.3B mixer at 8192), and the mixer's time with them (bench/ssd_tiles.py)
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
@@ -58,7 +60,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -189,6 +191,10 @@ mixer)
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
         --out "$res"
     ;;
+tiles)
+    step 560 python3 bench/ssd_tiles.py --preset 1.3b --seq-len 8192 --top 5 --warps 4,8 --stages 2,3,4 \
+        --name ssd_tiles_1.3b_h100 --out "$res"
+    ;;
 determinism|determinism_on)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
@@ -246,7 +252,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|determinism|determinism_on|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

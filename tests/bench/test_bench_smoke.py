@@ -138,3 +138,25 @@ def test_block_costs_parts_filter(tmp_path):
     assert {r["part"] for r in rows} == {"norm"}
     with pytest.raises(SystemExit):
         block_costs.main(["--smoke", "--parts", "norms", "--out", str(tmp_path)])
+
+
+def test_ssd_tiles_widen_keeps_hooks_and_adds_no_repeats(tmp_path):
+    """bench/ssd_tiles.py's wider autotune lists: the original configs first and unchanged, then every block
+    shape at every warps x stages once, each with its shape's pre-hook; the smoke run writes its files."""
+    from types import SimpleNamespace as Cfg
+
+    from bench import ssd_tiles
+
+    def make(kw, w, s, hook):
+        return Cfg(kwargs=kw, num_warps=w, num_stages=s, pre_hook=hook)
+
+    zero = object()  # a pre-hook of one shape (mamba_ssm's zero-initialisation of an accumulator)
+    small, big = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 32}, {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 32}
+    own = [make(small, 4, 3, zero), make(small, 8, 2, zero), make(big, 4, 4, None)]
+    wide = ssd_tiles.widen(own, [4, 8], [2, 3], make)
+    assert wide[:3] == own
+    keys = [ssd_tiles.config_key(c) for c in wide]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2 + 1  # 2 shapes x 2 warps x 2 stages, plus (128, 4 warps, 4 stages)
+    assert all(c.pre_hook is (zero if c.kwargs["BLOCK_SIZE_M"] == 64 else None) for c in wide)
+    assert ssd_tiles.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert _load(tmp_path / "ssd_tiles_tiny_smoke.json")["rows"][0]["configs"] == "1 -> 8"
