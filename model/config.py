@@ -47,7 +47,8 @@ class MambaConfig(StrictModel):
         False,
         description="Kernel path, training: recompute the conv output and chunk states in the backward "
         "(mamba_ssm's fused function) instead of keeping them from the forward (model.ssd_saved: "
-        "~150 MB more per Mamba2 layer per 8,192 tokens at d_model 2048, five fewer kernels per layer).",
+        "~150 MB more per Mamba2 layer per 8,192 tokens at d_model 2048 by the kept tensors' sizes, five "
+        "fewer kernels per layer).",
     )
 
     @model_validator(mode="after")
