@@ -39,6 +39,14 @@ def _conv_fwd(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return rearrange(sc.causal_conv1d_fwd_function(xt, weight, bias, seq_idx, None, None, True), "b d s -> b s d")
 
 
+def _heads(xbc: torch.Tensor, dim: int, nheads: int, ngroups: int,
+           dstate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The conv channels (b, l, dim + 2 * g * n) as views: x (b, l, h, p), B and C (b, l, g, n)."""
+    x, B, C = torch.split(xbc, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    return (rearrange(x, "b l (h p) -> b l h p", h=nheads), rearrange(B, "b l (g n) -> b l g n", g=ngroups),
+            rearrange(C, "b l (g n) -> b l g n", g=ngroups))
+
+
 class SplitConvScanSavedFn(torch.autograd.Function):
     """zxbcdt (b, l, e + c + h) -> out_proj(gated_rmsnorm(ssd(conv(xBC)), z)) (b, l, d_out)."""
 
@@ -55,10 +63,7 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         z, xbc, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
         seq_idx = seq_idx.contiguous() if seq_idx is not None else None
         xbc_conv = _conv_fwd(xbc, conv_weight, conv_bias, seq_idx)
-        x, B, C = torch.split(xbc_conv, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-        x = rearrange(x, "b l (h p) -> b l h p", h=nheads)
-        B = rearrange(B, "b l (g n) -> b l g n", g=ngroups)
-        C = rearrange(C, "b l (g n) -> b l g n", g=ngroups)
+        x, B, C = _heads(xbc_conv, dim, nheads, ngroups, dstate)
         # _mamba_chunk_scan_combined_fwd's body, keeping what its backward would recompute
         dA_cumsum, dt_out = sc._chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=dt_bias, dt_softplus=True,
                                                  dt_limit=dt_limit)
@@ -88,17 +93,11 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         batch = zxbcdt.shape[0]
         split = [dim, dim + 2 * ngroups * dstate, nheads]
         z, xbc, dt = torch.split(zxbcdt, split, dim=-1)
-        x, B, C = torch.split(xbc_conv, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-        x = rearrange(x, "b l (h p) -> b l h p", h=nheads)
-        B = rearrange(B, "b l (g n) -> b l g n", g=ngroups)
-        C = rearrange(C, "b l (g n) -> b l g n", g=ngroups)
+        x, B, C = _heads(xbc_conv, dim, nheads, ngroups, dstate)
         dzxbcdt = torch.empty_like(zxbcdt)
         dz, dxbc_given, ddt_given = torch.split(dzxbcdt, split, dim=-1)
         dxbc = torch.empty_like(xbc)
-        dx, dB_given, dC_given = torch.split(dxbc, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-        dx = rearrange(dx, "b l (h p) -> b l h p", h=nheads)
-        dB_given = rearrange(dB_given, "b l (g n) -> b l g n", g=ngroups)
-        dC_given = rearrange(dC_given, "b l (g n) -> b l g n", g=ngroups)
+        dx, dB_given, dC_given = _heads(dxbc, dim, nheads, ngroups, dstate)
 
         # out_proj and the gated norm (the norm's output recomputed for out_proj's weight gradient)
         dnormed = F.linear(dout_og, outproj_weight.t())
