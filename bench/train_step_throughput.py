@@ -84,17 +84,21 @@ def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool, base: 
     return build_ds_config(train, world_size=1, on_cuda=on_cuda)
 
 
-def build_engine(name: str, cfg: ModelConfig, device: torch.device,
-                 config: dict) -> tuple[nn.Module, "DeepSpeedEngine"]:
+def build_engine(name: str, cfg: ModelConfig, device: torch.device, config: dict,
+                 copy_free_fold: bool = True) -> tuple[nn.Module, "DeepSpeedEngine"]:
     """(model, engine): the peer `name` built in float32 (DeepSpeed casts it to the config's precision)
-    under a DeepSpeed engine with `config` and train.optim's parameter groups."""
+    under a DeepSpeed engine with `config` and train.optim's parameter groups; with ZeRO-1's bf16 fold
+    in the gradient hooks replaced by train.grad_fold's, as training does (unless not `copy_free_fold`)."""
     import deepspeed
 
+    from train.grad_fold import fold_without_copy
     from train.optim import param_groups
 
     model = peers.build(name, cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule(name, model), model_parameters=param_groups(model, WEIGHT_DECAY),
                                       config=config)
+    if copy_free_fold:
+        fold_without_copy(engine)
     return model, engine
 
 

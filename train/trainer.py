@@ -43,6 +43,7 @@ from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
 from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
 from train.errors import TrainingError
+from train.grad_fold import fold_without_copy
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from train.optim import follow_current_config, lr_multiplier, param_groups
 
@@ -100,6 +101,7 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
     )
+    fold_without_copy(engine)
     return engine
 
 

@@ -60,21 +60,25 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
     profile of the first engine variant lists ops; a malformed variant is refused before any work."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_overhead.py"), "--smoke", "--profile",
-                           "--variants", "zero2,zero2 overlap_comm=false,zero1 bf16.check_grad_overflow=false", "--out", str(tmp_path)],
+                           "--variants",
+                           "zero2,zero2 overlap_comm=false,zero1 bf16.check_grad_overflow=false deepspeed_fold",
+                           "--out", str(tmp_path)],
                           cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = _results(tmp_path / "step_overhead_tiny_smoke.json", png=False)
     assert [r["variant"] for r in rows] == ["fwd_bwd", "zero2", "zero2 overlap_comm=false",
-                                                "zero1 bf16.check_grad_overflow=false"]
+                                                "zero1 bf16.check_grad_overflow=false deepspeed_fold"]
     for r in rows:
         _positive(r, "micro_ms", "boundary_ms", "tokens_per_s")
     assert all("overhead_ms" in r for r in rows[1:]) and "overhead_ms" not in rows[0]
     assert rows[1]["profile"]["by_host"] and rows[1]["profile_step"]["by_device"]
     assert all("profile" not in r for r in rows[2:])
     assert step_overhead.parse_variant("zero2 overlap_comm=false reduce_bucket_size=5e8") == (
-        2, {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 500_000_000}})
+        2, {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 500_000_000}}, True)
     assert step_overhead.parse_variant("zero1 bf16.check_grad_overflow=false data_types.grad_accum_dtype=bf16") == (
-        1, {"zero_optimization": {}, "bf16": {"check_grad_overflow": False}, "data_types": {"grad_accum_dtype": "bf16"}})
+        1, {"zero_optimization": {}, "bf16": {"check_grad_overflow": False},
+            "data_types": {"grad_accum_dtype": "bf16"}}, True)
+    assert step_overhead.parse_variant("zero1 deepspeed_fold") == (1, {"zero_optimization": {}}, False)
     for bad in ("zero3", "zero2 overlap_comm"):
         with pytest.raises(argparse.ArgumentTypeError):
             step_overhead.parse_variant(bad)
