@@ -195,12 +195,16 @@ mixer)
         --out "$res"
     ;;
 overlap)
-    step 150 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --chunks 256 --attn-backends sdpa \
-        --parts mamba_mixer --profile --name block_costs_wgrad_overlap_1.3b_h100 --out "$res"
-    step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1,zero1 deepspeed_fold" \
-        --name step_overhead_fold_1.3b_h100 --out "$res"
-    step 200 python3 bench/block_costs.py --preset 1.3b --seq-lens 16384 --tokens 16384 --chunks 256 \
-        --attn-backends sdpa,flash --name block_costs_16k_1.3b_h100 --out "$res"
+    for seq in 8192 16384; do
+        step 150 python3 bench/block_costs.py --preset 1.3b --seq-lens $seq --tokens $seq --chunks 256 \
+            --parts mamba_mixer --profile --name block_costs_wgrad_overlap_${seq}_1.3b_h100 --out "$res"
+    done
+    if [ -z "${MIXER_ONLY:-}" ]; then  # MIXER_ONLY=1: the two mixer rows alone
+        step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1,zero1 deepspeed_fold" \
+            --name step_overhead_fold_1.3b_h100 --out "$res"
+        step 200 python3 bench/block_costs.py --preset 1.3b --seq-lens 16384 --tokens 16384 --chunks 256 \
+            --attn-backends sdpa,flash --name block_costs_16k_1.3b_h100 --out "$res"
+    fi
     ;;
 peers_fold)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
