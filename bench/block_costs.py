@@ -6,8 +6,7 @@ backward over one micro-batch (`--tokens` tokens at each sequence length) are ca
 graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate = the part's model
 FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
 same run. Variants: the Mamba2 chunk sizes (`--chunks`), its backward as the model runs it (intermediates kept
-from the forward, model/ssd_saved.py; out_proj's weight gradient on a second stream) vs the same with that
-gradient on the backward's stream and vs mamba_ssm's recomputing function, the attention kernels (`--attn-backends`),
+from the forward, model/ssd_saved.py) vs mamba_ssm's recomputing function, the attention kernels (`--attn-backends`),
 the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), the MLP at
 the all-attention twin's width (bench/peers.attention_twin), and the loss as float32 torch
 cross-entropy vs the kernel path's fused cross-entropy (model/loss.py).
@@ -24,11 +23,9 @@ launch gaps. `--profile` adds the top kernels of the Mamba2 mixer's forward+back
 from __future__ import annotations
 
 import argparse
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -39,7 +36,6 @@ from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
 from model.attention import Attention
 from model.config import ATTENTION, MAMBA
-from model.kernels import mamba_ops
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU
 from model.loss import mean_nll
 from model.mamba2 import Mamba2Mixer
@@ -76,14 +72,12 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
         return mod
 
     for chunk in chunks:
-        for variant, recompute, overlap in mamba_variants(chunk, kernels):
+        for variant, recompute in mamba_variants(chunk, kernels):
             c = cfg.model_copy(update={"mamba": cfg.mamba.model_copy(
                 update={"chunk_size": chunk, "recompute_in_backward": recompute})})
             mixer = ready(Mamba2Mixer(c, 0))
             mm = 2.0 * (d * c.d_in_proj + c.d_inner * d)
-            run = mixer if overlap else functools.partial(wgrad_inline, mixer)
-            check = functools.partial(wgrad_overlap_error, mixer) if kernels and overlap and not recompute else None
-            out.append(Part("mamba_mixer", variant, mixer, run, mm + ssd_flops_per_token(c, seq_len), check))
+            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + ssd_flops_per_token(c, seq_len)))
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
     rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions, dtype)
     for backend in backends:
@@ -112,40 +106,10 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
     return out
 
 
-def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool, bool]]:
-    """(variant, recompute_in_backward, overlap_wgrad) of the Mamba2 mixer at one chunk size: as the model
-    runs and, on the kernel path (the reference path has one form), with out_proj's weight gradient on the
-    backward's own stream, and mamba_ssm's recomputing function."""
-    return [(f"chunk {chunk}", False, True)] + ([(f"chunk {chunk}, wgrad inline", False, False),
-                                                 (f"chunk {chunk}, recompute", True, True)] if kernels else [])
-
-
-def wgrad_inline(mixer: Mamba2Mixer, x: torch.Tensor) -> torch.Tensor:
-    """`mixer(x)` with model.ssd_saved's out_proj weight gradient on the backward's stream (the choice is
-    made in the forward)."""
-    ops = mamba_ops()
-    inline = functools.partial(ops.split_conv1d_scan_saved, overlap_wgrad=False)
-    with mock.patch.object(ops, "split_conv1d_scan_saved", inline):
-        return mixer(x)
-
-
-def wgrad_overlap_error(mixer: Mamba2Mixer, x: torch.Tensor) -> dict:
-    """Eager gradients (input and parameters) of the mixer with out_proj's weight gradient on a second
-    stream, twice, and on the backward's own stream: `wgrad_rel_err`, out_proj's weight gradient second
-    stream vs own (the same GEMM on the same inputs: 0 unless the streams race); `grad_rel_err`, the
-    largest difference of any gradient, second stream vs own, and `rerun_rel_err` the same between the two
-    second-stream runs (the SSD and conv backward kernels add with atomics, so not 0)."""
-    grad = torch.randn_like(x)
-    found = []
-    for run in (mixer, mixer, functools.partial(wgrad_inline, mixer)):
-        xi = x.clone().requires_grad_()
-        mixer.zero_grad(set_to_none=True)
-        run(xi).backward(grad)
-        found.append([mixer.out_proj.weight.grad, xi.grad, *(p.grad for p in mixer.parameters())])
-    overlap, rerun, inline = found
-    return {"wgrad_rel_err": rel_err(overlap[0], inline[0]),
-            "grad_rel_err": max(rel_err(a, b) for a, b in zip(overlap, inline)),
-            "rerun_rel_err": max(rel_err(a, b) for a, b in zip(overlap, rerun))}
+def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool]]:
+    """(variant, recompute_in_backward) of the Mamba2 mixer at one chunk size: as the model runs and, on the
+    kernel path (the reference path has one form), mamba_ssm's recomputing function."""
+    return [(f"chunk {chunk}", False)] + ([(f"chunk {chunk}, recompute", True)] if kernels else [])
 
 
 def loss_error(logits: torch.Tensor, labels: torch.Tensor, impl: str) -> dict:

@@ -42,9 +42,8 @@
 #              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
 #              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
 #              graphed ZeRO-1 step of ours and the all-attention twin with it
-#   overlap    the Mamba2 mixer with out_proj's weight gradient on a second stream vs inline; ZeRO-1's copy-free
-#              gradient fold vs DeepSpeed's (bench/step_overhead.py); every part at 16,384 tokens
-#   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with both
+#   fold       ZeRO-1's copy-free gradient fold vs DeepSpeed's (bench/step_overhead.py); every part at 16,384 tokens
+#   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it
 #   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
 #              in the 1.3B mixer at 8192), and the mixer's time with them (bench/ssd_tiles.py)
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
@@ -63,7 +62,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|overlap|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|fold|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -194,17 +193,11 @@ mixer)
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
         --out "$res"
     ;;
-overlap)
-    for seq in 8192 16384; do
-        step 150 python3 bench/block_costs.py --preset 1.3b --seq-lens $seq --tokens $seq --chunks 256 \
-            --parts mamba_mixer --profile --name block_costs_wgrad_overlap_${seq}_1.3b_h100 --out "$res"
-    done
-    if [ -z "${MIXER_ONLY:-}" ]; then  # MIXER_ONLY=1: the two mixer rows alone
-        step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1,zero1 deepspeed_fold" \
-            --name step_overhead_fold_1.3b_h100 --out "$res"
-        step 200 python3 bench/block_costs.py --preset 1.3b --seq-lens 16384 --tokens 16384 --chunks 256 \
-            --attn-backends sdpa,flash --name block_costs_16k_1.3b_h100 --out "$res"
-    fi
+fold)
+    step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1,zero1 deepspeed_fold" \
+        --name step_overhead_fold_1.3b_h100 --out "$res"
+    step 200 python3 bench/block_costs.py --preset 1.3b --seq-lens 16384 --tokens 16384 --chunks 256 \
+        --attn-backends sdpa,flash --name block_costs_16k_1.3b_h100 --out "$res"
     ;;
 peers_fold)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
@@ -272,7 +265,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|overlap|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|fold|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

@@ -24,10 +24,6 @@ Imports mamba_ssm (Triton) at load: import this module only where the kernels ar
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -51,25 +47,6 @@ def _heads(xbc: torch.Tensor, dim: int, nheads: int, ngroups: int,
             rearrange(C, "b l (g n) -> b l g n", g=ngroups))
 
 
-@functools.cache
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    """A second stream on CUDA device `device_index`, made once."""
-    return torch.cuda.Stream(device=device_index)
-
-
-@contextlib.contextmanager
-def _beside(device: torch.device, enabled: bool) -> Iterator[torch.cuda.Stream | None]:
-    """Run the block on a second CUDA stream that first waits for the current one (yields it), or on the
-    current stream off CUDA or when not `enabled` (yields None). The caller joins the streams."""
-    if device.type != "cuda" or not enabled:
-        yield None
-        return
-    side = _side_stream(device.index if device.index is not None else torch.cuda.current_device())
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        yield side
-
-
 class SplitConvScanSavedFn(torch.autograd.Function):
     """zxbcdt (b, l, e + c + h) -> out_proj(gated_rmsnorm(ssd(conv(xBC)), z)) (b, l, d_out)."""
 
@@ -77,8 +54,7 @@ class SplitConvScanSavedFn(torch.autograd.Function):
     def forward(ctx, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                 dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, chunk_size: int,
                 seq_idx: torch.Tensor | None, dt_limit: tuple[float, float], norm_weight: torch.Tensor,
-                norm_eps: float, outproj_weight: torch.Tensor, headdim: int, ngroups: int,
-                overlap_wgrad: bool) -> torch.Tensor:
+                norm_eps: float, outproj_weight: torch.Tensor, headdim: int, ngroups: int) -> torch.Tensor:
         nheads = D.shape[0]
         dim = nheads * headdim
         dstate = (conv_weight.shape[0] - dim) // ngroups // 2
@@ -104,14 +80,14 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         out = F.linear(rearrange(normed, "(b s) d -> b s d", b=batch), outproj_weight)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xbc_conv, y, dt_out, dA_cumsum, states, CB,
                               A, D, dt_bias, seq_idx, norm_weight, rstd, outproj_weight)
-        ctx.cfg = (chunk_size, dt_limit, norm_eps, headdim, ngroups, dstate, overlap_wgrad)
+        ctx.cfg = (chunk_size, dt_limit, norm_eps, headdim, ngroups, dstate)
         return out
 
     @staticmethod
     def backward(ctx, dout_og: torch.Tensor):
         (zxbcdt, conv_weight, conv_bias, xbc_conv, y, dt_out, dA_cumsum, states, CB,
          A, D, dt_bias, seq_idx, norm_weight, rstd, outproj_weight) = ctx.saved_tensors
-        chunk_size, dt_limit, norm_eps, headdim, ngroups, dstate, overlap_wgrad = ctx.cfg
+        chunk_size, dt_limit, norm_eps, headdim, ngroups, dstate = ctx.cfg
         nheads = D.shape[0]
         dim = nheads * headdim
         batch = zxbcdt.shape[0]
@@ -132,11 +108,7 @@ class SplitConvScanSavedFn(torch.autograd.Function):
             norm_before_gate=False, is_rms_norm=True, recompute_output=True,
             dz=rearrange(dz, "b l d -> (b l) d"), out=rearrange(normed, "b s d -> (b s) d"),
         )
-        # out_proj's weight gradient needs nothing from the scan's backward: on CUDA it runs on a second
-        # stream beside the scan's kernels (joined below); its buffer is allocated on this one
-        doutproj_weight = torch.empty(outproj_weight.shape, dtype=normed.dtype, device=normed.device)
-        with _beside(normed.device, overlap_wgrad) as side:
-            torch.mm(dout_og.flatten(0, 1).t(), normed.flatten(0, 1), out=doutproj_weight)
+        doutproj_weight = torch.einsum("bso,bsd->od", dout_og, normed)
         dout = rearrange(dy, "(b s) (h p) -> b s h p", b=batch, p=headdim)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
@@ -174,20 +146,16 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         dxbc_update = rearrange(dxbc_update, "b d s -> b s d")
         if dxbc_given.stride() != dxbc_update.stride():
             dxbc_given.copy_(dxbc_update)
-        if side is not None:
-            torch.cuda.current_stream(normed.device).wait_stream(side)
         return (dzxbcdt, dconv_weight, dconv_bias, ddt_bias, dA, dD, None, None, None, dnorm_weight, None,
-                doutproj_weight, None, None, None)
+                doutproj_weight, None, None)
 
 
 def split_conv1d_scan_saved(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                             dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, *, chunk_size: int,
                             seq_idx: torch.Tensor | None, dt_limit: tuple[float, float], rmsnorm_weight: torch.Tensor,
                             rmsnorm_eps: float, outproj_weight: torch.Tensor, headdim: int,
-                            ngroups: int, overlap_wgrad: bool = True) -> torch.Tensor:
+                            ngroups: int) -> torch.Tensor:
     """`mamba_split_conv1d_scan_combined(..., activation="silu", norm_before_gate=False)` for training:
-    zxbcdt (b, l, e + c + h), seq_idx (b, l) int32 or None -> (b, l, d_out). `overlap_wgrad`: on CUDA,
-    out_proj's weight gradient runs on a second stream beside the scan's backward."""
+    zxbcdt (b, l, e + c + h), seq_idx (b, l) int32 or None -> (b, l, d_out)."""
     return SplitConvScanSavedFn.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx,
-                                      tuple(dt_limit), rmsnorm_weight, rmsnorm_eps, outproj_weight, headdim, ngroups,
-                                      overlap_wgrad)
+                                      tuple(dt_limit), rmsnorm_weight, rmsnorm_eps, outproj_weight, headdim, ngroups)
