@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import RESULTS, bench_model, environment, sync, write_results
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true", help="profile one decode step after a --seq-len prompt")
     ap.add_argument("--sort", choices=("device", "cpu"), default="device", help="rank ops by device or host time")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--kernels", action="store_true",
+                    help="device kernels alone (not the ops that launch them): the total is the GPU's busy time")
+    ap.add_argument("--name", default=None, help="results file name (default profile_step_PRESET)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -71,6 +75,8 @@ def main() -> None:
     on_device = device.type == "cuda" and args.sort == "device"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    if args.kernels and on_device:
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
     total = sum(getattr(e, key) for e in events) / 2
     rows = []
     for e in events[: args.top]:
@@ -80,9 +86,11 @@ def main() -> None:
     meta = environment(device) | {"preset": preset, "batch": batch, "seq_len": seq, "act_ckpt": args.act_ckpt,
                                   "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
-                                  "timer": key}
+                                  "timer": key, "kernels_only": args.kernels and on_device}
     kind = "decode" if args.decode else "step"
-    name = f"profile_{kind}_smoke" if args.smoke else f"profile_{kind}_{preset}" + ("_cpu_time" if key.startswith("self_cpu") and device.type == "cuda" else "")
+    default = f"profile_{kind}_smoke" if args.smoke else f"profile_{kind}_{preset}" + (
+        "_cpu_time" if key.startswith("self_cpu") and device.type == "cuda" else "")
+    name = args.name or default
     write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
                   title=(f"One decode step of {preset}, batch {batch}, context {seq}" if args.decode else
                          f"One fwd+bwd step of {preset}, {batch}x{seq}") +
