@@ -38,6 +38,7 @@
 #   train_graph  launch/pretrain.py as `train`, micro-batch 2, continuous packing, train.cuda_graph=true
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
+#   train_zero1_fold_graph  `train_graph` on ds_configs/zero1.json with the copy-free gradient fold (train/grad_fold.py)
 #   mixer      the Mamba2 mixer's backward with the forward's intermediates kept (model/ssd_saved.py) vs
 #              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
 #              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
@@ -63,7 +64,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -169,12 +170,13 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph|train_docs_graph|train_zero1_graph)
+train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
     [ "$stage" = train_docs_graph ] && packing=document name=pretrain_1.3b_docs_graph
     [ "$stage" = train_zero1_graph ] && name=pretrain_1.3b_zero1_graph ds=ds_configs/zero1.json
+    [ "$stage" = train_zero1_fold_graph ] && name=pretrain_1.3b_zero1_fold_graph ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 300 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -270,7 +272,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

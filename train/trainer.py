@@ -101,7 +101,8 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
     )
-    fold_without_copy(engine)
+    if fold_without_copy(engine):
+        log.info("ZeRO-1 bf16 gradient fold: copy-free (train/grad_fold.py)")
     return engine
 
 
