@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -9,6 +10,13 @@ import torch
 
 from model import HybridLM, ModelConfig
 from model.config import deep_merge
+
+
+@pytest.fixture(scope="session")
+def kernels_cpu() -> Path:
+    """Where scripts/setup.sh unpacks mamba-ssm's and causal-conv1d's sources (their wheels need CUDA to
+    build; the CPU tests import the Triton kernels from there)."""
+    return Path(__file__).resolve().parents[2] / ".venv" / "kernels-cpu"
 
 
 @pytest.fixture(autouse=True)

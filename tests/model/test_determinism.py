@@ -21,8 +21,6 @@ from model.documents import DocumentLayout
 from model.layers import rmsnorm_gated_ref
 from model.ssd import discretize_dt, ssd_chunked
 
-KERNELS_CPU = Path(__file__).resolve().parents[2] / ".venv" / "kernels-cpu"
-
 
 @pytest.fixture
 def deterministic_mode(monkeypatch):
@@ -45,14 +43,15 @@ def test_make_deterministic_sets_every_switch(deterministic_mode) -> None:
     assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"
 
 
-def test_mamba_ssm_keeps_one_tile_config_under_cached_autotuning(deterministic_mode, monkeypatch) -> None:
+def test_mamba_ssm_keeps_one_tile_config_under_cached_autotuning(deterministic_mode, monkeypatch,
+                                                                 kernels_cpu: Path) -> None:
     """mamba_ssm's own config choice (mamba_ssm/utils/determinism.py, loaded from its file without
     importing the package) after make_deterministic, in a shell that exported TRITON_CACHE_AUTOTUNING=1
     (bench/gpu_runs.sh does, for the default kernels): one config per kernel, not a cached timing pick."""
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
     kernels.make_deterministic()
     spec = importlib.util.find_spec("mamba_ssm")  # locates the package without importing it
-    root = Path(spec.origin).parent if spec is not None else KERNELS_CPU / "mamba_ssm"
+    root = Path(spec.origin).parent if spec is not None else kernels_cpu / "mamba_ssm"
     path = root / "utils" / "determinism.py"
     assert path.is_file(), f"{path} missing: run scripts/setup.sh (it installs mamba-ssm's sources)"
     # the module reads triton's version (>= 3.4: the cache exists); a stand-in, as importing triton here

@@ -45,18 +45,15 @@ from model.mamba2 import causal_conv1d_ref
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
-KERNELS_CPU = Path(__file__).resolve().parents[2] / ".venv" / "kernels-cpu"
-
-
 @pytest.fixture(scope="module")
-def interpreted_kernels() -> Iterator[types.SimpleNamespace]:
+def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
     """The packages' kernels imported under Triton's interpreter (see the module doc): mamba_ssm's ops."""
     if any(name in sys.modules for name in PACKAGES):
         pytest.fail(f"{PACKAGES} imported before this module: their kernels are compiled, not interpreted; "
                     "run these tests in a process of their own")
     with pytest.MonkeyPatch.context() as mp:
-        if KERNELS_CPU.is_dir():
-            mp.syspath_prepend(str(KERNELS_CPU))
+        if kernels_cpu.is_dir():
+            mp.syspath_prepend(str(kernels_cpu))
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("MAMBA_DETERMINISTIC", "1")
         for extension in ("selective_scan_cuda", "flash_attn_2_cuda"):
