@@ -45,7 +45,8 @@
 #              graphed ZeRO-1 step of ours and the all-attention twin with it
 #   fold       ZeRO-1's copy-free gradient fold vs DeepSpeed's (bench/step_overhead.py); every part at 16,384 tokens
 #   profile8k  every GPU kernel of one eager 1.3B forward+backward at 1 x 8192 (to set against the parts' sum)
-#   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it
+#   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it;
+#              peers_fold_bamba: ours and HF Bamba (eager: it has no graphed step) at 8192, 4096
 #   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
 #              in the 1.3B mixer at 8192), and the mixer's time with them (bench/ssd_tiles.py)
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
@@ -64,7 +65,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -211,6 +212,11 @@ peers_fold)
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_fold_zero1_1.3b_h100 \
         --out "$res"
     ;;
+peers_fold_bamba)
+    step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
+        --models ours,hf_bamba --ds-config ds_configs/zero1.json \
+        --name train_step_throughput_graph_fold_zero1_bamba_1.3b_h100 --out "$res"
+    ;;
 tiles)
     step 560 python3 bench/ssd_tiles.py --preset 1.3b --seq-len 8192 --top 5 --warps 4,8 --stages 2,3,4 \
         --name ssd_tiles_1.3b_h100 --out "$res"
@@ -272,7 +278,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac
