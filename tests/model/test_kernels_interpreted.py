@@ -45,6 +45,8 @@ from model.mamba2 import causal_conv1d_ref
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
+
+
 @pytest.fixture(scope="module")
 def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
     """The packages' kernels imported under Triton's interpreter (see the module doc): mamba_ssm's ops."""
