@@ -26,6 +26,7 @@ import torch
 from bench.common import (
     bench_model, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results,
 )
+from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
 from model.train_graph import graph_training_forward
 
@@ -45,8 +46,8 @@ def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, dev
     model = bench_model(cfg, device)
     model.activation_checkpointing = ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-    row = {"preset": cfg.preset, "batch": batch, "seq_len": seq, "act_ckpt": ckpt, "cuda_graph": graph,
-           "impl": model.impl}
+    row = {"preset": cfg.preset or "all-attention twin", "batch": batch, "seq_len": seq, "act_ckpt": ckpt,
+           "cuda_graph": graph, "impl": model.impl}
 
     def step() -> None:
         loss_and_grads(model, ids)
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--pattern", default=None, help="override the layer pattern (e.g. all A)")
+    ap.add_argument("--twin", action="store_true",
+                    help="the preset's all-attention twin (bench/peers.attention_twin: same size, wider MLPs)")
     ap.add_argument("--act-ckpt", choices=("off", "on", "both"), default="both", help="activation checkpointing")
     ap.add_argument("--cuda-graph", action="store_true", help="also measure each shape with CUDA-graph replay")
     ap.add_argument("--smoke", action="store_true")
@@ -93,6 +96,8 @@ def main() -> None:
                                                                    [int(b) for b in args.batches.split(",")])
     overrides = {"pattern": args.pattern, "n_layers": len(args.pattern)} if args.pattern else {}
     cfg = ModelConfig(preset=preset, **overrides)
+    if args.twin:
+        cfg = attention_twin(cfg)
     peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
     rows = []
     ckpts = {"off": (False,), "on": (True,), "both": (False, True)}[args.act_ckpt]

@@ -22,6 +22,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import RESULTS, bench_model, environment, sync, write_results
+from bench.peers import attention_twin
 from model import ModelConfig
 
 
@@ -31,6 +32,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--act-ckpt", action="store_true")
+    ap.add_argument("--twin", action="store_true",
+                    help="the preset's all-attention twin (bench/peers.attention_twin: same size, wider MLPs)")
     ap.add_argument("--decode", action="store_true", help="profile one decode step after a --seq-len prompt")
     ap.add_argument("--sort", choices=("device", "cpu"), default="device", help="rank ops by device or host time")
     ap.add_argument("--top", type=int, default=30)
@@ -43,6 +46,8 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
     cfg = ModelConfig(preset=preset)
+    if args.twin:
+        cfg = attention_twin(cfg)
     model = bench_model(cfg, device)
     model.activation_checkpointing = args.act_ckpt
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
@@ -83,8 +88,8 @@ def main() -> None:
         t = getattr(e, key) / 2
         rows.append({"op": e.key[:90], "calls_per_step": e.count // 2, "ms_per_step": t / 1e3,
                      "share": t / total if total else 0.0})
-    meta = environment(device) | {"preset": preset, "batch": batch, "seq_len": seq, "act_ckpt": args.act_ckpt,
-                                  "decode": args.decode,
+    meta = environment(device) | {"preset": preset, "twin": args.twin, "pattern": cfg.layer_pattern, "batch": batch,
+                                  "seq_len": seq, "act_ckpt": args.act_ckpt, "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
                                   "timer": key, "kernels_only": args.kernels and on_device}
     kind = "decode" if args.decode else "step"
