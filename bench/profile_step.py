@@ -24,6 +24,28 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import RESULTS, bench_model, environment, sync, write_results
 from bench.peers import attention_twin
 from model import ModelConfig
+from model.train_graph import graph_training_forward
+
+GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
+
+
+def kernel_gaps(events: list, top: int = 15) -> dict:
+    """The GPU's idle time between consecutive kernels of the profiled steps (one stream of work):
+    gaps under 1 ms (between kernels of a step) summed per step and binned by length, with the largest
+    and the kernels on either side; longer gaps (between steps, host waits) are left out."""
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    if not kernels:
+        return {}
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
+    inside = [g for g in gaps if g[0] < 1000]
+    edges = (0, *GAP_BINS_US)
+    bins = {f"{lo}-{hi} us": [g[0] for g in inside if lo <= g[0] < hi] for lo, hi in zip(edges, edges[1:])}
+    return {"kernels_per_step": len(kernels) / 2, "idle_ms_per_step": sum(max(g[0], 0) for g in inside) / 2e3,
+            "busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 2e3,
+            "bins": {k: {"count_per_step": len(v) / 2, "ms_per_step": sum(v) / 2e3} for k, v in bins.items()},
+            "largest": [{"us": round(g[0], 1), "after": g[1][:80], "before": g[2][:80]}
+                        for g in sorted(inside, reverse=True)[:top]]}
 
 
 def main() -> None:
@@ -40,10 +62,15 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true",
                     help="device kernels alone (not the ops that launch them): the total is the GPU's busy time")
     ap.add_argument("--name", default=None, help="results file name (default profile_step_PRESET)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="replay the training forward and backward as CUDA graphs (model/train_graph.py), and "
+                         "measure the GPU's idle time between kernels (JSON `gaps`)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
+    if args.cuda_graph and (device.type != "cuda" or args.decode):
+        ap.error("--cuda-graph: the training step on CUDA (not with --smoke or --decode)")
     preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
     cfg = ModelConfig(preset=preset)
     if args.twin:
@@ -62,6 +89,9 @@ def main() -> None:
         def step() -> None:
             token[0] = model.step(token[0], cache).argmax(-1)
     else:
+        if args.cuda_graph:
+            graph_training_forward(model, ids[:, :-1])
+
         def step() -> None:
             model.loss(ids[:, :-1], ids[:, 1:]).backward()
             for p in model.parameters():
@@ -91,7 +121,10 @@ def main() -> None:
     meta = environment(device) | {"preset": preset, "twin": args.twin, "pattern": cfg.layer_pattern, "batch": batch,
                                   "seq_len": seq, "act_ckpt": args.act_ckpt, "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
-                                  "timer": key, "kernels_only": args.kernels and on_device}
+                                  "timer": key, "kernels_only": args.kernels and on_device,
+                                  "cuda_graph": args.cuda_graph}
+    if device.type == "cuda":
+        meta["gaps"] = kernel_gaps(prof.events())
     kind = "decode" if args.decode else "step"
     default = f"profile_{kind}_smoke" if args.smoke else f"profile_{kind}_{preset}" + (
         "_cpu_time" if key.startswith("self_cpu") and device.type == "cuda" else "")
@@ -99,8 +132,14 @@ def main() -> None:
     write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
                   title=(f"One decode step of {preset}, batch {batch}, context {seq}" if args.decode else
                          f"One fwd+bwd step of {preset}, {batch}x{seq}") +
-                  f": wall {wall * 1e3:.1f} ms, profiled {'kernels' if on_device else 'host ops'} {total / 1e3:.1f} ms")
+                  f": wall {wall * 1e3:.1f} ms, profiled {'kernels' if on_device else 'host ops'} {total / 1e3:.1f} ms"
+                  + (f", GPU idle between kernels {meta['gaps']['idle_ms_per_step']:.1f} ms"
+                     if meta.get("gaps") else ""))
     print(f"wall {wall * 1e3:.1f} ms/step, profiled {total / 1e3:.1f} ms/step")
+    if meta.get("gaps"):
+        gaps = meta["gaps"]
+        print(f"GPU: {gaps['kernels_per_step']:.0f} kernels, busy {gaps['busy_ms_per_step']:.1f} ms, idle between "
+              f"kernels {gaps['idle_ms_per_step']:.1f} ms per step")
     for r in rows[:20]:
         print(f"{r['ms_per_step']:9.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5} {r['op']}")
 

@@ -49,6 +49,27 @@ def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in rows)
 
 
+def test_kernel_gaps_sums_the_idle_time_between_kernels():
+    """Two profiled steps of three kernels (times in us): the gaps inside each step are summed per step
+    and binned; the 5 ms wait between the steps is left out; host ops are not kernels."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name: str, start: float, end: float, device=DeviceType.CUDA) -> SimpleNamespace:
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=device, time_range=span)
+
+    events = [event("a", 0, 10), event("b", 11, 20), event("c", 28, 40), event("host op", 0, 90, DeviceType.CPU),
+              event("a", 5040, 5050), event("b", 5051, 5060), event("c", 5068, 5080)]
+    gaps = profile_step.kernel_gaps(events, top=2)
+    assert gaps["kernels_per_step"] == 3 and gaps["busy_ms_per_step"] == pytest.approx(0.031)
+    assert gaps["idle_ms_per_step"] == pytest.approx(0.009)  # 1 us + 8 us per step
+    assert gaps["bins"]["0-2 us"]["count_per_step"] == 1 and gaps["bins"]["5-10 us"]["count_per_step"] == 1
+    assert gaps["largest"] == [{"us": 8, "after": "b", "before": "c"}] * 2
+    assert profile_step.kernel_gaps([event("host op", 0, 1, DeviceType.CPU)]) == {}
+
+
 def test_profile_step_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, profile_step, ["--smoke", "--out", str(tmp_path), "--top", "5"])
     data = _load(tmp_path / "profile_step_smoke.json")
