@@ -30,9 +30,10 @@ GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
 
 
 def kernel_gaps(events: list, top: int = 15) -> dict:
-    """The GPU's idle time between consecutive kernels of the profiled steps (one stream of work):
-    gaps under 1 ms (between kernels of a step) summed per step and binned by length, with the largest
-    and the kernels on either side; longer gaps (between steps, host waits) are left out."""
+    """The GPU's idle time between consecutive kernels of the profiled steps (one stream of work): gaps
+    under 1 ms (kernel to kernel) summed per step and binned by length, with the largest and the kernels
+    on either side; gaps of 1 ms or more (the GPU waiting for the host) listed apart, each with its
+    neighbours (one of them is the pause between the two profiled steps)."""
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
     if not kernels:
@@ -41,11 +42,15 @@ def kernel_gaps(events: list, top: int = 15) -> dict:
     inside = [g for g in gaps if g[0] < 1000]
     edges = (0, *GAP_BINS_US)
     bins = {f"{lo}-{hi} us": [g[0] for g in inside if lo <= g[0] < hi] for lo, hi in zip(edges, edges[1:])}
+
+    def listed(chosen: list) -> list[dict]:
+        return [{"us": round(g[0], 1), "after": g[1][:80], "before": g[2][:80]} for g in chosen]
+
     return {"kernels_per_step": len(kernels) / 2, "idle_ms_per_step": sum(max(g[0], 0) for g in inside) / 2e3,
             "busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 2e3,
             "bins": {k: {"count_per_step": len(v) / 2, "ms_per_step": sum(v) / 2e3} for k, v in bins.items()},
-            "largest": [{"us": round(g[0], 1), "after": g[1][:80], "before": g[2][:80]}
-                        for g in sorted(inside, reverse=True)[:top]]}
+            "largest": listed(sorted(inside, reverse=True)[:top]),
+            "host_waits": listed([g for g in gaps if g[0] >= 1000])}
 
 
 def main() -> None:
@@ -139,7 +144,7 @@ def main() -> None:
     if meta.get("gaps"):
         gaps = meta["gaps"]
         print(f"GPU: {gaps['kernels_per_step']:.0f} kernels, busy {gaps['busy_ms_per_step']:.1f} ms, idle between "
-              f"kernels {gaps['idle_ms_per_step']:.1f} ms per step")
+              f"kernels {gaps['idle_ms_per_step']:.1f} ms per step; waits >= 1 ms: {gaps['host_waits']}")
     for r in rows[:20]:
         print(f"{r['ms_per_step']:9.2f} ms {100 * r['share']:5.1f}% x{r['calls_per_step']:<5} {r['op']}")
 

@@ -51,7 +51,7 @@ def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
 
 def test_kernel_gaps_sums_the_idle_time_between_kernels():
     """Two profiled steps of three kernels (times in us): the gaps inside each step are summed per step
-    and binned; the 5 ms wait between the steps is left out; host ops are not kernels."""
+    and binned; the 5 ms wait between the steps is listed apart; host ops are not kernels."""
     from types import SimpleNamespace
 
     from torch.autograd import DeviceType
@@ -67,6 +67,7 @@ def test_kernel_gaps_sums_the_idle_time_between_kernels():
     assert gaps["idle_ms_per_step"] == pytest.approx(0.009)  # 1 us + 8 us per step
     assert gaps["bins"]["0-2 us"]["count_per_step"] == 1 and gaps["bins"]["5-10 us"]["count_per_step"] == 1
     assert gaps["largest"] == [{"us": 8, "after": "b", "before": "c"}] * 2
+    assert gaps["host_waits"] == [{"us": 5000, "after": "c", "before": "a"}]
     assert profile_step.kernel_gaps([event("host op", 0, 1, DeviceType.CPU)]) == {}
 
 
