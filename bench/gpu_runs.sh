@@ -48,6 +48,8 @@
 #   gaps       the all-attention twin's kernels at 1 x 8192 (as profile8k), and the graphed forward+backward of
 #              ours and the twin at 1 x 8192: GPU busy time vs replay time
 #   graph_gaps the same kernels replayed from the training graphs (ours, twin): the GPU's idle time between them
+#   engine_gaps  one graphed ZeRO-1 micro-batch that steps and one that does not, profiled: the GPU's busy and
+#              idle time under the engine (bench/step_overhead.py --profile)
 #   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it;
 #              peers_fold_bamba: ours and HF Bamba (eager: it has no graphed step) at 8192, 4096
 #   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
@@ -68,7 +70,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|gaps|graph_gaps|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
+stage=${1:?usage: gpu_runs.sh core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8 OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
@@ -224,6 +226,10 @@ graph_gaps)
     step 150 python3 bench/profile_step.py --preset 1.3b --twin --seq-len 8192 --batch 1 --kernels --cuda-graph \
         --top 80 --name profile_step_graph_kernels_8192_twin_1.3b_h100 --out "$res"
     ;;
+engine_gaps)
+    step 330 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants zero1 --profile \
+        --name step_overhead_profile_zero1_1.3b_h100 --out "$res"
+    ;;
 peers_fold)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_fold_zero1_1.3b_h100 \
@@ -295,7 +301,7 @@ x2|x4|x8)
     echo "stage $stage on $n GPUs done" >>"$log"
     ;;
 *)
-    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|gaps|graph_gaps|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
+    echo "unknown stage $stage (core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8)" >&2
     exit 2
     ;;
 esac

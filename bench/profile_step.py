@@ -29,11 +29,11 @@ from model.train_graph import graph_training_forward
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
 
 
-def kernel_gaps(events: list, top: int = 15) -> dict:
-    """The GPU's idle time between consecutive kernels of the profiled steps (one stream of work): gaps
-    under 1 ms (kernel to kernel) summed per step and binned by length, with the largest and the kernels
-    on either side; gaps of 1 ms or more (the GPU waiting for the host) listed apart, each with its
-    neighbours (one of them is the pause between the two profiled steps)."""
+def kernel_gaps(events: list, steps: int = 2, top: int = 15) -> dict:
+    """The GPU's idle time between consecutive kernels of `steps` profiled steps (one stream of work):
+    gaps under 1 ms (kernel to kernel) summed per step and binned by length, with the largest and the
+    kernels on either side; gaps of 1 ms or more (the GPU waiting for the host) listed apart, each with
+    its neighbours (with two steps, one of them is the pause between them)."""
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
     if not kernels:
@@ -46,9 +46,11 @@ def kernel_gaps(events: list, top: int = 15) -> dict:
     def listed(chosen: list) -> list[dict]:
         return [{"us": round(g[0], 1), "after": g[1][:80], "before": g[2][:80]} for g in chosen]
 
-    return {"kernels_per_step": len(kernels) / 2, "idle_ms_per_step": sum(max(g[0], 0) for g in inside) / 2e3,
-            "busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / 2e3,
-            "bins": {k: {"count_per_step": len(v) / 2, "ms_per_step": sum(v) / 2e3} for k, v in bins.items()},
+    return {"kernels_per_step": len(kernels) / steps,
+            "idle_ms_per_step": sum(max(g[0], 0) for g in inside) / steps / 1e3,
+            "busy_ms_per_step": sum(e.time_range.elapsed_us() for e in kernels) / steps / 1e3,
+            "bins": {k: {"count_per_step": len(v) / steps, "ms_per_step": sum(v) / steps / 1e3}
+                     for k, v in bins.items()},
             "largest": listed(sorted(inside, reverse=True)[:top]),
             "host_waits": listed([g for g in gaps if g[0] >= 1000])}
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, median, sync, write_results  # noqa: E402
+from bench.profile_step import kernel_gaps  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
@@ -106,8 +107,10 @@ def timing_row(inner: list[float], boundary: list[float], device: torch.device) 
     return row
 
 
-def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) -> dict[str, list[dict]]:
-    """The top ops of one micro-batch (stepping the optimizer if `last`), by host and by device self time."""
+def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) -> dict:
+    """The top ops of one micro-batch (stepping the optimizer if `last`), by host and by device self time,
+    and on CUDA the GPU's busy and idle time over it (profile_step.kernel_gaps: the idle time from the
+    first kernel to the last, and the waits of 1 ms or more for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -116,8 +119,11 @@ def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) ->
         sync(device)
     events = [{"op": e.key[:90], "calls": e.count, "host_ms": e.self_cpu_time_total / 1e3,
                "device_ms": getattr(e, "self_device_time_total", 0) / 1e3} for e in prof.key_averages()]
-    return {f"by_{key.split('_')[0]}": sorted(events, key=lambda e: e[key], reverse=True)[:top]
-            for key in ("host_ms", "device_ms")}
+    found: dict = {f"by_{key.split('_')[0]}": sorted(events, key=lambda e: e[key], reverse=True)[:top]
+                   for key in ("host_ms", "device_ms")}
+    if device.type == "cuda":
+        found["gaps"] = kernel_gaps(prof.events(), steps=1)
+    return found
 
 
 def floor_variant(cfg: ModelConfig, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
