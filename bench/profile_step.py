@@ -27,9 +27,10 @@ from model import ModelConfig
 from model.train_graph import graph_training_forward
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
+PROFILED_STEPS = 2  # every per-step figure is the profile's total over this many steps
 
 
-def kernel_gaps(events: list, steps: int = 2, top: int = 15) -> dict:
+def kernel_gaps(events: list, steps: int, top: int = 15) -> dict:
     """The GPU's idle time between consecutive kernels of `steps` profiled steps (one stream of work):
     gaps under 1 ms (kernel to kernel) summed per step and binned by length, with the largest and the
     kernels on either side; gaps of 1 ms or more (the GPU waiting for the host) listed apart, each with
@@ -110,20 +111,20 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(2):
+        for _ in range(PROFILED_STEPS):
             step()
         sync(device)
-    wall = (time.perf_counter() - t0) / 2
+    wall = (time.perf_counter() - t0) / PROFILED_STEPS
     on_device = device.type == "cuda" and args.sort == "device"
     key = "self_device_time_total" if on_device else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     if args.kernels and on_device:
         events = [e for e in events if e.device_type == DeviceType.CUDA]
-    total = sum(getattr(e, key) for e in events) / 2
+    total = sum(getattr(e, key) for e in events) / PROFILED_STEPS
     rows = []
     for e in events[: args.top]:
-        t = getattr(e, key) / 2
-        rows.append({"op": e.key[:90], "calls_per_step": e.count // 2, "ms_per_step": t / 1e3,
+        t = getattr(e, key) / PROFILED_STEPS
+        rows.append({"op": e.key[:90], "calls_per_step": e.count // PROFILED_STEPS, "ms_per_step": t / 1e3,
                      "share": t / total if total else 0.0})
     meta = environment(device) | {"preset": preset, "twin": args.twin, "pattern": cfg.layer_pattern, "batch": batch,
                                   "seq_len": seq, "act_ckpt": args.act_ckpt, "decode": args.decode,
@@ -131,7 +132,7 @@ def main() -> None:
                                   "timer": key, "kernels_only": args.kernels and on_device,
                                   "cuda_graph": args.cuda_graph}
     if device.type == "cuda":
-        meta["gaps"] = kernel_gaps(prof.events())
+        meta["gaps"] = kernel_gaps(prof.events(), PROFILED_STEPS)
     kind = "decode" if args.decode else "step"
     default = f"profile_{kind}_smoke" if args.smoke else f"profile_{kind}_{preset}" + (
         "_cpu_time" if key.startswith("self_cpu") and device.type == "cuda" else "")

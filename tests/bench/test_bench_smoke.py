@@ -62,13 +62,13 @@ def test_kernel_gaps_sums_the_idle_time_between_kernels():
 
     events = [event("a", 0, 10), event("b", 11, 20), event("c", 28, 40), event("host op", 0, 90, DeviceType.CPU),
               event("a", 5040, 5050), event("b", 5051, 5060), event("c", 5068, 5080)]
-    gaps = profile_step.kernel_gaps(events, top=2)
+    gaps = profile_step.kernel_gaps(events, steps=2, top=2)
     assert gaps["kernels_per_step"] == 3 and gaps["busy_ms_per_step"] == pytest.approx(0.031)
     assert gaps["idle_ms_per_step"] == pytest.approx(0.009)  # 1 us + 8 us per step
     assert gaps["bins"]["0-2 us"]["count_per_step"] == 1 and gaps["bins"]["5-10 us"]["count_per_step"] == 1
     assert gaps["largest"] == [{"us": 8, "after": "b", "before": "c"}] * 2
     assert gaps["host_waits"] == [{"us": 5000, "after": "c", "before": "a"}]
-    assert profile_step.kernel_gaps([event("host op", 0, 1, DeviceType.CPU)]) == {}
+    assert profile_step.kernel_gaps([event("host op", 0, 1, DeviceType.CPU)], steps=2) == {}
 
 
 def test_profile_step_smoke(monkeypatch, tmp_path):
