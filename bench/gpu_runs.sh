@@ -26,6 +26,7 @@
 #              costs per micro-batch beyond forward+backward, by ZeRO setting (bench/step_overhead.py)
 #   overhead2  the same split for more settings (overflow check, accumulation dtype) and ZeRO-1's
 #   grad_norm  the engine's gradient norm (ZeRO-1/2, eager/graphed, overlap_comm on/off) vs a float32 reference
+#              (ZeRO-1 with DeepSpeed's fold); grad_norm_fused_wgrad: the same with train.grad_fold's fused_wgrad
 #   peers_fused_ce  the graphed ZeRO-2 step of ours and the twin (fused cross-entropy) vs HF Bamba
 #   peers_saved  peers_fused_ce again after the Mamba2 backward kept its forward's intermediates (model/ssd_saved.py)
 #   peers_zero1  the same on ds_configs/zero1.json
@@ -39,6 +40,9 @@
 #   train_docs_graph  the same with document packing (graphs over fixed-capacity document boundaries)
 #   train_zero1_graph  `train_graph` on ds_configs/zero1.json, then the ZeRO-1 vs ZeRO-2 step cost split
 #   train_zero1_fold_graph  `train_graph` on ds_configs/zero1.json with the copy-free gradient fold (train/grad_fold.py)
+#   train_zero1_fused_wgrad_graph  the same with the linear layers' weight gradients added into ZeRO-1's float32
+#              buffers by their GEMMs (train.grad_fold=fused_wgrad, model/wgrad.py), then the step cost split
+#              fused_wgrad vs copy_free (bench/step_overhead.py)
 #   mixer      the Mamba2 mixer's backward with the forward's intermediates kept (model/ssd_saved.py) vs
 #              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
 #              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
@@ -50,10 +54,17 @@
 #   graph_gaps the same kernels replayed from the training graphs (ours, twin): the GPU's idle time between them
 #   engine_gaps  one graphed ZeRO-1 micro-batch that steps and one that does not, profiled: the GPU's busy and
 #              idle time under the engine (bench/step_overhead.py --profile)
+#   peers_fused_wgrad  the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384
+#              with train.grad_fold's default, fused_wgrad; fused_wgrad_ab: ours alone at 8192 and 4096 with
+#              copy_free, then fused_wgrad, on one machine
 #   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it;
 #              peers_fold_bamba: ours and HF Bamba (eager: it has no graphed step) at 8192, 4096
 #   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
 #              in the 1.3B mixer at 8192), and the mixer's time with them (bench/ssd_tiles.py)
+#   ssd_backends  the SSD scan alone, forward and forward+backward: mamba_ssm's chunked SSD vs fla's chunked
+#              simple GLA (chunks 64, 128), errors against a float64 reference (bench/ssd_backends.py)
+#   wgrad      each weight gradient into its float32 accumulator: bf16 GEMM + fold vs one GEMM adding into it
+#              (bench/wgrad_accumulate.py, 1.3B at 8192 tokens); mamba_ssm's SSD at chunks 64, 128, 256
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
@@ -70,7 +81,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|tiles|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|fused_wgrad_ab|tiles|ssd_backends|wgrad|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -142,20 +153,24 @@ overhead)
     ;;
 overhead2)
     step 540 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --profile --name step_overhead_knobs_1.3b_h100 \
-        --variants "zero1,zero2,zero2 bf16.check_grad_overflow=false,zero2 data_types.grad_accum_dtype=bf16,zero1 bf16.check_grad_overflow=false,zero1 overlap_comm=false,zero1 contiguous_gradients=false" \
+        --variants "zero1 deepspeed_fold,zero2,zero2 bf16.check_grad_overflow=false,zero2 data_types.grad_accum_dtype=bf16,zero1 bf16.check_grad_overflow=false deepspeed_fold,zero1 overlap_comm=false deepspeed_fold,zero1 contiguous_gradients=false deepspeed_fold" \
         --out "$res"
     ;;
 grad_norm)
-    step 400 python3 bench/grad_norm_check.py --preset small --name grad_norm_check_small_h100 --out "$res"
+    step 400 python3 bench/grad_norm_check.py --preset small --fold deepspeed --name grad_norm_check_small_h100 --out "$res"
+    ;;
+grad_norm_fused_wgrad)
+    step 400 python3 bench/grad_norm_check.py --preset small --name grad_norm_check_fused_wgrad_small_h100 --out "$res"
     ;;
 peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k)
     ds=ds_configs/zero2.json name=train_step_throughput_graph_fused_ce_1.3b_h100 seqs=8192,4096 models=ours,attention,hf_bamba
+    # (ZeRO-1 runs name the gradient fold they ran with: train/grad_fold.py's default has changed since)
     [ "$stage" = peers_saved ] && name=train_step_throughput_graph_saved_zero2_1.3b_h100
     [ "$stage" = peers_zero1 ] && ds=ds_configs/zero1.json name=train_step_throughput_graph_zero1_1.3b_h100
     [ "$stage" = peers_zero1_16k ] && ds=ds_configs/zero1.json name=train_step_throughput_graph_zero1_16k_1.3b_h100 \
         seqs=16384 models=ours,attention
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens $seqs --cuda-graph --graph-only \
-        --models $models --ds-config $ds --name $name --out "$res"
+        --models $models --ds-config $ds --fold deepspeed --name $name --out "$res"
     ;;
 docs_graph)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
@@ -177,34 +192,39 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph)
+train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
     [ "$stage" = train_docs_graph ] && packing=document name=pretrain_1.3b_docs_graph
-    [ "$stage" = train_zero1_graph ] && name=pretrain_1.3b_zero1_graph ds=ds_configs/zero1.json
-    [ "$stage" = train_zero1_fold_graph ] && name=pretrain_1.3b_zero1_fold_graph ds=ds_configs/zero1.json
+    fold=fused_wgrad  # train.grad_fold (ZeRO-1 only): what each committed run ran with
+    [ "$stage" = train_zero1_graph ] && name=pretrain_1.3b_zero1_graph ds=ds_configs/zero1.json fold=deepspeed
+    [ "$stage" = train_zero1_fold_graph ] && name=pretrain_1.3b_zero1_fold_graph ds=ds_configs/zero1.json fold=copy_free
+    [ "$stage" = train_zero1_fused_wgrad_graph ] && name=pretrain_1.3b_zero1_fused_wgrad_graph ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 300 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
-        --set data.packing=$packing --set train.cuda_graph=true --set train.ds_config=$ds \
+        --set data.packing=$packing --set train.cuda_graph=true --set train.ds_config=$ds --set train.grad_fold=$fold \
         --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 --set train.max_steps=25 \
         --set train.warmup_steps=5 --set train.eval_every=25 --set train.eval_sequences=16 \
         --set train.save_every=0 --set train.save_final=false --set train.log_every=1 --set train.peak_tflops="$peak" \
         --set train.output_dir="$run_dir" --set train.wandb.mode=disabled
     cp "$run_dir"/metrics.jsonl "$res/${name}_metrics.jsonl" 2>/dev/null
     [ "$stage" = train_zero1_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
-        --variants "zero2,zero1" --name step_overhead_zero1_1.3b_h100 --out "$res"
+        --variants "zero2,zero1 deepspeed_fold" --name step_overhead_zero1_1.3b_h100 --out "$res"
+    [ "$stage" = train_zero1_fused_wgrad_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
+        --variants "zero1,zero1 copy_free_fold" --name step_overhead_fused_wgrad_1.3b_h100 --out "$res"
     ;;
 mixer)
     step 180 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --chunks 256 --attn-backends sdpa \
         --profile --name block_costs_mixer_saved_1.3b_h100 --out "$res"
     step 330 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
-        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
+        --models ours,attention --ds-config ds_configs/zero1.json --fold deepspeed \
+        --name train_step_throughput_graph_saved_zero1_1.3b_h100 \
         --out "$res"
     ;;
 fold)
-    step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1,zero1 deepspeed_fold" \
+    step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1 copy_free_fold,zero1 deepspeed_fold" \
         --name step_overhead_fold_1.3b_h100 --out "$res"
     step 200 python3 bench/block_costs.py --preset 1.3b --seq-lens 16384 --tokens 16384 --chunks 256 \
         --attn-backends sdpa,flash --name block_costs_16k_1.3b_h100 --out "$res"
@@ -228,22 +248,44 @@ graph_gaps)
         --top 80 --name profile_step_graph_kernels_8192_twin_1.3b_h100 --out "$res"
     ;;
 engine_gaps)
-    step 330 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants zero1 --profile \
+    step 330 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 --variants "zero1 copy_free_fold" --profile \
         --name step_overhead_profile_zero1_1.3b_h100 --out "$res"
     ;;
 peers_fold)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
-        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_fold_zero1_1.3b_h100 \
+        --models ours,attention --ds-config ds_configs/zero1.json --fold copy_free \
+        --name train_step_throughput_graph_fold_zero1_1.3b_h100 \
         --out "$res"
     ;;
 peers_fold_bamba)
     step 540 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
-        --models ours,hf_bamba --ds-config ds_configs/zero1.json \
+        --models ours,hf_bamba --ds-config ds_configs/zero1.json --fold copy_free \
         --name train_step_throughput_graph_fold_zero1_bamba_1.3b_h100 --out "$res"
+    ;;
+peers_fused_wgrad)
+    step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
+        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_fused_wgrad_zero1_1.3b_h100 \
+        --out "$res"
+    ;;
+fused_wgrad_ab)
+    for fold in copy_free fused_wgrad; do
+        step 280 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096 --cuda-graph --graph-only \
+            --models ours --ds-config ds_configs/zero1.json --fold $fold \
+            --name train_step_throughput_graph_${fold}_ab_zero1_1.3b_h100 --out "$res"
+    done
     ;;
 tiles)
     step 560 python3 bench/ssd_tiles.py --preset 1.3b --seq-len 8192 --top 5 --warps 4,8 --stages 2,3,4 \
         --name ssd_tiles_1.3b_h100 --out "$res"
+    ;;
+ssd_backends)
+    step 400 python3 bench/ssd_backends.py --preset 1.3b --seq-lens 8192,16384 --fla-chunks 64,128 \
+        --name ssd_backends_1.3b_h100 --out "$res"
+    ;;
+wgrad)
+    step 200 python3 bench/wgrad_accumulate.py --preset 1.3b --tokens 8192 --name wgrad_accumulate_1.3b_h100 --out "$res"
+    step 300 python3 bench/ssd_backends.py --preset 1.3b --seq-lens 8192,16384 --backends mamba_ssm --chunks 64,128,256 \
+        --name ssd_chunks_1.3b_h100 --out "$res"
     ;;
 determinism|determinism_on)
     peak=$(matmul_peak)

@@ -30,6 +30,7 @@ from bench.step_overhead import install_graphs  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
+from train.grad_fold import FOLDS  # noqa: E402
 
 COLUMNS = ["stage", "graphed", "overlap_comm", "grad_norm", "reference_norm", "rel_diff", "status"]
 
@@ -44,13 +45,13 @@ def reference_norm(cfg: ModelConfig, batches: list[torch.Tensor], device: torch.
 
 
 def engine_norm(cfg: ModelConfig, batches: list[torch.Tensor], stage: int, graphed: bool, overlap: bool,
-                device: torch.device) -> float:
+                device: torch.device, fold: str) -> float:
     """The engine's global gradient norm after one optimizer step over `batches` (same initial weights)."""
     micro_batch, seq = batches[0].shape[0], batches[0].shape[1] - 1
     config = deep_merge(ds_config(seq, micro_batch, len(batches), device.type == "cuda", ZERO_JSONS[stage]),
                         {"zero_optimization": {"overlap_comm": overlap}, "bf16": {"enabled": True}})
     torch.manual_seed(0)
-    model, engine = build_engine("ours", cfg, device, config)
+    model, engine = build_engine("ours", cfg, device, config, fold)
     try:
         if graphed:
             install_graphs(model, batches[0])
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--fold", default="fused_wgrad", choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, 32 tokens, CPU")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=None)
@@ -82,14 +84,16 @@ def main(argv: list[str] | None = None) -> int:
                              generator=torch.Generator().manual_seed(i)).to(device) for i in range(args.grad_accum)]
     ref = reference_norm(cfg, batches, device)
     meta = environment(device) | {"preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                                  "grad_accum": args.grad_accum, "reference": "float32 torch, no engine"}
+                                  "grad_accum": args.grad_accum, "reference": "float32 torch, no engine",
+                                  "grad_fold": args.fold}
     name = args.name or f"grad_norm_check_{args.preset}" + ("_smoke" if args.smoke else "")
     rows = []
     for stage in (1, 2):
         for graphed in (False, True):
             for overlap in (True, False):
                 row = {"stage": stage, "graphed": graphed, "overlap_comm": overlap, "reference_norm": ref}
-                got = peers.run_guarded(lambda: {"grad_norm": engine_norm(cfg, batches, stage, graphed, overlap, device)},
+                got = peers.run_guarded(lambda: {"grad_norm": engine_norm(cfg, batches, stage, graphed, overlap, device,
+                                                                                   args.fold)},
                                         device)
                 row |= got
                 if "grad_norm" in got:

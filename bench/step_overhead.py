@@ -9,8 +9,10 @@ micro-batches each, a device sync after every micro-batch):
   zero2 <key=v>   the same with settings changed (--variants; `key` in zero_optimization, or a dotted
                   path such as bf16.check_grad_overflow)
   zero1           ds_configs/zero1.json as shipped (bf16.immediate_grad_update: DeepSpeed's BF16_Optimizer
-                  folds each gradient into its fp32 buffer in the gradient hook, here with train.grad_fold's
-                  copy-free fold as training installs it)
+                  folds each gradient into its fp32 buffer in the gradient hook), with train.grad_fold's
+                  default as training installs it (fused_wgrad: the linear layers' weight-gradient GEMMs add
+                  into those buffers, the other gradients fold without a float32 copy)
+  zero1 copy_free_fold   the same with every gradient folded without the copy (train.grad_fold copy_free)
   zero1 deepspeed_fold   the same with DeepSpeed's own fold (a float32 copy of each gradient first)
 Columns: micro_ms (median of the micro-batches that do not step the optimizer), boundary_ms (median of
 those that do), overhead_ms (micro_ms minus fwd_bwd's), tokens_per_s of the whole step, peak memory.
@@ -61,16 +63,19 @@ def parse_value(text: str) -> bool | int | str:
         return text
 
 
-def parse_variant(text: str) -> tuple[int, dict, bool]:
-    """'zero2 key=value ...' -> (stage, overrides of the DeepSpeed config, copy-free fold). A key without a
+FOLD_WORDS = {"deepspeed_fold": "deepspeed", "copy_free_fold": "copy_free"}  # variant word -> train.grad_fold fold
+
+
+def parse_variant(text: str) -> tuple[int, dict, str]:
+    """'zero2 key=value ...' -> (stage, overrides of the DeepSpeed config, gradient fold). A key without a
     dot is a zero_optimization key; a dotted key is a path from the top (bf16.check_grad_overflow=false);
-    the word `deepspeed_fold` keeps BF16_Optimizer's own gradient fold (train/grad_fold.py)."""
+    a word of FOLD_WORDS picks ZeRO-1's gradient fold (train/grad_fold.py; default fused_wgrad)."""
     head, *pairs = text.split()
     if head not in ("zero1", "zero2"):
         raise argparse.ArgumentTypeError(f"variant {text!r}: start with zero1 or zero2")
     overrides: dict = {"zero_optimization": {}}
-    copy_free = "deepspeed_fold" not in pairs
-    for pair in (p for p in pairs if p != "deepspeed_fold"):
+    folds = [FOLD_WORDS[p] for p in pairs if p in FOLD_WORDS]
+    for pair in (p for p in pairs if p not in FOLD_WORDS):
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"variant {text!r}: '{pair}' is not key=value")
@@ -79,7 +84,9 @@ def parse_variant(text: str) -> tuple[int, dict, bool]:
         for part in path:
             node = node.setdefault(part, {})
         node[leaf] = parse_value(value)
-    return int(head[-1]), overrides, copy_free
+    if len(folds) > 1:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: one fold word at most")
+    return int(head[-1]), overrides, folds[0] if folds else "fused_wgrad"
 
 
 def micro_times(run_micro, grad_accum: int, steps: int, device: torch.device) -> tuple[list[float], list[float]]:
@@ -146,14 +153,14 @@ def install_graphs(model: torch.nn.Module, ids: torch.Tensor) -> None:
     graph_training_forward(model, ids[:, :-1], ops=None if ids.is_cuda else EagerReplayGraphs())
 
 
-def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: dict, copy_free_fold: bool,
+def engine_variant(cfg: ModelConfig, ids: torch.Tensor, stage: int, overrides: dict, fold: str,
                    args: argparse.Namespace, device: torch.device, profile: bool) -> dict:
     """The DeepSpeed step with ZeRO `stage` and `overrides` on the run's config for this batch shape."""
     micro_batch, seq = ids.shape[0], ids.shape[1] - 1
     config = deep_merge(ds_config(seq, micro_batch, args.grad_accum, device.type == "cuda", ZERO_JSONS[stage]),
                         overrides)
     torch.manual_seed(0)  # the same initial weights for every variant
-    model, engine = build_engine("ours", cfg, device, config, copy_free_fold)
+    model, engine = build_engine("ours", cfg, device, config, fold)
     try:
         install_graphs(model, ids)
 
@@ -204,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"DeepSpeed step cost per micro-batch, {args.preset}, {args.micro_batch} x {args.seq_len}: {meta['device']}"
     rows: list[dict] = []
     jobs = [("fwd_bwd", lambda: floor_variant(cfg, ids, args, device))]
-    for k, (label, stage, overrides, copy_free) in enumerate(variants):
-        jobs.append((label, lambda s=stage, o=overrides, f=copy_free, p=args.profile and k == 0:
+    for k, (label, stage, overrides, fold) in enumerate(variants):
+        jobs.append((label, lambda s=stage, o=overrides, f=fold, p=args.profile and k == 0:
                      engine_variant(cfg, ids, s, o, f, args, device, p)))
     for label, job in jobs:
         row = {"variant": label} | peers.run_guarded(job, device)  # releases memory, restarts the peak

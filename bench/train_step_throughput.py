@@ -53,6 +53,7 @@ from bench.common import (  # noqa: E402
 )
 from model import ModelConfig, count_params, train_flops_per_token  # noqa: E402
 from model.train_graph import graph_training_forward  # noqa: E402
+from train.grad_fold import FOLDS, install_fold  # noqa: E402
 
 NAME = "train_step_throughput"
 COLUMNS = ["model", "impl", "params_m", "seq_len", "micro_batch", "grad_accum", "tokens_per_s", "mfu",
@@ -85,20 +86,18 @@ def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool, base: 
 
 
 def build_engine(name: str, cfg: ModelConfig, device: torch.device, config: dict,
-                 copy_free_fold: bool = True) -> tuple[nn.Module, "DeepSpeedEngine"]:
+                 fold: str = "fused_wgrad") -> tuple[nn.Module, "DeepSpeedEngine"]:
     """(model, engine): the peer `name` built in float32 (DeepSpeed casts it to the config's precision)
     under a DeepSpeed engine with `config` and train.optim's parameter groups; with ZeRO-1's bf16 fold
-    in the gradient hooks replaced by train.grad_fold's, as training does (unless not `copy_free_fold`)."""
+    in the gradient hooks replaced by train.grad_fold's `fold`, as training does by default."""
     import deepspeed
 
-    from train.grad_fold import fold_without_copy
     from train.optim import param_groups
 
     model = peers.build(name, cfg, device, torch.float32)
     engine, *_ = deepspeed.initialize(model=LossModule(name, model), model_parameters=param_groups(model, WEIGHT_DECAY),
                                       config=config)
-    if copy_free_fold:
-        fold_without_copy(engine)
+    install_fold(engine, fold)
     return model, engine
 
 
@@ -106,7 +105,7 @@ def measure(name: str, cfg: ModelConfig, seq: int, micro_batch: int, graph: bool
             device: torch.device, peak_tflops: float) -> dict:
     """One (model, seq) row: build the engine, warm up, time optimizer steps, destroy the engine."""
     model, engine = build_engine(name, cfg, device, ds_config(seq, micro_batch, args.grad_accum,
-                                                              device.type == "cuda", args.ds_config))
+                                                              device.type == "cuda", args.ds_config), args.fold)
     try:
         ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq + 1), device=engine.device)
         if graph:  # after deepspeed.initialize: the graphs must see the parameters' final storage
@@ -180,6 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cuda-graph", action="store_true", help="add CUDA-graph rows of ours and attention (CUDA only)")
     ap.add_argument("--graph-only", action="store_true", help="with --cuda-graph: only the graphed rows of ours and attention")
     ap.add_argument("--ds-config", default=DS_CONFIG, help="the DeepSpeed JSON every engine is built over")
+    ap.add_argument("--fold", default="fused_wgrad", choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or f"{NAME}_{args.preset}{'_smoke' if args.smoke else ''}"
     stage = zero_stage(read_ds_json(args.ds_config))
     meta["ds_config"] = args.ds_config
+    meta["grad_fold"] = args.fold
     title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []

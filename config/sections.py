@@ -94,6 +94,14 @@ class TrainConfig(StrictModel):
         "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
         "micro-batch runs eagerly).",
     )
+    grad_fold: Literal["fused_wgrad", "copy_free", "deepspeed"] = Field(
+        "fused_wgrad",
+        description="How ZeRO-1's bf16 optimizer (bf16.immediate_grad_update, ds_configs/zero1.json) adds each "
+        "micro-batch's gradients into its float32 buffers (train/grad_fold.py): fused_wgrad, the linear layers' "
+        "weight-gradient GEMMs add into them directly and the other parameters fold without a float32 copy; "
+        "copy_free, every parameter folds without the copy (bitwise DeepSpeed's sums); deepspeed, DeepSpeed's "
+        "own fold. Other ZeRO settings always use DeepSpeed's own gradient handling.",
+    )
     deterministic: bool = Field(
         False,
         description="Bitwise-reproducible steps on GPU (model/kernels.py make_deterministic): torch's "

@@ -26,6 +26,7 @@ from model.config import ModelConfig
 from model.documents import DocumentLayout
 from model.kernels import deterministic, flash_ops, flex_ops
 from model.layers import RMSNorm, apply_rope, init_linear, residual_std
+from model.wgrad import Linear
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,10 @@ class Attention(nn.Module):
         a = cfg.attention
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.q_proj = Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
         self.impl = "reference"

@@ -19,7 +19,6 @@ import logging
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
@@ -30,6 +29,7 @@ from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
 from model.loss import mean_nll
 from model.mamba2 import Mamba2Mixer
+from model.wgrad import Linear, linear
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layer_pattern))
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
         self.activation_checkpointing = False
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
@@ -163,7 +163,7 @@ class HybridLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (b, l, vocab_size) (padding columns of the embedding dropped)."""
         h = self.hidden_states(input_ids, position_ids, seq_idx, cache, layout)
-        return F.linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+        return linear(h, self.head_weight)[..., : self.cfg.vocab_size]
 
     def loss(
         self,

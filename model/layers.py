@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.kernels import mamba_ops
+from model.wgrad import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -78,9 +79,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = Linear(d_model, hidden, bias=False)
+        self.up_proj = Linear(d_model, hidden, bias=False)
+        self.down_proj = Linear(hidden, d_model, bias=False)
         self.impl = "reference"
 
     def fused_gate_up(self) -> bool:
@@ -88,14 +89,14 @@ class SwiGLU(nn.Module):
         plain tensors (quantization swaps in other modules or tensor subclasses: those run unfused;
         model.train_graph's stand-in leaves are plain tensors: fused, as in eager training)."""
         return self.impl == "kernels" and all(
-            type(lin) is nn.Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
+            type(lin) is Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
             for lin in (self.gate_proj, self.up_proj)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up():
-            gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # (2 * hidden, d): gate first
-            return self.down_proj(mamba_ops().swiglu(F.linear(x, gate_up)))
+            gate_up = linear(x, self.gate_proj.weight, self.up_proj.weight)  # (b, l, 2 * hidden): gate first
+            return self.down_proj(mamba_ops().swiglu(gate_up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

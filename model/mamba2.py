@@ -31,6 +31,7 @@ from model.config import ModelConfig
 from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
+from model.wgrad import Linear
 
 
 class GatedRMSNorm(nn.Module):
@@ -80,7 +81,7 @@ class Mamba2Mixer(nn.Module):
         self.n_groups, self.d_state, self.d_conv = m.n_groups, m.d_state, m.d_conv
         self.chunk_size, self.dt_limit = m.chunk_size, tuple(m.dt_limit)
         self.conv_dim = cfg.conv_dim
-        self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=False)
+        self.in_proj = Linear(cfg.d_model, cfg.d_in_proj, bias=False)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, kernel_size=m.d_conv, groups=self.conv_dim,
             padding=m.d_conv - 1, bias=m.conv_bias,
@@ -91,7 +92,7 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # read by the optimizer's parameter grouping
         self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.out_proj = Linear(self.d_inner, cfg.d_model, bias=False)
         self.impl = "reference"
         self.reset_parameters()
 

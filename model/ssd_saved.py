@@ -30,6 +30,8 @@ from einops import rearrange
 from mamba_ssm.ops.triton import ssd_combined as sc
 from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
 
+from model.wgrad import weight_grad
+
 
 def _conv_fwd(xbc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
               seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -108,7 +110,8 @@ class SplitConvScanSavedFn(torch.autograd.Function):
             norm_before_gate=False, is_rms_norm=True, recompute_output=True,
             dz=rearrange(dz, "b l d -> (b l) d"), out=rearrange(normed, "b s d -> (b s) d"),
         )
-        doutproj_weight = torch.einsum("bso,bsd->od", dout_og, normed)
+        doutproj_weight = weight_grad(outproj_weight, rearrange(dout_og, "b s o -> (b s) o"),
+                                      rearrange(normed, "b s d -> (b s) d"))  # None: added into its main_grad
         dout = rearrange(dy, "(b s) (h p) -> b s h p", b=batch, p=headdim)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()

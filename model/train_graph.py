@@ -45,7 +45,9 @@ Requirements, checked by the callers that enable it (train/trainer.py):
     drops `.grad`). Without that flag BF16_Optimizer lets autograd accumulate into `.grad`, which then
     is the graph's own buffer: each replay's gradients are added to themselves (bench/grad_norm_check.py:
     norm 71.7 against 4.49 on an H100). Plain accumulation into `.grad` over several backwards is not
-    supported for the same reason.
+    supported for the same reason. Weights bound to a float32 `main_grad` (train/grad_fold.py's
+    fused_wgrad, model/wgrad.py) are the exception that needs nothing consumed: the captured backward adds
+    their gradients into those buffers (fixed addresses) and hands them no gradient at all.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class EagerReplayGraphs(CudaGraphs):
         pairs = zip(graph.out, fresh) if isinstance(fresh, tuple) else [(graph.out, fresh)]
         with torch.no_grad():
             for static, new in pairs:
-                static.copy_(new)
+                if static is not None:  # None: a weight whose gradient went to its main_grad
+                    static.copy_(new)
 
 
 class _EagerLogits(torch.nn.Module):
@@ -195,7 +198,7 @@ class _CapturedStep:
         self.ops = ops
         named = list(model.named_parameters())
         self.params = [p for _, p in named]
-        leaves = {f"model.{n}": p.detach().requires_grad_() for n, p in named}  # same storage, new leaves
+        leaves = {f"model.{n}": _stand_in(p) for n, p in named}
         order = list(leaves.values())
         target = _EagerLogits(model)
         self.inputs = sample.static_copy()
@@ -205,8 +208,8 @@ class _CapturedStep:
             self._live = functional_call(target, leaves, args, strict=True)
             return self._live
 
-        def backward() -> tuple[torch.Tensor, ...]:  # differentiates the forward that ran last
-            return torch.autograd.grad(self._live, order, grad_outputs=self.grad_out)
+        def backward() -> tuple[torch.Tensor | None, ...]:  # differentiates the forward that ran last
+            return torch.autograd.grad(self._live, order, grad_outputs=self.grad_out, allow_unused=True)
 
         device = sample.ids.device
         on_cuda = device.type == "cuda"
@@ -216,7 +219,7 @@ class _CapturedStep:
         with _on(stream if on_cuda else None):
             for _ in range(warmup):
                 out = forward()
-                torch.autograd.grad(out, order, grad_outputs=torch.zeros_like(out))
+                torch.autograd.grad(out, order, grad_outputs=torch.zeros_like(out), allow_unused=True)
                 del out
             self._live = None
         if on_cuda:
@@ -225,6 +228,16 @@ class _CapturedStep:
         self.logits = ops.capture(self.fwd, pool, stream, forward)
         self.grad_out = torch.zeros_like(self.logits)
         self.grads = ops.capture(self.bwd, pool, stream, backward)
+
+
+def _stand_in(param: torch.Tensor) -> torch.Tensor:
+    """A new leaf on the parameter's storage, with its `main_grad` if bound (model/wgrad.py: the
+    captured backward then adds that weight's gradient there and returns None for it)."""
+    leaf = param.detach().requires_grad_()
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        leaf.main_grad = main_grad
+    return leaf
 
 
 @contextmanager
@@ -253,7 +266,7 @@ class _Replay(torch.autograd.Function):
         step: _CapturedStep = ctx.step
         step.grad_out.copy_(grad_logits)
         step.ops.replay(step.bwd)
-        return (None, None, *(g.detach() for g in step.grads))
+        return (None, None, *(None if g is None else g.detach() for g in step.grads))
 
 
 class GraphedTrainingForward:

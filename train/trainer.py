@@ -43,7 +43,7 @@ from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
 from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
 from train.errors import TrainingError
-from train.grad_fold import fold_without_copy
+from train.grad_fold import install_fold
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from train.optim import follow_current_config, lr_multiplier, param_groups
 
@@ -101,8 +101,9 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
     )
-    if fold_without_copy(engine):
-        log.info("ZeRO-1 bf16 gradient fold: copy-free (train/grad_fold.py)")
+    fold = install_fold(engine, cfg.train.grad_fold)
+    if fold != "deepspeed":
+        log.info("ZeRO-1 bf16 gradient fold: %s (train/grad_fold.py)", fold)
     return engine
 
 

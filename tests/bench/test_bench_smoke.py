@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bench import block_costs, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
 
@@ -182,3 +183,36 @@ def test_ssd_tiles_widen_keeps_hooks_and_adds_no_repeats(tmp_path):
     assert all(c.pre_hook is (zero if c.kwargs["BLOCK_SIZE_M"] == 64 else None) for c in wide)
     assert ssd_tiles.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert _load(tmp_path / "ssd_tiles_tiny_smoke.json")["rows"][0]["configs"] == "1 -> 8"
+
+
+def test_ssd_backends_smoke(tmp_path):
+    """bench/ssd_backends.py on CPU: the pure-PyTorch SSD in float32 against its float64 run (errors at
+    float32 rounding), both timings; an unknown backend is refused."""
+    from bench import ssd_backends
+
+    assert ssd_backends.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = _load(tmp_path / "ssd_backends_tiny_smoke.json")["rows"]
+    assert [r["backend"] for r in rows] == ["reference c64"]
+    errs = [v for k, v in rows[0].items() if k.startswith("err_")]
+    assert len(errs) == 6 and all(0 <= e < 1e-5 for e in errs), rows[0]
+    assert rows[0]["fwd_ms"] > 0 and rows[0]["fwd_bwd_ms"] > 0
+    with pytest.raises(SystemExit):
+        ssd_backends.backends(["flash"], 64, [64], [64])
+
+
+def test_wgrad_accumulate_smoke(tmp_path):
+    """bench/wgrad_accumulate.py on CPU: one row per distinct linear weight shape of the tiny preset (gate and
+    up merged), weighted by how many layers have it, and a total; the float32 accumulation is closer to
+    float64 than the bf16 gradient folded into float32."""
+    from bench import wgrad_accumulate
+    from model import HybridLM, ModelConfig
+
+    assert wgrad_accumulate.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = _load(tmp_path / "wgrad_accumulate_tiny_smoke.json")["rows"]
+    *shapes, total = rows
+    linears = [n for n, m in HybridLM(ModelConfig(preset="tiny")).named_modules() if isinstance(m, torch.nn.Linear)]
+    merged = sum(n.endswith("up_proj") for n in linears)  # each up_proj is counted in its gate_up row
+    assert sum(r["count"] for r in shapes) == total["count"] == len(linears) - merged
+    for r in shapes:
+        assert r["err_fused"] < 1e-6 < r["err_fold"], r
+    assert total["fold_cost_ms"] == pytest.approx(sum(r["count"] * r["fold_cost_ms"] for r in shapes))

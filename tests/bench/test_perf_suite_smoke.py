@@ -74,12 +74,13 @@ def test_step_overhead_smoke(tmp_path: Path) -> None:
     assert rows[1]["profile"]["by_host"] and rows[1]["profile_step"]["by_device"]
     assert all("profile" not in r for r in rows[2:])
     assert step_overhead.parse_variant("zero2 overlap_comm=false reduce_bucket_size=5e8") == (
-        2, {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 500_000_000}}, True)
+        2, {"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 500_000_000}}, "fused_wgrad")
     assert step_overhead.parse_variant("zero1 bf16.check_grad_overflow=false data_types.grad_accum_dtype=bf16") == (
         1, {"zero_optimization": {}, "bf16": {"check_grad_overflow": False},
-            "data_types": {"grad_accum_dtype": "bf16"}}, True)
-    assert step_overhead.parse_variant("zero1 deepspeed_fold") == (1, {"zero_optimization": {}}, False)
-    for bad in ("zero3", "zero2 overlap_comm"):
+            "data_types": {"grad_accum_dtype": "bf16"}}, "fused_wgrad")
+    assert step_overhead.parse_variant("zero1 deepspeed_fold") == (1, {"zero_optimization": {}}, "deepspeed")
+    assert step_overhead.parse_variant("zero1 copy_free_fold") == (1, {"zero_optimization": {}}, "copy_free")
+    for bad in ("zero3", "zero2 overlap_comm", "zero1 copy_free_fold deepspeed_fold"):
         with pytest.raises(argparse.ArgumentTypeError):
             step_overhead.parse_variant(bad)
 

@@ -338,3 +338,41 @@ def test_graphed_training_step_replays_the_eager_kernel_step(fused_split_conv) -
             for p in model.parameters():
                 p.add_(0.01 * torch.randn(p.shape, generator=gen))
     assert dispatcher.replays == 2 and dispatcher.eager_calls == 0
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_kernel_path_adds_linear_weight_gradients_into_main_grad(fused_split_conv, graphed: bool) -> None:
+    """model/wgrad.py on the kernel path: the fused SwiGLU's concatenated gate/up GEMM, out_proj's weight
+    gradient formed inside model/ssd_saved.py, in_proj, attention and the head. With every parameter's
+    float32 main_grad bound (train/grad_fold.py's fused_wgrad), two steps, eager or replayed through the
+    training graphs' stand-in parameters: the linear weights' main_grads hold the unbound model's summed
+    gradients and they get no .grad; the other parameters keep autograd's .grad."""
+    from model.train_graph import EagerReplayGraphs, graph_training_forward
+
+    model = _model("MA").train()
+    _use(model, "kernels")
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
+    for ids in batches:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+    if graphed:
+        graph_training_forward(model, batches[0][:, :-1], ops=EagerReplayGraphs(), warmup=1)
+    got = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for ids in batches:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        for n, p in model.named_parameters():  # the graphs' static gradients: consumed before the next replay
+            if p.grad is not None:
+                got[n] += p.grad
+                p.grad = None
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, p in model.named_parameters():
+        if name in linears:
+            assert not got[name].any(), f"{name} got a .grad"
+            assert _rel(p.main_grad, want[name]) < TOL, name
+        else:
+            assert not p.main_grad.any(), name
+            assert _rel(got[name], want[name]) < TOL, name
