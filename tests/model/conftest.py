@@ -1,4 +1,5 @@
-"""Fixtures of the model tests: a tiny float64 hybrid config/model factory and a relative-error helper."""
+"""Fixtures of the model tests: a tiny float64 hybrid config/model factory, a relative-error helper, and
+the unbound-gradient reference for the main_grad tests (model/wgrad.py)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,23 @@ def _doc_seq_idx(lengths: list[int]) -> torch.Tensor:
 @pytest.fixture
 def doc_seq_idx() -> Callable[[list[int]], torch.Tensor]:
     return _doc_seq_idx
+
+
+def _grads_then_bind_main_grads(model: HybridLM, vocab: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Two seeded batches (2 x 17 ids below `vocab`); each parameter's gradient summed over their losses with
+    nothing bound; then the gradients cleared and a zero float32 `main_grad` bound to every parameter
+    (model/wgrad.py takes the linear weights' gradients there). Returns (batches, summed gradients by name)."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, vocab, (2, 17), generator=gen) for _ in range(2)]
+    for ids in batches:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    for p in model.parameters():
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+    return batches, want
+
+
+@pytest.fixture
+def grads_then_bind_main_grads() -> Callable[[HybridLM, int], tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
+    return _grads_then_bind_main_grads

@@ -341,7 +341,8 @@ def test_graphed_training_step_replays_the_eager_kernel_step(fused_split_conv) -
 
 
 @pytest.mark.parametrize("graphed", [False, True])
-def test_kernel_path_adds_linear_weight_gradients_into_main_grad(fused_split_conv, graphed: bool) -> None:
+def test_kernel_path_adds_linear_weight_gradients_into_main_grad(fused_split_conv, grads_then_bind_main_grads,
+                                                                 graphed: bool) -> None:
     """model/wgrad.py on the kernel path: the fused SwiGLU's concatenated gate/up GEMM, out_proj's weight
     gradient formed inside model/ssd_saved.py, in_proj, attention and the head. With every parameter's
     float32 main_grad bound (train/grad_fold.py's fused_wgrad), two steps, eager or replayed through the
@@ -351,14 +352,7 @@ def test_kernel_path_adds_linear_weight_gradients_into_main_grad(fused_split_con
 
     model = _model("MA").train()
     _use(model, "kernels")
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
-    for ids in batches:
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+    batches, want = grads_then_bind_main_grads(model, 61)
     if graphed:
         graph_training_forward(model, batches[0][:, :-1], ops=EagerReplayGraphs(), warmup=1)
     got = {n: torch.zeros_like(p) for n, p in model.named_parameters()}

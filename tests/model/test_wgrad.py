@@ -86,19 +86,12 @@ def _tiny() -> HybridLM:
                                 impl="reference"))
 
 
-def test_every_linear_weight_of_the_model_takes_main_grad() -> None:
+def test_every_linear_weight_of_the_model_takes_main_grad(grads_then_bind_main_grads) -> None:
     """The reference path (attention q/k/v/o, Mamba2 in/out_proj, SwiGLU, LM head): with every parameter
     bound, the linear weights' main_grads hold what autograd gives the unbound model over two batches,
     and they get no .grad; the other parameters (embedding, norms, conv, SSM scalars) keep .grad."""
     model = _tiny()
-    gen = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
-    for ids in batches:
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-    want = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    for p in model.parameters():
-        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+    batches, want = grads_then_bind_main_grads(model, 61)
     for ids in batches:
         model.loss(ids[:, :-1], ids[:, 1:]).backward()
     linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
