@@ -154,7 +154,8 @@ def test_zero1_run_trains_the_same_model_as_zero2(run_a: Path, corpus: Path, tmp
 
 
 def test_zero1_bf16_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> None:
-    """ds_configs/zero1.json in bf16 runs DeepSpeed's BF16_Optimizer (with immediate_grad_update): its
+    """ds_configs/zero1.json in bf16 runs DeepSpeed's BF16_Optimizer (with immediate_grad_update, and
+    train.grad_fold's default fused_wgrad: the resumed engine's linear layers add into its new buffers): its
     checkpoint at step 3 resumes to the same steps 4-6 (CPU, same world size: bitwise)."""
     sets = ["train.ds_config=ds_configs/zero1.json", "train.precision=bf16", "train.max_steps=6",
             "train.save_every=3", "train.eval_every=3"]
@@ -167,6 +168,23 @@ def test_zero1_bf16_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> 
     for step in (4, 5, 6):
         for key in ("loss", "grad_norm", "val_loss"):
             assert got[step].get(key) == want[step].get(key), (step, key)
+
+
+def test_zero1_bf16_fused_wgrad_on_two_processes(corpus: Path, tmp_path: Path) -> None:
+    """train.grad_fold=fused_wgrad under data parallelism (2 processes, bf16 ZeRO-1): the float32 buffers its
+    GEMMs add into are the ones reduced across ranks at the step. Against copy_free (DeepSpeed's sums
+    bitwise): the same losses and gradient norms up to the bf16 rounding of each gradient that fused_wgrad
+    skips (rel 1e-2; the first step's loss, before any update, to 1e-6)."""
+    sets = ["train.ds_config=ds_configs/zero1.json", "train.precision=bf16", "train.max_steps=4", "train.save_every=0",
+            "train.eval_every=0", "train.save_final=false"]
+    runs = {fold: train_run(2, corpus, tmp_path / fold, [*sets, f"train.grad_fold={fold}"])
+            for fold in ("copy_free", "fused_wgrad")}
+    assert "gradient fold: fused_wgrad" in (runs["fused_wgrad"] / "launch.log").read_text()
+    want, got = read_metrics(runs["copy_free"]), read_metrics(runs["fused_wgrad"])
+    assert got[1]["loss"] == pytest.approx(want[1]["loss"], rel=1e-6)
+    for step in range(1, 5):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-2), step
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-2), step
 
 
 def test_zero3_offload_checkpoint_resumes_bitwise(corpus: Path, tmp_path: Path) -> None:
