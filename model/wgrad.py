@@ -10,8 +10,8 @@ weight gradient as one GEMM with a float32 output that adds into `main_grad` (cu
 hands autograd no gradient for that weight: no bf16 gradient, no fold, and the products are summed in
 float32 without the bf16 rounding of the unfused gradient. Whoever binds `main_grad` owns the rest:
 zeroing the buffer after each optimizer step and noting that those weights have gradients
-(train/grad_fold.bind_main_grads). A weight without `main_grad` takes plain `F.linear`: nothing
-changes for evaluation, export, ZeRO-2/3 or CPU training.
+(train/grad_fold.py, fold `fused_wgrad`). A weight without `main_grad` takes plain `F.linear`:
+evaluation, export and every optimizer but ZeRO-1's bf16 one see no change.
 
 Measured on an H100 at the 1.3B widths: bench/results/wgrad_accumulate_1.3b_h100.md.
 """
@@ -58,13 +58,7 @@ class _LinearMainGradFn(torch.autograd.Function):
         for rows, main, needed in zip(ctx.rows, ctx.main_grads, ctx.needs_input_grad[1:]):
             dy_rows = dy[:, start:start + rows]
             start += rows
-            if not needed:
-                grads.append(None)
-            elif main is not None:
-                accumulate_weight_grad(main, dy_rows, xs)
-                grads.append(None)
-            else:
-                grads.append(dy_rows.t() @ xs)
+            grads.append(_into_main_grad(main, dy_rows, xs) if needed else None)
         return (grad_x, *grads)
 
 
@@ -79,10 +73,14 @@ def linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
 def weight_grad(weight: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor | None:
     """For autograd functions that compute a linear layer's weight gradient themselves: grad_out (n, o),
     inp (n, i). Adds it into `weight.main_grad` and returns None when bound, else returns it (o, i)."""
-    main = getattr(weight, "main_grad", None)
-    if main is None:
+    return _into_main_grad(getattr(weight, "main_grad", None), grad_out, inp)
+
+
+def _into_main_grad(main_grad: torch.Tensor | None, grad_out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor | None:
+    """grad_out^T @ inp added into `main_grad` (None returned), or returned when there is none."""
+    if main_grad is None:
         return grad_out.t() @ inp
-    accumulate_weight_grad(main, grad_out, inp)
+    accumulate_weight_grad(main_grad, grad_out, inp)
     return None
 
 
