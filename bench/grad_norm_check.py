@@ -30,7 +30,7 @@ from bench.step_overhead import install_graphs  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
-from train.grad_fold import FOLDS  # noqa: E402
+from train.grad_fold import DEFAULT_FOLD, FOLDS  # noqa: E402
 
 COLUMNS = ["stage", "graphed", "overlap_comm", "grad_norm", "reference_norm", "rel_diff", "status"]
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=4)
-    ap.add_argument("--fold", default="fused_wgrad", choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
+    ap.add_argument("--fold", default=DEFAULT_FOLD, choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, 32 tokens, CPU")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=None)

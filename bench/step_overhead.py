@@ -47,6 +47,7 @@ from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # n
 from model import ModelConfig  # noqa: E402
 from model.config import deep_merge  # noqa: E402
 from model.train_graph import EagerReplayGraphs, graph_training_forward  # noqa: E402
+from train.grad_fold import DEFAULT_FOLD  # noqa: E402
 
 NAME = "step_overhead"
 COLUMNS = ["variant", "micro_ms", "boundary_ms", "overhead_ms", "tokens_per_s", "peak_mem_gb", "status"]
@@ -86,7 +87,7 @@ def parse_variant(text: str) -> tuple[int, dict, str]:
         node[leaf] = parse_value(value)
     if len(folds) > 1:
         raise argparse.ArgumentTypeError(f"variant {text!r}: one fold word at most")
-    return int(head[-1]), overrides, folds[0] if folds else "fused_wgrad"
+    return int(head[-1]), overrides, folds[0] if folds else DEFAULT_FOLD
 
 
 def micro_times(run_micro, grad_accum: int, steps: int, device: torch.device) -> tuple[list[float], list[float]]:

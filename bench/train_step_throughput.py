@@ -53,7 +53,7 @@ from bench.common import (  # noqa: E402
 )
 from model import ModelConfig, count_params, train_flops_per_token  # noqa: E402
 from model.train_graph import graph_training_forward  # noqa: E402
-from train.grad_fold import FOLDS, install_fold  # noqa: E402
+from train.grad_fold import DEFAULT_FOLD, FOLDS, install_fold  # noqa: E402
 
 NAME = "train_step_throughput"
 COLUMNS = ["model", "impl", "params_m", "seq_len", "micro_batch", "grad_accum", "tokens_per_s", "mfu",
@@ -86,7 +86,7 @@ def ds_config(seq: int, micro_batch: int, grad_accum: int, on_cuda: bool, base: 
 
 
 def build_engine(name: str, cfg: ModelConfig, device: torch.device, config: dict,
-                 fold: str = "fused_wgrad") -> tuple[nn.Module, "DeepSpeedEngine"]:
+                 fold: str = DEFAULT_FOLD) -> tuple[nn.Module, "DeepSpeedEngine"]:
     """(model, engine): the peer `name` built in float32 (DeepSpeed casts it to the config's precision)
     under a DeepSpeed engine with `config` and train.optim's parameter groups; with ZeRO-1's bf16 fold
     in the gradient hooks replaced by train.grad_fold's `fold`, as training does by default."""
@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cuda-graph", action="store_true", help="add CUDA-graph rows of ours and attention (CUDA only)")
     ap.add_argument("--graph-only", action="store_true", help="with --cuda-graph: only the graphed rows of ours and attention")
     ap.add_argument("--ds-config", default=DS_CONFIG, help="the DeepSpeed JSON every engine is built over")
-    ap.add_argument("--fold", default="fused_wgrad", choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
+    ap.add_argument("--fold", default=DEFAULT_FOLD, choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WRITTEN_FOR = "0.19."  # deepspeed versions whose BF16_Optimizer this mirrors
 FOLDS = ("deepspeed", "copy_free", "fused_wgrad")
+DEFAULT_FOLD = "fused_wgrad"  # train.grad_fold's default (config/sections.py), the benches' too
 
 
 def install_fold(engine: Any, fold: str) -> str:

@@ -99,3 +99,13 @@ def test_folds_against_deepspeeds() -> None:
     assert r["fused_marked"], r
     assert r["fused_sums_rel"] < 1e-2 and r["fused_norms_rel"] < 1e-2, r
     assert r["fused_weights_median"] < 1e-2 * r["moved_median"], r
+
+
+def test_the_config_offers_every_fold_and_the_same_default() -> None:
+    import typing
+
+    from config.sections import TrainConfig
+    from train.grad_fold import DEFAULT_FOLD, FOLDS
+
+    field = TrainConfig.model_fields["grad_fold"]
+    assert set(typing.get_args(field.annotation)) == set(FOLDS) and field.default == DEFAULT_FOLD
