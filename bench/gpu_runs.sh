@@ -57,6 +57,7 @@
 #   peers_fused_wgrad  the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384
 #              with train.grad_fold's default, fused_wgrad; fused_wgrad_ab: ours alone at 8192 and 4096 with
 #              copy_free, then fused_wgrad, on one machine
+#   peers_bamba_16k  ours (graphed, fused_wgrad) and HF Bamba (eager) on ZeRO-1 at 16384 tokens
 #   peers_fold the step bench on ZeRO-1 (graphed, ours and the all-attention twin) at 8192, 4096, 16384 with it;
 #              peers_fold_bamba: ours and HF Bamba (eager: it has no graphed step) at 8192, 4096
 #   tiles      mamba_ssm's SSD kernels autotuned over wider tile-config lists than its own (the 5 slowest
@@ -81,7 +82,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|fused_wgrad_ab|tiles|ssd_backends|wgrad|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -266,6 +267,11 @@ peers_fused_wgrad)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,4096,16384 --cuda-graph --graph-only \
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_fused_wgrad_zero1_1.3b_h100 \
         --out "$res"
+    ;;
+peers_bamba_16k)
+    step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 16384 --cuda-graph --graph-only \
+        --models ours,hf_bamba --ds-config ds_configs/zero1.json \
+        --name train_step_throughput_graph_fused_wgrad_zero1_bamba_16k_1.3b_h100 --out "$res"
     ;;
 fused_wgrad_ab)
     for fold in copy_free fused_wgrad; do
