@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from bench.block_costs import time_part
-from bench.common import environment, median, rel_err, time_fn, write_results
+from bench.common import environment, rel_err, write_results
 from model import ModelConfig
 from model.ssd import discretize_dt, ssd_chunked
 
@@ -95,10 +95,15 @@ def fla(chunk: int) -> SSD:
     return run
 
 
+def fresh_leaves(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the inputs as new leaves that require gradients."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+
+
 def run_and_grads(fn: SSD, tensors: dict[str, torch.Tensor], dy: torch.Tensor
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """y and the gradients of <y, dy> with respect to every input (fresh leaves, so nothing accumulates)."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    leaves = fresh_leaves(tensors)
     y = fn(*(leaves[k] for k in GRAD_NAMES))
     y.backward(dy)
     return y.detach(), {k: v.grad for k, v in leaves.items()}
@@ -115,8 +120,8 @@ def errors(y: torch.Tensor, grads: dict[str, torch.Tensor], y_ref: torch.Tensor,
 
 def timings(fn: SSD, tensors: dict[str, torch.Tensor], dy: torch.Tensor, device: torch.device,
             iters: int) -> dict[str, float]:
-    """Forward and forward+backward milliseconds (graph replays on CUDA, eager on CPU)."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items()}
+    """Forward and forward+backward milliseconds (block_costs.time_part: graph replays on CUDA, eager on CPU)."""
+    leaves = fresh_leaves(tensors)
     args = [leaves[k] for k in GRAD_NAMES]
 
     def forward() -> None:
@@ -126,11 +131,8 @@ def timings(fn: SSD, tensors: dict[str, torch.Tensor], dy: torch.Tensor, device:
     def fwd_bwd() -> None:
         fn(*args).backward(dy)
 
-    if device.type == "cuda":
-        fwd = time_part(forward, [], args[0], device, iters)
-    else:
-        fwd = 1e3 * median(time_fn(forward, device, warmup=1, iters=iters))
-    return {"fwd_ms": fwd, "fwd_bwd_ms": time_part(fwd_bwd, args[1:], args[0], device, iters)}
+    return {"fwd_ms": time_part(forward, [], args[0], device, iters),
+            "fwd_bwd_ms": time_part(fwd_bwd, args[1:], args[0], device, iters)}
 
 
 def backends(names: list[str], chunk: int, mamba_chunks: list[int], fla_chunks: list[int]
