@@ -3,7 +3,8 @@ followed by the fold into float32 (ZeRO-1's path, train/grad_fold.py), or one GE
 adds into the accumulator (model/wgrad.py, Megatron-LM's gradient-accumulation fusion)?
 
 For every distinct weight shape of the preset's linear layers (the MLP's gate and up as the one
-concatenated GEMM the kernel path runs; the LM head included) at `--tokens` tokens, GPU time of
+concatenated GEMM the kernel path runs; the LM head included) at `--tokens` tokens, GPU time
+(bench/block_costs.time_part: a CUDA-graph replay) of
   gemm        dy^T @ x in bf16 (the weight-gradient GEMM the backward runs either way)
   gemm+fold   the same, then main_grad.add_(it) (float32 += bf16)
   fused       model.wgrad.accumulate_weight_grad: the GEMM with a float32 output added into main_grad
@@ -20,12 +21,12 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from bench.common import environment, median, rel_err, sync, time_fn, write_results
+from bench.block_costs import time_part
+from bench.common import environment, rel_err, sync, write_results
 from model import HybridLM, ModelConfig
 from model.wgrad import accumulate_weight_grad
 
@@ -49,21 +50,6 @@ def weight_shapes(cfg: ModelConfig) -> Counter:
     return shapes
 
 
-def gpu_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Milliseconds per call: CUDA events around `iters` back-to-back calls (eager median elsewhere)."""
-    if device.type != "cuda":
-        return 1e3 * median(time_fn(fn, device, warmup=1, iters=iters))
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def measure(out: int, inp: int, tokens: int, device: torch.device, dtype: torch.dtype, iters: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     dy = torch.randn(tokens, out, generator=gen).to(device, dtype)
@@ -75,9 +61,9 @@ def measure(out: int, inp: int, tokens: int, device: torch.device, dtype: torch.
     accumulate_weight_grad(fused, dy, x)
     row = {"err_fold": rel_err(folded, expected), "err_fused": rel_err(fused, expected)}
     del expected
-    row["gemm_ms"] = gpu_ms(lambda: dy.t() @ x, device, iters)
-    row["gemm_fold_ms"] = gpu_ms(lambda: folded.add_(dy.t() @ x), device, iters)
-    row["fused_ms"] = gpu_ms(lambda: accumulate_weight_grad(fused, dy, x), device, iters)
+    row["gemm_ms"] = time_part(lambda: dy.t() @ x, [], x, device, iters)
+    row["gemm_fold_ms"] = time_part(lambda: folded.add_(dy.t() @ x), [], x, device, iters)
+    row["fused_ms"] = time_part(lambda: accumulate_weight_grad(fused, dy, x), [], x, device, iters)
     row["fold_cost_ms"] = row["gemm_fold_ms"] - row["gemm_ms"]
     row["fused_cost_ms"] = row["fused_ms"] - row["gemm_ms"]
     return row
