@@ -6,7 +6,11 @@ the conv output, the chunked dt/decay sums, the chunk states, their passing acro
 products: five kernels per layer per micro-step. This function runs the same mamba_ssm
 kernels in the same order on the same inputs, but keeps those five results (per token the conv
 output in the activations' dtype, per chunk the float32 states and C.B, per head and token the float32
-dt and decay sums), so its outputs and gradients equal mamba_ssm's bitwise. The memory cost, per layer
+dt and decay sums). One step of its backward differs: model/ssd_cb_grad.py forms the C.B gradient and
+the intra-chunk decay gradient in one kernel where mamba_ssm runs two (the mixer 3.51 -> 3.34 ms at
+8,192 tokens, 6.84 -> 6.50 ms at 16,384 on an H100: bench/results/block_costs_cb_grad_1.3b_h100.md). So
+its output equals mamba_ssm's bitwise and its gradients to float32 rounding (those through dt: dt's bias,
+A, in_proj, the input; tests/model/test_kernels_interpreted.py). The memory cost, per layer
 and 8,192 tokens at the 1.3B widths: ~71 MB of conv output, 67 MB of states, 8 MB of C.B and 4 MB of
 dt sums (`model.mamba.recompute_in_backward` turns it off; activation checkpointing makes it moot).
 mamba_ssm's backward also runs its state passing in float32; its forward hands the scan bf16 states,
@@ -30,6 +34,7 @@ from einops import rearrange
 from mamba_ssm.ops.triton import ssd_combined as sc
 from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
 
+from model.ssd_cb_grad import cb_and_decay_grads
 from model.wgrad import weight_grad
 
 
@@ -130,12 +135,11 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         dB, ddA_next = sc._chunk_state_bwd_db(x, dt_out, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
         dC, ddA_cumsum_prev = sc._chunk_scan_bwd_dC(states.to(x.dtype), dA_cumsum, dout, seq_idx=seq_idx, C=C,
                                                     ngroups=ngroups)
-        dCB = sc._chunk_scan_bwd_dcb(x, dt_out, dA_cumsum, dout, seq_idx=seq_idx, ngroups=ngroups).to(CB.dtype)
+        dCB, ddA = cb_and_decay_grads(x, dt_out, dA_cumsum, dout, CB, seq_idx=seq_idx, ngroups=ngroups)
         sc._bmm_chunk_bwd(C, dCB, residual=dB, out=dB_given)
         sc._bmm_chunk_bwd(B, rearrange(dCB, "... l s -> ... s l"), residual=dC, out=dC_given)
         ddA_cumsum_prev[..., -1] += ddA_chunk_cumsum
         ddA_prev = ddA_cumsum_prev.flip([-1]).cumsum(dim=-1).flip([-1])
-        ddA = sc._chunk_scan_bwd_ddAcs_stable(x, dt_out, dA_cumsum, dout, CB)
         ddA += ddA_next + ddA_prev
         # mamba_ssm hands this kernel a copy of dt (a Triton context workaround): the same here
         _, dA, ddt_bias = sc._chunk_cumsum_bwd(ddA, ddt, dt.clone(), A, dt_bias=dt_bias, dt_softplus=True,
