@@ -6,7 +6,10 @@ backward over one micro-batch (`--tokens` tokens at each sequence length) are ca
 graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate = the part's model
 FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
 same run. Variants: the Mamba2 chunk sizes (`--chunks`), its backward as the model runs it (intermediates kept
-from the forward, model/ssd_saved.py) vs mamba_ssm's recomputing function, the attention kernels (`--attn-backends`),
+from the forward, model/ssd_saved.py, with model/ssd_cb_grad.py's one kernel for the C.B and intra-chunk decay
+gradients) vs the same with mamba_ssm's two kernels for those ("mamba_ssm dCB + ddA") and vs mamba_ssm's
+recomputing function, each with its gradients' errors against a float64 copy of the mixer on the reference path
+(A, dt's bias, in_proj, the input), the attention kernels (`--attn-backends`),
 the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), the MLP at
 the all-attention twin's width (bench/peers.attention_twin), and the loss as float32 torch
 cross-entropy vs the kernel path's fused cross-entropy (model/loss.py).
@@ -23,9 +26,12 @@ launch gaps. `--profile` adds the top kernels of the Mamba2 mixer's forward+back
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -55,6 +61,7 @@ class Part:
     run: Callable[[torch.Tensor], torch.Tensor]
     flops: float
     check: Callable[[torch.Tensor], dict] | None = None  # x -> accuracy columns of this variant
+    context: Callable[[], ContextManager] = contextlib.nullcontext  # entered around its steps and check
 
 
 def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backends: list[str],
@@ -72,12 +79,13 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
         return mod
 
     for chunk in chunks:
-        for variant, recompute in mamba_variants(chunk, kernels):
+        for variant, recompute, context in mamba_variants(chunk, kernels):
             c = cfg.model_copy(update={"mamba": cfg.mamba.model_copy(
                 update={"chunk_size": chunk, "recompute_in_backward": recompute})})
             mixer = ready(Mamba2Mixer(c, 0))
             mm = 2.0 * (d * c.d_in_proj + c.d_inner * d)
-            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + ssd_flops_per_token(c, seq_len)))
+            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + ssd_flops_per_token(c, seq_len),
+                            lambda x, m=mixer: mixer_grad_error(m, x), context))
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
     rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions, dtype)
     for backend in backends:
@@ -106,10 +114,43 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
     return out
 
 
-def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool]]:
-    """(variant, recompute_in_backward) of the Mamba2 mixer at one chunk size: as the model runs and, on the
-    kernel path (the reference path has one form), mamba_ssm's recomputing function."""
-    return [(f"chunk {chunk}", False)] + ([(f"chunk {chunk}, recompute", True)] if kernels else [])
+def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool, Callable[[], ContextManager]]]:
+    """(variant, recompute_in_backward, context) of the Mamba2 mixer at one chunk size: as the model runs
+    and, on the kernel path (the reference path has one form), with mamba_ssm's two kernels in place of
+    model/ssd_cb_grad.py's one, and mamba_ssm's recomputing function."""
+    plain = contextlib.nullcontext
+    if not kernels:
+        return [(f"chunk {chunk}", False, plain)]
+    two_kernels = lambda: mock.patch("model.ssd_saved.cb_and_decay_grads", mamba_ssm_cb_and_decay_grads)  # noqa: E731
+    return [(f"chunk {chunk}", False, plain), (f"chunk {chunk}, mamba_ssm dCB + ddA", False, two_kernels),
+            (f"chunk {chunk}, recompute", True, plain)]
+
+
+def mamba_ssm_cb_and_decay_grads(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, dout: torch.Tensor,
+                                 CB: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                                 ngroups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.ssd_cb_grad.cb_and_decay_grads' result from mamba_ssm's two kernels (what it replaces)."""
+    from mamba_ssm.ops.triton import ssd_chunk_scan as cs
+
+    return (cs._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx, ngroups=ngroups),
+            cs._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB))
+
+
+def mixer_grad_error(mixer: Mamba2Mixer, x: torch.Tensor) -> dict:
+    """Gradients of the mixer as timed (its path and dtype) against a float64 copy on the reference path,
+    for one seeded output gradient: relative errors of A (A_log), dt's bias, in_proj and the input."""
+    names = ("A_log", "dt_bias", "in_proj.weight")
+    ref = copy.deepcopy(mixer).double()
+    ref.impl = "reference"
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    dy = torch.randn(x.shape, generator=gen, device=x.device)
+    grads = []
+    for m, inp in ((mixer, x), (ref, x.double())):
+        inp = inp.detach().requires_grad_()
+        params = dict(m.named_parameters())
+        y = m(inp)
+        grads.append(torch.autograd.grad(y, [params[n] for n in names] + [inp], dy.to(y.dtype)))
+    return {f"err_{n.split('.')[0]}": rel_err(g, w) for n, g, w in zip(names + ("x",), *grads)}
 
 
 def loss_error(logits: torch.Tensor, labels: torch.Tensor, impl: str) -> dict:
@@ -125,10 +166,11 @@ def loss_error(logits: torch.Tensor, labels: torch.Tensor, impl: str) -> dict:
 
 
 def fwd_bwd(part: Part, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[[], None]:
-    """One forward+backward of `part` (gradient `grad` on its output, or a scalar loss)."""
+    """One forward+backward of `part` (gradient `grad` on its output, or a scalar loss), in its context."""
     def step() -> None:
-        y = part.run(x)
-        y.backward(grad if y.dim() else None)
+        with part.context():
+            y = part.run(x)
+            y.backward(grad if y.dim() else None)
     return step
 
 
@@ -253,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 row |= {"ms": t, "tflops": 3 * part.flops * batch * seq / (t / 1e3) / 1e12}
                 row["mfu"] = row["tflops"] / peak
                 if part.check is not None:
-                    row |= part.check(x.detach())
+                    with part.context():
+                        row |= part.check(x.detach())
                 if args.profile and part.name == "mamba_mixer":
                     row["kernels"] = kernel_table(step, device)
             except Exception as exc:  # OOM or a failed capture: the row says so, the run goes on
@@ -265,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         write_results(name, rows + estimates(rows, cfg, peak, device.type == "cuda"), meta,
-                      COLUMNS + ["loss_rel_err", "grad_rel_err", "tokens_per_s", "ratio", "status"],
+                      COLUMNS + ["loss_rel_err", "grad_rel_err", "err_A_log", "err_dt_bias", "err_in_proj", "err_x",
+                                "tokens_per_s", "ratio", "status"],
                       args.out, title=f"Forward+backward time of each block part ({preset}, {tokens} tokens per micro-batch)")
     return 0
 

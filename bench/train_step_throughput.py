@@ -34,10 +34,12 @@ Writes <out>/<name>.{json,md,png}; --name defaults to train_step_throughput_<pre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 from bench import peers  # noqa: E402
+from bench.block_costs import mamba_ssm_cb_and_decay_grads  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
 )
@@ -180,6 +183,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--graph-only", action="store_true", help="with --cuda-graph: only the graphed rows of ours and attention")
     ap.add_argument("--ds-config", default=DS_CONFIG, help="the DeepSpeed JSON every engine is built over")
     ap.add_argument("--fold", default=DEFAULT_FOLD, choices=FOLDS, help="ZeRO-1's gradient fold (train/grad_fold.py)")
+    ap.add_argument("--ssd-cb-grad", default="ours", choices=("ours", "mamba_ssm"),
+                    help="the Mamba2 backward's C.B and decay gradients: model/ssd_cb_grad.py's kernel, or "
+                         "mamba_ssm's two (bench/block_costs.py's A/B variant)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
@@ -206,23 +212,28 @@ def main(argv: list[str] | None = None) -> int:
     stage = zero_stage(read_ds_json(args.ds_config))
     meta["ds_config"] = args.ds_config
     meta["grad_fold"] = args.fold
+    meta["ssd_cb_grad"] = args.ssd_cb_grad
     title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []
-    for seq in seqs:
-        micro_batch = max(1, args.micro_batch_tokens // seq)
-        variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]
-        if args.cuda_graph:
-            variants += [(m, True) for m in args.models if m in peers.OURS]
-        for model, graph in variants:
-            row = {"model": model + (GRAPHED if graph else ""), "seq_len": seq, "micro_batch": micro_batch,
-                   "params_m": count_params(peers.flops_config(model, cfg)) / 1e6, "grad_accum": args.grad_accum}
-            row |= peers.run_guarded(lambda: measure(model, cfg, seq, micro_batch, graph, args, device, peak), device)
-            rows.append(row)
-            add_ratios(rows)
-            print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-            write_results(name, rows, meta, COLUMNS, args.out, title=title)
-            plot(rows, args.out / f"{name}.png", title)
+    cb_grad = (mock.patch("model.ssd_saved.cb_and_decay_grads", mamba_ssm_cb_and_decay_grads)
+               if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext())
+    with cb_grad:
+        for seq in seqs:
+            micro_batch = max(1, args.micro_batch_tokens // seq)
+            variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]
+            if args.cuda_graph:
+                variants += [(m, True) for m in args.models if m in peers.OURS]
+            for model, graph in variants:
+                row = {"model": model + (GRAPHED if graph else ""), "seq_len": seq, "micro_batch": micro_batch,
+                       "params_m": count_params(peers.flops_config(model, cfg)) / 1e6, "grad_accum": args.grad_accum}
+                row |= peers.run_guarded(lambda: measure(model, cfg, seq, micro_batch, graph, args, device, peak),
+                                         device)
+                rows.append(row)
+                add_ratios(rows)
+                print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+                write_results(name, rows, meta, COLUMNS, args.out, title=title)
+                plot(rows, args.out / f"{name}.png", title)
     print(f"wrote {args.out / name}.json/.md/.png", flush=True)
     torch.distributed.destroy_process_group()
     return 0
