@@ -24,7 +24,7 @@ errors against float64 7e-7 for ddA (mamba_ssm's: 1.4e-7) and 1e-7 for dCB, far 
 inputs leave in the mixer's gradients (~5e-3, bench/results/block_costs_cb_grad_1.3b_h100.md).
 
 Document boundaries: C.B from `_bmm_chunk_fwd(..., seq_idx)` is zero between documents, so G_h . CB
-is too. Deterministic: every tile writes its own slots of the two workspaces, no atomic adds.
+is too. Deterministic: every tile writes its own slots of the sums workspace, no atomic adds.
 
 Imports Triton and mamba_ssm at load: import it only where the kernels are (model.ssd_saved).
 """
