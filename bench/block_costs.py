@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, ContextManager
 from unittest import mock
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results
+from bench.common import add_run_options, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results
 from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
 from model.attention import Attention
@@ -121,9 +120,14 @@ def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool, Callable[
     plain = contextlib.nullcontext
     if not kernels:
         return [(f"chunk {chunk}", False, plain)]
-    two_kernels = lambda: mock.patch("model.ssd_saved.cb_and_decay_grads", mamba_ssm_cb_and_decay_grads)  # noqa: E731
-    return [(f"chunk {chunk}", False, plain), (f"chunk {chunk}, mamba_ssm dCB + ddA", False, two_kernels),
+    return [(f"chunk {chunk}", False, plain), (f"chunk {chunk}, mamba_ssm dCB + ddA", False, mamba_ssm_cb_grad),
             (f"chunk {chunk}, recompute", True, plain)]
+
+
+def mamba_ssm_cb_grad() -> ContextManager:
+    """While entered, model/ssd_saved.py's backward takes mamba_ssm's two kernels (the A/B variant of the
+    mixer here and of bench/train_step_throughput.py --ssd-cb-grad mamba_ssm)."""
+    return mock.patch("model.ssd_saved.cb_and_decay_grads", mamba_ssm_cb_and_decay_grads)
 
 
 def mamba_ssm_cb_and_decay_grads(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, dout: torch.Tensor,
@@ -257,13 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per micro-batch (batch = tokens / seq_len)")
     ap.add_argument("--chunks", default="128,256", help="Mamba2 chunk sizes to time")
     ap.add_argument("--attn-backends", default="sdpa,flash")
-    ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="also list the Mamba2 mixer's top kernels")
     ap.add_argument("--parts", type=lambda t: t.split(","), default=None,
                     help=f"comma-separated subset of {', '.join(PART_NAMES)} (default all)")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None)
+    add_run_options(ap, iters=20)
     args = ap.parse_args(argv)
     if args.parts and set(args.parts) - set(PART_NAMES):
         ap.error(f"--parts: unknown {sorted(set(args.parts) - set(PART_NAMES))}; choose from {', '.join(PART_NAMES)}")

@@ -6,6 +6,7 @@ markdown table beside it; scripts that plot add a PNG.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import platform
@@ -57,6 +58,15 @@ def environment(device: torch.device) -> dict:
         "versions": versions,
         "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]),
     }
+
+
+def add_run_options(ap: argparse.ArgumentParser, iters: int) -> None:
+    """The options the timing benches share: --iters (timed calls per row), --smoke (the CPU check on the
+    tiny preset), --out (results folder; default bench/results), --name (results file name)."""
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--name", default=None)
 
 
 def sync(device: torch.device) -> None:

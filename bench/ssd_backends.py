@@ -23,13 +23,12 @@ and each one's output and gradients (x, dt, A, B, C, D, dt_bias) against the flo
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from bench.block_costs import time_part
-from bench.common import environment, rel_err, write_results
+from bench.common import add_run_options, environment, rel_err, write_results
 from model import ModelConfig
 from model.ssd import discretize_dt, ssd_chunked
 
@@ -158,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="mamba_ssm,fla,reference")
     ap.add_argument("--chunks", default=None, help="mamba_ssm's chunk sizes (default: the preset's)")
     ap.add_argument("--fla-chunks", default="64,128")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None)
+    add_run_options(ap, iters=20)
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     preset = "tiny" if args.smoke else args.preset

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from pathlib import Path
 from unittest import mock
 
 import torch
 
 from bench.block_costs import mamba_ssm_cb_and_decay_grads, time_part
-from bench.common import environment, rel_err, write_results
+from bench.common import add_run_options, environment, rel_err, write_results
 from model import ModelConfig
 
 COLUMNS = ["path", "seq_len", "ms", "err_dcb", "err_ddA"]
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--seq-lens", default="8192,16384")
     ap.add_argument("--tiles", default="64x4x3", help="our kernel's tile configs, BLOCKxWARPSxSTAGES")
-    ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None)
+    add_run_options(ap, iters=50)
     args = ap.parse_args(argv)
     import model.ssd_cb_grad as ours
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from bench.block_costs import time_part
-from bench.common import environment, write_results
+from bench.common import add_run_options, environment, write_results
 from model import ModelConfig
 from model.mamba2 import Mamba2Mixer
 
@@ -82,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top", type=int, default=6, help="how many of the slowest kernels get wider lists")
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--stages", default="2,3,4,5")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None)
+    add_run_options(ap, iters=20)
     args = ap.parse_args(argv)
     warps, stages = [int(w) for w in args.warps.split(",")], [int(s) for s in args.stages.split(",")]
     device = torch.device("cpu" if args.smoke else "cuda")

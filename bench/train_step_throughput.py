@@ -39,7 +39,6 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 from bench import peers  # noqa: E402
-from bench.block_costs import mamba_ssm_cb_and_decay_grads  # noqa: E402
+from bench.block_costs import mamba_ssm_cb_grad  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
 )
@@ -216,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []
-    cb_grad = (mock.patch("model.ssd_saved.cb_and_decay_grads", mamba_ssm_cb_and_decay_grads)
-               if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext())
-    with cb_grad:
+    with mamba_ssm_cb_grad() if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext():
         for seq in seqs:
             micro_batch = max(1, args.micro_batch_tokens // seq)
             variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from bench.block_costs import time_part
-from bench.common import environment, rel_err, sync, write_results
+from bench.common import add_run_options, environment, rel_err, sync, write_results
 from model import HybridLM, ModelConfig
 from model.wgrad import accumulate_weight_grad
 
@@ -73,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--name", default=None)
+    add_run_options(ap, iters=20)
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.smoke else "cuda")
     preset = "tiny" if args.smoke else args.preset

@@ -261,11 +261,13 @@ def test_fused_split_conv_training_matches_reference(fused_split_conv, dt_limit:
 def test_cb_grad_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> None:
     """model/ssd_cb_grad.py: one kernel for the C.B gradient and the intra-chunk decay gradient against
     mamba_ssm's `_chunk_scan_bwd_dcb` and `_chunk_scan_bwd_ddAcs_stable` (called as bench/block_costs.py's
-    A/B variant calls them), and both against float64 from the definition. Chunk 64 (several tiles: the cross-tile sums and the
-    zero tiles above the diagonal), a partial last chunk, document boundaries, 2 groups of 2 heads."""
+    A/B variant calls them), and both against float64 from the definition. Chunk 64 (several tiles: the
+    cross-tile sums and the zero tiles above the diagonal), a partial last chunk, document boundaries, 2
+    groups of 2 heads. And the benches' A/B switch replaces the function model/ssd_saved.py calls."""
     from mamba_ssm.ops.triton import ssd_bmm
 
-    from bench.block_costs import mamba_ssm_cb_and_decay_grads
+    import model.ssd_saved as ssd_saved
+    from bench.block_costs import mamba_ssm_cb_and_decay_grads, mamba_ssm_cb_grad
     from bench.ssd_cb_grad import decay_grad_float64
     from model.ssd_cb_grad import cb_and_decay_grads
 
@@ -285,6 +287,9 @@ def test_cb_grad_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> N
     assert _rel(dcb.double(), exact_dcb) < 1e-6
     assert _rel(ddA.double(), exact) < 1e-6  # observed 2.3e-7 (the stable kernel: 1.3e-7)
     assert torch.equal(ddA[..., 0], torch.zeros_like(ddA[..., 0]))
+    with mamba_ssm_cb_grad():  # the benches' A/B switch reaches the function model/ssd_saved.py calls
+        assert ssd_saved.cb_and_decay_grads is mamba_ssm_cb_and_decay_grads
+    assert ssd_saved.cb_and_decay_grads is cb_and_decay_grads
 
 
 def test_ssd_cb_grad_bench_smoke(interpreted_kernels, tmp_path) -> None:
