@@ -7,9 +7,8 @@ graph and replayed, so the time is the GPU's alone (no host launch gaps). Rate =
 FLOPs (model.sizing's terms, 3 x forward) / time, and its share of the bf16 GEMM peak measured in the
 same run. Variants: the Mamba2 chunk sizes (`--chunks`), its backward as the model runs it (intermediates kept
 from the forward, model/ssd_saved.py, with model/ssd_cb_grad.py's one kernel for the C.B and intra-chunk decay
-gradients and model/ssd_dx_db.py's one for the x, dt, D and B gradients) vs the same with mamba_ssm's two
-kernels for either ("mamba_ssm dCB + ddA", "mamba_ssm dx + dB") and vs mamba_ssm's recomputing function, each
-with its gradients' errors against a float64 copy of the mixer on the reference path
+gradients) vs the same with mamba_ssm's two kernels for those ("mamba_ssm dCB + ddA") and vs mamba_ssm's
+recomputing function, each with its gradients' errors against a float64 copy of the mixer on the reference path
 (A, dt's bias, in_proj, the input), the attention kernels (`--attn-backends`),
 the MLP eager vs kernel path (one GEMM over [gate; up] + mamba_ssm's fused SwiGLU), the MLP at
 the all-attention twin's width (bench/peers.attention_twin), and the loss as float32 torch
@@ -117,12 +116,12 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
 def mamba_variants(chunk: int, kernels: bool) -> list[tuple[str, bool, Callable[[], ContextManager]]]:
     """(variant, recompute_in_backward, context) of the Mamba2 mixer at one chunk size: as the model runs
     and, on the kernel path (the reference path has one form), with mamba_ssm's two kernels in place of
-    model/ssd_cb_grad.py's one or of model/ssd_dx_db.py's one, and mamba_ssm's recomputing function."""
+    model/ssd_cb_grad.py's one, and mamba_ssm's recomputing function."""
     plain = contextlib.nullcontext
     if not kernels:
         return [(f"chunk {chunk}", False, plain)]
     return [(f"chunk {chunk}", False, plain), (f"chunk {chunk}, mamba_ssm dCB + ddA", False, mamba_ssm_cb_grad),
-            (f"chunk {chunk}, mamba_ssm dx + dB", False, mamba_ssm_dx_db), (f"chunk {chunk}, recompute", True, plain)]
+            (f"chunk {chunk}, recompute", True, plain)]
 
 
 def mamba_ssm_cb_grad() -> ContextManager:
@@ -139,27 +138,6 @@ def mamba_ssm_cb_and_decay_grads(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: t
 
     return (cs._chunk_scan_bwd_dcb(x, dt, dA_cumsum, dout, seq_idx=seq_idx, ngroups=ngroups),
             cs._chunk_scan_bwd_ddAcs_stable(x, dt, dA_cumsum, dout, CB))
-
-
-def mamba_ssm_dx_db() -> ContextManager:
-    """While entered, model/ssd_saved.py's backward takes mamba_ssm's dx and dB kernels in place of
-    model/ssd_dx_db.py's one (the A/B variant of the mixer here and of bench/train_step_throughput.py
-    --ssd-dx-db mamba_ssm)."""
-    return mock.patch("model.ssd_saved.x_and_b_grads", mamba_ssm_x_and_b_grads)
-
-
-def mamba_ssm_x_and_b_grads(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, B: torch.Tensor,
-                            CB: torch.Tensor, dout: torch.Tensor, dstates: torch.Tensor, D: torch.Tensor,
-                            seq_idx: torch.Tensor | None = None,
-                            dx: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """model.ssd_dx_db.x_and_b_grads' result from mamba_ssm's two kernels (what it replaces)."""
-    from mamba_ssm.ops.triton import ssd_chunk_state as cst
-    from mamba_ssm.ops.triton import ssd_combined as sc
-
-    dx, ddt, dD = sc._chunk_scan_chunk_state_bwd_dx(x, dt, dA_cumsum, B, CB, dout, dstates, D=D, seq_idx=seq_idx,
-                                                    dx=dx)
-    return (dx, ddt, dD, *cst._chunk_state_bwd_db(x, dt, dA_cumsum, dstates, seq_idx=seq_idx, B=B,
-                                                  ngroups=B.shape[2]))
 
 
 def mixer_grad_error(mixer: Mamba2Mixer, x: torch.Tensor) -> dict:

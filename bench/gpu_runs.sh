@@ -44,7 +44,6 @@
 #              buffers by their GEMMs (train.grad_fold=fused_wgrad, model/wgrad.py), then the step cost split
 #              fused_wgrad vs copy_free (bench/step_overhead.py)
 #   train_zero1_cb_grad_graph  the same (fused_wgrad) with model/ssd_cb_grad.py in the Mamba2 backward
-#   train_zero1_dx_db_graph  the same with model/ssd_dx_db.py in it too
 #   mixer      the Mamba2 mixer's backward with the forward's intermediates kept (model/ssd_saved.py) vs
 #              mamba_ssm's recomputing function (every part at 8192; the committed run also timed a
 #              gated-norm backward launcher with 2-8 programs per SM, since dropped: no gain); the
@@ -72,11 +71,7 @@
 #              mamba_ssm's two, alone (bench/ssd_cb_grad.py, tile configs, errors vs float64) and in the Mamba2
 #              mixer (8192, 16384; and mamba_ssm's recomputing function; gradient errors vs float64; profile). peers_cb_grad: the step bench (ZeRO-1, graphed, ours and the twin) with it;
 #              cb_grad_ab: ours alone with mamba_ssm's two kernels, then with ours, then mamba_ssm's again, one machine
-#   dx_db      model/ssd_dx_db.py's one kernel for the SSD backward's x, dt, D and B gradients vs mamba_ssm's two,
-#              alone (bench/ssd_dx_db.py, tile configs, errors vs float64) and in the Mamba2 mixer (8192, 16384;
-#              gradient errors vs float64; every kernel's time). dx_db_ab: ours alone with mamba_ssm's two
-#              kernels, then with ours, then mamba_ssm's again, one machine; peers_dx_db: the step bench (ZeRO-1,
-#              graphed, ours and the twin) with it; train_zero1_dx_db_graph: launch/pretrain.py with it
+#   mixer_kernels  every kernel of the Mamba2 mixer's forward+backward (1.3B, 8192 and 16384; bench/block_costs.py)
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
@@ -93,7 +88,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|dx_db|dx_db_ab|peers_dx_db|train_zero1_dx_db_graph|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -204,8 +199,7 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|\
-train_zero1_dx_db_graph)
+train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
@@ -215,7 +209,6 @@ train_zero1_dx_db_graph)
     [ "$stage" = train_zero1_fold_graph ] && name=pretrain_1.3b_zero1_fold_graph ds=ds_configs/zero1.json fold=copy_free
     [ "$stage" = train_zero1_fused_wgrad_graph ] && name=pretrain_1.3b_zero1_fused_wgrad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_cb_grad_graph ] && name=pretrain_1.3b_zero1_cb_grad_graph ds=ds_configs/zero1.json
-    [ "$stage" = train_zero1_dx_db_graph ] && name=pretrain_1.3b_zero1_dx_db_graph ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 420 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -328,27 +321,9 @@ peers_cb_grad)
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_cb_grad_zero1_1.3b_h100 \
         --out "$res"
     ;;
-dx_db)
-    step 240 python3 bench/ssd_dx_db.py --preset 1.3b --seq-lens 8192,16384 \
-        --tiles 64x32x8x4x2,64x64x8x4x2,64x32x4x4x2,64x32x16x4x2,64x32x2x4x2,64x32x8x8x2,64x32x8x4x3,32x32x8x4x2,32x32x4x4x2,32x64x8x4x2,128x32x8x8x2,64x64x16x4x3 \
-        --name ssd_dx_db_1.3b_h100 --out "$res"
-    step 330 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192,16384 --tokens 8192 --chunks 256 \
-        --parts mamba_mixer --profile --profile-top 40 --name block_costs_dx_db_1.3b_h100 --out "$res"
-    ;;
-dx_db_ab)  # ours alone, mamba_ssm's two kernels / ours / mamba_ssm's again, one machine
-    limit=240  # the first run compiles and autotunes
-    for kern in mamba_ssm ours mamba_ssm; do
-        n=$(( ${n:-0} + 1 ))
-        step $limit python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,16384 --cuda-graph --graph-only \
-            --models ours --ds-config ds_configs/zero1.json --ssd-dx-db $kern \
-            --name train_step_throughput_graph_dx_db_ab${n}_${kern}_zero1_1.3b_h100 --out "$res"
-        limit=150
-    done
-    ;;
-peers_dx_db)
-    step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,16384 --cuda-graph --graph-only \
-        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_dx_db_zero1_1.3b_h100 \
-        --out "$res"
+mixer_kernels)
+    step 300 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192,16384 --tokens 8192 --chunks 256 \
+        --parts mamba_mixer --profile --profile-top 60 --name block_costs_kernels_1.3b_h100 --out "$res"
     ;;
 determinism|determinism_on)
     peak=$(matmul_peak)

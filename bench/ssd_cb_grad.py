@@ -26,7 +26,6 @@ from bench.common import add_run_options, environment, rel_err, write_results
 from model import ModelConfig
 
 COLUMNS = ["path", "seq_len", "ms", "err_dcb", "err_ddA"]
-CB_ARGS = ("x", "dt", "dA_cumsum", "dout", "CB", "seq_idx", "ngroups")
 
 
 def decay_grad_float64(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tensor, dout: torch.Tensor, CB: torch.Tensor,
@@ -53,8 +52,7 @@ def decay_grad_float64(x: torch.Tensor, dt: torch.Tensor, dA_cumsum: torch.Tenso
 
 
 def inputs(cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Seeded kernel inputs at cfg's widths, one sequence of `seq_len` tokens in 4 documents: the arguments of
-    model.ssd_cb_grad.cb_and_decay_grads (CB_ARGS) and B (b, l, g, n), the B behind CB."""
+    """Seeded kernel inputs at cfg's widths, one sequence of `seq_len` tokens in 4 documents."""
     from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_state
 
     m, h = cfg.mamba, cfg.n_ssm_heads
@@ -76,7 +74,7 @@ def inputs(cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dt
     return {"x": rand(1, seq_len, h, m.headdim), "dt": dt, "dA_cumsum": dA_cumsum,
             "dout": rand(1, seq_len, h, m.headdim),
             "CB": ssd_bmm._bmm_chunk_fwd(C, B, m.chunk_size, seq_idx=seq_idx, output_dtype=torch.float32),
-            "seq_idx": seq_idx, "ngroups": m.n_groups, "B": B}
+            "seq_idx": seq_idx, "ngroups": m.n_groups}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "chunk_size": cfg.mamba.chunk_size, "n_groups": cfg.mamba.n_groups}
     rows = []
     for seq in seq_lens:
-        kw = {k: v for k, v in inputs(cfg, seq, device, dtype).items() if k in CB_ARGS}
+        kw = inputs(cfg, seq, device, dtype)
         want_dcb, want_ddA = decay_grad_float64(kw["x"], kw["dt"], kw["dA_cumsum"], kw["dout"], kw["CB"],
                                                 kw["seq_idx"], cfg.n_ssm_heads // cfg.mamba.n_groups)
         paths = [("mamba_ssm dcb + ddAcs_stable", mamba_ssm_cb_and_decay_grads, {})]

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 from bench import peers  # noqa: E402
-from bench.block_costs import mamba_ssm_cb_grad, mamba_ssm_dx_db  # noqa: E402
+from bench.block_costs import mamba_ssm_cb_grad  # noqa: E402
 from bench.common import (  # noqa: E402
     RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
 )
@@ -185,9 +185,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ssd-cb-grad", default="ours", choices=("ours", "mamba_ssm"),
                     help="the Mamba2 backward's C.B and decay gradients: model/ssd_cb_grad.py's kernel, or "
                          "mamba_ssm's two (bench/block_costs.py's A/B variant)")
-    ap.add_argument("--ssd-dx-db", default="ours", choices=("ours", "mamba_ssm"),
-                    help="the Mamba2 backward's x, dt, D and B gradients: model/ssd_dx_db.py's kernel, or "
-                         "mamba_ssm's two (bench/block_costs.py's A/B variant)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, sequences 32/64, 64 tokens x 2, 1 step")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--name", help="results file name (default train_step_throughput_<preset>[_smoke])")
@@ -215,15 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["ds_config"] = args.ds_config
     meta["grad_fold"] = args.fold
     meta["ssd_cb_grad"] = args.ssd_cb_grad
-    meta["ssd_dx_db"] = args.ssd_dx_db
     title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []
-    with contextlib.ExitStack() as mamba_ssm_kernels:
-        if args.ssd_cb_grad == "mamba_ssm":
-            mamba_ssm_kernels.enter_context(mamba_ssm_cb_grad())
-        if args.ssd_dx_db == "mamba_ssm":
-            mamba_ssm_kernels.enter_context(mamba_ssm_dx_db())
+    with mamba_ssm_cb_grad() if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext():
         for seq in seqs:
             micro_batch = max(1, args.micro_batch_tokens // seq)
             variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]

@@ -35,7 +35,6 @@ from mamba_ssm.ops.triton import ssd_combined as sc
 from mamba_ssm.ops.triton.layernorm_gated import _layer_norm_bwd, _layer_norm_fwd
 
 from model.ssd_cb_grad import cb_and_decay_grads
-from model.ssd_dx_db import x_and_b_grads
 from model.wgrad import weight_grad
 
 
@@ -131,8 +130,9 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         )
         states = rearrange(states, "... (p n) -> ... p n", n=dstate)
         dstates = rearrange(dstates, "... (p n) -> ... p n", n=dstate)
-        dx, ddt, dD, dB, ddA_next = x_and_b_grads(x, dt_out, dA_cumsum, B, CB, dout, dstates, D, seq_idx=seq_idx,
-                                                  dx=dx)
+        dx, ddt, dD = sc._chunk_scan_chunk_state_bwd_dx(x, dt_out, dA_cumsum, B, CB, dout, dstates, D=D,
+                                                        seq_idx=seq_idx, dx=dx)
+        dB, ddA_next = sc._chunk_state_bwd_db(x, dt_out, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=ngroups)
         dC, ddA_cumsum_prev = sc._chunk_scan_bwd_dC(states.to(x.dtype), dA_cumsum, dout, seq_idx=seq_idx, C=C,
                                                     ngroups=ngroups)
         dCB, ddA = cb_and_decay_grads(x, dt_out, dA_cumsum, dout, CB, seq_idx=seq_idx, ngroups=ngroups)

@@ -306,73 +306,12 @@ def test_ssd_cb_grad_bench_smoke(interpreted_kernels, tmp_path) -> None:
         assert r["ms"] > 0 and r["err_dcb"] < 1e-5 and r["err_ddA"] < 1e-5, r
 
 
-def test_dx_db_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> None:
-    """model/ssd_dx_db.py: one kernel for the x, dt, D and B gradients and the decay gradient through the
-    states against mamba_ssm's `_chunk_scan_chunk_state_bwd_dx` and `_chunk_state_bwd_db` (as bench/block_costs.py's
-    A/B variant calls them) and both against float64 from the definition. Chunk 64 in row blocks of 32 and
-    steps of 16 (several blocks per chunk), a partial last chunk, document boundaries, 2 groups of 4 heads in
-    programs of 3 (a short last program). And the benches' A/B switch replaces the function model/ssd_saved.py
-    calls."""
-    from unittest import mock
-
-    from mamba_ssm.ops.triton import ssd_bmm
-
-    import model.ssd_dx_db as ours
-    import model.ssd_saved as ssd_saved
-    from bench.block_costs import mamba_ssm_dx_db, mamba_ssm_x_and_b_grads
-    from bench.ssd_dx_db import OUTPUTS, x_and_b_grads_float64
-
-    gen = torch.Generator().manual_seed(5)
-    b, seqlen, h, p, g, n, q = 2, 150, 8, 16, 2, 8, 64
-    x, dout = (torch.randn(b, seqlen, h, p, generator=gen) for _ in range(2))
-    C, B = (torch.randn(b, seqlen, g, n, generator=gen) for _ in range(2))
-    seq_idx = torch.tensor([[0] * 50 + [1] * 90 + [2] * 10, [0] * 150], dtype=torch.int32)
-    dt = torch.nn.functional.pad(torch.rand(b, h, seqlen, generator=gen) * 0.2, (0, 3 * q - seqlen)).view(b, h, 3, q)
-    dA_cumsum = (dt * -torch.rand(h, generator=gen)[None, :, None, None]).cumsum(-1)
-    CB = ssd_bmm._bmm_chunk_fwd(C, B, q, seq_idx=seq_idx, output_dtype=torch.float32)
-    dstates = torch.randn(b, 3, h, p, n, generator=gen)
-    D = 1.0 + 0.2 * torch.randn(h, generator=gen)
-    kw = {"x": x, "dt": dt, "dA_cumsum": dA_cumsum, "B": B, "CB": CB, "dout": dout, "dstates": dstates, "D": D,
-          "seq_idx": seq_idx}
-    exact = x_and_b_grads_float64(**kw)
-    want = mamba_ssm_x_and_b_grads(**kw)
-    for name, w, e in zip(OUTPUTS, want, exact):
-        assert _rel(w.double(), e) < 1e-6, name  # the float64 reference against mamba_ssm's kernels
-    with mock.patch.multiple(ours, BLOCK_M=32, BLOCK_K=16, HEADS=3):
-        got = ours.x_and_b_grads(**kw)
-    for name, t, w, e in zip(OUTPUTS, got, want, exact):
-        assert t.shape == w.shape and t.dtype == w.dtype, name
-        assert _rel(t.double(), e) < 1e-6, name  # float32 sums in another order
-    assert torch.equal(got[-1][..., 0], torch.zeros_like(got[-1][..., 0]))
-    for doc_free in (ours.x_and_b_grads(**(kw | {"seq_idx": None})), ):  # the default config, no documents
-        for name, t, e in zip(OUTPUTS, doc_free, x_and_b_grads_float64(**(kw | {"seq_idx": None}))):
-            assert _rel(t.double(), e) < 1e-6, name
-    with mamba_ssm_dx_db():  # the benches' A/B switch reaches the function model/ssd_saved.py calls
-        assert ssd_saved.x_and_b_grads is mamba_ssm_x_and_b_grads
-    assert ssd_saved.x_and_b_grads is ours.x_and_b_grads
-
-
-def test_ssd_dx_db_bench_smoke(interpreted_kernels, tmp_path) -> None:
-    """bench/ssd_dx_db.py --smoke (Triton kernels: on CPU only here, interpreted): both paths and both configs
-    write rows, each within float32 rounding of the float64 definition."""
-    import json
-
-    from bench import ssd_dx_db
-
-    assert ssd_dx_db.main(["--smoke", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "ssd_dx_db_tiny_smoke.json").read_text())["rows"]
-    assert [r["path"] for r in rows] == ["mamba_ssm dx + db", "ours 64x32x8x4x2", "ours 32x16x1x4x2"]
-    for r in rows:
-        assert r["ms"] > 0 and r["err_max"] < 1e-5 and r["err_ddA"] < 1e-5, r
-
-
 def test_saved_intermediates_give_mamba_ssms_result(fused_split_conv, monkeypatch) -> None:
     """model/ssd_saved.py (the training form that keeps the conv output, chunk states and C.B from
     the forward) runs mamba_ssm's kernels on the same inputs as mamba_ssm's own fused function, which
     recomputes them, except that model/ssd_cb_grad.py forms the C.B and intra-chunk decay gradients in
-    one kernel and model/ssd_dx_db.py the x, dt, D and B gradients in another: the output and the
-    gradients that pass through neither dt nor D bitwise (x's and B's: the conv's weights are), those that
-    do (dt's bias, A, D, in_proj and the input) within float32 rounding. Training takes it by default;
+    one kernel: the output and the gradients that do not pass through dt bitwise, those that do (dt's
+    bias, A, in_proj and the input) within float32 rounding. Training takes it by default;
     `model.mamba.recompute_in_backward` and gradient-free calls take mamba_ssm's function."""
     import model.ssd_saved as ssd_saved
 
@@ -394,10 +333,10 @@ def test_saved_intermediates_give_mamba_ssms_result(fused_split_conv, monkeypatc
         results.append([out.detach(), x.grad] + [p.grad.clone() for p in mixer.parameters()])
         assert len(calls) == 1, "training takes the saved form by default, mamba_ssm's with the flag"
     names = ["out", "input"] + [n for n, _ in mixer.named_parameters()]
-    summed_otherwise = {"input", "in_proj.weight", "dt_bias", "A_log", "D"}
-    assert summed_otherwise < set(names)
+    through_dt = {"input", "in_proj.weight", "dt_bias", "A_log"}
+    assert through_dt < set(names)
     for name, got, want in zip(names, *results):
-        if name in summed_otherwise:
+        if name in through_dt:
             assert _rel(got, want) < 1e-6, name
         else:
             assert torch.equal(got, want), name
