@@ -72,6 +72,9 @@
 #              mixer (8192, 16384; and mamba_ssm's recomputing function; gradient errors vs float64; profile). peers_cb_grad: the step bench (ZeRO-1, graphed, ours and the twin) with it;
 #              cb_grad_ab: ours alone with mamba_ssm's two kernels, then with ours, then mamba_ssm's again, one machine
 #   mixer_kernels  every kernel of the Mamba2 mixer's forward+backward (1.3B, 8192 and 16384; bench/block_costs.py)
+#   docs_single  document vs continuous packing (as docs_graph) once packed micro-batches of one document per row
+#              replay the training graphs' plain step with their positions (no boundaries); RUN=runN names the run.
+#              train_zero1_docs_graph: `train_zero1_cb_grad_graph` with document packing
 #   determinism  exact resume on one GPU (bench/scale_runs.py preempt: SIGTERM, resume, loss difference to
 #              the uninterrupted run), small preset, default kernels vs train.deterministic=true (and
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
@@ -88,7 +91,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|train_zero1_docs_graph|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -199,7 +202,8 @@ eval_graph)
     step 300 python3 bench/eval_throughput.py --preset small --backends hybrid,hybrid_graph,hf --out eval_throughput_graph_small_h100
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
-train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph)
+train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|\
+train_zero1_docs_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
@@ -209,6 +213,7 @@ train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero
     [ "$stage" = train_zero1_fold_graph ] && name=pretrain_1.3b_zero1_fold_graph ds=ds_configs/zero1.json fold=copy_free
     [ "$stage" = train_zero1_fused_wgrad_graph ] && name=pretrain_1.3b_zero1_fused_wgrad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_cb_grad_graph ] && name=pretrain_1.3b_zero1_cb_grad_graph ds=ds_configs/zero1.json
+    [ "$stage" = train_zero1_docs_graph ] && name=pretrain_1.3b_zero1_docs_graph ds=ds_configs/zero1.json packing=document
     run_dir=/tmp/$name
     step 420 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -319,6 +324,11 @@ cb_grad_ab)  # ours alone, mamba_ssm's two kernels / ours / mamba_ssm's again, o
 peers_cb_grad)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,16384 --cuda-graph --graph-only \
         --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_cb_grad_zero1_1.3b_h100 \
+        --out "$res"
+    ;;
+docs_single)
+    step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
+        --modes continuous,document,continuous_graph,document_graph --name "packing_throughput_graph_single_${RUN:-run1}_h100" \
         --out "$res"
     ;;
 mixer_kernels)

@@ -1,21 +1,21 @@
 """Cost of document-aware packing: training-step throughput with `document` vs `continuous` packing.
 
-Sequences are packed from the REAL document-length distribution of a curated manifest (the train
-split's `.ds.index` files: consecutive documents fill each sequence, the last one split at the
-boundary, as the data loader does). Each step is forward + backward + a fused AdamW update of the
-preset in bf16 on the kernel path; `document` passes seq_idx (kept on the host, as the trainer does)
-and restarting positions (Mamba2 state and conv reset, attention within documents through
-flash-attn varlen), `document_flex` the same with FlexAttention's document mask, `continuous`
-passes neither. `continuous_graph` and `document_graph` run the same steps with the forward and
-backward replayed as CUDA graphs (model/train_graph.py; packed documents through fixed-capacity
-cu_seqlens). `grad_rel_err`: a graphed mode's gradients against its eager mode's on the same batch
-and weights, and, on the eager row, a second eager step against the first (the kernels' own
-run-to-run spread, the floor the graphed error is read against). The cost is that of the faster document mode against continuous packing, eager and graphed
-apart. Also checks on the kernel path that a packed sequence gives each document the logits it gets
-alone.
+Sequences are packed from the REAL document-length distribution of a curated manifest (the train split's
+`.ds.index` files: consecutive documents fill each sequence, the last one split at the boundary, as the data
+loader does). Each step is forward + backward + a fused AdamW update of the preset in bf16 on the kernel path;
+`document` passes seq_idx (kept on the host, as the trainer does) and restarting positions (Mamba2 state and
+conv reset, attention within documents through flash-attn varlen), `document_flex` the same with
+FlexAttention's document mask, `continuous` passes neither. `continuous_graph` and `document_graph` run the
+same steps with the forward and backward replayed as CUDA graphs (model/train_graph.py; packed documents
+through fixed-capacity cu_seqlens). `grad_rel_err`: a graphed mode's gradients against its eager mode's on the
+same batch and weights, and, on the eager row, a second eager step against the first (the kernels' own
+run-to-run spread, the floor the graphed error is read against). The cost is that of the faster document mode
+against continuous packing, eager and graphed apart. Also checks on the kernel path that a packed sequence
+gives each document the logits it gets alone.
 
     python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --preset 1.3b --seq-len 8192
-    python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --modes continuous,document,continuous_graph,document_graph
+    python bench/packing_throughput.py --manifest outputs/embedded/manifest.json \
+        --modes continuous,document,continuous_graph,document_graph
     python bench/packing_throughput.py --manifest outputs/embedded/manifest.json --smoke
 """
 
@@ -28,7 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import bench_model, environment, matmul_peak_tflops, median, rel_err, time_fn, write_results
+from bench.common import (
+    add_run_options,
+    bench_model,
+    environment,
+    matmul_peak_tflops,
+    median,
+    rel_err,
+    time_fn,
+    write_results,
+)
 from model import ModelConfig, positions_from_seq_idx, train_flops_per_token
 from model.train_graph import graph_training_forward
 
@@ -67,11 +76,9 @@ def main() -> None:
     ap.add_argument("--manifest", type=Path, required=True)
     ap.add_argument("--preset", default="1.3b")
     ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--modes", default="continuous,document,document_flex,continuous_graph,document_graph",
                     help="the *_graph modes need CUDA (left out with --smoke)")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
+    add_run_options(ap, iters=8)
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     preset, seq, iters = ("tiny", 128, 2) if args.smoke else (args.preset, args.seq_len, args.iters)
@@ -178,7 +185,8 @@ def main() -> None:
 
     cost = packing_cost("continuous", ("document", "document_flex"))
     cost_graph = packing_cost("continuous_graph", ("document_graph",))
-    best_document = max((r for r in rows if r["packing"] in ("document", "document_flex")), key=lambda r: r["tokens_per_s"])
+    best_document = max((r for r in rows if r["packing"] in ("document", "document_flex")),
+                        key=lambda r: r["tokens_per_s"])
     # packed == each document alone, kernel path (the faster document mode), first packed row
     model.set_attn_backend("flex" if best_document["packing"] == "document_flex" else cfg.attn_backend)
     model.eval()
@@ -199,7 +207,7 @@ def main() -> None:
     graphed = f", {100 * cost_graph:.2f}% graphed" if cost_graph is not None else ""
     print(f"document packing cost {100 * cost:.2f}% eager{graphed}; packed vs alone logits rel err {parity:.2e}; "
           f"documents per row {docs_per_row}")
-    write_results("packing_throughput" + ("_smoke" if args.smoke else ""), rows, meta,
+    write_results(args.name or "packing_throughput" + ("_smoke" if args.smoke else ""), rows, meta,
                   ["preset", "packing", "seq_len", "tokens_per_s", "mfu", "step_ms", "ms_by_row", "peak_mem_gb",
                    "grad_rel_err", "grad_worst_tensors"], args.out,
                   title=f"Document vs continuous packing ({preset}, 1 x {seq}, bf16, fwd+bwd+AdamW); cost "

@@ -9,7 +9,10 @@ What is captured: `HybridLM.forward` for one input shape, logits out, parameter 
 `graph_training_forward` installs a dispatcher as the model's `forward`: training-mode calls of the
 captured shape replay graphs; everything else (evaluation, other shapes, caches, explicit positions
 without documents) runs the eager forward, so one model serves both. Two kinds of step:
-  plain      `input_ids` alone (continuous packing).
+  plain      no document boundaries: the ids and their positions in. Serves `input_ids` alone
+             (continuous packing; positions 0..l-1) and packed batches whose every row is one document
+             or a piece of one (the loader's positions: a piece may start past 0), which the eager forward
+             also runs without boundaries (model/documents.py): SDPA, Mamba2 kernels without seq_idx.
   documents  packed batches (`seq_idx`, with or without `position_ids`; with `documents=True`). The
              boundaries change every batch, the shapes must not: the inputs are the ids, positions,
              int32 seq_idx (which the Mamba2 kernels take as a tensor) and flash-attn's cu_seqlens
@@ -124,7 +127,8 @@ class EagerReplayGraphs(CudaGraphs):
 
     def replay(self, graph: Any) -> None:
         self.replays += 1
-        with torch.enable_grad():  # a real replay records nothing; re-running needs autograd (Function.forward disables it)
+        # a real replay records nothing; re-running needs autograd (Function.forward disables it)
+        with torch.enable_grad():
             fresh = graph.run()
         pairs = zip(graph.out, fresh) if isinstance(fresh, tuple) else [(graph.out, fresh)]
         with torch.no_grad():
@@ -152,9 +156,9 @@ class GraphInputs:
     into it.
 
     ids           (b, l) long
-    position_ids  (b, l) long, packed documents only
-    seq_idx       (b, l) int32, packed documents only
-    cu_seqlens    (capacity + 1,) int32, packed documents only: the batch's document starts padded
+    position_ids  (b, l) long
+    seq_idx       (b, l) int32, documents steps only
+    cu_seqlens    (capacity + 1,) int32, documents steps only: the batch's document starts padded
                   with b * l (empty documents), so every batch up to `capacity` documents has the
                   captured shape; flash-attn's varlen kernel skips the empty ones
     """
@@ -298,6 +302,8 @@ class GraphedTrainingForward:
         if not self.documents:
             return None
         n_docs = int(document_starts(seq_idx).sum())
+        if n_docs == seq_idx.size(0):  # one document per row (each row's first token counts as a start)
+            return "plain"
         capacity = next((c for c in DOC_CAPACITIES if c >= n_docs), None)
         if capacity is None and not self.warned_capacity:  # once: short documents would flood the log
             log.warning("a packed micro-batch holds %d documents, more than the CUDA graphs' largest capacity "
@@ -308,14 +314,15 @@ class GraphedTrainingForward:
     def graph_inputs(self, key: str | int, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                      seq_idx: torch.Tensor | None) -> GraphInputs:
         """This call's inputs on the model's device, shaped as step `key` takes them."""
-        if key == "plain":
-            return GraphInputs(input_ids)
         device = input_ids.device
+        if position_ids is None:
+            position_ids = (torch.arange(input_ids.size(1), device=device).expand_as(input_ids) if seq_idx is None
+                            else positions_from_seq_idx(seq_idx))
+        if key == "plain":
+            return GraphInputs(input_ids, position_ids.to(device))
         flat_starts = document_starts(seq_idx).flatten().cpu()
         cu = cu_seqlens_of(flat_starts)
         cu = torch.cat([cu, cu.new_full((key + 1 - cu.numel(),), flat_starts.numel())])  # empty documents
-        if position_ids is None:
-            position_ids = positions_from_seq_idx(seq_idx)
         return GraphInputs(input_ids, position_ids.to(device), seq_idx.to(device, torch.int32), cu.to(device))
 
     def _capture(self, key: str | int, inputs: GraphInputs) -> None:

@@ -1,15 +1,14 @@
 """CUDA-graph training (model/train_graph.py) on CPU: the capture's data flow and the dispatcher.
 
-CUDA graphs need a GPU. Here a stand-in (model.train_graph.EagerReplayGraphs) takes the place of the
-graph operations: "capture" runs the function once and keeps its outputs as the static buffers, "replay" runs it again and copies the
-result into them. That checks everything around the graphs: stand-in leaves sharing the parameters'
-storage, static input/output/gradient buffers, the gradients handed to the right parameters, in-place
-parameter updates seen by later replays, and which calls replay. The graphs themselves are compared
+CUDA graphs need a GPU. Here a stand-in (model.train_graph.EagerReplayGraphs) takes the place of the graph
+operations: "capture" runs the function once and keeps its outputs as the static buffers, "replay" runs it
+again and copies the result into them. That checks everything around the graphs: stand-in leaves sharing the
+parameters' storage, static input/output/gradient buffers, the gradients handed to the right parameters,
+in-place parameter updates seen by later replays, and which calls replay. The graphs themselves are compared
 with the eager step on the GPU (bench/fwd_bwd_throughput.py --cuda-graph: loss and gradient error).
 """
 
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -97,7 +96,8 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
     """float64: packed micro-batches replay a documents step whose loss and gradients equal the eager
     packed forward's (1e-12), with positions that do not restart at a row's start. Each capacity is
     captured on first use; cu_seqlens is padded with empty documents; a batch with more documents than
-    the largest capacity runs eagerly; plain calls of the same shape get their own step."""
+    the largest capacity runs eagerly; a batch of one document per row (here pieces continuing from
+    position 5) replays the plain step with its positions, without boundaries, as do plain calls."""
     monkeypatch.setattr("model.train_graph.DOC_CAPACITIES", (3, 5))
     model = tiny_model("MAMA", tie_embeddings=True).train()
     ops = StandInGraphs()
@@ -105,8 +105,8 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
                                         documents=True)
     assert ops.captures == 0  # documents: nothing captured before it is needed
     gen = torch.Generator().manual_seed(3)
-    layouts = [[[8], [3, 5]], [[2, 6], [8]], [[2, 2, 4], [4, 4]], [[1] * 8, [8]], [[4, 4], [8]]]
-    capacities = [3, 3, 5, None, 3]
+    layouts = [[[8], [3, 5]], [[2, 6], [8]], [[8], [8]], [[2, 2, 4], [4, 4]], [[1] * 8, [8]], [[4, 4], [8]]]
+    capacities = [3, 3, "plain", 5, None, 3]
     for lengths, capacity in zip(layouts, capacities):
         batch = packed(2, lengths, model.cfg.vocab_size, gen)
         ids, labels = batch["ids"][:, :-1], batch["ids"][:, 1:]
@@ -121,16 +121,28 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
             torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
             p.grad = None
         assert dispatcher.replays - before == (capacity is not None)
-        if capacity is not None:
+        if capacity == "plain":
+            step = dispatcher.steps["plain"]
+            assert step.inputs.seq_idx is None and step.inputs.cu_seqlens is None
+            assert torch.equal(step.inputs.position_ids, batch["position_ids"])
+        elif capacity is not None:
             starts = [0] + torch.tensor([n for row in lengths for n in row]).cumsum(0).tolist()
             want_cu = starts + [16] * (capacity + 1 - len(starts))
             assert dispatcher.steps[capacity].inputs.cu_seqlens.tolist() == want_cu
-    assert sorted(dispatcher.steps) == [3, 5] and ops.captures == 4 and dispatcher.eager_calls == 1
+    assert set(dispatcher.steps) == {3, 5, "plain"} and ops.captures == 6 and dispatcher.eager_calls == 1
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
         "a packed micro-batch holds 9 documents, more than the CUDA graphs' largest capacity (5): such "
         "micro-batches run eagerly (slower)"]
-    model(torch.zeros(2, 8, dtype=torch.long)).sum().backward()  # plain call: its own step
-    assert set(dispatcher.steps) == {3, 5, "plain"} and ops.captures == 6
+    before = dispatcher.replays
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=gen)
+    want_loss, want_grads = eager_loss_and_grads(model, ids)
+    loss = model.loss(ids[:, :-1], ids[:, 1:])  # a plain call: the same step, positions 0..7
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-12, atol=0)
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert torch.equal(dispatcher.steps["plain"].inputs.position_ids, torch.arange(8).expand(2, 8))
+    assert dispatcher.replays == before + 1 and set(dispatcher.steps) == {3, 5, "plain"} and ops.captures == 6
 
 
 def test_packed_batches_run_eagerly_without_documents(graphed) -> None:
