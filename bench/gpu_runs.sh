@@ -70,7 +70,8 @@
 #   cb_grad    model/ssd_cb_grad.py's one kernel for the SSD backward's C.B and intra-chunk decay gradients vs
 #              mamba_ssm's two, alone (bench/ssd_cb_grad.py, tile configs, errors vs float64) and in the Mamba2
 #              mixer (8192, 16384; and mamba_ssm's recomputing function; gradient errors vs float64; profile). peers_cb_grad: the step bench (ZeRO-1, graphed, ours and the twin) with it;
-#              cb_grad_ab: ours alone with mamba_ssm's two kernels, then with ours, then mamba_ssm's again, one machine
+#              cb_grad_ab: ours alone with mamba_ssm's two kernels, then with ours, then mamba_ssm's again, one machine.
+#              NAME=... renames peers_cb_grad's results (session 11: train_step_throughput_graph_session11_zero1_1.3b_h100)
 #   mixer_kernels  every kernel of the Mamba2 mixer's forward+backward (1.3B, 8192 and 16384; bench/block_costs.py)
 #   docs_single  document vs continuous packing (as docs_graph) once packed micro-batches of one document per row
 #              replay the training graphs' plain step with their positions (no boundaries); RUN=runN names the run.
@@ -323,7 +324,8 @@ cb_grad_ab)  # ours alone, mamba_ssm's two kernels / ours / mamba_ssm's again, o
     ;;
 peers_cb_grad)
     step 560 python3 bench/train_step_throughput.py --preset 1.3b --seq-lens 8192,16384 --cuda-graph --graph-only \
-        --models ours,attention --ds-config ds_configs/zero1.json --name train_step_throughput_graph_cb_grad_zero1_1.3b_h100 \
+        --models ours,attention --ds-config ds_configs/zero1.json \
+        --name "${NAME:-train_step_throughput_graph_cb_grad_zero1_1.3b_h100}" \
         --out "$res"
     ;;
 docs_single)
