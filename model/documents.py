@@ -27,6 +27,13 @@ def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def one_document_per_row(starts: torch.Tensor) -> bool:
+    """Whether every row of `document_starts`' (b, l) flags holds one document, or a piece of one (each row's
+    first token counts as a start): then no row has a boundary inside, and the plain causal path (SDPA, no
+    seq_idx) computes what the document path would. The eager forward and the training graphs both ask this."""
+    return int(starts.sum()) == starts.size(0)
+
+
 def cu_seqlens_of(flat_starts: torch.Tensor) -> torch.Tensor:
     """flash-attn's cu_seqlens from the flattened start flags (b * l,) bool on the host: the start of
     every document in the flattened tokens, then b * l. (n_docs + 1,) int32 on the host."""
@@ -65,9 +72,10 @@ class DocumentLayout:
         and None when every row is one document."""
         if not boundaries:
             return cls(seq_idx=seq_idx.to(device))
-        flat_starts = document_starts(seq_idx).flatten().cpu()  # the one host sync of a packed forward
-        if int(flat_starts.sum()) == seq_idx.size(0):
+        starts = document_starts(seq_idx).cpu()  # the one host sync of a packed forward
+        if one_document_per_row(starts):
             return None
+        flat_starts = starts.flatten()
         cu = cu_seqlens_of(flat_starts)
         max_seqlen = int(torch.diff(cu).max())
         return cls(

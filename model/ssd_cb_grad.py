@@ -26,7 +26,7 @@ inputs leave in the mixer's gradients (~5e-3, bench/results/block_costs_cb_grad_
 Document boundaries: C.B from `_bmm_chunk_fwd(..., seq_idx)` is zero between documents, so G_h . CB
 is too. Deterministic: every tile writes its own slots of the sums workspace, no atomic adds.
 
-Imports Triton and mamba_ssm at load: import it only where the kernels are (model.ssd_saved).
+Imports Triton at load: import it only where the kernels are (model.ssd_saved).
 """
 
 from __future__ import annotations

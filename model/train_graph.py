@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
 from model.config import MAMBA
-from model.documents import DocumentLayout, cu_seqlens_of, document_starts, positions_from_seq_idx
+from model.documents import DocumentLayout, cu_seqlens_of, document_starts, one_document_per_row, positions_from_seq_idx
 from model.kernels import flash_ops
 
 if TYPE_CHECKING:
@@ -301,9 +301,10 @@ class GraphedTrainingForward:
             return "plain" if position_ids is None else None
         if not self.documents:
             return None
-        n_docs = int(document_starts(seq_idx).sum())
-        if n_docs == seq_idx.size(0):  # one document per row (each row's first token counts as a start)
+        starts = document_starts(seq_idx)
+        if one_document_per_row(starts):  # no boundaries: as the eager forward, the plain step
             return "plain"
+        n_docs = int(starts.sum())
         capacity = next((c for c in DOC_CAPACITIES if c >= n_docs), None)
         if capacity is None and not self.warned_capacity:  # once: short documents would flood the log
             log.warning("a packed micro-batch holds %d documents, more than the CUDA graphs' largest capacity "
