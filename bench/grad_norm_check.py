@@ -28,8 +28,8 @@ from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, write_results  # noqa: E402
 from bench.step_overhead import install_graphs  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
+from config.base import deep_merge  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from model.config import deep_merge  # noqa: E402
 from train.grad_fold import DEFAULT_FOLD, FOLDS  # noqa: E402
 
 COLUMNS = ["stage", "graphed", "overlap_comm", "grad_norm", "reference_norm", "rel_diff", "status"]

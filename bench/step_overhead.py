@@ -44,8 +44,8 @@ from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, median, sync, write_results  # noqa: E402
 from bench.profile_step import kernel_gaps  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
+from config.base import deep_merge  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from model.config import deep_merge  # noqa: E402
 from model.train_graph import EagerReplayGraphs, graph_training_forward  # noqa: E402
 from train.grad_fold import DEFAULT_FOLD  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""The run-config schema: one typed config for every entrypoint (see config/schema.py)."""
+"""The run-config schema: one typed config for every entrypoint (config/schema.py).
 
-from config.loader import ConfigError
-from config.schema import RunConfig, load_run_config, save_run_config
-
-__all__ = ["ConfigError", "RunConfig", "load_run_config", "save_run_config"]
+Import the submodules (`config.schema`, `config.loader`, ...): this file imports nothing, so that
+the leaf modules (`config.base`, `config.atomic`) load without pulling in the model package, which
+itself builds on `config.base`.
+"""

@@ -12,7 +12,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from model.config import format_validation_error
+from config.base import deep_merge, format_validation_error
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -84,7 +84,6 @@ def validate(model: type[T], data: dict[str, Any], prefix: str = "") -> T:
 def load(model: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
          defaults: dict[str, Any] | None = None) -> T:
     """defaults <- YAML file <- overrides, validated into `model`."""
-    from model.config import deep_merge
 
     data = dict(defaults or {})
     if path is not None:

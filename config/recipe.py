@@ -19,8 +19,8 @@ from typing import Literal, Sequence
 
 from pydantic import Field, model_validator
 
+from config.base import StrictModel
 from config.loader import load, resolve_named_yaml
-from model.config import StrictModel
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "data_recipes"
 FilterName = Literal["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]

@@ -13,9 +13,10 @@ from typing import Sequence
 
 from pydantic import model_validator
 
+from config.base import StrictModel
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
 from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
-from model.config import ModelConfig, StrictModel
+from model.config import ModelConfig
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
@@ -51,7 +52,7 @@ def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> R
 
 def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config atomically."""
-    from model.weights import atomic_write_bytes
+    from config.atomic import atomic_write_bytes
 
     atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
 

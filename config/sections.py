@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeFloat, model_validator
 
-from model.config import StrictModel
+from config.base import StrictModel
 
 
 class DataConfig(StrictModel):

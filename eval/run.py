@@ -27,12 +27,13 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from config.atomic import atomic_write_json  # noqa: E402
 from config.loader import ConfigError, load, validate  # noqa: E402
 from config.schema import RunConfig, load_run_config  # noqa: E402
 from config.sections import EvalConfig  # noqa: E402
 from eval.errors import EvalError  # noqa: E402
 from model.bundle import TOKENIZER_JSON  # noqa: E402
-from model.weights import WEIGHTS_NAME, CheckpointError, atomic_write_json, load_config  # noqa: E402
+from model.weights import WEIGHTS_NAME, CheckpointError, load_config  # noqa: E402
 
 log = logging.getLogger("eval.run")
 RUN_CONFIG_NAME = "run_config.yaml"  # written beside a consolidated checkpoint by the trainer

@@ -22,17 +22,17 @@ from typing import Literal
 import numpy as np
 import torch
 
+from config.manifest import Manifest, ManifestError, load_manifest, sha256_of
 from eval.errors import EvalError
 from model.hybrid import HybridLM
 from model.scoring import stream_nll
-from pipeline.manifest import Manifest, ManifestError, load_manifest, sha256_of
 
 Packing = Literal["document", "continuous"]
 REDO = "re-run curation (pipeline/curate.py)"
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """The parsed manifest (pipeline/manifest.py), with at least one validation shard."""
+    """The parsed manifest (config/manifest.py), with at least one validation shard."""
     try:
         manifest = load_manifest(path)
     except ManifestError as exc:

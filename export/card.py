@@ -10,11 +10,11 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+from config.atomic import atomic_write_bytes, atomic_write_json
 from config.schema import RunConfig, save_run_config
 from export.loading import RUN_CONFIG_NAME
 from export.measure import file_bytes
 from model.sizing import count_params
-from model.weights import atomic_write_bytes, atomic_write_json
 
 REPORT_NAME = "export_report.json"
 

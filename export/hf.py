@@ -43,10 +43,11 @@ from typing import Any
 
 import torch
 
+from config.atomic import atomic_write_json
 from export import ExportError
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.hybrid import HybridLM
-from model.weights import CheckpointError, atomic_write_json, check_state_dict
+from model.weights import CheckpointError, check_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from config.base import deep_merge
 from config.loader import ConfigError, apply_overrides, read_yaml, validate
 from config.schema import RunConfig, resolve_run_path
 from export import ExportError
 from export.onnx_export import ONNX_CONFIG
 from model.bundle import Bundle, load_bundle, load_tokenizer
-from model.config import ModelConfig, deep_merge
+from model.config import ModelConfig
 from model.weights import CONFIG_NAME, CheckpointError
 
 RUN_CONFIG_NAME = "run_config.yaml"

@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config.atomic import atomic_write_json
 from model.cache import HybridCache, MambaState
 from model.config import MAMBA, ModelConfig
 from model.hybrid import HybridLM
-from model.weights import atomic_write_json
 
 log = logging.getLogger(__name__)
 

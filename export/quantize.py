@@ -35,9 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from config.atomic import atomic_write_json
 from export import ExportError
 from model.hybrid import HybridLM
-from model.weights import WEIGHTS_NAME, atomic_write_json, load_config
+from model.weights import WEIGHTS_NAME, load_config
 
 QUANT_CONFIG = "quantization.json"
 

@@ -20,7 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from export import ExportError  # noqa: E402
 from export.loading import (  # noqa: E402
-    checkpoint_model_config, cli_errors, load_checkpoint, pick_device, pick_dtype, resolve_run_config,
+    checkpoint_model_config,
+    cli_errors,
+    load_checkpoint,
+    pick_device,
+    pick_dtype,
+    resolve_run_config,
 )
 
 _FLAGS = {  # flag dest -> export.sampling key
@@ -107,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     s = run_cfg.export.sampling
     from functools import partial
 
+    from config.atomic import atomic_write_json
     from export import textgen
     from model.generation import SamplingParams
-    from model.weights import atomic_write_json
 
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed)

@@ -63,7 +63,7 @@ def load_bundle(folder: str | Path, device: str | torch.device = "cpu", dtype: t
 
 def save_bundle(model: HybridLM, tokenizer_dir: str | Path, folder: str | Path, meta: dict | None = None) -> Path:
     """Write weights + config, copy tokenizer files from `tokenizer_dir`, write meta.json."""
-    from model.weights import atomic_write_json
+    from config.atomic import atomic_write_json
 
     folder = Path(folder)
     save_weights(model, folder)

@@ -13,19 +13,14 @@ explicitly as `pattern` or derived from `n_layers` and `attn_ratio` by the strat
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from config.base import StrictModel, deep_merge
 
 MAMBA, ATTENTION = "M", "A"
 VOCAB_MULTIPLE = 128
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="strings")
 
 
 class MambaConfig(StrictModel):
@@ -179,17 +174,6 @@ class ModelConfig(StrictModel):
         return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.d_model))
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """Recursively merge `override` into a copy of `base` (dicts merge, other values replace)."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def strategic_pattern(n_layers: int, attn_ratio: float) -> str:
     """Strategic placement: where attention goes in a stack of `n_layers` blocks.
 
@@ -226,29 +210,3 @@ def strategic_pattern(n_layers: int, attn_ratio: float) -> str:
     for i in chosen:
         layers[i] = ATTENTION
     return "".join(layers)
-
-
-# Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
-_SECTION_KEYS = {"preset", "pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
-
-
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """One line: 'key.path: message (got value)' for each problem, joined by '; '."""
-    msgs = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the schema in config/ for the allowed keys)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in err and err["type"] not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        head = re.match(r"[a-z_][a-z0-9_.]*(?= )", msg)
-        names_key = head is not None and ("." in head.group(0) or head.group(0) in _SECTION_KEYS)
-        if err["type"] == "value_error" and names_key:
-            msgs.append(f"{loc}.{msg}")  # a cross-field check names the key it is about
-        else:
-            msgs.append(f"{loc}: {msg}")
-    return "; ".join(msgs)

@@ -11,44 +11,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig, format_validation_error
+from config.atomic import FILE_MODE, atomic_write_json
+from config.base import format_validation_error
+from model.config import ModelConfig
 from model.hybrid import HybridLM
 
 WEIGHTS_NAME = "model.safetensors"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 CONFIG_NAME = "config.json"
 
 
 class CheckpointError(RuntimeError):
     """A weights folder that cannot be loaded as asked."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file + fsync + rename in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; results are for everyone the umask allows
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_weights(model: HybridLM, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -57,7 +35,7 @@ def save_weights(model: HybridLM, folder: str | Path, metadata: dict[str, str] |
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{WEIGHTS_NAME}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})

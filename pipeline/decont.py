@@ -123,7 +123,7 @@ def write_index(passages: Iterable[EvalPassage], folder: Path, cfg: NGramsDecont
     by_task: dict[str, set[int]] = {}
     for p in passages:
         by_task.setdefault(p.task, set()).update(passage_hashes(p, cfg))
-    from model.weights import atomic_write_bytes
+    from config.atomic import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.index.hashes"):

@@ -17,9 +17,9 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
+from config.manifest import FORMAT_VERSION, Manifest, dtype_for_vocab, sha256_of
 from config.recipe import RecipeConfig
 from pipeline.layout import Layout
-from pipeline.manifest import FORMAT_VERSION, Manifest, dtype_for_vocab, sha256_of
 from pipeline.report import build_report, format_report
 from pipeline.splits import SPLITS
 from pipeline.spm_tokenizer import JSON_NAME, MODEL_NAME, SPECIAL_PIECES
@@ -86,7 +86,7 @@ class FinalizeStep(PipelineStep):
         self.recipe, self.layout, self.stage_names = recipe, layout, stage_names
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from model.weights import atomic_write_json
+        from config.atomic import atomic_write_json
 
         layout = self.layout
         for split in SPLITS:

@@ -39,7 +39,7 @@ def resolve_tokenizer(recipe: RecipeConfig, base_dir: Path) -> str | None:
 
 def claim_output(recipe: RecipeConfig, layout: Layout) -> None:
     """Bind the output folder to this recipe (resuming a different recipe's run would mix outputs)."""
-    from model.weights import atomic_write_bytes
+    from config.atomic import atomic_write_bytes
 
     digest = recipe.sha256()
     if layout.recipe_hash.is_file() and layout.recipe_hash.read_text().strip() != digest:

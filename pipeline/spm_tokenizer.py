@@ -172,7 +172,7 @@ class TokenizerStep(PipelineStep):
         self.curated_train, self.work_dir, self.out_dir = Path(curated_train), Path(work_dir), Path(out_dir)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from model.weights import atomic_write_bytes
+        from config.atomic import atomic_write_bytes
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with self.track_time(unit="tokenizer"):

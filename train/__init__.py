@@ -2,7 +2,7 @@
 
 Entry point: `launch/pretrain.py` (see docs/pretraining.md). Modules, one job each:
 
-    data         blended, document-aware sequences from the manifest (pipeline.manifest reads it);
+    data         blended, document-aware sequences from the manifest (config.manifest reads it);
                  the world-size-independent sample order
     optim        AdamW parameter groups and the learning-rate schedules
     ds_config    the DeepSpeed config: a ds_configs/ JSON completed from the run config

@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from config.atomic import atomic_write_bytes, atomic_write_json
 from config.schema import RunConfig, save_run_config
-from model.weights import CheckpointError, atomic_write_bytes, atomic_write_json
+from model.weights import CheckpointError
 from train.distributed import DistEnv, barrier
 from train.provenance import provenance
 
@@ -148,7 +149,10 @@ class Checkpointer:
     def save(self, engine: Any, state: TrainerState, cfg: RunConfig) -> Path:
         """Write a complete checkpoint of `state.step` (see the module doc for the order)."""
         from deepspeed.checkpoint.constants import (
-            UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
 
         tag = tag_for(state.step)
         folder = self.root / tag

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
+from config.manifest import Manifest
 from config.schema import RunConfig, save_run_config
 from model.bundle import TOKENIZER_JSON, save_bundle
 from model.hybrid import HybridLM
 from model.weights import CheckpointError, check_state_dict
-from pipeline.manifest import Manifest
 from train.provenance import provenance
 
 RUN_CONFIG_NAME = "run_config.yaml"

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from config.manifest import Manifest, ManifestError, SourceEntry
 from model.loss import IGNORE_INDEX
-from pipeline.manifest import Manifest, ManifestError, SourceEntry
 from train.errors import TrainingError
 
 Packing = Literal["document", "continuous"]

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from config.base import deep_merge
 from config.loader import ConfigError
 from config.sections import TrainConfig
-from model.config import deep_merge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # DeepSpeed keys that the run config owns -> the train.* field they come from

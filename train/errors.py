@@ -11,7 +11,7 @@ class TrainingError(RuntimeError):
 def user_errors() -> tuple[type[BaseException], ...]:
     """Every error type that means bad input (printed as one line, exit 2, no traceback)."""
     from config.loader import ConfigError
+    from config.manifest import ManifestError
     from model.weights import CheckpointError
-    from pipeline.manifest import ManifestError
 
     return ConfigError, ManifestError, CheckpointError, TrainingError

@@ -64,7 +64,7 @@ def _duration(seconds: float) -> str:
 
 def keep_steps_upto(path: Path, last_step: int) -> None:
     """Drop JSON lines of steps after `last_step` (a resumed run redoes them), atomically."""
-    from model.weights import atomic_write_bytes
+    from config.atomic import atomic_write_bytes
 
     if not path.is_file():
         return

@@ -27,16 +27,16 @@ from typing import Any
 import torch
 
 from config.loader import ConfigError
+from config.manifest import Manifest, load_manifest, sha256_of
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
 from model.kernels import flash_ops, make_deterministic
 from model.layers import SwiGLU
 from model.loss import IGNORE_INDEX, token_nll
 from model.mamba2 import Mamba2Mixer
-from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.sizing import count_params, train_flops_per_token
+from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.weights import CheckpointError
-from pipeline.manifest import Manifest, load_manifest, sha256_of
 from train.checkpoint import RUN_CONFIG, Checkpointer, TrainerState, read_state, resolve_resume, seed_everything
 from train.consolidate import gather_fp32_state_dict, state_dict_from_checkpoint, write_bundle
 from train.data import TrainData

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from config import ConfigError, RunConfig, load_run_config, save_run_config
-from config.loader import apply_overrides, dump_yaml, parse_override
-from config.schema import RUNS_DIR
+from config.loader import ConfigError, apply_overrides, dump_yaml, parse_override
+from config.schema import RUNS_DIR, RunConfig, load_run_config, save_run_config
 from model import ModelConfig
 from model.presets import PRESETS
 

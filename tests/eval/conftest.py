@@ -52,7 +52,7 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_manifest(root: Path, sources: dict[str, list[list[list[int]]]], tokenizer_json: Path) -> Path:
-    """A curated-data folder per docs/data_contract.md (validated by pipeline/manifest.py) holding only a
+    """A curated-data folder per docs/data_contract.md (validated by config/manifest.py) holding only a
     validation split: per source a list of shards, each a list of documents (token ids; EOS is
     appended here). Returns the manifest path."""
     sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731

@@ -9,8 +9,8 @@ from typing import Callable
 import pytest
 import torch
 
+from config.base import deep_merge
 from model import HybridLM, ModelConfig
-from model.config import deep_merge
 
 
 @pytest.fixture(scope="session")

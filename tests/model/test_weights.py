@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model.weights as weights
-from model.weights import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_bytes, load_weights, save_weights
+from config.atomic import atomic_write_bytes
+from model.weights import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_weights, save_weights
 
 
 @pytest.fixture

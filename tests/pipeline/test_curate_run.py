@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pipeline.manifest import load_manifest
+from config.manifest import load_manifest
 from pipeline.spm_tokenizer import load_hf_tokenizer
 
 from .conftest import REPO

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.manifest import load_manifest
+from config.manifest import load_manifest
 
 from .conftest import run_cli
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import ManifestError, dtype_for_vocab, load_manifest
+from config.manifest import ManifestError, dtype_for_vocab, load_manifest
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
+from config.manifest import load_manifest
 from config.recipe import load_recipe
-from pipeline.manifest import load_manifest
 
 from .conftest import docstring_rows, make_mirror, run_cli
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale_runs import deepspeed_cmd, read_metrics, run as run_launch  # noqa: F401  (read_metrics: for the tests)
+from bench.scale_runs import deepspeed_cmd, read_metrics  # noqa: F401  (read_metrics: for the tests)
+from bench.scale_runs import run as run_launch
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"
@@ -59,8 +60,8 @@ def make_corpus(root: Path) -> Path:
     """Write tokenizer, shards and manifest.json under `root`; return the manifest path."""
     import sentencepiece as spm
 
+    from config.manifest import FORMAT_VERSION, sha256_of
     from pipeline.finalize import shard_entry
-    from pipeline.manifest import FORMAT_VERSION, sha256_of
     from pipeline.spm_tokenizer import spm_to_hf
 
     per_file = stdlib_documents()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.manifest import load_manifest
+from config.manifest import load_manifest
 from train.data import IGNORE_INDEX, Blend, RankBatches, TrainData, collate, eval_index_batches
 from train.errors import TrainingError
 

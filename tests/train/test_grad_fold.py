@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
     from train.distributed import init_distributed
     from train.ds_config import read_ds_json
     from train.grad_fold import install_fold
-    from model.config import deep_merge
+    from config.base import deep_merge
     from model.wgrad import Linear
     import deepspeed
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from config.manifest import load_manifest
 from config.schema import load_run_config
 from model.weights import load_weights
-from pipeline.manifest import load_manifest
 from train.data import IGNORE_INDEX, TrainData
 from train.trainer import check_finite
 

@@ -17,8 +17,7 @@ from typing import Iterator, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
-from config.loader import format_validation_error
-from model.config import StrictModel
+from config.base import StrictModel, format_validation_error
 
 FORMAT_VERSION = 1
 Split = Literal["train", "validation"]
