@@ -40,11 +40,10 @@ from bench.common import add_run_options, environment, matmul_peak_tflops, media
 from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
 from model.attention import Attention
-from model.config import ATTENTION, MAMBA
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU
 from model.loss import mean_nll
 from model.mamba2 import Mamba2Mixer
-from model.sizing import attention_core_flops_per_token, attention_mixer_params, mlp_params, ssd_flops_per_token
+from model.sizing import mlp_params
 
 COLUMNS = ["part", "variant", "seq_len", "batch", "ms", "tflops", "mfu", "fwd_flops_per_token"]
 PART_NAMES = ("mamba_mixer", "attention_mixer", "mlp", "norm", "head_loss")
@@ -82,16 +81,16 @@ def parts(cfg: ModelConfig, seq_len: int, batch: int, chunks: list[int], backend
             c = cfg.model_copy(update={"mamba": cfg.mamba.model_copy(
                 update={"chunk_size": chunk, "recompute_in_backward": recompute})})
             mixer = ready(Mamba2Mixer(c, 0))
-            mm = 2.0 * (d * c.d_in_proj + c.d_inner * d)
-            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + ssd_flops_per_token(c, seq_len),
+            mm = 2.0 * Mamba2Mixer.matmul_params(c)
+            out.append(Part("mamba_mixer", variant, mixer, mixer, mm + Mamba2Mixer.core_flops(c, seq_len)["ssd"],
                             lambda x, m=mixer: mixer_grad_error(m, x), context))
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
     rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions, dtype)
     for backend in backends:
         attn = ready(Attention(cfg.model_copy(update={"attn_backend": backend}), 0))
         attn.backend = backend
-        flops = 2.0 * attention_mixer_params(cfg) + attention_core_flops_per_token(cfg, seq_len)
-        out.append(Part("attention_mixer", backend, attn, lambda x, a=attn: a(x, rope), flops))
+        flops = 2.0 * Attention.matmul_params(cfg) + Attention.core_flops(cfg, seq_len)["attention"]
+        out.append(Part("attention_mixer", backend, attn, lambda x, a=attn: a.attend(x, rope), flops))
     twin = attention_twin(cfg)
     for label, width in (("ours", cfg.ffn_hidden), ("twin", twin.ffn_hidden)):
         for mlp_impl in (("reference", "kernels") if kernels else ("reference",)):
@@ -226,7 +225,7 @@ def estimates(rows: list[dict], cfg: ModelConfig, peak: float, kernels: bool) ->
     twin = attention_twin(cfg)
     runs = {"mamba_mixer": f"chunk {cfg.mamba.chunk_size}", "attention_mixer": "sdpa",
             "mlp": "fused" if kernels else "eager", "head_loss": "fused CE" if kernels else "float32 CE"}
-    n_mamba, n_attn = cfg.layer_pattern.count(MAMBA), cfg.layer_pattern.count(ATTENTION)
+    n_mamba, n_attn = cfg.layer_pattern.count(Mamba2Mixer.letter), cfg.layer_pattern.count(Attention.letter)
     out = []
     for seq in sorted({r["seq_len"] for r in rows}):
         timed = [r for r in rows if r["seq_len"] == seq and "ms" in r]

@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import HybridLM, ModelConfig
-from model.config import ATTENTION
+from model.attention import Attention
 from model.kernels import kernel_report
-from model.sizing import attention_mixer_params, count_params, mamba_mixer_params
+from model.sizing import count_params, mixer_params
 
 OURS = ("ours", "attention")  # HybridLM peers
 PEERS = (*OURS, "hf_bamba", "hf_llama")
@@ -49,17 +49,16 @@ def model_list(text: str) -> list[str]:
 
 def attention_twin(cfg: ModelConfig) -> ModelConfig:
     """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights."""
-    n_mamba = cfg.layer_pattern.count("M")
-    extra = n_mamba * (mamba_mixer_params(cfg) - attention_mixer_params(cfg))
+    extra = sum(mixer_params(cfg, k) - mixer_params(cfg, Attention.letter) for k in cfg.layer_pattern)
     ffn = cfg.ffn_hidden + round(extra / (3 * cfg.d_model * cfg.n_layers) / 64) * 64
-    return cfg.model_copy(update={"pattern": ATTENTION * cfg.n_layers, "ffn_hidden": ffn, "preset": None})
+    return cfg.model_copy(update={"pattern": Attention.letter * cfg.n_layers, "ffn_hidden": ffn, "preset": None})
 
 
 def llama_twin(cfg: ModelConfig) -> ModelConfig:
     """All-attention config with `cfg`'s widths and the layer count whose parameter count is closest
     to `cfg`'s: the architecture of `hf_llama` in our terms."""
     def all_attention(n: int) -> ModelConfig:
-        return cfg.model_copy(update={"n_layers": n, "pattern": ATTENTION * n, "preset": None})
+        return cfg.model_copy(update={"n_layers": n, "pattern": Attention.letter * n, "preset": None})
 
     target = count_params(cfg)
     per_layer = count_params(all_attention(2)) - count_params(all_attention(1))

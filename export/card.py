@@ -14,6 +14,7 @@ from config.atomic import atomic_write_bytes, atomic_write_json
 from config.schema import RunConfig, save_run_config
 from export.loading import RUN_CONFIG_NAME
 from export.measure import file_bytes
+from model.mixers import block_type
 from model.sizing import count_params
 
 REPORT_NAME = "export_report.json"
@@ -48,7 +49,7 @@ def write_card(out_dir: str | Path, *, fmt: str, what: str, source: str | Path, 
         "",
         f"- Source checkpoint: `{source}` (step {step})",
         f"- Model: {count_params(cfg) / 1e6:.1f}M parameters, d_model {cfg.d_model}, {cfg.n_layers} layers, "
-        f"pattern `{cfg.layer_pattern}` (M = Mamba2, A = attention), vocab {cfg.vocab_size}",
+        f"pattern `{cfg.layer_pattern}` ({pattern_legend(cfg.layer_pattern)}), vocab {cfg.vocab_size}",
         f"- Created: {report['created']}",
         f"- Files: {file_bytes(out) / 2**20:.2f} MiB in this folder",
     ]
@@ -63,3 +64,8 @@ def write_card(out_dir: str | Path, *, fmt: str, what: str, source: str | Path, 
               "`run_config.yaml` is the resolved run config of this export; `export_report.json` holds the numbers above.", ""]
     atomic_write_bytes(out / "README.md", "\n".join(lines).encode())
     return out / "README.md"
+
+
+def pattern_legend(pattern: str) -> str:
+    """'M = mamba2, A = attention' for the block types a pattern uses, in order of first use."""
+    return ", ".join(f"{k} = {block_type(k).name}" for k in dict.fromkeys(pattern))

@@ -47,6 +47,7 @@ from config.atomic import atomic_write_json
 from export import ExportError
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.hybrid import HybridLM
+from model.mixers import block_type
 from model.weights import CheckpointError, check_state_dict
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ _HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ExportError when Bamba cannot represent `cfg` exactly."""
+    for letter in dict.fromkeys(cfg.layer_pattern):
+        mixer = block_type(letter)
+        if mixer.hf_layer_type is None:
+            raise ExportError(
+                f"cannot export block type {letter} ({mixer.name}) to Hugging Face: no transformers class expresses "
+                "it; use --format onnx if it supports it, or keep the consolidated checkpoint"
+            )
     if cfg.attention.qk_norm:
         raise ExportError(
             "cannot export a qk_norm model to Hugging Face: BambaAttention (the closest transformers "
@@ -86,7 +94,7 @@ def hf_key(key: str, pattern: str) -> str:
         raise ExportError(f"no Hugging Face name for tensor {key}")
     i, rest = int(m.group(1)), m.group(2)
     if rest.startswith("mixer."):
-        sub = "mamba." if pattern[i] == MAMBA else "self_attn."
+        sub = {"mamba": "mamba.", "attention": "self_attn."}[block_type(pattern[i]).hf_layer_type]
         return f"model.layers.{i}.{sub}{rest[len('mixer.'):]}"
     for ours, theirs in _BLOCK_RENAMES.items():
         if rest.startswith(ours):
@@ -124,7 +132,7 @@ def bamba_config(cfg: ModelConfig, dtype: torch.dtype, special_ids: dict[str, in
         hidden_size=cfg.d_model,
         intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers,
-        attn_layer_indices=[i for i, kind in enumerate(cfg.layer_pattern) if kind == ATTENTION],
+        attn_layer_indices=[i for i, k in enumerate(cfg.layer_pattern) if block_type(k).hf_layer_type == "attention"],
         num_attention_heads=a.n_heads,
         num_key_value_heads=a.n_kv_heads,
         head_dim=cfg.head_dim,

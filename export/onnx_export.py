@@ -35,9 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config.atomic import atomic_write_json
+from export import ExportError
 from model.cache import HybridCache, MambaState
 from model.config import MAMBA, ModelConfig
 from model.hybrid import HybridLM
+from model.mixers import block_type
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,10 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     from torch.export import Dim
 
     cfg = model.cfg
+    for letter in dict.fromkeys(cfg.layer_pattern):
+        if not block_type(letter).onnx:
+            raise ExportError(f"cannot export block type {letter} ({block_type(letter).name}) to ONNX: its prefill "
+                              "and decode graphs are not traced yet; keep the consolidated checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous_impl = model.impl

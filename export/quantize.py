@@ -82,16 +82,16 @@ def check_runnable(method: QuantMethod, device: torch.device) -> None:
 
 def quantizable_linears(model: HybridLM) -> list[str]:
     """Names of the Linears that get quantized (see the module docstring for the one exception)."""
-    names = []
+    names, raw = [], _unquantized_linears(model)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.startswith("layers.") and not _is_mamba_out_proj(model, name):
+        if isinstance(mod, nn.Linear) and name.startswith("layers.") and name not in raw:
             names.append(name)
     return names
 
 
-def _is_mamba_out_proj(model: HybridLM, name: str) -> bool:
-    parts = name.split(".")
-    return parts[-1] == "out_proj" and parts[2] == "mixer" and model.layers[int(parts[1])].kind == "M"
+def _unquantized_linears(model: HybridLM) -> set[str]:
+    """Linears each mixer keeps unquantized (e.g. Mamba2's out_proj, whose weight the fused kernel reads)."""
+    return {f"layers.{i}.mixer.{n}" for i, layer in enumerate(model.layers) for n in layer.mixer.unquantized_linears}
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,4 +1,6 @@
-"""`python -m model list [--json]`: the presets with their sizes and layer patterns."""
+"""`python -m model list [--json]`: the presets with their sizes and layer patterns, and the block types.
+`python -m model stats CKPT --text "..."`: what each block type measures on a text (router fractions,
+gate means, memory read mass per slot: the design's `get_gate_statistics`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 
 from model.config import ModelConfig
 from model.hybrid import HybridLM
+from model.mixers import block_types
 from model.presets import PRESETS
 from model.sizing import count_params
 
@@ -39,6 +42,36 @@ def preset_rows(verify: bool = True) -> list[dict]:
     return rows
 
 
+def block_type_rows() -> list[dict]:
+    """One row per registered block type: letter, name, one-line description, the design it comes from."""
+    return [{"letter": k, "name": cls.name, "description": cls.description, "design": cls.design,
+             "hf_export": cls.hf_layer_type is not None, "onnx_export": cls.onnx}
+            for k, cls in block_types().items()]
+
+
+def print_statistics(checkpoint: str, text: str) -> None:
+    """Run `text` through a consolidated checkpoint and print every layer's block statistics."""
+    from model.bundle import load_bundle
+    from model.mixers.gated import GatedMemoryMixer
+
+    bundle = load_bundle(checkpoint)
+    ids = bundle.tokenizer(text, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise SystemExit("error: --text is empty: pass some text to measure the blocks on")
+    with torch.no_grad():
+        bundle.model(ids)
+    print(f"{ids.size(1)} tokens through {checkpoint} (pattern {bundle.model.cfg.layer_pattern})")
+    for i, layer in enumerate(bundle.model.layers):
+        stats = layer.mixer.statistics()
+        line = ", ".join(f"{k} {v:.4f}" for k, v in stats.items()) or "-"
+        print(f"layer {i:>3} {layer.kind} {layer.mixer.name:<13} {line}")
+        if isinstance(layer.mixer, GatedMemoryMixer) and layer.mixer.memory_query is not None:
+            mass = layer.mixer.memory_read_mass()
+            top = mass.topk(min(5, mass.numel()))
+            slots = ", ".join(f"{int(j)}: {float(v):.4f}" for v, j in zip(top.values, top.indices))
+            print(f"{'':>10} memory read mass, top slots: {slots}")
+
+
 def _fmt(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -46,12 +79,19 @@ def _fmt(n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    lst = sub.add_parser("list", help="print the presets")
+    lst = sub.add_parser("list", help="print the presets and the block types")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
+    stats = sub.add_parser("stats", help="print each block's statistics on a text")
+    stats.add_argument("checkpoint", help="consolidated checkpoint folder (model.safetensors, tokenizer.json)")
+    stats.add_argument("--text", required=True, help="the text to run through the model")
     args = parser.parse_args(argv)
+    if args.cmd == "stats":
+        print_statistics(args.checkpoint, args.text)
+        return
     rows = preset_rows()
+    kinds = block_type_rows()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"presets": rows, "block_types": kinds}, indent=2))
         return
     head = f"{'preset':<7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} {'heads':>7} {'mamba h':>7} {'d_state':>7}  pattern"
     print(head)
@@ -61,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['d_model']:>7} {str(r['heads']) + '/' + str(r['kv_heads']):>7} {r['mamba_heads']:>7} "
             f"{r['d_state']:>7}  {r['pattern']}"
         )
+    print("\nblock types (model.pattern letters)")
+    for k in kinds:
+        print(f"  {k['letter']}  {k['name']:<13} {k['description']}  [{k['design']}]")
 
 
 if __name__ == "__main__":

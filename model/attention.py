@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from model.cache import KVState
@@ -26,6 +25,7 @@ from model.config import ModelConfig
 from model.documents import DocumentLayout
 from model.kernels import deterministic, flash_ops, flex_ops
 from model.layers import RMSNorm, apply_rope, init_linear, residual_std
+from model.mixers.base import Mixer, MixerContext
 from model.wgrad import Linear
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,19 @@ def attention_mask(
     return mask.unsqueeze(1)
 
 
-class Attention(nn.Module):
+class Attention(Mixer):
     """GQA + RoPE mixer. forward: (b, l, d) -> (b, l, d)."""
 
+    letter = "A"
+    name = "attention"
+    description = "grouped-query softmax attention with RoPE (optional QK-norm), KV cache for decoding"
+    design = "Transformer attention layers placed strategically (MAMBA_SLM, HYDRA)"
+    hf_layer_type = "attention"
+    onnx = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         a = cfg.attention
-        self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv, self.head_dim = a.n_heads, a.n_kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
         self.k_proj = Linear(cfg.d_model, self.n_kv * self.head_dim, bias=False)
@@ -82,7 +88,33 @@ class Attention(nn.Module):
             if norm is not None:
                 norm.reset_parameters()
 
-    def forward(
+    @classmethod
+    def param_count(cls, cfg: ModelConfig) -> int:
+        """q, k, v, o projections (no biases) + optional per-head q/k norm weights."""
+        return cls.matmul_params(cfg) + (2 * cfg.head_dim if cfg.attention.qk_norm else 0)
+
+    @classmethod
+    def matmul_params(cls, cfg: ModelConfig) -> int:
+        a, hd = cfg.attention, cfg.head_dim
+        return 2 * cfg.d_model * a.n_heads * hd + 2 * cfg.d_model * a.n_kv_heads * hd
+
+    @classmethod
+    def core_flops(cls, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+        """QK^T and PV; causal: on average (s + 1) / 2 keys per query."""
+        return {"attention": 4.0 * cfg.attention.n_heads * cfg.head_dim * (seq_len + 1) / 2}
+
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVState:
+        return KVState()
+
+    def set_attn_backend(self, backend: str) -> None:
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext, state: KVState | None = None) -> torch.Tensor:
+        """x: (b, l, d); ctx: RoPE tables, packed documents (training/prefill), real-key mask over all
+        cached keys; state: KV cache, appended in place."""
+        return self.attend(x, ctx.rope, ctx.docs, state, ctx.key_valid)
+
+    def attend(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
@@ -93,15 +125,7 @@ class Attention(nn.Module):
         """x: (b, l, d); rope: cos, sin (b, l, k); docs: packed documents (training/prefill);
         kv: cache appended in place; key_valid: (b, t) real-token mask over all cached keys."""
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, l, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(b, l, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (b, h, l, k)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (b, j, l, k)
-        v = v.transpose(1, 2)
+        q, k, v = self.project(x, rope)
         prior = kv.length if kv is not None else 0
         if kv is not None:
             k, v = kv.append(k, v)  # (b, j, t, k)
@@ -110,7 +134,27 @@ class Attention(nn.Module):
         else:
             seq_idx = docs.seq_idx if docs is not None and prior == 0 else None
             out = self._masked_attention(q, k, v, seq_idx, key_valid)
-        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+        return self.output(out)
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (..., l, d) -> queries (..., h, l, k) and keys, values (..., j, l, k), RoPE applied."""
+        *lead, l, _ = x.shape
+        q = self.q_proj(x).view(*lead, l, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, l, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(*lead, l, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = apply_rope(q.transpose(-3, -2), cos, sin)
+        k = apply_rope(k.transpose(-3, -2), cos, sin)
+        return q, k, v.transpose(-3, -2)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """(b, h, l, k) attention output -> (b, l, d) through o_proj."""
+        b, h, l, k = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, h * k))
 
     def _masked_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

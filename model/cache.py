@@ -20,8 +20,12 @@ keys at column `filled` and attends over all columns with the mask `key_valid & 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model.mixers.base import LayerState
 
 
 @dataclass
@@ -29,6 +33,15 @@ class MambaState:
     conv: torch.Tensor
     ssm: torch.Tensor
     filled: bool = False  # False until a prefill wrote it
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.conv, self.ssm]
+
+    def make_static(self, capacity: int, filled: torch.Tensor) -> None:
+        """Already fixed-size."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 @dataclass
@@ -62,10 +75,29 @@ class KVState:
         self.length = need
         return self.k[:, :, :need], self.v[:, :, :need]
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
+    def make_static(self, capacity: int, filled: torch.Tensor) -> None:
+        """Grow the buffers to `capacity` columns (the first `length` kept) sharing the cache's `filled`."""
+        length = self.length
+        if capacity < length:
+            raise ValueError(f"capacity {capacity} is below the {length} positions already cached")
+        shape = (*self.k.shape[:2], capacity, self.k.size(3))
+        k, v = self.k.new_zeros(shape), self.v.new_zeros(shape)
+        k[:, :, :length], v[:, :, :length] = self.k[:, :, :length], self.v[:, :, :length]
+        self.k, self.v, self.length, self.filled = k, v, capacity, filled
+
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        per_pos = self.k.size(0) * self.k.size(1) * self.k.size(3) * self.k.element_size()
+        return 2 * per_pos * self.length
+
 
 @dataclass
 class HybridCache:
-    layers: list[MambaState | KVState]
+    layers: list["LayerState"]
     next_pos: torch.Tensor
     key_valid: torch.Tensor | None = None
     seen: int = 0  # tokens consumed per row (padding included)
@@ -73,21 +105,16 @@ class HybridCache:
 
     def make_static(self, capacity: int) -> None:
         """Turn a prefilled cache into its static form with room for `capacity` positions in all."""
-        kv = [st for st in self.layers if isinstance(st, KVState)]
-        length = kv[0].length if kv else self.seen
-        if capacity < length:
-            raise ValueError(f"capacity {capacity} is below the {length} positions already cached")
+        if capacity < self.seen:
+            raise ValueError(f"capacity {capacity} is below the {self.seen} positions already cached")
         device = self.next_pos.device
-        self.filled = torch.tensor(length, device=device)
+        self.filled = torch.tensor(self.seen, device=device)
         valid = torch.ones(self.next_pos.size(0), capacity, dtype=torch.bool, device=device)
         if self.key_valid is not None:
-            valid[:, :length] = self.key_valid
+            valid[:, : self.seen] = self.key_valid
         self.key_valid = valid
-        for st in kv:
-            shape = (*st.k.shape[:2], capacity, st.k.size(3))
-            k, v = st.k.new_zeros(shape), st.v.new_zeros(shape)
-            k[:, :, :length], v[:, :, :length] = st.k[:, :, :length], st.v[:, :, :length]
-            st.k, st.v, st.length, st.filled = k, v, capacity, self.filled
+        for st in self.layers:
+            st.make_static(capacity, self.filled)
 
     def attention_keys(self, l_new: int) -> torch.Tensor | None:
         """(b, t) mask of the keys that l_new new tokens may see (their own included): key_valid,
@@ -101,11 +128,11 @@ class HybridCache:
 
     def memory_bytes(self) -> int:
         """Bytes held by all layer states (KV counted at its filled length)."""
-        total = 0
+        return sum(st.nbytes() for st in self.layers)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a decode step writes in place."""
+        out = [self.next_pos] + ([self.filled] if self.filled is not None else [])
         for st in self.layers:
-            if isinstance(st, MambaState):
-                total += st.conv.numel() * st.conv.element_size() + st.ssm.numel() * st.ssm.element_size()
-            elif st.k is not None:
-                per_pos = st.k.size(0) * st.k.size(1) * st.k.size(3) * st.k.element_size()
-                total += 2 * per_pos * st.length
-        return total
+            out += st.tensors()
+        return out

@@ -5,9 +5,9 @@ strict pydantic model: unknown keys, wrong types and inconsistent shapes are rej
 dotted name. A config may name a `preset` (see `model/presets.py`); the preset's values are the
 defaults and any key given beside it overrides them.
 
-The layer layout is one character per layer (`M` Mamba2 block, `A` attention block), either given
-explicitly as `pattern` or derived from `n_layers` and `attn_ratio` by the strategic-placement rule
-(`strategic_pattern`).
+The layer layout is one letter per layer, each a registered block type (model/mixers: `M` Mamba2,
+`A` attention, `R` routed, `G` gated memory), either given explicitly as `pattern` or derived from
+`n_layers` and `attn_ratio` by the strategic-placement rule (`strategic_pattern`, M and A only).
 """
 
 from __future__ import annotations
@@ -68,6 +68,20 @@ class AttentionConfig(StrictModel):
     qk_norm: bool = Field(False, description="RMSNorm on per-head queries and keys.")
 
 
+class RoutedConfig(StrictModel):
+    """The routed hybrid's router (pattern letter `R`, model/mixers/routed.py)."""
+
+    capacity: float = Field(0.15, gt=0.0, le=1.0, description="Most tokens (fraction of each document's "
+                            "prefix) that also pass through attention.")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Router score above which a token asks for attention.")
+
+
+class GatedConfig(StrictModel):
+    """The gated memory hybrid (pattern letter `G`, model/mixers/gated.py)."""
+
+    slots: int = Field(0, ge=0, description="Learned memory slots read by every token (0 = no memory bank).")
+
+
 class ModelConfig(StrictModel):
     """Architecture of a strategic-placement hybrid. Shapes: d_model channels, vocab tokens."""
 
@@ -75,11 +89,13 @@ class ModelConfig(StrictModel):
     vocab_size: int = Field(32000, ge=2, description="Tokenizer vocabulary; padded to 128 for the embedding.")
     d_model: int = Field(..., ge=8)
     n_layers: int = Field(..., ge=1)
-    pattern: str | None = Field(None, description="One char per layer: M=Mamba2, A=attention.")
+    pattern: str | None = Field(None, description="One letter per layer, a block type each (`python -m model list`).")
     attn_ratio: float = Field(0.125, ge=0.0, le=1.0, description="Attention share when pattern is unset.")
     ffn_hidden: int = Field(..., ge=1, description="SwiGLU hidden width.")
     attention: AttentionConfig
     mamba: MambaConfig = MambaConfig()
+    routed: RoutedConfig = RoutedConfig()
+    gated: GatedConfig = GatedConfig()
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
     max_seq_len: int = Field(8192, ge=1, description="Longest sequence the model is trained/served at.")
@@ -128,9 +144,13 @@ class ModelConfig(StrictModel):
                 f"mamba.n_groups ({m.n_groups}) must divide the number of SSM heads ({self.n_ssm_heads})"
             )
         if self.pattern is not None:
-            bad = set(self.pattern) - {MAMBA, ATTENTION}
-            if bad:
-                raise ValueError(f"pattern may hold only 'M' and 'A', found {sorted(bad)}")
+            from model.mixers import block_type  # late: the mixer modules import this one
+
+            for letter in sorted(set(self.pattern)):
+                try:
+                    block_type(letter)
+                except ValueError as exc:
+                    raise ValueError(f"pattern has {exc}") from None
             if len(self.pattern) != self.n_layers:
                 raise ValueError(
                     f"pattern length ({len(self.pattern)}) must equal n_layers ({self.n_layers})"

@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.cache import MambaState
-
 if TYPE_CHECKING:
     from model.cache import HybridCache
     from model.hybrid import HybridLM
@@ -54,7 +52,7 @@ class GraphedDecodeStep:
         if cache.filled is None:
             raise ValueError("capture needs a static cache: call cache.make_static(capacity) after the prefill")
         self.token = torch.zeros(cache.next_pos.size(0), dtype=torch.long, device=device)
-        saved, seen = _state_tensors(cache), cache.seen
+        saved, seen = cache.state_tensors(), cache.seen
         backup = [t.clone() for t in saved]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -76,10 +74,3 @@ class GraphedDecodeStep:
         self.graph.replay()
         return self.logits
 
-
-def _state_tensors(cache: "HybridCache") -> list[torch.Tensor]:
-    """Every tensor a decode step writes in place."""
-    out = [cache.next_pos, cache.filled]
-    for st in cache.layers:
-        out += [st.conv, st.ssm] if isinstance(st, MambaState) else [st.k, st.v]
-    return out

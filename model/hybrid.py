@@ -1,7 +1,8 @@
 """The hybrid causal LM: embedding, a stack of pre-norm blocks, final RMSNorm, LM head.
 
-Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer a Mamba2 mixer (`M`)
-or GQA attention (`A`) as the config's layer pattern says, and the MLP a SwiGLU. Blocks pass the
+Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer the block type the
+config's layer pattern names (one letter per layer, model/mixers: `M` Mamba2, `A` GQA attention, ...),
+and the MLP a SwiGLU. Blocks pass the
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
 the kernel path (`model.layers.ResidualRMSNorm`); the arithmetic is the same on both paths.
 
@@ -21,14 +22,13 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from model.attention import Attention
-from model.cache import HybridCache, KVState, MambaState
-from model.config import MAMBA, ModelConfig
+from model.cache import HybridCache
+from model.config import ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
 from model.loss import mean_nll
-from model.mamba2 import Mamba2Mixer
+from model.mixers import LayerState, MixerContext, block_type
 from model.wgrad import Linear, linear
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mixer_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg, layer_idx) if kind == MAMBA else Attention(cfg, layer_idx)
+        self.mixer = block_type(kind)(cfg, layer_idx)
         self.mlp_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
         init_linear(self.mlp.gate_proj, cfg.resolved_init_std)
@@ -56,17 +56,12 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        docs: DocumentLayout | None,
-        state: MambaState | KVState | None = None,
-        key_valid: torch.Tensor | None = None,
+        ctx: MixerContext,
+        state: LayerState | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         fused = self.mixer.impl == "kernels"
         x, residual = self.mixer_norm(x, residual, fused)
-        if self.kind == MAMBA:
-            x = self.mixer(x, seq_idx=docs.seq_idx if docs is not None else None, state=state)
-        else:
-            x = self.mixer(x, rope, docs=docs, kv=state, key_valid=key_valid)
+        x = self.mixer(x, ctx, state)
         x, residual = self.mlp_norm(x, residual, fused)
         return self.mlp(x), residual
 
@@ -94,7 +89,8 @@ class HybridLM(nn.Module):
         device = self.embed.weight.device
         chosen = resolve_impl(impl or self.cfg.impl, device)
         for layer in self.layers:
-            layer.mixer.impl = layer.mlp.impl = chosen
+            layer.mixer.set_impl(chosen)
+            layer.mlp.impl = chosen
         self.impl = chosen
         found = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in kernel_report().items())
         log.info("model execution path: %s (device %s; %s)", chosen, device, found)
@@ -103,8 +99,18 @@ class HybridLM(nn.Module):
     def set_attn_backend(self, backend: str) -> None:
         """Attention kernel of the kernel path for every attention block (see ModelConfig.attn_backend)."""
         for layer in self.layers:
-            if layer.kind != MAMBA:
-                layer.mixer.backend = backend
+            layer.mixer.set_attn_backend(backend)
+
+    def zero3_leaves(self) -> list[nn.Module]:
+        """Modules whose parameters ZeRO-3 must gather together: the kernel path reads their weights
+        outside the submodules that hold them (each mixer says which; the fused SwiGLU concatenates
+        gate and up)."""
+        return [leaf for layer in self.layers for leaf in (*layer.mixer.zero3_leaves(), layer.mlp)]
+
+    def block_statistics(self) -> dict[str, float]:
+        """What the last forward's mixers measured (router fractions, gate means...), keyed
+        `layers.{i}.{name}`; empty for block types that measure nothing."""
+        return {f"layers.{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.mixer.statistics().items()}
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -135,15 +141,15 @@ class HybridLM(nn.Module):
                 position_ids = positions_from_seq_idx(docs.seq_idx)
             else:  # also rows that are single documents
                 position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
-        rope = self.rope(position_ids, h.dtype)
-        key_valid = cache.attention_keys(l) if cache is not None else None
+        ctx = MixerContext(rope=self.rope(position_ids, h.dtype), positions=position_ids, docs=docs,
+                           key_valid=cache.attention_keys(l) if cache is not None else None)
         residual = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training and cache is None:
-                h, residual = checkpoint(layer, h, residual, rope, docs, use_reentrant=False)
+                h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
             else:
-                h, residual = layer(h, residual, rope, docs, state, key_valid)
+                h, residual = layer(h, residual, ctx, state)
         if cache is not None:
             if cache.filled is not None:  # static form: in place, so that a captured graph advances it
                 cache.next_pos.copy_(position_ids[:, -1] + 1)
@@ -182,12 +188,7 @@ class HybridLM(nn.Module):
         """Empty decoding state for `batch` rows on the model's device."""
         device = self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        states: list[MambaState | KVState] = []
-        for layer in self.layers:
-            if layer.kind == MAMBA:
-                states.append(layer.mixer.empty_state(batch, device, dtype))
-            else:
-                states.append(KVState())
+        states = [layer.mixer.empty_state(batch, device, dtype) for layer in self.layers]
         return HybridCache(layers=states, next_pos=torch.zeros(batch, dtype=torch.long, device=device))
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, HybridCache]:

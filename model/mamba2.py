@@ -30,6 +30,7 @@ from model.cache import MambaState
 from model.config import ModelConfig
 from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
+from model.mixers.base import Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 from model.wgrad import Linear
 
@@ -70,13 +71,20 @@ def causal_conv1d_ref(
     return y + bias if bias is not None else y
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """Mamba2 mixer. forward: (b, l, d) -> (b, l, d)."""
 
+    letter = "M"
+    name = "mamba2"
+    description = "Mamba2 (SSD) mixer: causal conv + selective state space scan, fixed-size decoding state"
+    design = "Mamba2 (Dao & Gu 2024); the SSM layers of every hybrid design"
+    hf_layer_type = "mamba"
+    onnx = True
+    unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
+        super().__init__(cfg, layer_idx)
         m = cfg.mamba
-        self.cfg, self.layer_idx = cfg, layer_idx
         self.d_inner, self.n_heads, self.headdim = cfg.d_inner, cfg.n_ssm_heads, m.headdim
         self.n_groups, self.d_state, self.d_conv = m.n_groups, m.d_state, m.d_conv
         self.chunk_size, self.dt_limit = m.chunk_size, tuple(m.dt_limit)
@@ -148,11 +156,38 @@ class Mamba2Mixer(nn.Module):
             tail = tail * (sid == seq_idx[:, -1:]).unsqueeze(1).to(tail.dtype)
         state.conv.copy_(tail)
 
+    # ---- sizes ------------------------------------------------------------------------------------
+    @classmethod
+    def param_count(cls, cfg: ModelConfig) -> int:
+        """in_proj + conv1d (+bias) + dt_bias + A_log + D + gated-norm weight + out_proj."""
+        m = cfg.mamba
+        conv = cfg.conv_dim * m.d_conv + (cfg.conv_dim if m.conv_bias else 0)
+        per_head = 3 * cfg.n_ssm_heads  # dt_bias, A_log, D
+        return cfg.d_model * cfg.d_in_proj + conv + per_head + cfg.d_inner + cfg.d_inner * cfg.d_model
+
+    @classmethod
+    def matmul_params(cls, cfg: ModelConfig) -> int:
+        return cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model
+
+    @classmethod
+    def core_flops(cls, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+        """The scan and conv (model/sizing.py's docstring has the terms)."""
+        m = cfg.mamba
+        q_eff = (min(m.chunk_size, seq_len) + 1) / 2
+        return {"ssd": 2 * q_eff * (m.n_groups * m.d_state + cfg.n_ssm_heads * m.headdim)
+                + 4 * cfg.n_ssm_heads * m.headdim * m.d_state
+                + 2 * m.d_conv * cfg.conv_dim}
+
+    def zero3_leaves(self) -> list[nn.Module]:
+        return [self]  # the kernel path reads conv1d, norm and out_proj weights outside their modules
+
     # ---- forward ----------------------------------------------------------------------------------
     def forward(
-        self, u: torch.Tensor, seq_idx: torch.Tensor | None = None, state: MambaState | None = None
+        self, u: torch.Tensor, ctx: MixerContext | None = None, state: MambaState | None = None
     ) -> torch.Tensor:
-        """u: (b, l, d); seq_idx: (b, l) documents; state: decoding state, updated in place."""
+        """u: (b, l, d); ctx: the batch's documents (ctx.seq_idx (b, l)); state: decoding state, updated
+        in place (a one-token forward with a filled state is the decode step)."""
+        seq_idx = ctx.seq_idx if ctx is not None else None
         if state is not None and state.filled and u.size(1) == 1:
             return self._step(u, state)
         if self.impl == "kernels":

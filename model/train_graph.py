@@ -65,7 +65,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
-from model.config import MAMBA
+from model.attention import Attention
 from model.documents import DocumentLayout, cu_seqlens_of, document_starts, one_document_per_row, positions_from_seq_idx
 from model.kernels import flash_ops
 
@@ -395,5 +395,5 @@ def graph_training_forward(
 def varlen_attention(model: "HybridLM") -> bool:
     """Whether the model's attention runs packed documents through flash-attn's varlen kernel (the
     one document path whose shapes do not depend on the batch)."""
-    backends = {layer.mixer.backend for layer in model.layers if layer.kind != MAMBA}
+    backends = {mod.backend for mod in model.modules() if isinstance(mod, Attention)}
     return flash_ops() is not None and backends <= {"auto", "flash"}

@@ -22,7 +22,7 @@ import resource
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -164,6 +164,16 @@ class MetricsLogger:
             if skipped:
                 parts.append("SKIPPED")
             self.print(" | ".join(parts))
+
+    def log_blocks(self, step: int, statistics: Callable[[], dict[str, float]]) -> None:
+        """At log steps, what the block types measured on the step's last micro-batch (router fractions,
+        gate means: `HybridLM.block_statistics`), as `blocks/layers.{i}.{name}`. A callable, so that the
+        device-to-host reads happen only at the steps that log."""
+        if not self.enabled or (step % self.log_every and step != self.total):
+            return
+        stats = statistics()
+        if stats:
+            self._emit({"step": step, **{f"blocks/{k}": v for k, v in stats.items()}})
 
     def log_eval(self, step: int, val_loss: float, per_source: dict[str, float]) -> None:
         if not self.enabled:

@@ -31,9 +31,7 @@ from config.manifest import Manifest, load_manifest, sha256_of
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
 from model.kernels import flash_ops, make_deterministic
-from model.layers import SwiGLU
 from model.loss import IGNORE_INDEX, token_nll
-from model.mamba2 import Mamba2Mixer
 from model.sizing import count_params, train_flops_per_token
 from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.weights import CheckpointError
@@ -78,15 +76,16 @@ def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
 
 
 def prepare_zero3(model: HybridLM) -> None:
-    """ZeRO-3 gathers a module's parameters around its forward. The Mamba2 mixer reads its conv, norm
-    and out_proj weights directly (the fused kernel takes them as arguments), the kernel path's
-    SwiGLU reads its gate and up weights to concatenate them, and the LM head reads the
-    embedding/head weight outside that module: make each mixer and MLP one ZeRO-3 leaf (all its
-    parameters gathered together) and register the head weight with the model's forward."""
+    """ZeRO-3 gathers a module's parameters around its forward. The kernel path reads some weights
+    outside the modules that hold them (the fused Mamba2 scan takes its conv, norm and out_proj weights
+    as arguments; the fused SwiGLU concatenates gate and up): each such module is one ZeRO-3 leaf, all
+    its parameters gathered together (`HybridLM.zero3_leaves`, which asks every block's mixer). The LM
+    head reads the embedding/head weight outside that module: it is registered with the model's forward."""
     import deepspeed
-    from deepspeed.utils import set_z3_leaf_modules
+    from deepspeed.utils import set_z3_leaf_module
 
-    set_z3_leaf_modules(model, [Mamba2Mixer, SwiGLU], raise_if_not_found=False)
+    for leaf in model.zero3_leaves():
+        set_z3_leaf_module(leaf, True)
     deepspeed.zero.register_external_parameter(model, model.head_weight)
 
 
@@ -128,11 +127,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k in MODEL_INPUTS if k in batch}
 
 
-def check_graphable(env: DistEnv, ds_config: dict, packing: str) -> None:
-    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA; ZeRO-2, or ZeRO-1
-    with bf16 and bf16.immediate_grad_update; flash-attn for document packing."""
+def check_graphable(env: DistEnv, ds_config: dict, packing: str, model: HybridLM) -> None:
+    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA; block types whose
+    training forward has fixed shapes; ZeRO-2, or ZeRO-1 with bf16 and bf16.immediate_grad_update;
+    flash-attn for document packing."""
     if not env.on_cuda:
         raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
+    eager_only = sorted({layer.mixer.name for layer in model.layers if not layer.mixer.cuda_graphs})
+    if eager_only:
+        raise ConfigError(f"train.cuda_graph: block type(s) {', '.join(eager_only)} have data-dependent shapes "
+                          "and cannot train inside a CUDA graph: set train.cuda_graph=false")
     if packing == "document" and flash_ops() is None:
         raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn (its varlen kernel takes the "
                           "documents as a fixed-shape input): install requirements-cuda.txt, or set "
@@ -191,7 +195,7 @@ class Trainer:
         self.model = build_model(cfg, self.env.device)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:
-            check_graphable(self.env, self.ds_config, cfg.data.packing)
+            check_graphable(self.env, self.ds_config, cfg.data.packing, self.model)
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
@@ -312,6 +316,7 @@ class Trainer:
                 grad_norm = self.engine.get_global_grad_norm()
                 metrics.log_step(state.step, loss, lr, None if grad_norm is None else float(grad_norm), skipped,
                                  state.consumed_tokens, per_step * t.seq_len, step_time, memory_gb(env.device))
+                metrics.log_blocks(state.step, self.model.block_statistics)
                 for name, epochs in self.data.train.epochs(state.consumed_samples).items():
                     if epochs > 1 and name not in repeating:
                         repeating.add(name)

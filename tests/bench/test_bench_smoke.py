@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import block_costs, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
+from bench import block_costs, block_types, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, module, args: list[str]) -> None:
@@ -41,6 +41,17 @@ def test_kernel_parity_smoke(monkeypatch, tmp_path):
     assert 0 < rows["bf16"]["logits_rel_err"] < 0.1  # bf16 rounding shows, and stays small
     assert rows["decode (kernel steps) vs full forward (ref), float32"]["logits_rel_err"] < 1e-5
     assert json.loads((tmp_path / "kernel_parity_smoke_per_tensor.json").read_text())
+
+
+def test_block_types_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, block_types, ["--smoke", "--out", str(tmp_path)])
+    rows = _load(tmp_path / "block_types_smoke.json")["rows"]
+    parity = {r["block"]: r for r in rows if r["part"] == "parity"}
+    assert set(parity) == {"M", "A", "R", "G"}
+    assert all(0 < r["err_out"] < 0.05 and 0 < r["err_dx"] < 0.05 for r in parity.values())  # bf16 vs float64
+    speed = {r["pattern"]: r for r in rows if r["part"] == "speed"}
+    assert set(speed) == {"MAMMAM", "MRMMRM", "MGMMGM"}
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in speed.values())
 
 
 def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):

@@ -3,11 +3,13 @@ the unbound-gradient reference for the main_grad tests (model/wgrad.py)."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from config.base import deep_merge
 from model import HybridLM, ModelConfig
@@ -120,3 +122,33 @@ def _grads_then_bind_main_grads(model: HybridLM, vocab: int) -> tuple[list[torch
 @pytest.fixture
 def grads_then_bind_main_grads() -> Callable[[HybridLM, int], tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
     return _grads_then_bind_main_grads
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(b, l, h, k) causal GQA attention through SDPA."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _flash_standins_of(calls: list[tuple[str, bool]]) -> types.SimpleNamespace:
+    """flash-attn's dense ((b, l, h, k)) and varlen ((n, h, k) + cu_seqlens) contracts on SDPA, recording
+    each call's `deterministic` flag."""
+
+    def dense(q, k, v, causal, deterministic=False):
+        calls.append(("dense", deterministic))
+        return _sdpa(q, k, v, causal)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic=False):
+        calls.append(("varlen", deterministic))
+        bounds = cu_q.tolist()
+        return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+                          for a, b in zip(bounds[:-1], bounds[1:])])
+
+    return types.SimpleNamespace(dense=dense, varlen=varlen)
+
+
+@pytest.fixture
+def flash_standins() -> Callable[[list[tuple[str, bool]]], types.SimpleNamespace]:
+    """Factory: flash_standins(calls) -> flash-attn's dense and varlen entry points on SDPA (any dtype)."""
+    return _flash_standins_of

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model.kernels as kernels
 from model import HybridLM, ModelConfig
 from model.documents import DocumentLayout
 from model.layers import rmsnorm_gated_ref
+from model.mixers import MixerContext
 from model.ssd import discretize_dt, ssd_chunked
 
 
@@ -114,7 +114,7 @@ def test_deterministic_training_runs_mamba2_without_causal_conv1d(mamba_standins
     for impl in ("reference", "kernels"):
         mixer.impl = impl
         mixer.zero_grad(set_to_none=True)
-        out = mixer(u, seq_idx=seq_idx)
+        out = mixer(u, MixerContext.of_documents(seq_idx))
         out.pow(2).sum().backward()
         results.append([out.detach()] + [p.grad.clone() for p in mixer.parameters()])
     for got, want in zip(results[1], results[0]):
@@ -137,38 +137,14 @@ def test_default_training_takes_the_fused_path(mamba_standins) -> None:
         mixer(u)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(b, l, h, k) causal GQA attention through SDPA."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, enable_gqa=True)
-    return out.transpose(1, 2)
-
-
-def _flash_standins(calls: list[tuple[str, bool]]) -> types.SimpleNamespace:
-    """flash-attn's dense ((b, l, h, k)) and varlen ((n, h, k) + cu_seqlens) contracts on SDPA, recording
-    each call's `deterministic` flag."""
-
-    def dense(q, k, v, causal, deterministic=False):
-        calls.append(("dense", deterministic))
-        return _sdpa(q, k, v, causal)
-
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic=False):
-        calls.append(("varlen", deterministic))
-        bounds = cu_q.tolist()
-        return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
-                          for a, b in zip(bounds[:-1], bounds[1:])])
-
-    return types.SimpleNamespace(dense=dense, varlen=varlen)
-
-
 @pytest.mark.parametrize("on", [False, True])
-def test_flash_attention_gets_the_deterministic_flag(monkeypatch, request, on: bool) -> None:
+def test_flash_attention_gets_the_deterministic_flag(monkeypatch, request, on: bool, flash_standins) -> None:
     """Dense (attn_backend=flash) and varlen (packed documents) calls pass deterministic=<the mode>,
     and their outputs are the reference masked attention's (bf16, tolerance 2e-2)."""
     if on:
         request.getfixturevalue("deterministic_mode")
     calls: list[tuple[str, bool]] = []
-    monkeypatch.setattr("model.attention.flash_ops", lambda: _flash_standins(calls))
+    monkeypatch.setattr("model.attention.flash_ops", lambda: flash_standins(calls))
     torch.manual_seed(0)
     model = HybridLM(ModelConfig(preset="tiny", attn_backend="flash")).to(torch.bfloat16)
     attn = next(layer.mixer for layer in model.layers if layer.kind == "A")
@@ -178,8 +154,8 @@ def test_flash_attention_gets_the_deterministic_flag(monkeypatch, request, on: b
     docs = DocumentLayout.build(seq_idx, x.device, boundaries=True)
     for layout, kind in ((None, "dense"), (docs, "varlen")):
         attn.impl = "kernels"
-        got = attn(x, rope, docs=layout)
+        got = attn.attend(x, rope, docs=layout)
         attn.impl = "reference"
-        want = attn(x, rope, docs=layout)
+        want = attn.attend(x, rope, docs=layout)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         assert calls[-1] == (kind, on)

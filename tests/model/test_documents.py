@@ -60,7 +60,7 @@ def test_flex_document_mask_matches_the_reference_mask() -> None:
     x = torch.randn(2, 64, cfg.d_model)
     seq_idx = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 63 + [1]])  # incl. a 1-token document
     rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)(positions_from_seq_idx(seq_idx), x.dtype)
-    ref = attn(x, rope, docs=DocumentLayout.build(seq_idx, x.device, boundaries=False))
+    ref = attn.attend(x, rope, docs=DocumentLayout.build(seq_idx, x.device, boundaries=False))
     attn.impl = "kernels"
-    flex = attn(x, rope, docs=DocumentLayout.build(seq_idx, x.device, boundaries=True))
+    flex = attn.attend(x, rope, docs=DocumentLayout.build(seq_idx, x.device, boundaries=True))
     torch.testing.assert_close(flex, ref, rtol=1e-5, atol=1e-5)

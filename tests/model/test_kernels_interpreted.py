@@ -42,6 +42,7 @@ import torch
 import model.kernels as kernels
 from model import HybridLM, ModelConfig
 from model.mamba2 import causal_conv1d_ref
+from model.mixers import MixerContext
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
@@ -251,7 +252,7 @@ def test_fused_split_conv_training_matches_reference(fused_split_conv, dt_limit:
     for impl in ("reference", "kernels"):
         mixer.impl = impl
         mixer.zero_grad(set_to_none=True)
-        out = mixer(u, seq_idx=seq_idx)
+        out = mixer(u, MixerContext.of_documents(seq_idx))
         out.pow(2).mean().backward()
         results[impl] = [("out", out.detach())] + [(n, p.grad.clone()) for n, p in mixer.named_parameters()]
     for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
@@ -328,7 +329,7 @@ def test_saved_intermediates_give_mamba_ssms_result(fused_split_conv, monkeypatc
         mixer.cfg.mamba.recompute_in_backward = recompute
         mixer.zero_grad(set_to_none=True)
         x = u.clone().requires_grad_()
-        out = mixer(x, seq_idx=seq_idx)
+        out = mixer(x, MixerContext.of_documents(seq_idx))
         out.pow(2).mean().backward()
         results.append([out.detach(), x.grad] + [p.grad.clone() for p in mixer.parameters()])
         assert len(calls) == 1, "training takes the saved form by default, mamba_ssm's with the flag"
@@ -342,7 +343,7 @@ def test_saved_intermediates_give_mamba_ssms_result(fused_split_conv, monkeypatc
             assert torch.equal(got, want), name
     with torch.no_grad():
         mixer.cfg.mamba.recompute_in_backward = False
-        mixer(u, seq_idx=seq_idx)
+        mixer(u, MixerContext.of_documents(seq_idx))
     assert len(calls) == 1, "a gradient-free call kept intermediates"
 
 
@@ -358,7 +359,7 @@ def test_fused_split_conv_prefill_returns_the_final_state(fused_split_conv) -> N
         for impl in ("reference", "kernels"):
             mixer.impl = impl
             state = mixer.empty_state(2, u.device, u.dtype)
-            outs.append(mixer(u, seq_idx=seq_idx, state=state))
+            outs.append(mixer(u, MixerContext.of_documents(seq_idx), state))
             states.append(state)
     assert _rel(outs[1], outs[0]) < TOL
     assert _rel(states[1].ssm, states[0].ssm) < TOL and torch.equal(states[1].conv, states[0].conv)

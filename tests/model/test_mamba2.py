@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model.mamba2 import Mamba2Mixer, causal_conv1d_ref
+from model.mixers import MixerContext
 
 TOL = 1e-10
 DOC_LENGTHS = [6, 1, 9, 3, 5]  # chunk 4: 6, 9, 3, 5 are not multiples; one length-1 document
@@ -39,7 +40,7 @@ def test_packed_equals_unpacked_outputs_and_gradients(mixer, doc_seq_idx, rel_er
     u = torch.randn(1, total, 32, dtype=torch.float64, generator=g)
     w = torch.randn(1, total, 32, dtype=torch.float64, generator=g)  # loss weights: loss = <out, w>
     seq_idx = doc_seq_idx(DOC_LENGTHS)
-    out_packed = mixer(u, seq_idx=seq_idx)
+    out_packed = mixer(u, MixerContext.of_documents(seq_idx))
     for a, b in _bounds(DOC_LENGTHS):
         out_alone = mixer(u[:, a:b])
         assert rel_err(out_packed[:, a:b], out_alone) < TOL, (a, b)
@@ -47,7 +48,7 @@ def test_packed_equals_unpacked_outputs_and_gradients(mixer, doc_seq_idx, rel_er
         # Gradient of this document's loss: through the packed batch vs the document alone.
         mixer.zero_grad()
         u_packed = u.clone().requires_grad_(True)
-        (mixer(u_packed, seq_idx=seq_idx)[:, a:b] * w[:, a:b]).sum().backward()
+        (mixer(u_packed, MixerContext.of_documents(seq_idx))[:, a:b] * w[:, a:b]).sum().backward()
         packed = _param_grads(mixer)
         mixer.zero_grad()
         u_doc = u[:, a:b].clone().requires_grad_(True)
@@ -64,7 +65,7 @@ def test_packed_equals_unpacked_outputs_and_gradients(mixer, doc_seq_idx, rel_er
 def test_continuous_sequence_differs(mixer, doc_seq_idx) -> None:
     """Without seq_idx the documents mix: everything after the first boundary changes a lot."""
     u = torch.randn(1, sum(DOC_LENGTHS), 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    packed = mixer(u, seq_idx=doc_seq_idx(DOC_LENGTHS))
+    packed = mixer(u, MixerContext.of_documents(doc_seq_idx(DOC_LENGTHS)))
     continuous = mixer(u)
     first = DOC_LENGTHS[0]
     torch.testing.assert_close(continuous[:, :first], packed[:, :first], rtol=0, atol=1e-12)

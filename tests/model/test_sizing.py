@@ -62,7 +62,7 @@ def test_model_list_table(capsys) -> None:
     from model.__main__ import main
 
     main(["list"])
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().split("\n\n")[0].splitlines()
     assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
     assert lines[1].split()[0] == "tiny" and lines[1].split()[-1] == ModelConfig(preset="tiny").layer_pattern
 

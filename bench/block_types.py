@@ -1,0 +1,132 @@
+"""The block types side by side: kernel path vs float64 reference, and training speed and memory of a preset
+whose attention blocks are swapped for each new block type.
+
+Parity: each mixer alone (the preset's widths, `--parity-seq` tokens, 2 documents per row) runs on the
+kernel path in bf16 and on the reference path in float64 with the same weights; the rows give the relative
+error of the output and of the input gradient. Mamba2 (`M`) and attention (`A`) are the yardstick: a new
+block type's kernel path is as exact as theirs when its errors are of the same size.
+
+Speed: forward+backward of the whole model (bf16, kernel path, `model.loss`, no optimizer; the optimizer's
+cost depends on the parameter count alone) at `--batch` x `--seq-len`, for the preset's own pattern and for
+the same pattern with every attention block replaced by each other block type (`A` -> `R`, `A` -> `G`).
+MFU counts each block type's model FLOPs (model/sizing.py; the routed block at its capacity bound).
+
+    python bench/block_types.py --preset small --seq-len 4096 --batch 4
+    python bench/block_types.py --smoke          # CPU plumbing check on the tiny preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import (
+    add_run_options, bench_model, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results,
+)
+from model import ModelConfig, train_flops_per_token
+from model.config import ATTENTION, MAMBA
+from model.documents import positions_from_seq_idx
+from model.mixers import MixerContext, block_types
+from model.sizing import count_params
+
+
+def mixer_parity(cfg: ModelConfig, letter: str, seq: int, device: torch.device) -> dict:
+    """One mixer of block type `letter`: bf16 kernel path vs float64 reference path on the same weights."""
+    from model.documents import DocumentLayout
+    from model.layers import RotaryEmbedding
+
+    torch.manual_seed(0)
+    ref = block_types()[letter](cfg, 0).to(device=device, dtype=torch.float64)
+    fast = block_types()[letter](cfg, 0).to(device=device, dtype=torch.bfloat16)
+    fast.load_state_dict(ref.state_dict())
+    ref.set_impl("reference")
+    fast.set_impl("kernels" if device.type == "cuda" else "reference")
+    seq_idx = torch.cat([torch.zeros(seq // 3, dtype=torch.long), torch.ones(seq - seq // 3, dtype=torch.long)])
+    seq_idx = seq_idx.expand(2, seq).to(device)
+    positions = positions_from_seq_idx(seq_idx)
+    rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
+    x = torch.randn(2, seq, cfg.d_model, device=device, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    out = {}
+    for name, mixer, dtype in (("ref", ref, torch.float64), ("fast", fast, torch.bfloat16)):
+        docs = DocumentLayout.build(seq_idx, device, boundaries=mixer is fast and device.type == "cuda")
+        ctx = MixerContext(rope=rope(positions, dtype), positions=positions, docs=docs)
+        xi = x.detach().to(dtype).requires_grad_()
+        y = mixer(xi, ctx)
+        y.backward(grad.to(dtype))
+        out[name] = (y.detach(), xi.grad)
+    return {"part": "parity", "block": letter, "name": block_types()[letter].name, "seq_len": seq,
+            "impl": fast.impl, "err_out": rel_err(out["fast"][0], out["ref"][0]),
+            "err_dx": rel_err(out["fast"][1], out["ref"][1])}
+
+
+def training_speed(cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int, peak: float) -> dict:
+    model = bench_model(cfg, device)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
+
+    def step() -> None:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = median(time_fn(step, device, warmup=2, iters=iters))
+    flops = train_flops_per_token(cfg, seq)
+    row = {"part": "speed", "pattern": cfg.layer_pattern, "params": count_params(cfg), "batch": batch,
+           "seq_len": seq, "impl": model.impl, "tokens_per_s": batch * seq / t, "step_ms": 1e3 * t,
+           "first_step_s": first, "mfu": batch * seq / t * flops / (peak * 1e12)}
+    stats = model.block_statistics()
+    routed = [v for k, v in stats.items() if k.endswith("routed_fraction")]
+    if routed:
+        row["routed_fraction"] = sum(routed) / len(routed)
+    if device.type == "cuda":
+        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    del model
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--parity-seq", type=int, default=1024)
+    ap.add_argument("--slots", type=int, default=256, help="gated.slots of the G rows (the design's 256-512)")
+    add_run_options(ap, iters=10)
+    args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    preset, seq, batch, pseq = ("tiny", 64, 1, 48) if args.smoke else (args.preset, args.seq_len, args.batch,
+                                                                        args.parity_seq)
+    base = ModelConfig(preset=preset, gated={"slots": 8 if args.smoke else args.slots})
+    peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
+    meta = environment(device) | {"matmul_peak_tflops": peak, "preset": preset}
+    name = (args.name or "block_types") + ("_smoke" if args.smoke else "")
+    rows = [mixer_parity(base, letter, pseq, device) for letter in block_types()]
+    for letter in block_types():
+        if letter == MAMBA:
+            continue
+        pattern = base.layer_pattern.replace(ATTENTION, letter)  # letter A: the preset's own pattern
+        try:
+            row = training_speed(base.model_copy(update={"pattern": pattern}), batch, seq, device,
+                                 2 if args.smoke else args.iters, peak)
+        except Exception as exc:  # an OOM or a kernel failure is a row, not the end of the run
+            row = {"part": "speed", "pattern": pattern, "impl": f"{type(exc).__name__}: {exc}"[:200]}
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_results(name, rows, meta, ["part", "block", "name", "pattern", "params", "batch", "seq_len", "impl",
+                                     "err_out", "err_dx", "tokens_per_s", "mfu", "peak_mem_gb", "routed_fraction",
+                                     "step_ms", "first_step_s"],
+                  args.out, title=f"Block types: kernel-path parity and training speed ({preset})")
+
+
+if __name__ == "__main__":
+    main()
