@@ -26,11 +26,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def bench_model(cfg: "ModelConfig", device: torch.device) -> "HybridLM":
     """A freshly initialised model for timing: bf16 on CUDA (float32 on CPU), train mode, its fastest
-    execution path on `device` (kernels on CUDA)."""
-    from model import HybridLM
+    execution path on `device` (kernels on CUDA). A GraphedLM: HybridLM until a bench captures its
+    training graphs (train/graph_step.py)."""
+    from train.graph_step import GraphedLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = HybridLM(cfg).to(device=device, dtype=dtype).train()
+    model = GraphedLM(cfg).to(device=device, dtype=dtype).train()
     model.set_impl()
     return model
 

@@ -6,7 +6,7 @@ over the bf16 GEMM rate measured in the same run. The first steps at a new shape
 autotuning and compilation: they are timed apart (`warmup_s`) from the steady state.
 
 With --cuda-graph every shape is measured twice, eagerly and with the forward and backward replayed
-as CUDA graphs (model/train_graph.py); the graphed row also reports how far its loss and gradients
+as CUDA graphs (train/graph_step.py); the graphed row also reports how far its loss and gradients
 are from the eager step's on the same batch (`graph_loss_rel_err`, `graph_grad_rel_err`: relative
 error of the loss and of all gradients concatenated).
 
@@ -28,7 +28,7 @@ from bench.common import (
 )
 from bench.peers import attention_twin
 from model import ModelConfig, train_flops_per_token
-from model.train_graph import graph_training_forward
+from train.graph_step import graph_training_forward
 
 
 def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:

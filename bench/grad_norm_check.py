@@ -8,7 +8,7 @@ A graphed row equal to its eager row and to the reference says the graphs hand e
 gradients to the engine under that setting; train.cuda_graph refuses the settings that failed here
 (ZeRO-1 without bf16.immediate_grad_update: DeepSpeed's BF16_Optimizer then lets autograd add each
 replay's gradient into `.grad`, which is the graph's own gradient buffer, so the sum doubles instead
-of accumulating). On CPU the graphs are their eager stand-in (model.train_graph.EagerReplayGraphs).
+of accumulating). On CPU the graphs are their eager stand-in (train.graph_step.EagerReplayGraphs).
 
     python bench/grad_norm_check.py --preset small      # CUDA (kernel path)
     python bench/grad_norm_check.py --smoke             # CPU: tiny preset

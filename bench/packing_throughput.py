@@ -6,7 +6,7 @@ loader does). Each step is forward + backward + a fused AdamW update of the pres
 `document` passes seq_idx (kept on the host, as the trainer does) and restarting positions (Mamba2 state and
 conv reset, attention within documents through flash-attn varlen), `document_flex` the same with
 FlexAttention's document mask, `continuous` passes neither. `continuous_graph` and `document_graph` run the
-same steps with the forward and backward replayed as CUDA graphs (model/train_graph.py; packed documents
+same steps with the forward and backward replayed as CUDA graphs (train/graph_step.py; packed documents
 through fixed-capacity cu_seqlens). `grad_rel_err`: a graphed mode's gradients against its eager mode's on the
 same batch and weights, and, on the eager row, a second eager step against the first (the kernels' own
 run-to-run spread, the floor the graphed error is read against). The cost is that of the faster document mode
@@ -39,7 +39,7 @@ from bench.common import (
     write_results,
 )
 from model import ModelConfig, positions_from_seq_idx, train_flops_per_token
-from model.train_graph import graph_training_forward
+from train.graph_step import graph_training_forward
 
 GRAPH_MODES = ("continuous_graph", "document_graph")
 

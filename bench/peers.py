@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import HybridLM, ModelConfig
+from model import ModelConfig
 from model.attention import Attention
 from model.kernels import kernel_report
 from model.sizing import count_params, mixer_params
+from train.graph_step import GraphedLM
 
 OURS = ("ours", "attention")  # HybridLM peers
 PEERS = (*OURS, "hf_bamba", "hf_llama")
@@ -113,10 +114,11 @@ def hf_llama(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.M
 
 
 def build(name: str, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Peer `name` for `cfg`, built directly on `device` (no host copy), in `dtype`, train mode."""
+    """Peer `name` for `cfg`, built directly on `device` (no host copy), in `dtype`, train mode. Ours are
+    GraphedLMs: HybridLM until a bench captures their training graphs (train/graph_step.py)."""
     if name in OURS:
         with torch.device(device):
-            model = HybridLM(attention_twin(cfg) if name == "attention" else cfg)
+            model = GraphedLM(attention_twin(cfg) if name == "attention" else cfg)
         model.to(dtype)
         model.set_impl()
     else:

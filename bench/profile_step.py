@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import RESULTS, bench_model, environment, sync, write_results
 from bench.peers import attention_twin
 from model import ModelConfig
-from model.train_graph import graph_training_forward
+from train.graph_step import graph_training_forward
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
 PROFILED_STEPS = 2  # every per-step figure is the profile's total over this many steps
@@ -71,7 +71,7 @@ def main() -> None:
                     help="device kernels alone (not the ops that launch them): the total is the GPU's busy time")
     ap.add_argument("--name", default=None, help="results file name (default profile_step_PRESET)")
     ap.add_argument("--cuda-graph", action="store_true",
-                    help="replay the training forward and backward as CUDA graphs (model/train_graph.py), and "
+                    help="replay the training forward and backward as CUDA graphs (train/graph_step.py), and "
                          "measure the GPU's idle time between kernels (JSON `gaps`)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)

@@ -19,7 +19,7 @@ those that do), overhead_ms (micro_ms minus fwd_bwd's), tokens_per_s of the whol
 With --profile, the top ops (by host and by device time) of one micro-batch that does not step the
 optimizer and one that does, of the first engine variant (JSON only).
 
-The forward and backward replay CUDA graphs on CUDA (model/train_graph.py, what train.cuda_graph
+The forward and backward replay CUDA graphs on CUDA (train/graph_step.py, what train.cuda_graph
 does: the engine's share is then not hidden behind launch gaps); on CPU their eager stand-in
 (EagerReplayGraphs). Timing only: every micro-batch is the same batch, so this script cannot tell
 right gradients from wrong ones; bench/grad_norm_check.py does (ZeRO-1 without
@@ -46,7 +46,7 @@ from bench.profile_step import kernel_gaps  # noqa: E402
 from bench.train_step_throughput import ZERO_JSONS, build_engine, ds_config  # noqa: E402
 from config.base import deep_merge  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from model.train_graph import EagerReplayGraphs, graph_training_forward  # noqa: E402
+from train.graph_step import EagerReplayGraphs, graph_training_forward  # noqa: E402
 from train.grad_fold import DEFAULT_FOLD  # noqa: E402
 
 NAME = "step_overhead"
@@ -136,7 +136,7 @@ def profile_micro(run_micro, last: bool, device: torch.device, top: int = 20) ->
 
 def floor_variant(cfg: ModelConfig, ids: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     """Forward+backward alone: bf16 model (float32 on CPU), autograd accumulating into .grad. Timing
-    only: under the graphs `.grad` can alias the graph's gradient buffer (model/train_graph.py), so the
+    only: under the graphs `.grad` can alias the graph's gradient buffer (train/graph_step.py), so the
     accumulated values are not meaningful; the add per parameter is the cost being timed."""
     model = peers.build("ours", cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     install_graphs(model, ids)

@@ -18,7 +18,7 @@ is reported apart as first_step_s. Then --steps timed steps: step_s is their med
                  states and activations), 1e9 bytes
   ours_over_peer ours' tokens/s over this model's at the same sequence length
 With --cuda-graph, `ours` and `attention` get a second row each (`ours_graph`, `attention_graph`) whose
-forward and backward replay CUDA graphs (model/train_graph.py, what train.cuda_graph does), and the
+forward and backward replay CUDA graphs (train/graph_step.py, what train.cuda_graph does), and the
 column ours_graph_over_peer compares `ours_graph` with every other row.
 Every row is printed and the results rewritten as soon as it is measured; an out-of-memory or other
 failure becomes the row's status and the run goes on.
@@ -54,7 +54,7 @@ from bench.common import (  # noqa: E402
     RESULTS, environment, matmul_peak_tflops, median, pyplot, save_figure, sync, time_fn, write_results,
 )
 from model import ModelConfig, count_params, train_flops_per_token  # noqa: E402
-from model.train_graph import graph_training_forward  # noqa: E402
+from train.graph_step import graph_training_forward  # noqa: E402
 from train.grad_fold import DEFAULT_FOLD, FOLDS, install_fold  # noqa: E402
 
 NAME = "train_step_throughput"

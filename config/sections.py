@@ -86,7 +86,7 @@ class TrainConfig(StrictModel):
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
     cuda_graph: bool = Field(
         False,
-        description="Replay each micro-batch's forward and backward as CUDA graphs (model/train_graph.py): "
+        description="Replay each micro-batch's forward and backward as CUDA graphs (train/graph_step.py): "
         "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs ZeRO "
         "stage 2, or stage 1 with bf16 and bf16.immediate_grad_update (ds_configs/zero1.json): their gradient "
         "hooks consume each backward's gradients before the next replay (bench/grad_norm_check.py); and no "

@@ -121,18 +121,17 @@ class HybridLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | DocumentLayout | None = None,
         cache: HybridCache | None = None,
-        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (b, l, d). input_ids: (b, l) long; seq_idx (b, l) may stay on the
-        host (the document boundaries are derived there); layout: the boundaries already worked out
-        (model.train_graph's static buffers), used instead of seq_idx."""
+        """Final-norm hidden states (b, l, d). input_ids: (b, l) long; seq_idx: the packed documents, (b, l)
+        (it may stay on the host: the boundaries are derived there), or their `DocumentLayout` when the
+        caller already worked the boundaries out (and keeps them, e.g. as fixed buffers across calls)."""
         b, l = input_ids.shape
         h = self.embed(input_ids)
         kernels = self.impl == "kernels"
-        docs = layout
-        if docs is None and seq_idx is not None:
+        docs = seq_idx
+        if isinstance(seq_idx, torch.Tensor):
             docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels)
         if position_ids is None:
             if cache is not None:
@@ -163,12 +162,11 @@ class HybridLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | DocumentLayout | None = None,
         cache: HybridCache | None = None,
-        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
-        """Logits (b, l, vocab_size) (padding columns of the embedding dropped)."""
-        h = self.hidden_states(input_ids, position_ids, seq_idx, cache, layout)
+        """Logits (b, l, vocab_size) (padding columns of the embedding dropped); arguments as `hidden_states`."""
+        h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
         return linear(h, self.head_weight)[..., : self.cfg.vocab_size]
 
     def loss(
@@ -180,7 +178,7 @@ class HybridLM(nn.Module):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (float32, or float64 for a float64 model) over labels != -100.
         labels: (b, l), already shifted. On the kernel path, the fused cross-entropy of model/loss.py."""
-        logits = self.forward(input_ids, position_ids, seq_idx)  # the instance's: a graphed one if installed
+        logits = self.forward(input_ids, position_ids, seq_idx)  # a subclass's (train/graph_step.py) if it is one
         return mean_nll(logits, labels, self.impl)
 
     # ---- decoding ---------------------------------------------------------------------------------

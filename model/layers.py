@@ -87,7 +87,7 @@ class SwiGLU(nn.Module):
     def fused_gate_up(self) -> bool:
         """Whether the kernel path's concatenated GEMM applies: gate and up are plain Linears holding
         plain tensors (quantization swaps in other modules or tensor subclasses: those run unfused;
-        model.train_graph's stand-in leaves are plain tensors: fused, as in eager training)."""
+        train.graph_step's stand-in leaves are plain tensors: fused, as in eager training)."""
         return self.impl == "kernels" and all(
             type(lin) is Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
             for lin in (self.gate_proj, self.up_proj)

@@ -30,18 +30,39 @@ from config.loader import ConfigError
 from config.manifest import Manifest, load_manifest, sha256_of
 from config.schema import RunConfig, load_run_config
 from model.hybrid import HybridLM
-from model.kernels import flash_ops, make_deterministic
+from model.kernels import make_deterministic
 from model.loss import IGNORE_INDEX, token_nll
 from model.sizing import count_params, train_flops_per_token
-from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.weights import CheckpointError
-from train.checkpoint import RUN_CONFIG, Checkpointer, TrainerState, read_state, resolve_resume, seed_everything
-from train.consolidate import gather_fp32_state_dict, state_dict_from_checkpoint, write_bundle
+from train.checkpoint import (
+    RUN_CONFIG,
+    Checkpointer,
+    TrainerState,
+    read_state,
+    resolve_resume,
+    seed_everything,
+)
+from train.consolidate import (
+    gather_fp32_state_dict,
+    state_dict_from_checkpoint,
+    write_bundle,
+)
 from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
-from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, zero_stage
+from train.ds_config import (
+    accumulation_steps,
+    build_ds_config,
+    read_ds_json,
+    zero_stage,
+)
 from train.errors import TrainingError
 from train.grad_fold import install_fold
+from train.graph_step import (
+    GraphedLM,
+    GraphedTrainingForward,
+    check_graphable,
+    graph_training_forward,
+)
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from train.optim import follow_current_config, lr_multiplier, param_groups
 
@@ -69,7 +90,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
     """The model initialised from train.seed (identical on every rank), built directly on `device`."""
     seed_everything(cfg.train.seed)
     with device:
-        model = HybridLM(cfg.model)
+        model = (GraphedLM if cfg.train.cuda_graph else HybridLM)(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.set_impl()
     return model
@@ -127,32 +148,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
             for k in MODEL_INPUTS if k in batch}
 
 
-def check_graphable(env: DistEnv, ds_config: dict, packing: str, model: HybridLM) -> None:
-    """train.cuda_graph's requirements beyond the config (model/train_graph.py): CUDA; block types whose
-    training forward has fixed shapes; ZeRO-2, or ZeRO-1 with bf16 and bf16.immediate_grad_update;
-    flash-attn for document packing."""
-    if not env.on_cuda:
-        raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
-    eager_only = sorted({layer.mixer.name for layer in model.layers if not layer.mixer.cuda_graphs})
-    if eager_only:
-        raise ConfigError(f"train.cuda_graph: block type(s) {', '.join(eager_only)} have data-dependent shapes "
-                          "and cannot train inside a CUDA graph: set train.cuda_graph=false")
-    if packing == "document" and flash_ops() is None:
-        raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn (its varlen kernel takes the "
-                          "documents as a fixed-shape input): install requirements-cuda.txt, or set "
-                          "data.packing=continuous or train.cuda_graph=false")
-    stage = zero_stage(ds_config)
-    if stage == 3:
-        raise ConfigError("train.cuda_graph needs ZeRO stage 1 or 2 (train.ds_config is stage 3): ZeRO-3 gathers "
-                          "parameters per module, which a graph cannot follow; use ds_configs/zero2.json or "
-                          "zero1.json, or set train.cuda_graph=false")
-    bf16 = ds_config.get("bf16", {})
-    if stage == 1 and not (bf16.get("enabled") and bf16.get("immediate_grad_update")):
-        raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 and bf16.immediate_grad_update=true "
-                          "in train.ds_config (otherwise each replay's gradients are added into a buffer the next replay "
-                          "overwrites: bench/grad_norm_check.py); use ds_configs/zero1.json or zero2.json")
-
-
 def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) -> None:
     """Act on a step whose loss was non-finite on `bad_ranks` (train.on_nan: stop | skip)."""
     if not bad_ranks:
@@ -193,9 +188,9 @@ class Trainer:
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
                      "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
         self.model = build_model(cfg, self.env.device)
-        self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         if t.cuda_graph:
-            check_graphable(self.env, self.ds_config, cfg.data.packing, self.model)
+            check_graphable(self.model, self.env.on_cuda, cfg.data.packing == "document", self.ds_config)
+        self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))

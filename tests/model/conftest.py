@@ -66,11 +66,13 @@ def tiny_config() -> Callable[..., ModelConfig]:
 
 @pytest.fixture
 def tiny_model() -> Callable[..., HybridLM]:
-    """Factory: tiny_model(pattern="MAMA", qk_norm=False, seed=0, **overrides) -> float64 eval-mode model."""
+    """Factory: tiny_model(pattern="MAMA", qk_norm=False, seed=0, model_cls=HybridLM, **overrides) -> float64
+    eval-mode model (model_cls: HybridLM or a subclass, e.g. train.graph_step.GraphedLM)."""
 
-    def make(pattern: str = "MAMA", qk_norm: bool = False, seed: int = 0, **over) -> HybridLM:
+    def make(pattern: str = "MAMA", qk_norm: bool = False, seed: int = 0, model_cls: type[HybridLM] = HybridLM,
+             **over) -> HybridLM:
         torch.manual_seed(seed)
-        model = HybridLM(_tiny_config(pattern, qk_norm, **over)).double().eval()
+        model = model_cls(_tiny_config(pattern, qk_norm, **over)).double().eval()
         _randomize_vectors_(model, seed)
         model.set_impl("reference")
         return model

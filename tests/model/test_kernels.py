@@ -123,7 +123,7 @@ def test_swiglu_kernel_path_leaves_quantized_weights_unfused(monkeypatch) -> Non
 
 
 def test_swiglu_kernel_path_stays_fused_under_functional_call(monkeypatch) -> None:
-    """model.train_graph captures through torch.func.functional_call with plain-tensor stand-ins for
+    """train.graph_step captures through torch.func.functional_call with plain-tensor stand-ins for
     the parameters: the MLP must take the same fused path as eager training (a graphed step that ran
     the unfused MLP measured 3% gradient difference from the eager one on an H100)."""
     from torch.func import functional_call

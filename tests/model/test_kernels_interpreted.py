@@ -87,7 +87,8 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
 DT_LIMITS = [(0.0, float("inf")), (0.01, 0.05)]  # none (the kernels' own softplus), and a clamp
 
 
-def _model(pattern: str = "MAMA", seed: int = 0, dt_limit: tuple[float, float] = DT_LIMITS[0]) -> HybridLM:
+def _model(pattern: str = "MAMA", seed: int = 0, dt_limit: tuple[float, float] = DT_LIMITS[0],
+           model_cls: type[HybridLM] = HybridLM) -> HybridLM:
     """float32, chunk 16 (few interpreter programs), both block kinds, 2 SSM groups."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -97,7 +98,7 @@ def _model(pattern: str = "MAMA", seed: int = 0, dt_limit: tuple[float, float] =
                "dt_limit": dt_limit},
         tie_embeddings=False, impl="reference",
     )
-    model = HybridLM(cfg)
+    model = model_cls(cfg)
     with torch.no_grad():  # norm weights, D and conv bias away from their init, so a misuse shows
         for p in model.parameters():
             if p.dim() == 1:
@@ -366,18 +367,18 @@ def test_fused_split_conv_prefill_returns_the_final_state(fused_split_conv) -> N
 
 
 def test_graphed_training_step_replays_the_eager_kernel_step(fused_split_conv) -> None:
-    """model/train_graph.py on the kernel path (fused split-conv scan, fused norms and SwiGLU): the
+    """train/graph_step.py on the kernel path (fused split-conv scan, fused norms and SwiGLU): the
     capture's stand-in parameters and static buffers through mamba_ssm's autograd functions. With
     EagerReplayGraphs in place of CUDA graphs, two replayed steps (an in-place weight update between
     them, as the optimizer makes) give the eager kernel step's loss and gradients."""
-    from model.train_graph import EagerReplayGraphs, graph_training_forward
+    from train.graph_step import EagerReplayGraphs, GraphedLM, graph_training_forward
 
     def eager(ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        logits = type(model).forward(model, ids[:, :-1])  # the class's forward: not the dispatcher
+        logits = HybridLM.forward(model, ids[:, :-1])  # not the graphs
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
-    model = _model("MA").train()
+    model = _model("MA", model_cls=GraphedLM).train()
     _use(model, "kernels")
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
@@ -404,9 +405,9 @@ def test_kernel_path_adds_linear_weight_gradients_into_main_grad(fused_split_con
     float32 main_grad bound (train/grad_fold.py's fused_wgrad), two steps, eager or replayed through the
     training graphs' stand-in parameters: the linear weights' main_grads hold the unbound model's summed
     gradients and they get no .grad; the other parameters keep autograd's .grad."""
-    from model.train_graph import EagerReplayGraphs, graph_training_forward
+    from train.graph_step import EagerReplayGraphs, GraphedLM, graph_training_forward
 
-    model = _model("MA").train()
+    model = _model("MA", model_cls=GraphedLM).train()
     _use(model, "kernels")
     batches, want = grads_then_bind_main_grads(model, 61)
     if graphed:

@@ -92,21 +92,19 @@ def test_cuda_graph_accepts_the_zero_settings_whose_gradients_were_checked(ds_js
                                                                            refused: str | None) -> None:
     """train.cuda_graph: ZeRO-2, and ZeRO-1 only with bf16 + immediate_grad_update (what
     bench/grad_norm_check.py found right); anything else is a one-line config error naming the key."""
-    from train.distributed import DistEnv
-    from train.trainer import check_graphable
+    from train.graph_step import check_graphable
 
-    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))  # never touched: a label
     ds = build_ds_config(TrainConfig(ds_config=ds_json, precision=precision), world_size=1, on_cuda=True)
     model = HybridLM(ModelConfig(preset="tiny"))
     if refused is None:
-        check_graphable(env, ds, "continuous", model)
+        check_graphable(model, True, False, ds)
     else:
         with pytest.raises(ConfigError, match=refused.replace(".", r"\.")):
-            check_graphable(env, ds, "continuous", model)
+            check_graphable(model, True, False, ds)
     without = ds | {"bf16": {"enabled": True, "check_grad_overflow": True}}  # the flag removed from a ZeRO-1 JSON
     if zero_stage(ds) == 1:
         with pytest.raises(ConfigError, match="immediate_grad_update"):
-            check_graphable(env, without, "continuous", model)
+            check_graphable(model, True, False, without)
     routed = HybridLM(ModelConfig(preset="tiny", pattern="MRMAMM"))  # data-dependent shapes: never graphed
     with pytest.raises(ConfigError, match="routed .*train.cuda_graph=false"):
-        check_graphable(env, ds, "continuous", routed)
+        check_graphable(routed, True, False, ds)

@@ -6,9 +6,11 @@ Triton kernels through Triton's Python launcher, plus the GEMMs and norms). On a
 not the GPU, sets the pace. Replaying both passes as CUDA graphs measured 2.1x faster at 1 x 4096.
 
 What is captured: `HybridLM.forward` for one input shape, logits out, parameter gradients back.
-`graph_training_forward` installs a dispatcher as the model's `forward`: training-mode calls of the
-captured shape replay graphs; everything else (evaluation, other shapes, caches, explicit positions
-without documents) runs the eager forward, so one model serves both. Two kinds of step:
+The model is a `GraphedLM` (a HybridLM whose forward consults its graphs; the trainer builds it when
+train.cuda_graph is on), and `graph_training_forward` gives it a dispatcher: training-mode calls of
+the captured shape replay graphs; everything else (evaluation, other shapes, caches, explicit positions
+without documents) runs HybridLM's forward, so one model serves both. model/ knows nothing of this:
+the graphs wrap it from here, as torch.compile or float8 conversion would. Two kinds of step:
   plain      no document boundaries: the ids and their positions in. Serves `input_ids` alone
              (continuous packing; positions 0..l-1) and packed batches whose every row is one document
              or a piece of one (the loader's positions: a piece may start past 0), which the eager forward
@@ -37,7 +39,8 @@ DeepSpeed's gradient hooks run as in eager training. Otherwise it follows make_g
 warm-up iterations first on the capture stream (Triton autotunes there, outside any capture), one
 memory pool, inputs copied into static buffers.
 
-Requirements, checked by the callers that enable it (train/trainer.py):
+Requirements, all checked in one place (`check_graphable`: by the trainer before any work, with the
+DeepSpeed config; by `graph_training_forward` for the model):
   * CUDA, and parameters that keep their storage: in-place optimizer updates (DeepSpeed ZeRO-1/2,
     torch optimizers) are seen by the replays; ZeRO-3 gathers and frees parameters around each
     module, which a graph cannot follow.
@@ -59,18 +62,25 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call
 
+from config.loader import ConfigError
 from model.attention import Attention
-from model.documents import DocumentLayout, cu_seqlens_of, document_starts, one_document_per_row, positions_from_seq_idx
+from model.config import ModelConfig
+from model.documents import (
+    DocumentLayout,
+    cu_seqlens_of,
+    document_starts,
+    one_document_per_row,
+    positions_from_seq_idx,
+)
+from model.hybrid import HybridLM
 from model.kernels import flash_ops
-
-if TYPE_CHECKING:
-    from model.hybrid import HybridLM
+from train.ds_config import zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +148,16 @@ class EagerReplayGraphs(CudaGraphs):
 
 
 class _EagerLogits(torch.nn.Module):
-    """(ids, position_ids, layout) -> logits (b, l, v) through the model's class forward, never the
-    dispatcher that replaces the instance's `forward` (a stand-in graph re-runs the capture)."""
+    """(ids, position_ids, layout) -> logits (b, l, v) through HybridLM's forward, never GraphedLM's
+    dispatch (a stand-in graph re-runs the capture)."""
 
-    def __init__(self, model: "HybridLM") -> None:
+    def __init__(self, model: HybridLM) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None,
                 layout: DocumentLayout | None) -> torch.Tensor:
-        return type(self.model).forward(self.model, input_ids, position_ids, layout=layout)
+        return HybridLM.forward(self.model, input_ids, position_ids, layout)
 
 
 @dataclass
@@ -198,7 +208,7 @@ class _CapturedStep:
     grads      per parameter   static gradients produced by the backward graph
     """
 
-    def __init__(self, model: "HybridLM", sample: GraphInputs, ops: CudaGraphs, pool: Any, warmup: int) -> None:
+    def __init__(self, model: HybridLM, sample: GraphInputs, ops: CudaGraphs, pool: Any, warmup: int) -> None:
         self.ops = ops
         named = list(model.named_parameters())
         self.params = [p for _, p in named]
@@ -274,13 +284,13 @@ class _Replay(torch.autograd.Function):
 
 
 class GraphedTrainingForward:
-    """Installed as `model.forward` by `graph_training_forward`; see the module docstring.
+    """A GraphedLM's dispatcher, given by `graph_training_forward`; see the module docstring.
 
     steps: the captured steps by key, "plain" or the document capacity of a packed step; `replays`
     and `eager_calls` count what ran.
     """
 
-    def __init__(self, model: "HybridLM", shape: tuple[int, int], documents: bool, ops: CudaGraphs,
+    def __init__(self, model: HybridLM, shape: tuple[int, int], documents: bool, ops: CudaGraphs,
                  warmup: int) -> None:
         self.model, self.shape, self.documents = model, shape, documents
         self.ops, self.warmup = ops, warmup
@@ -343,17 +353,16 @@ class GraphedTrainingForward:
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | DocumentLayout | None = None,
         cache: Any = None,
-        layout: DocumentLayout | None = None,
     ) -> torch.Tensor:
         model = self.model
         key = None
-        if model.training and torch.is_grad_enabled() and cache is None and layout is None:
+        if model.training and torch.is_grad_enabled() and cache is None and not isinstance(seq_idx, DocumentLayout):
             key = self.step_key(input_ids, position_ids, seq_idx)
         if key is None:
             self.eager_calls += 1
-            return type(model).forward(model, input_ids, position_ids, seq_idx, cache, layout)
+            return HybridLM.forward(model, input_ids, position_ids, seq_idx, cache)
         inputs = self.graph_inputs(key, input_ids, position_ids, seq_idx)
         if key not in self.steps:
             self._capture(key, inputs)
@@ -362,37 +371,83 @@ class GraphedTrainingForward:
         return _Replay.apply(step, inputs, *step.params)
 
 
+class GraphedLM(HybridLM):
+    """A HybridLM whose training calls replay CUDA graphs once `graph_training_forward` captured them;
+    before that, and for every call the graphs do not serve, it is HybridLM. Same parameters, state_dict
+    keys and checkpoints as HybridLM."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.graphs: GraphedTrainingForward | None = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | DocumentLayout | None = None,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        if self.graphs is None:
+            return super().forward(input_ids, position_ids, seq_idx, cache)
+        return self.graphs(input_ids, position_ids, seq_idx, cache)
+
+
+def check_graphable(model: HybridLM, on_cuda: bool, documents: bool, ds_config: dict | None = None) -> None:
+    """Every requirement of CUDA-graph training (module docstring), as one-line ConfigErrors naming the
+    setting: CUDA; block types whose training forward has fixed shapes; flash-attn's varlen attention for
+    packed documents (kernel path); with a DeepSpeed config, ZeRO-2, or ZeRO-1 with bf16 and
+    bf16.immediate_grad_update."""
+    if not on_cuda:
+        raise ConfigError("train.cuda_graph needs CUDA devices: set train.cuda_graph=false on this machine")
+    eager_only = sorted({layer.mixer.name for layer in model.layers if not layer.mixer.cuda_graphs})
+    if eager_only:
+        raise ConfigError(f"train.cuda_graph: block type(s) {', '.join(eager_only)} have data-dependent shapes "
+                          "and cannot train inside a CUDA graph: set train.cuda_graph=false")
+    if documents and model.impl == "kernels" and not varlen_attention(model):
+        raise ConfigError("train.cuda_graph with data.packing=document needs flash-attn's varlen kernel (the documents "
+                          "as a fixed-shape input): install requirements-cuda.txt and set model.attn_backend to auto "
+                          "or flash, or set data.packing=continuous or train.cuda_graph=false")
+    if ds_config is None:
+        return
+    stage = zero_stage(ds_config)
+    if stage == 3:
+        raise ConfigError("train.cuda_graph needs ZeRO stage 1 or 2 (train.ds_config is stage 3): ZeRO-3 gathers "
+                          "parameters per module, which a graph cannot follow; use ds_configs/zero2.json or "
+                          "zero1.json, or set train.cuda_graph=false")
+    bf16 = ds_config.get("bf16", {})
+    if stage == 1 and not (bf16.get("enabled") and bf16.get("immediate_grad_update")):
+        raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 and bf16.immediate_grad_update=true "
+                          "in train.ds_config (otherwise each replay's gradients are added into a buffer the next replay "
+                          "overwrites: bench/grad_norm_check.py); use ds_configs/zero1.json or zero2.json")
+
+
 def graph_training_forward(
-    model: "HybridLM",
+    model: GraphedLM,
     sample_ids: torch.Tensor,
     ops: CudaGraphs | None = None,
     warmup: int = 3,
     documents: bool = False,
 ) -> GraphedTrainingForward:
-    """Install the dispatcher as `model.forward` for training batches shaped like `sample_ids` (b, l)
-    long. Without `documents` it captures the plain step from `sample_ids` now; with `documents`,
-    packed batches (seq_idx given) replay steps captured on first use per document capacity, and
-    plain calls are captured on first use too. Returns the dispatcher. `ops` defaults to CUDA graphs
-    (EagerReplayGraphs runs the same plumbing without CUDA)."""
-    if isinstance(model.forward, GraphedTrainingForward):
+    """Give `model` its dispatcher for training batches shaped like `sample_ids` (b, l) long. Without
+    `documents` it captures the plain step from `sample_ids` now; with `documents`, packed batches
+    (seq_idx given) replay steps captured on first use per document capacity, and plain calls are
+    captured on first use too. Returns the dispatcher. `ops` defaults to CUDA graphs (EagerReplayGraphs
+    runs the same plumbing without CUDA)."""
+    if not isinstance(model, GraphedLM):
+        raise TypeError(f"CUDA-graph training needs a train.graph_step.GraphedLM, got {type(model).__name__}")
+    if model.graphs is not None:
         raise RuntimeError("the model's training forward is already graphed")
-    if ops is None:
-        if sample_ids.device.type != "cuda":
-            raise RuntimeError("CUDA-graph training needs a CUDA device; train eagerly on this one")
-        ops = CudaGraphs()
     if not model.training:
         raise RuntimeError("capture the training forward in train mode (model.train())")
-    if documents and model.impl == "kernels" and not varlen_attention(model):
-        raise RuntimeError("CUDA-graph training on packed documents needs flash-attn's varlen kernel: install "
-                           "flash-attn and set model.attn_backend to auto or flash")
-    dispatcher = GraphedTrainingForward(model, tuple(sample_ids.shape), documents, ops, warmup)
+    check_graphable(model, on_cuda=ops is not None or sample_ids.device.type == "cuda", documents=documents)
+    dispatcher = GraphedTrainingForward(model, tuple(sample_ids.shape), documents, ops or CudaGraphs(), warmup)
     if not documents:
         dispatcher.prepare(sample_ids)
-    model.forward = dispatcher  # instance attribute: nn.Module.__call__ finds it before the class's
+    model.graphs = dispatcher
     return dispatcher
 
 
-def varlen_attention(model: "HybridLM") -> bool:
+def varlen_attention(model: HybridLM) -> bool:
     """Whether the model's attention runs packed documents through flash-attn's varlen kernel (the
     one document path whose shapes do not depend on the batch)."""
     backends = {mod.backend for mod in model.modules() if isinstance(mod, Attention)}

@@ -1,6 +1,6 @@
-"""CUDA-graph training (model/train_graph.py) on CPU: the capture's data flow and the dispatcher.
+"""CUDA-graph training (train/graph_step.py) on CPU: the capture's data flow and the dispatcher.
 
-CUDA graphs need a GPU. Here a stand-in (model.train_graph.EagerReplayGraphs) takes the place of the graph
+CUDA graphs need a GPU. Here a stand-in (train.graph_step.EagerReplayGraphs) takes the place of the graph
 operations: "capture" runs the function once and keeps its outputs as the static buffers, "replay" runs it
 again and copies the result into them. That checks everything around the graphs: stand-in leaves sharing the
 parameters' storage, static input/output/gradient buffers, the gradients handed to the right parameters,
@@ -13,19 +13,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.train_graph import EagerReplayGraphs as StandInGraphs
-from model.train_graph import GraphedTrainingForward, graph_training_forward
+from config.loader import ConfigError
+from model import HybridLM
+from train.graph_step import EagerReplayGraphs as StandInGraphs
+from train.graph_step import GraphedLM, GraphedTrainingForward, graph_training_forward
 
 
 def eager_loss_and_grads(model, ids):
-    logits = type(model).forward(model, ids[:, :-1])
+    logits = HybridLM.forward(model, ids[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
 @pytest.fixture
 def graphed(tiny_model):
-    model = tiny_model("MAMA", tie_embeddings=True).train()
+    model = tiny_model("MAMA", tie_embeddings=True, model_cls=GraphedLM).train()
     ops = StandInGraphs()
     sample = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     return model, graph_training_forward(model, sample, ops=ops, warmup=1), ops
@@ -68,12 +70,14 @@ def test_everything_else_runs_eagerly(graphed) -> None:
 
 
 def test_capture_is_refused_when_it_cannot_work(tiny_model) -> None:
-    model = tiny_model("MAMA")
     ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(TypeError, match="needs a train.graph_step.GraphedLM, got HybridLM"):
+        graph_training_forward(tiny_model("MAMA").train(), ids, ops=StandInGraphs())
+    model = tiny_model("MAMA", model_cls=GraphedLM)
     with pytest.raises(RuntimeError, match="train mode"):
         graph_training_forward(model, ids, ops=StandInGraphs())
     model.train()
-    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+    with pytest.raises(ConfigError, match="needs CUDA devices"):
         graph_training_forward(model, ids)  # real CUDA graphs, on CPU
     assert isinstance(graph_training_forward(model, ids, ops=StandInGraphs(), warmup=1), GraphedTrainingForward)
     with pytest.raises(RuntimeError, match="already graphed"):
@@ -98,8 +102,8 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
     captured on first use; cu_seqlens is padded with empty documents; a batch with more documents than
     the largest capacity runs eagerly; a batch of one document per row (here pieces continuing from
     position 5) replays the plain step with its positions, without boundaries, as do plain calls."""
-    monkeypatch.setattr("model.train_graph.DOC_CAPACITIES", (3, 5))
-    model = tiny_model("MAMA", tie_embeddings=True).train()
+    monkeypatch.setattr("train.graph_step.DOC_CAPACITIES", (3, 5))
+    model = tiny_model("MAMA", tie_embeddings=True, model_cls=GraphedLM).train()
     ops = StandInGraphs()
     dispatcher = graph_training_forward(model, torch.zeros(2, 8, dtype=torch.long), ops=ops, warmup=1,
                                         documents=True)
@@ -110,7 +114,7 @@ def test_packed_batches_replay_the_smallest_capacity_that_holds_their_documents(
     for lengths, capacity in zip(layouts, capacities):
         batch = packed(2, lengths, model.cfg.vocab_size, gen)
         ids, labels = batch["ids"][:, :-1], batch["ids"][:, 1:]
-        logits = type(model).forward(model, ids, batch["position_ids"], batch["seq_idx"])
+        logits = HybridLM.forward(model, ids, batch["position_ids"], batch["seq_idx"])
         want_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         want_grads = torch.autograd.grad(want_loss, list(model.parameters()))
         before = dispatcher.replays
@@ -153,12 +157,12 @@ def test_packed_batches_run_eagerly_without_documents(graphed) -> None:
 
 
 def test_documents_need_flash_attention_varlen_on_the_kernel_path(tiny_model, monkeypatch) -> None:
-    model = tiny_model("MAMA").train()
+    model = tiny_model("MAMA", model_cls=GraphedLM).train()
     model.impl = "kernels"  # what set_impl picks on a GPU; only the refusal runs here
-    monkeypatch.setattr("model.train_graph.flash_ops", lambda: None)
-    with pytest.raises(RuntimeError, match="flash-attn's varlen kernel"):
+    monkeypatch.setattr("train.graph_step.flash_ops", lambda: None)
+    with pytest.raises(ConfigError, match="flash-attn's varlen kernel"):
         graph_training_forward(model, torch.zeros(1, 8, dtype=torch.long), ops=StandInGraphs(), documents=True)
-    monkeypatch.setattr("model.train_graph.flash_ops", lambda: object())
+    monkeypatch.setattr("train.graph_step.flash_ops", lambda: object())
     model.set_attn_backend("flex")
-    with pytest.raises(RuntimeError, match="attn_backend to auto or flash"):
+    with pytest.raises(ConfigError, match="attn_backend to auto"):
         graph_training_forward(model, torch.zeros(1, 8, dtype=torch.long), ops=StandInGraphs(), documents=True)
