@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import HybridLM, ModelConfig, count_params, train_flops_per_token
+from model.mixers import block_types
 from model.presets import PRESETS
 from model.sizing import forward_flops_per_token
 
@@ -48,7 +49,9 @@ def test_model_list_json_cli() -> None:
         [sys.executable, "-m", "model", "list", "--json"], cwd=REPO, capture_output=True, text=True, check=True,
         timeout=120,
     )
-    rows = json.loads(out.stdout)
+    listing = json.loads(out.stdout)
+    assert [k["letter"] for k in listing["block_types"]] == list(block_types())
+    rows = listing["presets"]
     assert [r["preset"] for r in rows] == list(PRESETS)
     for row in rows:
         cfg = ModelConfig(preset=row["preset"])
