@@ -81,6 +81,9 @@
 #              the tokens/s each costs); determinism_on: the train.deterministic=true run alone
 #   inference  decode throughput (small, 1.3B) vs HF export and all-attention; memory vs sequence
 #              length; profiles of one 1.3B decode step (host and device time)
+#   block_types  the block types (model/mixers): each mixer's kernel path vs float64, and the small preset's
+#              forward+backward speed and memory with its attention blocks as A, R and G (bench/block_types.py)
+#   train_zero1_registry_graph  `train_zero1_cb_grad_graph` after the block-type registry and train/graph_step.py
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
 #   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1 (default
 #              kernels, then train.deterministic=true); 13B ZeRO-3 with activation checkpointing on 2 GPUs
@@ -92,7 +95,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|train_zero1_docs_graph|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -204,7 +207,7 @@ eval_graph)
     cp bench/results/eval_throughput_graph_small_h100.* "$res"/ 2>/dev/null
     ;;
 train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|\
-train_zero1_docs_graph)
+train_zero1_docs_graph|train_zero1_registry_graph)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     packing=continuous name=pretrain_1.3b_graph ds=ds_configs/zero2.json
@@ -215,6 +218,7 @@ train_zero1_docs_graph)
     [ "$stage" = train_zero1_fused_wgrad_graph ] && name=pretrain_1.3b_zero1_fused_wgrad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_cb_grad_graph ] && name=pretrain_1.3b_zero1_cb_grad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_docs_graph ] && name=pretrain_1.3b_zero1_docs_graph ds=ds_configs/zero1.json packing=document
+    [ "$stage" = train_zero1_registry_graph ] && name=pretrain_1.3b_zero1_registry_graph ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 420 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -332,6 +336,9 @@ docs_single)
     step 330 python3 bench/packing_throughput.py --manifest "$data" --preset 1.3b --seq-len 8192 --iters 8 \
         --modes continuous,document,continuous_graph,document_graph --name "packing_throughput_graph_single_${RUN:-run1}_h100" \
         --out "$res"
+    ;;
+block_types)
+    step 480 python3 bench/block_types.py --preset small --seq-len 4096 --batch 4 --name block_types_small_h100 --out "$res"
     ;;
 mixer_kernels)
     step 300 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192,16384 --tokens 8192 --chunks 256 \
