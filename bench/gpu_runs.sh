@@ -116,6 +116,9 @@ matmul_peak() {  # bf16 GEMM TFLOP/s of this GPU: the MFU denominator handed to 
     [ -n "${CHECK_ONLY:-}" ] && { echo 1; return; }
     python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))"
 }
+gpu_tag() {  # h100 / h200 ...: the result files of the newer stages are named after the card that ran them
+    nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]\{3\}' | tr 'H' 'h' || echo gpu
+}
 manifest_vocab() {  # the curated tokenizer's vocabulary: the model's vocab_size for these shards
     python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data"
 }
@@ -218,7 +221,7 @@ train_zero1_docs_graph|train_zero1_registry_graph)
     [ "$stage" = train_zero1_fused_wgrad_graph ] && name=pretrain_1.3b_zero1_fused_wgrad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_cb_grad_graph ] && name=pretrain_1.3b_zero1_cb_grad_graph ds=ds_configs/zero1.json
     [ "$stage" = train_zero1_docs_graph ] && name=pretrain_1.3b_zero1_docs_graph ds=ds_configs/zero1.json packing=document
-    [ "$stage" = train_zero1_registry_graph ] && name=pretrain_1.3b_zero1_registry_graph ds=ds_configs/zero1.json
+    [ "$stage" = train_zero1_registry_graph ] && name=pretrain_1.3b_zero1_registry_graph_$(gpu_tag) ds=ds_configs/zero1.json
     run_dir=/tmp/$name
     step 420 deepspeed --num_gpus 1 launch/pretrain.py --config 1.3b --resume none \
         --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
@@ -338,7 +341,7 @@ docs_single)
         --out "$res"
     ;;
 block_types)
-    step 480 python3 bench/block_types.py --preset small --seq-len 4096 --batch 4 --name block_types_small_h100 --out "$res"
+    step 480 python3 bench/block_types.py --preset small --seq-len 4096 --batch 4 --name "block_types_small_$(gpu_tag)" --out "$res"
     ;;
 mixer_kernels)
     step 300 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192,16384 --tokens 8192 --chunks 256 \
