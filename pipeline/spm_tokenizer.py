@@ -23,6 +23,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from config.recipe import TokenizerConfig
+from pipeline.layout import require_documents
 from pipeline.splits import unit_hash
 
 SPECIAL_PIECES = {"pad": (0, "<pad>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "unk": (3, "<unk>")}
@@ -176,6 +177,7 @@ class TokenizerStep(PipelineStep):
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with self.track_time(unit="tokenizer"):
+            require_documents(self.curated_train)  # here too: Slurm/Ray stages run without the local check
             if self.reuse:
                 model = Path(self.reuse)
             else:
