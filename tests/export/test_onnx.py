@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+for _package in ("onnx", "onnxscript", "onnxruntime"):  # the exporter and the runtime the tests compare
+    pytest.importorskip(_package, reason=f"{_package} is not installed here (ONNX export tests need it)")
+
 from export.onnx_runtime import OnnxLM
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from config.recipe import RecipeConfig
+
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 from pipeline.errors import CurationError
 from pipeline.layout import Layout
 from pipeline.preflight import preflight
