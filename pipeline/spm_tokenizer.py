@@ -177,10 +177,12 @@ class TokenizerStep(PipelineStep):
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with self.track_time(unit="tokenizer"):
-            require_documents(self.curated_train)  # here too: Slurm/Ray stages run without the local check
             if self.reuse:
                 model = Path(self.reuse)
             else:
+                # checked here too (Slurm/Ray stages run without the local executor's check): sentencepiece
+                # on an empty sample dies with a long traceback
+                require_documents(self.curated_train)
                 docs, lines = self.work_dir / "sample_docs.txt", self.work_dir / "sample_lines.txt"
                 self.stat_update("sample_docs", value=write_training_sample(
                     self.curated_train, self.weights, self.cfg.sample_docs, self.seed, docs))
