@@ -1,6 +1,6 @@
 """Curation throughput per stage on one CPU core, and the CPU-hours it implies for production_100b.
 
-    python bench/curation_throughput.py [--recipe embedded] [--output DIR]
+    python bench/curation_throughput.py [--recipe embedded] [--data-root DIR] [--output DIR]
 
 Runs the recipe from scratch with the process pinned to one core (pool workers, sentencepiece and
 the HF tokenizer threads included), timing each stage's wall clock = its core-seconds. Documents and
@@ -29,7 +29,7 @@ CHARS_PER_TOKEN_32K = 4.2
 REMOVED_FRACTION = 0.25
 
 
-def run_stages(recipe_name: str, out: Path) -> dict[str, float]:
+def run_stages(recipe_name: str, out: Path, data_root: str | None) -> dict[str, float]:
     """Run every stage with one worker; stage name -> wall seconds."""
     from config.recipe import load_recipe
     from pipeline.executors import build_executors
@@ -39,8 +39,8 @@ def run_stages(recipe_name: str, out: Path) -> dict[str, float]:
 
     recipe, base = load_recipe(recipe_name)
     layout = Layout(out.resolve())
-    tokenizer = preflight(recipe, base, layout, data_root=None)
-    stages = build_stages(recipe, base, layout, None, tokenizer)
+    tokenizer = preflight(recipe, base, layout, data_root)
+    stages = build_stages(recipe, base, layout, data_root, tokenizer)
     seconds = {}
     for stage, ex in zip(stages, build_executors("local", stages, layout, recipe.cluster, workers=1), strict=True):
         t0 = time.perf_counter()
@@ -80,13 +80,14 @@ def group(name: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="embedded")
+    p.add_argument("--recipe", default="embedded", help="Any recipe (name in data_recipes/ or a YAML path).")
+    p.add_argument("--data-root", help="Local hub mirrors for the recipe's hf sources (as pipeline/curate.py).")
     p.add_argument("--output", help="Output folder (default: a temporary one).")
     args = p.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     out = Path(args.output or tempfile.mkdtemp(prefix="curation_bench_")) / "out"
 
-    wall = run_stages(args.recipe, out)
+    wall = run_stages(args.recipe, out, args.data_root)
     report = json.loads((out / "report.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())
     tokens = {f"{split}.{s['name']}": s["tokens"] for split, e in manifest["splits"].items() for s in e["sources"]}
@@ -121,26 +122,32 @@ def main() -> None:
     from config.recipe import load_recipe
 
     prod, _ = load_recipe("production_100b")
+    ours, _ = load_recipe(args.recipe)
     train_tokens = prod.output.total_tokens
     filtered_share = sum(w for s, w in prod.weights().items()
                          if next(x for x in prod.sources if x.name == s).filters != [])
-    ours, _ = load_recipe(args.recipe)
     spm_scale = (prod.tokenizer.input_sentence_size / ours.tokenizer.input_sentence_size
                  * prod.tokenizer.vocab_size / ours.tokenizer.vocab_size)
     rate = {g["stage"]: g["characters"] / max(g["core_seconds"], 1e-9) for g in totals.values() if g["characters"]}
-    stdlib = next(r for r in rows if r["stage"] == "prepare.stdlib")  # plain read + write; pydoc rendering is not I/O
-    rate["prepare"] = stdlib["characters"] / max(stdlib["core_seconds"], 1e-9)
+    # read + write: the prepare stages of sources without filters (file sources; pydoc rendering is not I/O),
+    # else every prepare stage (then filters are counted twice: an upper bound)
+    unfiltered = {f"prepare.{x.name}" for x in ours.sources if x.filters == [] and x.type != "pydoc"}
+    plain = [r for r in rows if r["stage"] in unfiltered and r["characters"]] or \
+        [r for r in rows if r["stage"].startswith("prepare.") and r["characters"]]
+    rate["prepare"] = sum(r["characters"] for r in plain) / max(sum(r["core_seconds"] for r in plain), 1e-9)
     tok_rate = {g["stage"]: g["tokens"] / max(g["core_seconds"], 1e-9) for g in totals.values() if g["tokens"]}
     read_chars = train_tokens / (1 - REMOVED_FRACTION) * CHARS_PER_TOKEN_32K
-    core_h = {
-        "read + write (prepare without filters; as prepare.stdlib)": read_chars / rate["prepare"],
-        f"quality filters ({filtered_share:.0%} of the mixture)": filtered_share * read_chars / filt_rate,
-        "exact dedup": read_chars / rate["exact.signatures"] + read_chars / rate["exact.filter"],
-        "minhash signatures": read_chars / rate["minhash.signatures"],
-        "minhash filter + decontamination + split": read_chars / rate["final"],
-        "tokenizer training (1 job; lines x vocab scaling)": wall["tokenizer"] * spm_scale,
-        "tokenize + merge": train_tokens / tok_rate["tokenize"] + train_tokens / tok_rate["merge"],
+    per_char = {  # estimate row -> stages whose measured rate it scales (rows of stages this recipe skips drop out)
+        f"read + write (prepare without filters; as {', '.join(r['stage'] for r in plain)})": ["prepare"],
+        "exact dedup": ["exact.signatures", "exact.filter"],
+        "minhash signatures": ["minhash.signatures"],
+        "minhash filter + split": ["final"],
     }
+    core_h = {k: sum(read_chars / rate[st] for st in stages) for k, stages in per_char.items()
+              if all(st in rate for st in stages)}
+    core_h[f"quality filters ({filtered_share:.0%} of the mixture)"] = filtered_share * read_chars / filt_rate
+    core_h["tokenizer training (1 job; lines x vocab scaling)"] = wall["tokenizer"] * spm_scale
+    core_h["tokenize + merge"] = train_tokens / tok_rate["tokenize"] + train_tokens / tok_rate["merge"]
     core_h = {k: v / 3600 for k, v in core_h.items()}
     total_h = sum(core_h.values())
     meta = environment(torch.device("cpu")) | {

@@ -173,8 +173,11 @@ class EvalSetFile(StrictModel):
 
     name: str = Field(..., description="Task name reported for matches.")
     path: str
-    text_key: str = Field("text", description="Field holding the answer/passage.")
+    text_key: str = Field("text", description="Field holding the answer/passage (a string), or the list of "
+                          "choices of a multiple-choice item (then set gold_key).")
     query_key: str | None = Field(None, description="Optional field holding the prompt/question.")
+    gold_key: str | None = Field(None, description="Multiple choice: field holding the gold choice's index "
+                                 "(int, digit or letter, A = 0) or a list of them; only those choices are indexed.")
 
 
 class DecontConfig(StrictModel):

@@ -60,11 +60,12 @@ def resolve_device(device: str | None) -> torch.device:
 class HybridEvalLM(TemplateLM):
     """lm-eval backend for a consolidated checkpoint folder (model/bundle.py).
 
-    Args (all accepted as `--model_args key=value`):
+    Args (`--model_args key=value` on lm-eval's CLI, except device and batch_size: lm-eval's CLI passes
+    its own `--device` / `--batch_size` flags, so naming them in --model_args too fails):
         checkpoint: bundle folder (model.safetensors, config.json, tokenizer.json).
-        device: auto | cpu | cuda | cuda:N.
+        device: auto | cpu | cuda | cuda:N (CLI: --device).
         dtype: auto (the checkpoint's) | float32 | bfloat16 | float16.
-        batch_size: sequences per forward pass (an integer; "auto" is not supported).
+        batch_size: sequences per forward pass (an integer; "auto" is not supported; CLI: --batch_size).
         max_length: context window in tokens; default the model's max_seq_len.
         max_gen_toks: default generation budget when a task sets none (HFLM's default, 256).
         prefix_token_id: token that conditions empty contexts and rolling windows; default EOS,

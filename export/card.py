@@ -69,3 +69,34 @@ def write_card(out_dir: str | Path, *, fmt: str, what: str, source: str | Path, 
 def pattern_legend(pattern: str) -> str:
     """'M = mamba2, A = attention' for the block types a pattern uses, in order of first use."""
     return ", ".join(f"{k} = {block_type(k).name}" for k in dict.fromkeys(pattern))
+
+
+def onnx_usage(folder: str | Path) -> str:
+    """The ONNX card's example: plain onnxruntime + tokenizers, any prompt length, top-k sampling."""
+    return f"""import json
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+folder = '{folder}'
+past_names = json.load(open(f'{{folder}}/onnx_config.json'))['past']
+prefill = ort.InferenceSession(f'{{folder}}/prefill.onnx', providers=['CPUExecutionProvider'])
+decode = ort.InferenceSession(f'{{folder}}/decode.onnx', providers=['CPUExecutionProvider'])
+tok = Tokenizer.from_file(f'{{folder}}/tokenizer.json')
+eos = tok.token_to_id('</s>')
+
+ids = np.array([tok.encode('def main():', add_special_tokens=False).ids], dtype=np.int64)  # (1, l), any l
+mask = np.ones_like(ids)  # a batch: left-pad rows to the longest, mask 0 on the padding
+logits, *cache = prefill.run(None, {{'input_ids': ids, 'attention_mask': mask}})
+rng, new = np.random.default_rng(0), []
+for _ in range(32):  # sample: temperature 0.8, top-k 40
+    top = np.argsort(logits[0])[-40:]
+    p = np.exp((logits[0, top] - logits[0, top].max()) / 0.8)
+    token = int(rng.choice(top, p=p / p.sum()))
+    if token == eos:
+        break
+    new.append(token)
+    mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)  # one more column per step
+    feeds = {{'input_ids': np.array([[token]], np.int64), 'attention_mask': mask, **dict(zip(past_names, cache))}}
+    logits, *cache = decode.run(None, feeds)
+print(tok.decode(new))"""

@@ -34,12 +34,14 @@ torch fallback and mamba_ssm alike) does not clamp dt; prefill/forward do. The e
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -261,6 +263,28 @@ def export_hf(model: HybridLM, tokenizer: Any, out_dir: str | Path) -> Path:
     write_hf_tokenizer(tokenizer, out, cfg.max_seq_len)
     atomic_write_json(out / OUR_CONFIG_NAME, cfg.model_dump(mode="json"))
     return out
+
+
+# transformers' Bamba module functions that call causal_conv1d / mamba_ssm whenever those import
+BAMBA_KERNEL_FUNCS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_split_conv1d_scan_combined",
+                      "mamba2_selective_state_update", "mamba2_chunk_scan")
+
+
+@contextlib.contextmanager
+def bamba_torch_ops() -> Iterator[None]:
+    """Run transformers' Bamba on its PyTorch code inside the block. It picks causal_conv1d / mamba_ssm
+    by what imports, not by the tensors' device, so on the CPU of a machine that has them (a GPU node,
+    the Docker image) their CUDA-only kernels raise `Expected x.is_cuda() to be true`."""
+    from transformers.models.bamba import modeling_bamba
+
+    saved = {name: getattr(modeling_bamba, name) for name in BAMBA_KERNEL_FUNCS if hasattr(modeling_bamba, name)}
+    try:
+        for name, fn in saved.items():
+            setattr(modeling_bamba, name, inspect.unwrap(fn))  # the torch function transformers wrapped
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(modeling_bamba, name, fn)
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:

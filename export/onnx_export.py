@@ -7,12 +7,19 @@ Python branch on a symbolic size. The legacy TorchScript exporter fails here (`a
 state writes, is unsupported at opset 20) and would record such branches for the example length
 only (e.g. the chunk padding in `model.ssd.ssd_chunked`).
 
-Why prompt lengths are multiples of the chunk size: `ssd_chunked` pads the sequence to whole
-chunks behind an `if pad:` branch. Declaring the sequence axis as `chunk_size * n` lets torch.export
-prove `pad == 0` for every length, so one graph serves all lengths. The runtime left-pads prompts to
-the next multiple (`onnx_runtime`); the model treats left padding as a separate document (no
-state, conv tap or attention crosses into the prompt, RoPE starts at the first real token), so the
-padding changes nothing but rounding.
+Any prompt length: `ssd_chunked` pads the sequence to whole chunks behind an `if pad:` branch.
+Declaring the traced sequence axis as `chunk_size * n` lets torch.export prove `pad == 0` for every
+length, so one graph serves all lengths (a symbolic `ceil(l / q)` inside the graph does not export:
+torch.export cannot prove the guards it raises). `pad_inside` then edits the saved prefill graph: new
+`input_ids` / `attention_mask` inputs of any length l are left-padded in ONNX (Shape, Mod, Pad) to the
+next multiple (at least `min_prompt`), and the attention `present.*` outputs are sliced back to the l
+given positions, so plain onnxruntime takes any prompt. The model treats left padding as a separate
+document (no state, conv tap or attention crosses into the prompt, RoPE starts at the first real
+token), so the padding changes nothing but rounding.
+
+Torch range: exported with torch 2.13 here; `tests/export/test_onnx.py` checks that batch, prompt and
+cache axes are symbolic in the saved graphs, so a torch that bakes one in (torch 2.11 was reported to
+fix the batch) fails there, not in a user's onnxruntime.
 
 Cache as flat tensors (the model's HybridCache preallocates KV capacity, which does not export):
 per Mamba2 layer i  `past.i.conv` (b, conv_dim, d_conv), `past.i.ssm` (b, heads, headdim, d_state)
@@ -174,6 +181,8 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
         )
         program.save(str(out / PREFILL_FILE), external_data=big)
+        attention = [name for name, kind in zip(present_names, kinds, strict=True) if kind != MAMBA]
+        pad_inside(out / PREFILL_FILE, q, q * _min_chunks(cfg), attention, big)
         states = prefill(ids, mask)[1:]
         token = torch.full((2, 1), 5, dtype=torch.long, device=ids.device)
         step_mask = torch.cat([mask, torch.ones_like(token)], dim=1)
@@ -191,8 +200,7 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     info = {
         "prefill": PREFILL_FILE,
         "decode": DECODE_FILE,
-        "prompt_multiple": q,
-        "min_prompt": q * _min_chunks(cfg),
+        "prompt_len": "any (>= 1): the prefill graph pads to whole SSD chunks itself",
         "vocab_size": cfg.vocab_size,
         "layer_pattern": cfg.layer_pattern,
         "past": past_names,
@@ -202,3 +210,50 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     }
     atomic_write_json(out / ONNX_CONFIG, info)
     return info
+
+
+def pad_inside(path: Path, multiple: int, min_len: int, attention_outputs: list[str], external: bool) -> None:
+    """Edit a saved prefill graph so it takes prompts of any length l (see the module docstring):
+    input_ids / attention_mask are left-padded with 0 to max(ceil(l / multiple) * multiple, min_len)
+    before the traced graph, and `attention_outputs` (b, kv, t, d) lose the padded positions after it."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))  # with its external data, if any
+    graph = model.graph
+    renamed = {"input_ids": "input_ids.padded", "attention_mask": "attention_mask.padded"}
+    renamed.update({name: f"{name}.padded" for name in attention_outputs})
+    for node in graph.node:
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+        node.output[:] = [renamed.get(x, x) if x in attention_outputs else x for x in node.output]
+    constants = {"pad.q": multiple, "pad.min": min_len, "pad.zero": [0], "pad.axis": [1], "pad.kv_axis": [2],
+                 "pad.end": [2**62], "pad.value": 0}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.int64), k) for k, v in constants.items())
+    front = [
+        helper.make_node("Shape", ["input_ids"], ["pad.shape"]),
+        helper.make_node("Gather", ["pad.shape", "pad.axis"], ["pad.len"]),  # l, shape (1,)
+        helper.make_node("Sub", ["pad.q", "pad.len"], ["pad.neg"]),
+        helper.make_node("Mod", ["pad.neg", "pad.q"], ["pad.to_whole"]),  # (q - l) mod q (floored: >= 0)
+        helper.make_node("Add", ["pad.len", "pad.to_whole"], ["pad.whole"]),
+        helper.make_node("Max", ["pad.whole", "pad.min"], ["pad.width"]),
+        helper.make_node("Sub", ["pad.width", "pad.len"], ["pad.n"]),  # tokens of left padding
+        helper.make_node("Concat", ["pad.zero", "pad.n", "pad.zero", "pad.zero"], ["pad.pads"], axis=0),
+        helper.make_node("Pad", ["input_ids", "pad.pads", "pad.value"], ["input_ids.padded"], mode="constant"),
+        helper.make_node("Pad", ["attention_mask", "pad.pads", "pad.value"], ["attention_mask.padded"],
+                         mode="constant"),
+    ]
+    back = [helper.make_node("Slice", [f"{name}.padded", "pad.n", "pad.end", "pad.kv_axis"], [name])
+            for name in attention_outputs]
+    nodes = front + list(graph.node) + back
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    for value in list(graph.input) + [o for o in graph.output if o.name in attention_outputs]:
+        axis = 2 if value.name in attention_outputs else 1
+        if value.name in ("input_ids", "attention_mask") or value.name in attention_outputs:
+            value.type.tensor_type.shape.dim[axis].dim_param = "prompt_len"
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{path.name}.data")
+    else:
+        onnx.save_model(model, str(path))

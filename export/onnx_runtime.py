@@ -1,8 +1,9 @@
 """Run the exported prefill/decode graphs in onnxruntime, including a greedy loop with no torch.
 
-`OnnxLM` mirrors `HybridLM.prefill` / `HybridLM.step` over numpy arrays: prompts are left-padded
-to a multiple of the graph's chunk size (see `export.onnx_export`), the cache travels as the
-flat `past.*` / `present.*` tensors and the attention mask grows by one column per step.
+`OnnxLM` mirrors `HybridLM.prefill` / `HybridLM.step` over numpy arrays: a batch of prompts is
+left-padded to its longest (the prefill graph pads to whole SSD chunks itself, see
+`export.onnx_export.pad_inside`), the cache travels as the flat `past.*` / `present.*` tensors and
+the attention mask grows by one column per step.
 """
 
 from __future__ import annotations
@@ -33,11 +34,10 @@ class OnnxLM:
         self.decode_session = ort.InferenceSession(str(folder / self.info["decode"]), providers=providers)
 
     def padded_batch(self, prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pad to the longest prompt rounded up to the graph's multiple: (ids, mask) int64 (b, l)."""
+        """Left-pad to the longest prompt: (ids, mask) int64 (b, l)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ExportError("every prompt needs at least one token")
-        q = self.info["prompt_multiple"]
-        width = max(self.info["min_prompt"], -(-max(len(p) for p in prompts) // q) * q)
+        width = max(len(p) for p in prompts)
         ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for row, p in enumerate(prompts):

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = preflight(recipe, base_dir, layout, args.data_root)
         stages = build_stages(recipe, base_dir, layout, args.data_root, tokenizer)
         executors = build_executors(args.executor, stages, layout, recipe.cluster, args.workers)
-        run_executors(args.executor, executors, [s.name for s in stages], recipe.cluster)
+        run_executors(args.executor, executors, stages, recipe.cluster)
     except (ConfigError, CurationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

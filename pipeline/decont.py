@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from textwrap import shorten
@@ -21,7 +22,7 @@ from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
 from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import ngrams, simplify_text
 
-from config.recipe import DecontConfig
+from config.recipe import DecontConfig, EvalSetFile
 from pipeline.errors import CurationError
 from pipeline.sources import hub_offline
 from pipeline.wordtok import WORD_TOKENIZER
@@ -38,6 +39,38 @@ def ngrams_config(cfg: DecontConfig) -> NGramsDecontConfig:
     return NGramsDecontConfig(n_grams=cfg.n_grams, find_query_ngrams=cfg.find_query_ngrams)
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _gold_indices(gold: object) -> list[int]:
+    """A gold label as choice indices: an int, a digit string, a letter (A = 0) or a list of those."""
+    out = []
+    for g in gold if isinstance(gold, list) else [gold]:
+        if isinstance(g, bool) or not isinstance(g, (int, str)):
+            raise TypeError
+        out.append(g if isinstance(g, int) else int(g) if g.isdigit() else _LETTERS.index(g.strip().upper()))
+    return out
+
+
+def row_passages(row: dict, spec: EvalSetFile) -> list[EvalPassage]:
+    """The passages of one eval-set row: its text, or (multiple choice: a list under `text_key`) the gold
+    choice(s) named by `gold_key`. ValueError (one line) for a field that is not text."""
+    value, query = row[spec.text_key], row[spec.query_key] if spec.query_key else None
+    if query is not None and not isinstance(query, str):
+        raise ValueError(f"field {spec.query_key!r} is a {type(query).__name__}, not a string")
+    if isinstance(value, str):
+        return [EvalPassage(spec.name, value, query)]
+    if not isinstance(value, list) or not spec.gold_key:
+        hint = " (multiple choice: set gold_key to the field holding the gold choice's index)" \
+            if isinstance(value, list) else ""
+        raise ValueError(f"field {spec.text_key!r} is a {type(value).__name__}, not a string{hint}")
+    try:
+        return [EvalPassage(spec.name, str(value[i]), query) for i in _gold_indices(row[spec.gold_key])]
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"gold_key {spec.gold_key!r} = {row[spec.gold_key]!r} is not the index (int, digit or "
+                         f"letter) of one of the {len(value)} choices") from None
+
+
 def local_passages(cfg: DecontConfig, base_dir: Path) -> list[EvalPassage]:
     out = []
     for spec in cfg.files:
@@ -48,12 +81,12 @@ def local_passages(cfg: DecontConfig, base_dir: Path) -> list[EvalPassage]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                out.append(EvalPassage(spec.name, str(row[spec.text_key]),
-                                       str(row[spec.query_key]) if spec.query_key else None))
+                out += row_passages(json.loads(line), spec)
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CurationError(f"eval set {spec.name}: {path}:{lineno} is not a JSON object with "
                                     f"{spec.text_key!r} ({type(exc).__name__})") from None
+            except ValueError as exc:
+                raise CurationError(f"eval set {spec.name}: {path}:{lineno}: {exc}") from None
     return out
 
 
@@ -67,9 +100,24 @@ def _gold_texts(task, doc: dict) -> list[str]:
     return [str(t) for t in target] if isinstance(target, list) else [str(target)]
 
 
-def lm_eval_passages(names: list[str], include_path: str | None, include_defaults: bool = True) -> list[EvalPassage]:
+def task_folders(names: list[str]) -> list[Path]:
+    """lm-eval's own task folders (lm_eval/tasks/<folder>) whose YAMLs define or list one of `names`:
+    a plain text search, so that only those folders are indexed (all ~14k YAMLs take about a minute)."""
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    pattern = re.compile(r"^\s*(?:(?:task|group|tag)\s*:|-)\s*['\"]?(" + "|".join(map(re.escape, names))
+                         + r")['\"]?\s*$", re.MULTILINE)
+    folders = set()
+    for path in root.rglob("*.yaml"):
+        if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+            folders.add(root / path.relative_to(root).parts[0])
+    return sorted(folders)
+
+
+def lm_eval_passages(names: list[str], include_path: str | None) -> list[EvalPassage]:
     """Eval docs of lm-eval tasks (groups expand to their tasks), loaded offline from the HF cache.
-    `include_defaults=False` indexes only `include_path` (lm-eval's own ~15k task YAMLs take seconds)."""
+    Indexes `include_path` and only the lm-eval task folders that mention the names (`task_folders`)."""
     from lm_eval.tasks import TaskManager
 
     out = []
@@ -79,7 +127,10 @@ def lm_eval_passages(names: list[str], include_path: str | None, include_default
         lg.setLevel(logging.ERROR)
     try:
         with hub_offline():
-            manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+            local = [include_path] if include_path else []
+            manager = TaskManager(include_path=local, include_defaults=False) if local else None
+            if manager is None or not set(names) <= set(manager.all_tasks):
+                manager = TaskManager(include_path=[*task_folders(names), *local], include_defaults=False)
             for name in names:
                 if name not in manager.all_tasks:
                     raise CurationError(f"eval set {name}: not an lm-eval task, group or tag "
@@ -134,15 +185,20 @@ def write_index(passages: Iterable[EvalPassage], folder: Path, cfg: NGramsDecont
     return {task: len(h) for task, h in by_task.items()}
 
 
-def build_index(cfg: DecontConfig, base_dir: Path, folder: Path) -> dict[str, int]:
-    """Load every eval set the recipe names (CurationError if one is unavailable) and index it."""
+def eval_passages(cfg: DecontConfig, base_dir: Path) -> list[EvalPassage]:
+    """Every eval set the recipe names (CurationError, one line, if one is unavailable)."""
     passages = local_passages(cfg, base_dir)
     if cfg.lm_eval_tasks:
         include = cfg.lm_eval_include_path
         if include and not Path(include).is_absolute():
             include = str(base_dir / include)
         passages += lm_eval_passages(cfg.lm_eval_tasks, include)
-    return write_index(passages, folder, ngrams_config(cfg))
+    return passages
+
+
+def build_index(cfg: DecontConfig, base_dir: Path, folder: Path) -> dict[str, int]:
+    """Load every eval set the recipe names and index it."""
+    return write_index(eval_passages(cfg, base_dir), folder, ngrams_config(cfg))
 
 
 def decont_filter(cfg: DecontConfig, index_folder: Path) -> NGramsDecontFilter:

@@ -54,12 +54,14 @@ def build_executors(kind: ExecutorKind, stages: list[Stage], layout: Layout, clu
     return executors
 
 
-def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], names: list[str],
+def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], stages: list[Stage],
                   cluster: ClusterConfig) -> None:
-    """Run locally stage by stage, or submit the chained Slurm/Ray stages."""
+    """Run locally stage by stage (each after its `check`), or submit the chained Slurm/Ray stages."""
     if kind == "local":
-        for i, (name, ex) in enumerate(zip(names, executors, strict=True), 1):
-            logger.info(f"stage {i}/{len(executors)}: {name} ({ex.world_size} tasks)")
+        for i, (stage, ex) in enumerate(zip(stages, executors, strict=True), 1):
+            if stage.check:
+                stage.check()
+            logger.info(f"stage {i}/{len(executors)}: {stage.name} ({ex.world_size} tasks)")
             ex.run()
         return
     try:

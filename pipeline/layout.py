@@ -9,6 +9,8 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.logging import logger
 
+from pipeline.errors import CurationError
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -93,3 +95,11 @@ class WorkReader(JsonlReader):
 def work_writer(folder: Path, filename: str = "${source}/${rank}.jsonl") -> JsonlWriter:
     """Uncompressed jsonl (fast, byte-reproducible), documents' metadata kept."""
     return JsonlWriter(str(folder), output_filename=filename, compression=None)
+
+
+def require_documents(curated_train: Path) -> None:
+    """CurationError (one line) when no training document survived curation: nothing to train a tokenizer on."""
+    if not any(f.stat().st_size for f in curated_train.glob("*/*.jsonl")):
+        raise CurationError(f"no training documents are left after filtering, decontamination and dedup "
+                            f"({curated_train} is empty): check the sources' text_key and the filter thresholds "
+                            f"(per-step counts: {curated_train.parents[1] / 'logs'}/<stage>/stats)")

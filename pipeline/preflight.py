@@ -8,7 +8,7 @@ from pathlib import Path
 
 from config.loader import dump_yaml
 from config.recipe import RecipeConfig
-from pipeline.decont import build_index
+from pipeline.decont import eval_passages, ngrams_config, write_index
 from pipeline.errors import CurationError
 from pipeline.layout import Layout
 from pipeline.sources import check_source
@@ -53,11 +53,13 @@ def claim_output(recipe: RecipeConfig, layout: Layout) -> None:
 
 
 def preflight(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root: str | None) -> str | None:
-    """Run every check; returns the tokenizer to reuse (or None). Raises CurationError."""
+    """Run every check; returns the tokenizer to reuse (or None). Raises CurationError.
+    The output folder is claimed only once every check has passed, so a corrected recipe can reuse it."""
     for source in recipe.sources:
         check_source(source, base_dir, data_root)
     tokenizer = resolve_tokenizer(recipe, base_dir)
+    passages = eval_passages(recipe.decontamination, base_dir) if decont_active(recipe) else None
     claim_output(recipe, layout)
-    if decont_active(recipe):
-        build_index(recipe.decontamination, base_dir, layout.decont_index)
+    if passages is not None:
+        write_index(passages, layout.decont_index, ngrams_config(recipe.decontamination))
     return tokenizer

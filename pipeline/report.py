@@ -66,10 +66,17 @@ def build_report(layout: Layout, stage_names: list[str], manifest: dict[str, Any
                  recipe_name: str, recipe_sha256: str) -> dict[str, Any]:
     stages = {name: stage_stats(layout.logs(name)) for name in stage_names}
     sources: dict[str, dict[str, int]] = {}
+    decont_steps = []
     for name, steps in stages.items():
         if name.startswith("prepare.") and steps:
             src = name.removeprefix("prepare.")
-            sources[src] = {"read": step_summary(steps[0]).get("out", 0), "after_filters": _count(steps[-1], "total")}
+            written = _count(steps[-1], "total")
+            decont = [step_summary(s) for s in steps if "N-grams" in s.name]
+            sources[src] = {"read": step_summary(steps[0]).get("out", 0),
+                            "after_filters": decont[0].get("in", 0) if decont else written}
+            if decont:
+                sources[src]["after_decontamination"] = written
+            decont_steps += decont
     if stages.get("exact.filter"):
         for src, n in _per_source_counts(stages["exact.filter"][-1]).items():
             sources.setdefault(src, {})["after_exact_dedup"] = n
@@ -81,9 +88,8 @@ def build_report(layout: Layout, stage_names: list[str], manifest: dict[str, Any
     def removed(stage: str, step_prefix: str) -> int:
         return sum(step_summary(s).get("removed", 0) for s in stages.get(stage, []) if step_prefix in s.name)
 
-    dedup_in = sum(r.get("after_filters", 0) for r in sources.values())
+    dedup_in = sum(r.get("after_decontamination", r.get("after_filters", 0)) for r in sources.values())
     exact, near = removed("exact.filter", "exact-deduplication"), removed("final", "MinHash")
-    decont_steps = [step_summary(s) for s in stages.get("final", []) if "N-grams" in s.name]
     return {
         "recipe": {"name": recipe_name, "sha256": recipe_sha256},
         "stages": [{"stage": name, "seconds": round(sum(s.time_stats.total for s in steps), 3),
@@ -111,7 +117,7 @@ def format_report(report: dict[str, Any]) -> str:
             name = step["step"].split(": ", 1)[-1].encode("ascii", "ignore").decode().strip()
             lines.append(f"{stage['stage']:<28}{name[:33]:<34}{step.get('in', ''):>10}{step.get('out', ''):>10}"
                          f"{step.get('removed', ''):>9}  {reasons}")
-    cols = ["read", "after_filters", "after_exact_dedup", "train_documents", "validation_documents",
+    cols = ["read", "after_filters", "after_decontamination", "after_exact_dedup", "train_documents", "validation_documents",
             "train_tokens", "validation_tokens"]
     lines += ["", f"{'source':<20}" + "".join(f"{c:>22}" for c in cols)]
     for src, row in report["sources"].items():

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseDiskReader, BaseReader
+from datatrove.utils.logging import logger
 
 from config.recipe import SourceConfig
 from pipeline.errors import CurationError
@@ -237,16 +238,53 @@ def check_hub_reachable(source: SourceConfig, timeout: float = 10.0) -> None:
         ) from None
 
 
+class _SampleTaken(Exception):
+    """Raised from inside a reader to stop it once enough raw records were seen."""
+
+
+def check_text_key(source: SourceConfig, base_dir: Path, data_root: str | None, sample: int = 100) -> None:
+    """CurationError unless one of the source's first `sample` records has a non-empty `text_key` field
+    (else every stage would run on nothing and only tokenizer training would fail, minutes later)."""
+    reader = build_reader(source, base_dir, 1, data_root)
+    adapt, fields, seen = reader.adapter, set(), 0
+
+    def spy(data: dict, path: str, id_in_file: int | str) -> dict:
+        nonlocal seen
+        seen += 1
+        if seen > sample:
+            raise _SampleTaken
+        fields.update(data)
+        return adapt(data, path, id_in_file)
+
+    reader.adapter = spy
+    logger.disable("datatrove")  # the reader's per-file INFO lines: pre-run checks print nothing but errors
+    try:
+        if next(iter(reader.run(rank=0, world_size=1)), None) is not None:
+            return
+    except _SampleTaken:
+        pass
+    finally:
+        logger.enable("datatrove")
+    if not seen:
+        raise CurationError(f"source {source.name}: its input holds no records")
+    raise CurationError(f"source {source.name}: none of its first {min(seen, sample)} records has a non-empty "
+                        f"{source.text_key!r} field (fields: {', '.join(sorted(fields)[:12])}); set the source's "
+                        f"text_key in the recipe")
+
+
 def check_source(source: SourceConfig, base_dir: Path, data_root: str | None) -> None:
-    """Raise CurationError (one line, naming the source) when its input cannot be read."""
+    """Raise CurationError (one line, naming the source) when its input cannot be read, or its records
+    have no text under `text_key` (local files and local hub mirrors; a remote hub source is not read here)."""
     if source.type == "hf":
         if data_root is None:
             check_hub_reachable(source)
-        elif not (Path(data_root) / source.hub_id).is_dir():
+            return
+        if not (Path(data_root) / source.hub_id).is_dir():
             raise CurationError(
                 f"source {source.name}: no local mirror of {source.hub_id} at {Path(data_root) / source.hub_id} "
                 f"(expected layout: DIR/<hub_id>/ as `huggingface-cli download --local-dir` writes it)"
             )
+        check_text_key(source, base_dir, data_root)
         return
     if source.type == "pydoc":
         return
@@ -257,3 +295,5 @@ def check_source(source: SourceConfig, base_dir: Path, data_root: str | None) ->
         glob = source.glob or DEFAULT_GLOBS[source.type]
         if next(iter(path.glob(glob)), None) is None:
             raise CurationError(f"source {source.name}: no files matching {glob} under {path}")
+    if source.type in ("jsonl", "parquet"):
+        check_text_key(source, base_dir, data_root)

@@ -23,6 +23,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from config.recipe import TokenizerConfig
+from pipeline.layout import require_documents
 from pipeline.splits import unit_hash
 
 SPECIAL_PIECES = {"pad": (0, "<pad>"), "bos": (1, "<s>"), "eos": (2, "</s>"), "unk": (3, "<unk>")}
@@ -179,6 +180,9 @@ class TokenizerStep(PipelineStep):
             if self.reuse:
                 model = Path(self.reuse)
             else:
+                # checked here too (Slurm/Ray stages run without the local executor's check): sentencepiece
+                # on an empty sample dies with a long traceback
+                require_documents(self.curated_train)
                 docs, lines = self.work_dir / "sample_docs.txt", self.work_dir / "sample_lines.txt"
                 self.stat_update("sample_docs", value=write_training_sample(
                     self.curated_train, self.weights, self.cfg.sample_docs, self.seed, docs))

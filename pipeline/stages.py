@@ -1,15 +1,19 @@
 """The curation run as an ordered list of datatrove stages (one executor each, see pipeline/executors.py).
 
-    prepare.<source>      read -> quality filters -> work/filtered/<source>/        (T tasks per source)
+    prepare.<source>      read -> quality filters -> 13-gram decontamination
+                                                      -> work/filtered/<source>/        (T tasks per source)
     exact.signatures|find|filter                      -> work/exact_deduped/<source>/
     minhash.signatures|buckets|cluster                (FineWeb's 4-stage MinHash; its filter runs in `final`)
-    final                 MinHash filter -> 13-gram decontamination -> train/validation split
-                                                      -> work/curated/<split>/<source>/
+    final                 MinHash filter -> train/validation split -> work/curated/<split>/<source>/
     tokenizer             sentencepiece BPE on a weighted sample of curated train text -> tokenizer/
     tokenize.<split>.<source>, merge.<split>.<source>
                           DocumentTokenizer (EOS after each document, shuffled) + DocumentTokenizerMerger
                           (shuffled, shard_tokens per .ds)  -> work/merged/<split>/<source>/
     finalize              merged folders -> tokens/ (one rename each), manifest.json, report.json
+
+Decontamination runs before both dedups: a contaminated near copy of a clean document (the clean
+text plus an eval passage) would otherwise be in the clean one's MinHash cluster, and if dedup kept the
+copy, decontamination would then drop it too, losing both (docs/curation.md).
 
 T = recipe.cluster.tasks. Every stage writes datatrove stats and completion markers under
 work/logs/<stage>/, so a rerun skips finished tasks; all shuffles and splits are seeded, so a resumed
@@ -19,8 +23,9 @@ run writes the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
+from typing import Callable
 
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
@@ -38,7 +43,7 @@ from pipeline.decont import decont_filter
 from pipeline.dedup import exact_config, minhash_config
 from pipeline.filters import build_filters
 from pipeline.finalize import FinalizeStep
-from pipeline.layout import Layout, WorkReader, work_writer
+from pipeline.layout import Layout, WorkReader, require_documents, work_writer
 from pipeline.sources import build_reader
 from pipeline.splits import SPLITS, SplitAssigner
 from pipeline.spm_tokenizer import JSON_NAME, SPECIAL_PIECES, TokenizerStep
@@ -52,6 +57,7 @@ class Stage:
     name: str
     pipeline: list[PipelineStep]
     tasks: int
+    check: Callable[[], None] | None = None  # run by the local executor before the stage; raises CurationError
 
 
 class SpmDocumentTokenizer(DocumentTokenizer):
@@ -69,13 +75,20 @@ def decont_active(recipe: RecipeConfig) -> bool:
     return d.enabled and bool(d.files or d.lm_eval_tasks)
 
 
+def tokenize_pipeline(curated: Path, tokenized: Path, tokenizer_json: Path, seed: int) -> list[PipelineStep]:
+    """Curated jsonl -> shuffled token files (EOS after each document), one per task."""
+    return [WorkReader(curated),
+            SpmDocumentTokenizer(str(tokenized), str(tokenizer_json), eos_token=EOS_PIECE, seed=seed)]
+
+
 def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root: str | None,
                  tokenizer_path: str | None) -> list[Stage]:
     """Every stage of the run, in dependency order (each stage depends on all before it)."""
     tasks, seed = recipe.cluster.tasks, recipe.output.seed
+    decont = [decont_filter(recipe.decontamination, layout.decont_index)] if decont_active(recipe) else []
     stages = [
         Stage(f"prepare.{s.name}",
-              [build_reader(s, base_dir, tasks, data_root), *build_filters(recipe.filters, s),
+              [build_reader(s, base_dir, tasks, data_root), *build_filters(recipe.filters, s), *decont,
                work_writer(layout.filtered)], tasks)
         for s in recipe.sources
     ]
@@ -102,8 +115,6 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
             Stage("minhash.cluster", [MinhashDedupCluster(str(buckets), str(remove), config=mh)], 1),
         ]
         final.append(MinhashDedupFilter(str(remove)))
-    if decont_active(recipe):
-        final.append(decont_filter(recipe.decontamination, layout.decont_index))
     final += [SplitAssigner(recipe.output.validation_fraction, seed),
               work_writer(layout.curated, "${split}/${source}/${rank}.jsonl")]
     stages.append(Stage("final", [WorkReader(current, "*/*.jsonl"), *final], tasks))
@@ -111,7 +122,8 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
     weights = recipe.weights()
     stages.append(Stage("tokenizer", [TokenizerStep(recipe.tokenizer, tokenizer_path, str(layout.curated / "train"),
                                                     str(layout.tokenizer_work), str(layout.tokenizer_dir),
-                                                    weights, seed)], 1))
+                                                    weights, seed)], 1,
+                        check=partial(require_documents, layout.curated / "train")))
     budget = recipe.output.total_tokens
 
     def train_budget(source: str) -> int:
@@ -123,9 +135,8 @@ def build_stages(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root
             tokenized, merged = layout.tokenized(split, s.name), layout.merged(split, s.name)
             stages += [
                 Stage(f"tokenize.{split}.{s.name}",
-                      [WorkReader(layout.curated / split / s.name),
-                       SpmDocumentTokenizer(str(tokenized), str(layout.tokenizer_dir / JSON_NAME),
-                                            eos_token=EOS_PIECE, seed=seed)], tasks),
+                      tokenize_pipeline(layout.curated / split / s.name, tokenized, layout.tokenizer_dir / JSON_NAME,
+                                        seed), tasks),
                 Stage(f"merge.{split}.{s.name}",
                       [DocumentTokenizerMerger(str(tokenized), str(merged), save_filename=s.name,
                                                max_tokens_per_file=recipe.output.shard_tokens,

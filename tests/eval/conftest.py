@@ -18,9 +18,14 @@ DATA = Path(__file__).resolve().parent / "data"
 EOS_ID = 2
 
 
+def need_lm_eval() -> None:
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (lm_eval) is not installed here")
+
+
 @pytest.fixture(scope="session")
 def make_lm(tiny_bundle_dir: Path):
     """HybridEvalLM on the tiny bundle (CPU) with the given settings."""
+    need_lm_eval()
     from eval.lm_backend import HybridEvalLM
 
     def build(batch_size: int = 4, **kwargs) -> HybridEvalLM:
@@ -37,6 +42,7 @@ def lm(make_lm):
 @pytest.fixture(scope="session")
 def builtin_tasks():
     """lm-eval's TaskManager over its built-in task index (building the index takes seconds)."""
+    need_lm_eval()
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
@@ -105,6 +111,7 @@ def manifest_path(tmp_path_factory: pytest.TempPathFactory, tiny_bundle_dir: Pat
 @pytest.fixture(scope="session")
 def run_cli(tmp_path_factory: pytest.TempPathFactory):
     """Run `python eval/run.py ARGS` in a fresh process, offline, with an empty HF cache."""
+    need_lm_eval()
     hf_home = tmp_path_factory.mktemp("hf_home")
 
     def run(*args: str) -> subprocess.CompletedProcess:

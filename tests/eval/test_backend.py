@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lm_eval.api.instance import Instance
+
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness (lm_eval) is not installed here")
+from lm_eval.api.instance import Instance  # noqa: E402
 
 from model.generation import SamplingParams, generate
 
@@ -163,3 +165,13 @@ def test_registered_with_lm_eval_beside_builtin_backends():
 def test_cuda_graph_on_cpu_is_refused(make_lm):
     with pytest.raises(ValueError, match="cuda_graph needs a CUDA device"):
         make_lm(cuda_graph="True")
+
+
+def test_cli_usage_keeps_lm_eval_flags_out_of_model_args() -> None:
+    """lm-eval's CLI passes --batch_size/--device to the backend itself: naming them in --model_args fails."""
+    import re
+
+    import eval.lm_eval_cli as cli
+
+    model_args = re.findall(r"--model_args (\S+)", cli.__doc__)
+    assert model_args and not any(k in a for a in model_args for k in ("batch_size", "device"))

@@ -109,3 +109,50 @@ def test_qk_norm_export_refused_in_one_line(qk_norm_bundle_dir, tmp_path, export
     assert rc == 2
     assert len(err.splitlines()) == 1 and "qk_norm" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cpu_work_never_calls_cuda_kernels_that_import(exported, monkeypatch):
+    """causal_conv1d / mamba_ssm importable (faked), model on CPU: our model resolves to the reference
+    path, and the HF parity check runs transformers' Bamba on its PyTorch code; neither calls a kernel.
+    The check's prompt spans several SSD chunks and reports the real float32 difference."""
+    import functools
+    import inspect
+    from types import SimpleNamespace
+
+    from transformers.models.bamba import modeling_bamba
+
+    import model.kernels as kernels
+    import model.layers
+    import model.mamba2
+    from export.hf import BAMBA_KERNEL_FUNCS
+    from export.runner import hf_parity, hf_parity_prompts
+
+    called = []
+
+    def cuda_only(name, torch_fn=None):
+        def kernel(*args, **kwargs):
+            called.append(name)
+            raise RuntimeError("Expected x.is_cuda() to be true")
+        return functools.wraps(torch_fn)(kernel) if torch_fn else kernel
+
+    for name in BAMBA_KERNEL_FUNCS:  # as transformers wires them when the packages import
+        monkeypatch.setattr(modeling_bamba, name, cuda_only(name, inspect.unwrap(getattr(modeling_bamba, name))))
+    fake = SimpleNamespace(**{op: cuda_only(op) for op in (
+        "chunk_scan", "split_conv1d_scan", "split_conv1d_scan_saved", "state_update", "rmsnorm_gated",
+        "add_rms_norm", "swiglu", "conv", "update")})
+    for module in (kernels, model.mamba2, model.layers):
+        for accessor in ("mamba_ops", "conv_ops"):
+            if hasattr(module, accessor):
+                monkeypatch.setattr(module, accessor, lambda: fake)
+    src, out = exported
+    ours = load_bundle(src).model
+    assert ours.set_impl() == "reference"
+    prompts = hf_parity_prompts(ours, 64)
+    numbers = hf_parity(ours, out, prompts, new_tokens=4)
+    assert called == []
+    q = ours.cfg.mamba.chunk_size
+    assert len(prompts[0]) > 3 * q and len(prompts[0]) % q  # several chunks, the last one partial
+    assert numbers["parity prompt tokens (SSD chunks)"] == f"{len(prompts[0])} ({-(-len(prompts[0]) // q)} of {q})"
+    diff = numbers["max abs logit diff (float32, CPU)"]
+    print(f"HF parity over {len(prompts[0])} tokens ({src.name}): max abs logit diff {diff:.3g}")
+    assert diff < LOGIT_TOL

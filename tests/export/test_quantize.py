@@ -17,6 +17,12 @@ from model.generation import SamplingParams, generate
 CPU = torch.device("cpu")
 
 
+def need_package(method: str) -> None:
+    """Skip (with the reason) where the method's quantization library is not installed."""
+    package = METHODS[method].library
+    pytest.importorskip(package, reason=f"{method} needs {package}, not installed here")
+
+
 @pytest.mark.parametrize("fmt,backend,method,data", [
     ("int8", "torchao", "torchao-int8", "--eval-text"),
     ("int8", "bitsandbytes", "bnb-int8", "--eval-text"),
@@ -24,6 +30,7 @@ CPU = torch.device("cpu")
 ])
 def test_quantized_export_loads_and_generates(fmt, backend, method, data, tiny_bundle_dir, eval_text, val_manifest,
                                               tmp_path, export_cli):
+    need_package(method)
     out = tmp_path / fmt
     source = str(eval_text) if data == "--eval-text" else val_manifest
     rc = export_cli.main(["--checkpoint", str(tiny_bundle_dir), "--format", fmt, "--output", str(out),
@@ -43,6 +50,7 @@ def test_quantized_export_loads_and_generates(fmt, backend, method, data, tiny_b
 
 @pytest.mark.parametrize("method", ["torchao-int8", "bnb-int8", "bnb-nf4"])
 def test_save_load_is_exact(method, tiny_bundle_dir, tmp_path):
+    need_package(method)
     model = load_bundle(tiny_bundle_dir).model
     ids = torch.randint(4, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     q = quantize_model(model, METHODS[method], 64, CPU)

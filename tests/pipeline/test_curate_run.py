@@ -16,6 +16,8 @@ import pytest
 import sentencepiece as spm
 
 from config.manifest import load_manifest
+
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 from pipeline.spm_tokenizer import load_hf_tokenizer
 
 from .conftest import REPO

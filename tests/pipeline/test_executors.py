@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.ray import RayPipelineExecutor
 

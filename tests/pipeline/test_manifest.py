@@ -10,6 +10,8 @@ import pytest
 
 from config.manifest import ManifestError, dtype_for_vocab, load_manifest
 
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
+
 
 @pytest.fixture
 def copy(curated: Path, tmp_path: Path) -> Path:

@@ -6,10 +6,14 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from config.manifest import load_manifest
 from config.recipe import load_recipe
 
 from .conftest import docstring_rows, make_mirror, run_cli
+
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 
 
 def test_offline_fails_fast_naming_the_source(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import pytest
 import sentencepiece as spm
 
 from config.recipe import TokenizerConfig
+
+pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 from pipeline.spm_tokenizer import load_hf_tokenizer, spm_to_hf, subsample_lines, train_sentencepiece
 
 from .conftest import EMBEDDED, docstring_rows, stdlib_files

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole test suite on a GPU machine with no internet (the device: Python 3.12, CUDA torch preinstalled).
+#
+#   bash scripts/test_gpu.sh WHEEL_DIR OUT_DIR [PYTEST_ARGS...]     # default: the whole suite, tests/
+#
+# Installs every wheel in WHEEL_DIR (no index, no dependency resolution) into $SITE (default /tmp/site,
+# so consecutive calls on one warm machine add up: a device call carries at most 64 MiB of wheels), puts
+# it first on PYTHONPATH, then runs `python -m pytest -q tests/` from the repository root. OUT_DIR gets
+# junit.xml, pytest.log (with the reason of every skip: -rs) and environment.txt (torch/CUDA and which
+# optional packages are installed). Tests whose package is missing skip with that reason; the exit code is
+# pytest's. An empty WHEEL_DIR installs nothing (the suite runs on what the machine has).
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: bash scripts/test_gpu.sh WHEEL_DIR OUT_DIR [PYTEST_ARGS...]" >&2
+  exit 2
+fi
+wheels=$(realpath -m "$1")
+out=$(realpath -m "$2")
+shift 2
+targets=("${@:-tests}")
+if [ ! -d "$wheels" ]; then
+  echo "error: wheel folder $wheels does not exist (stage wheels there, or pass an empty folder)" >&2
+  exit 2
+fi
+cd "$(dirname "$0")/.."
+site=${SITE:-/tmp/site}
+mkdir -p "$out" "$site"
+shopt -s nullglob
+found=("$wheels"/*.whl)
+if [ ${#found[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "${found[@]}"
+fi
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST=9.0  # the device sets 9.0a, which DeepSpeed's op builder cannot parse
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: fail fast instead of retrying
+if ! python3 -c "import pytest" 2>/dev/null; then
+  echo "error: pytest does not import: add its wheel (and pluggy, iniconfig) to $wheels" >&2
+  exit 2
+fi
+python3 - > "$out/environment.txt" <<'EOF'
+import importlib.metadata as md, importlib.util, platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+for name in ("mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed", "datatrove", "transformers", "lm_eval",
+             "torchao", "bitsandbytes", "onnx", "onnxscript", "onnxruntime", "sentencepiece", "datasets", "wandb"):
+    if importlib.util.find_spec(name) is None:  # found, not imported: a broken build shows in its tests
+        print(f"{name} MISSING")
+        continue
+    try:
+        print(f"{name} {md.version(name.replace('_', '-'))}")
+    except md.PackageNotFoundError:
+        print(f"{name} (version unknown)")
+EOF
+cat "$out/environment.txt"
+set +e
+python3 -m pytest -q -rs "${targets[@]}" --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
+status=${PIPESTATUS[0]}
+exit "$status"
