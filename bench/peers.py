@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from model import HybridLM, ModelConfig
 from model.config import ATTENTION
 from model.kernels import kernel_report
-from model.sizing import attention_mixer_params, count_params, mamba_mixer_params
+from model.sizing import count_params
+from model.variants import match_ffn
 
 OURS = ("ours", "attention")  # HybridLM peers
 PEERS = (*OURS, "hf_bamba", "hf_llama")
@@ -48,11 +49,9 @@ def model_list(text: str) -> list[str]:
 
 
 def attention_twin(cfg: ModelConfig) -> ModelConfig:
-    """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights."""
-    n_mamba = cfg.layer_pattern.count("M")
-    extra = n_mamba * (mamba_mixer_params(cfg) - attention_mixer_params(cfg))
-    ffn = cfg.ffn_hidden + round(extra / (3 * cfg.d_model * cfg.n_layers) / 64) * 64
-    return cfg.model_copy(update={"pattern": ATTENTION * cfg.n_layers, "ffn_hidden": ffn, "preset": None})
+    """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights
+    (model.variants.match_ffn)."""
+    return match_ffn(cfg.model_copy(update={"pattern": ATTENTION * cfg.n_layers}), count_params(cfg))
 
 
 def llama_twin(cfg: ModelConfig) -> ModelConfig:

@@ -1,4 +1,5 @@
-"""`python -m model list [--json]`: the presets with their sizes and layer patterns."""
+"""`python -m model list [--json]`: the presets with their sizes and layer patterns, and the named
+layer-pattern variants (model/variants.py) on the `small` preset. `--json`: {"presets": [...], "variants": [...]}."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.presets import PRESETS
 from model.sizing import count_params
+from model.variants import variant_rows
 
 
 def preset_rows(verify: bool = True) -> list[dict]:
@@ -49,9 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     lst = sub.add_parser("list", help="print the presets")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    rows = preset_rows()
+    rows, variants = preset_rows(), variant_rows()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"presets": rows, "variants": variants}, indent=2))
         return
     head = f"{'preset':<7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} {'heads':>7} {'mamba h':>7} {'d_state':>7}  pattern"
     print(head)
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['d_model']:>7} {str(r['heads']) + '/' + str(r['kv_heads']):>7} {r['mamba_heads']:>7} "
             f"{r['d_state']:>7}  {r['pattern']}"
         )
+    print(f"\n{'variant':<13} {'params':>9} {'matched':>9} {'ffn':>5}  pattern       (preset {variants[0]['preset']}; "
+          "matched: ffn_hidden sized to the preset's count)")
+    for v in variants:
+        print(f"{v['variant']:<13} {_fmt(v['params']):>9} {_fmt(v['matched_params']):>9} {v['matched_ffn_hidden']:>5}  "
+              f"{v['pattern']:<13} {v['description']}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from model import HybridLM, ModelConfig, count_params, train_flops_per_token
 from model.presets import PRESETS
 from model.sizing import forward_flops_per_token
+from model.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,8 +49,10 @@ def test_model_list_json_cli() -> None:
         [sys.executable, "-m", "model", "list", "--json"], cwd=REPO, capture_output=True, text=True, check=True,
         timeout=120,
     )
-    rows = json.loads(out.stdout)
+    listing = json.loads(out.stdout)
+    rows = listing["presets"]
     assert [r["preset"] for r in rows] == list(PRESETS)
+    assert [v["variant"] for v in listing["variants"]] == list(VARIANTS)
     for row in rows:
         cfg = ModelConfig(preset=row["preset"])
         assert row["params"] == count_params(cfg)
@@ -63,8 +66,9 @@ def test_model_list_table(capsys) -> None:
 
     main(["list"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
+    assert lines[0].split()[0] == "preset" and lines[len(PRESETS) + 2].split()[0] == "variant"
     assert lines[1].split()[0] == "tiny" and lines[1].split()[-1] == ModelConfig(preset="tiny").layer_pattern
+    assert [line.split()[0] for line in lines[len(PRESETS) + 3:]] == list(VARIANTS)
 
 
 def test_published_sizes() -> None:
