@@ -23,6 +23,7 @@ newest complete checkpoint.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -152,12 +153,21 @@ def launch_command(config: str, base_sets: list[str], run: PlannedRun, gpus: int
 
 
 def train(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> int:
-    """Run (or resume) one variant; its output goes to the console and OUT/launch.log. Returns the exit code."""
+    """Run (or resume) one variant; its output goes to the console and OUT/launch.log. Returns the exit code.
+
+    SIGINT/SIGTERM reaching this process are passed to the run (which saves a checkpoint at the next step
+    boundary and exits 0) instead of ending this one, so the run's output is read to its end."""
     run.out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(config, base_sets, run, gpus)
     with open(run.out / "launch.log", "a") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:  # type: ignore[union-attr]
-            sys.stdout.write(line)
-            log.write(line)
-        return proc.wait()
+        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                log.write(line)
+            return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
