@@ -128,3 +128,29 @@ def test_aggregate_mean_std_over_seeds() -> None:
     assert agg[1]["final_loss"] == (3.0, None)
     table = markdown(agg, 1000, "# r")
     assert "| a | `MA` | 2 |" in table and "3.0000 ± 1.4142" in table and "| b (unfinished) | `AA` | 1 |" in table
+
+
+def test_run_row_reads_the_metrics_and_eval_table(tmp_path: Path) -> None:
+    """A run's row from a hand-written metrics.jsonl and eval/run.py's results table (its Row records)."""
+    from dataclasses import asdict
+
+    from config.schema import load_run_config
+    from eval.report import Row
+    from experiments.ablation import PlannedRun
+    from experiments.report import run_row
+
+    out = tmp_path / "run"
+    cfg = load_run_config("tiny", [f"train.output_dir={out}", "train.max_steps=4", "train.warmup_steps=1"])
+    lines = [{"step": s, "loss": 6.0 - s, "tokens": 100 * s, "tokens_per_s": 10.0 * s, "tokens_per_s_avg": 7.0,
+              "mfu": 0.1 * s, "mem_gb": [1.0, 3.0, 2.0, 2.5][s - 1]} for s in range(1, 5)]
+    lines.append({"step": 4, "val_loss": 2.5, "val_ppl": 12.2})
+    (out / "final").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (out / "final" / "meta.json").write_text(json.dumps({"step": 4}))
+    table = [asdict(Row(task="val_ppl", metric="ppl", value=11.0, stderr=None, fewshot=None))]
+    (out / "final" / "eval_results.json").write_text(json.dumps({"table": table}))
+    row = run_row(PlannedRun("v", 1, cfg, []), budget=400)
+    assert row["finished"] and row["steps"] == 4 and row["tokens_per_s"] == 7.0 and row["peak_mem_gb"] == 3.0
+    assert row["mfu"] == pytest.approx((0.3 + 0.4) / 2)  # steps after the first two
+    assert row["final_loss"] == 2.0 and row["loss_at_100"] == 5.0 and row["loss_at_200"] == 4.0  # window 40 tokens
+    assert (row["val_loss"], row["val_ppl"]) == (2.5, 12.2) and row["eval: val_ppl ppl"] == 11.0
