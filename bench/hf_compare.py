@@ -28,14 +28,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
-from bench.common import bench_model, environment, sync, time_fn, write_results  # noqa: E402
-from bench.peers import run_guarded  # noqa: E402
-from model import ModelConfig, count_params  # noqa: E402
-from model.variants import VARIANTS, match_ffn  # noqa: E402
+from bench.common import bench_model, environment, sync, time_fn, write_results
+from bench.peers import run_guarded
+from model import ModelConfig, count_params
+from model.variants import VARIANTS, match_ffn
 
 COLUMNS = ["model", "pattern", "params", "seq_len", "batch", "forward_ms", "forward_ms_std", "tokens_per_s",
            "peak_mem_gb", "activation_gb", "speed_vs_hf", "mem_reduction_vs_hf", "status"]
@@ -99,10 +99,11 @@ def compare(hf_folders: list[Path], preset: str, variants: list[str], match_hf: 
     vocab = min([*(vocab_size(m) for m in hf_models.values()), *(c.vocab_size for c in ours.values())])
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
-    for name, model in list(hf_models.items()):
+    for name in list(hf_models):
+        model = hf_models.pop(name)  # held by this loop only: freed before the next model is timed
         rows.append({"model": name, "pattern": "-", "params": hf_params[name],
-                     **run_guarded(lambda: measure(model, True, ids, warmup, iters), device)})
-        del hf_models[name], model  # free before the next model
+                     **run_guarded(lambda m=model: measure(m, True, ids, warmup, iters), device)})
+        del model
     for name, cfg in ours.items():
         def run_ours(cfg: ModelConfig = cfg) -> dict:
             model = bench_model(cfg.model_copy(update={"max_seq_len": max(cfg.max_seq_len, seq_len)}), device).eval()

@@ -107,10 +107,10 @@ def plan(config: str, base_sets: list[str], specs: list[VariantSpec], seeds: lis
          output: Path) -> list[PlannedRun]:
     """Every variant x seed's run config, validated (and the shared manifest opened: ManifestError);
     ConfigError names the variant and key."""
-    from train.trainer import open_manifest  # the trainer's own checks of the shared data
+    from train.trainer import open_manifest
 
     base = load_run_config(config, base_sets)
-    open_manifest(base)
+    open_manifest(base)  # the trainer's own checks of the shared data, before any run
     per_step = base.train.global_batch_tokens
     if tokens < per_step:
         raise ConfigError(f"--tokens {tokens} is less than one step ({per_step} tokens, train.global_batch_tokens)")

@@ -19,8 +19,8 @@ parameters (0.7% of the `small` preset); `match_ffn` refuses a result off by mor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from model.config import ATTENTION, MAMBA, ModelConfig, strategic_pattern
 from model.sizing import count_params, mlp_params

@@ -3,7 +3,6 @@ plot written when a run's metrics close, and `python -m train.watch` / `python -
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
