@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from model import ModelConfig
 from model.attention import Attention
 from model.kernels import kernel_report
-from model.sizing import count_params, mixer_params
+from model.sizing import count_params
+from model.variants import match_ffn
 from train.graph_step import GraphedLM
 
 OURS = ("ours", "attention")  # HybridLM peers
@@ -49,10 +50,9 @@ def model_list(text: str) -> list[str]:
 
 
 def attention_twin(cfg: ModelConfig) -> ModelConfig:
-    """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights."""
-    extra = sum(mixer_params(cfg, k) - mixer_params(cfg, Attention.letter) for k in cfg.layer_pattern)
-    ffn = cfg.ffn_hidden + round(extra / (3 * cfg.d_model * cfg.n_layers) / 64) * 64
-    return cfg.model_copy(update={"pattern": Attention.letter * cfg.n_layers, "ffn_hidden": ffn, "preset": None})
+    """All-attention config with (about) `cfg`'s parameter count: wider MLPs take the Mamba2 weights
+    (model.variants.match_ffn)."""
+    return match_ffn(cfg.model_copy(update={"pattern": Attention.letter * cfg.n_layers}), count_params(cfg))
 
 
 def llama_twin(cfg: ModelConfig) -> ModelConfig:

@@ -27,7 +27,6 @@ count's accumulation, is validated before the first launch, so a bad setting cos
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import socket
@@ -42,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the repo's packages first
 
 from bench.common import RESULTS, environment, write_results  # noqa: E402
+from train.metrics import read_metrics  # noqa: E402
 
 PRETRAIN = REPO / "launch" / "pretrain.py"
 SMOKE_SETS = [  # the tiny preset shrunk for CPU: 64-token sequences, 2 micro-batches of 2 per step on 2 ranks
@@ -78,16 +78,6 @@ def check_runs(config: str, sets: list[str], worlds: list[int]) -> None:
             accumulation_steps(cfg.train, world)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-
-
-def read_metrics(out_dir: Path) -> dict[int, dict]:
-    """Per step: the train record merged with the validation record of that step."""
-    steps: dict[int, dict] = {}
-    path = out_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        rec = json.loads(line)
-        steps.setdefault(rec["step"], {}).update(rec)
-    return steps
 
 
 def run(cmd: list[str], log: Path, timeout: float, signal_after_step: int | None = None,

@@ -1,4 +1,6 @@
-"""`python -m model list [--json]`: the presets with their sizes and layer patterns, and the block types.
+"""`python -m model list [--json]`: the presets with their sizes and layer patterns, the block types, and
+the named layer-pattern variants (model/variants.py) on the `small` preset. `--json`: {"presets": [...],
+"block_types": [...], "variants": [...]}.
 `python -m model stats CKPT --text "..."`: what each block type measures on a text (router fractions,
 gate means, memory read mass per slot: the design's `get_gate_statistics`)."""
 
@@ -14,6 +16,7 @@ from model.hybrid import HybridLM
 from model.mixers import block_types
 from model.presets import PRESETS
 from model.sizing import count_params
+from model.variants import variant_rows
 
 
 def preset_rows(verify: bool = True) -> list[dict]:
@@ -88,10 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "stats":
         print_statistics(args.checkpoint, args.text)
         return
-    rows = preset_rows()
-    kinds = block_type_rows()
+    rows, kinds, variants = preset_rows(), block_type_rows(), variant_rows()
     if args.json:
-        print(json.dumps({"presets": rows, "block_types": kinds}, indent=2))
+        print(json.dumps({"presets": rows, "block_types": kinds, "variants": variants}, indent=2))
         return
     head = f"{'preset':<7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} {'heads':>7} {'mamba h':>7} {'d_state':>7}  pattern"
     print(head)
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     print("\nblock types (model.pattern letters)")
     for k in kinds:
         print(f"  {k['letter']}  {k['name']:<13} {k['description']}  [{k['design']}]")
+    print(f"\n{'variant':<13} {'params':>9} {'matched':>9} {'ffn':>5}  pattern       (preset {variants[0]['preset']}; "
+          "matched: ffn_hidden sized to the preset's count)")
+    for v in variants:
+        print(f"{v['variant']:<13} {_fmt(v['params']):>9} {_fmt(v['matched_params']):>9} {v['matched_ffn_hidden']:>5}  "
+              f"{v['pattern']:<13} {v['description']}")
 
 
 if __name__ == "__main__":

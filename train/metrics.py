@@ -4,8 +4,11 @@ One JSON line per optimizer step:
   step, loss (mean next-token NLL over the step's targets, all ranks), lr (of that step),
   grad_norm (global, before clipping; inf on a skipped step), skipped, tokens (consumed so far),
   step_time_s, tokens_per_s (this step, all ranks), tokens_per_s_avg (steady state), mfu (this
-  step), mem_gb (rank 0's peak), eta_s
+  step), mem_gb (rank 0's peak), eta_s, max_steps; on GPUs with nvidia-ml-py, at every log interval,
+  each rank's gpu_util_pct/<rank>, gpu_mem_used_gb/<rank>, gpu_mem_total_gb/<rank>, gpu_temp_c/<rank>,
+  gpu_power_w/<rank> (train/gpu_stats.py; left out where NVML is absent or does not report one)
 and one per validation pass: step, val_loss, val_ppl, val_loss/<source>.
+At close, rank 0 draws <output_dir>/loss.png from the file (train/plot.py).
 
 MFU = tokens/s x model FLOPs per token (model.sizing.train_flops_per_token: 3 x forward, attention and
 SSD counted per layer type) / (world size x the device's dense bf16 peak). The peak comes from
@@ -60,6 +63,20 @@ def _duration(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def read_metrics(out_dir: Path) -> dict[int, dict]:
+    """Per step: the train record merged with the validation record of that step ({} without a file;
+    a line torn by a crash mid-write is skipped)."""
+    steps: dict[int, dict] = {}
+    path = Path(out_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rec = json.loads(line)
+            steps.setdefault(rec["step"], {}).update(rec)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return steps
 
 
 def keep_steps_upto(path: Path, last_step: int) -> None:
@@ -136,8 +153,10 @@ class MetricsLogger:
             self.progress.console.print(message, highlight=False, markup=False, soft_wrap=True)
 
     def log_step(self, step: int, loss: float, lr: float, grad_norm: float | None, skipped: bool,
-                 consumed_tokens: int, step_tokens: int, step_time: float, mem_gb: float) -> None:
-        """Record optimizer step `step` (1-based count of steps done)."""
+                 consumed_tokens: int, step_tokens: int, step_time: float, mem_gb: float,
+                 gpu: dict[str, float] | None = None) -> None:
+        """Record optimizer step `step` (1-based count of steps done); `gpu`: the per-rank device fields
+        (train/gpu_stats.py), at log intervals."""
         if not self.enabled:
             return
         if step - self.start_step > WARMUP_STEPS:
@@ -151,7 +170,8 @@ class MetricsLogger:
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
             "tokens": consumed_tokens, "step_time_s": step_time, "tokens_per_s": rate,
             "tokens_per_s_avg": self._timed_tokens / self._timed_seconds if self._timed_seconds else None,
-            "mfu": mfu, "mem_gb": mem_gb, "eta_s": mean_step * (self.total - step),
+            "mfu": mfu, "mem_gb": mem_gb, "eta_s": mean_step * (self.total - step), "max_steps": self.total,
+            **(gpu or {}),
         }
         self._emit(record)
         self.progress.update(self.task, completed=step, status=f"loss {loss:.4f}")
@@ -190,3 +210,6 @@ class MetricsLogger:
         self.jsonl.close()
         if self.run is not None:
             self.run.finish()
+        from train.plot import write_run_plot  # lazy: matplotlib only where a run ends
+
+        write_run_plot(self.jsonl_path.parent)

@@ -56,6 +56,7 @@ from train.ds_config import (
     zero_stage,
 )
 from train.errors import TrainingError
+from train.gpu_stats import gather_gpu_stats, open_gpu_stats
 from train.grad_fold import install_fold
 from train.graph_step import (
     GraphedLM,
@@ -294,6 +295,7 @@ class Trainer:
                                 train_flops_per_token(self.cfg.model, t.seq_len),
                                 device_peak_flops(env.device, t.peak_tflops), env.world_size)
         metrics.print(self.summary())
+        gpu_stats = open_gpu_stats(env.device)
         repeating: set[str] = set()
         batches = iter(loader)
         try:
@@ -309,8 +311,10 @@ class Trainer:
                 skipped = not self.engine.was_step_applied()
                 check_finite(state.step, bad_ranks, skipped, t.on_nan)
                 grad_norm = self.engine.get_global_grad_norm()
+                at_log = state.step % t.log_every == 0 or state.step == t.max_steps
+                gpu = gather_gpu_stats(gpu_stats, env.device) if env.on_cuda and at_log else None  # every rank
                 metrics.log_step(state.step, loss, lr, None if grad_norm is None else float(grad_norm), skipped,
-                                 state.consumed_tokens, per_step * t.seq_len, step_time, memory_gb(env.device))
+                                 state.consumed_tokens, per_step * t.seq_len, step_time, memory_gb(env.device), gpu)
                 metrics.log_blocks(state.step, self.model.block_statistics)
                 for name, epochs in self.data.train.epochs(state.consumed_samples).items():
                     if epochs > 1 and name not in repeating:

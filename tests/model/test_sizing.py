@@ -14,6 +14,7 @@ from model import HybridLM, ModelConfig, count_params, train_flops_per_token
 from model.mixers import block_types
 from model.presets import PRESETS
 from model.sizing import forward_flops_per_token
+from model.variants import VARIANTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,7 @@ def test_model_list_json_cli() -> None:
     assert [k["letter"] for k in listing["block_types"]] == list(block_types())
     rows = listing["presets"]
     assert [r["preset"] for r in rows] == list(PRESETS)
+    assert [v["variant"] for v in listing["variants"]] == list(VARIANTS)
     for row in rows:
         cfg = ModelConfig(preset=row["preset"])
         assert row["params"] == count_params(cfg)
@@ -65,9 +67,13 @@ def test_model_list_table(capsys) -> None:
     from model.__main__ import main
 
     main(["list"])
-    lines = capsys.readouterr().out.strip().split("\n\n")[0].splitlines()
+    presets, kinds, variants = capsys.readouterr().out.strip().split("\n\n")
+    lines = presets.splitlines()
     assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
+    assert [k.split()[0] for k in kinds.splitlines()[1:]] == list(block_types())
+    assert variants.splitlines()[0].split()[0] == "variant"
     assert lines[1].split()[0] == "tiny" and lines[1].split()[-1] == ModelConfig(preset="tiny").layer_pattern
+    assert [line.split()[0] for line in lines[len(PRESETS) + 3:]] == list(VARIANTS)
 
 
 def test_published_sizes() -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.scale_runs import deepspeed_cmd, read_metrics  # noqa: F401  (read_metrics: for the tests)
+from bench.scale_runs import deepspeed_cmd
 from bench.scale_runs import run as run_launch
+from train.metrics import read_metrics  # noqa: F401  (for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 PRETRAIN = REPO / "launch" / "pretrain.py"

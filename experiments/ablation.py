@@ -1,0 +1,173 @@
+"""Ablations: variants of one run config trained side by side, one after another (launch/ablate.py).
+
+A variants file (YAML; example config/ablations/patterns.yaml):
+
+    variants:
+      - name: alternating           # folder name: letters, digits, _ . -
+        pattern: alternating        # optional: a named layer pattern of model/variants.py
+        set: [model.attn_ratio=0.5] # optional: --set overrides of this variant
+        match_params: true          # optional: ffn_hidden sized to the base config's parameter count
+
+Every variant x seed is one run of launch/pretrain.py (one process, or a DeepSpeed world with --gpus N)
+in OUTPUT/<variant>/seed_<seed>, with the base config (--config, --set) and, on top, the variant's
+overrides and the runner's own: train.seed, train.max_steps (the token budget / tokens per step),
+train.output_dir, train.save_final=true. The data, its order (train/data.py: it depends on neither the
+seed nor the model), the token budget and the LR schedule are therefore the same for all: a variant
+may not override data.* or the keys in FIXED. Every run config is validated before the first run.
+
+Resuming: a run whose final export (OUTPUT/<variant>/seed_<seed>/final/meta.json) is at its last step is
+finished and skipped; any other is launched with --resume auto, so an interrupted one continues from its
+newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import Field
+
+from config.base import StrictModel
+from config.loader import ConfigError, parse_override, read_yaml, validate
+from config.schema import RunConfig, load_run_config
+from model.sizing import count_params
+from model.variants import VARIANTS, match_ffn
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = REPO / "launch" / "pretrain.py"
+# What every variant shares (the runner sets the first four itself); data.* is shared as a whole.
+FIXED = ("train.seed", "train.max_steps", "train.output_dir", "train.save_final", "train.seq_len",
+         "train.global_batch_tokens", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule")
+NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class VariantSpec(StrictModel):
+    name: str = Field(..., description="Folder and report name of the variant.")
+    pattern: str | None = Field(None, description=f"A named layer pattern: {', '.join(VARIANTS)}.")
+    set: list[str] = Field(default_factory=list, description="--set overrides (KEY=VALUE) of this variant.")
+    match_params: bool = Field(False, description="Size model.ffn_hidden to the base config's parameter count.")
+    description: str | None = None
+
+
+class VariantsFile(StrictModel):
+    variants: list[VariantSpec] = Field(..., min_length=1)
+
+
+@dataclass
+class PlannedRun:
+    variant: str
+    seed: int
+    cfg: RunConfig
+    sets: list[str]  # everything on top of the base config, in order
+    out: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.cfg.train.output_dir)
+
+    @property
+    def finished(self) -> bool:
+        """The final export of the last step exists (written only after the last step's checkpoint)."""
+        import json
+
+        meta = self.out / "final" / "meta.json"
+        return meta.is_file() and json.loads(meta.read_text()).get("step") == self.cfg.train.max_steps
+
+
+def load_variants(path: Path) -> list[VariantSpec]:
+    """The variants file, validated (ConfigError naming the variant and key)."""
+    if not Path(path).is_file():
+        raise ConfigError(f"variants file {path} does not exist")
+    specs = validate(VariantsFile, read_yaml(path)).variants
+    seen: set[str] = set()
+    for v in specs:
+        where = f"variants file {path}: variant '{v.name}'"
+        if not NAME.match(v.name):
+            raise ConfigError(f"{where}: name may hold only letters, digits, '_', '.' and '-'")
+        if v.name in seen:
+            raise ConfigError(f"{where}: the name is used twice")
+        seen.add(v.name)
+        if v.pattern is not None and v.pattern not in VARIANTS:
+            raise ConfigError(f"{where}: pattern '{v.pattern}' is unknown; choose one of {', '.join(VARIANTS)} "
+                              "or give model.pattern in set")
+        for item in v.set:
+            key = ".".join(parse_override(item)[0])
+            if key.startswith("data.") or key == "data" or key in FIXED:
+                raise ConfigError(f"{where}: set {key} is shared by every variant (data, seed, token budget, LR "
+                                  "schedule): give it to launch/ablate.py --set instead")
+            if v.match_params and key == "model.ffn_hidden":
+                raise ConfigError(f"{where}: set model.ffn_hidden and match_params: true exclude each other")
+    return specs
+
+
+def plan(config: str, base_sets: list[str], specs: list[VariantSpec], seeds: list[int] | None, tokens: int,
+         output: Path) -> list[PlannedRun]:
+    """Every variant x seed's run config, validated (and the shared manifest opened: ManifestError);
+    ConfigError names the variant and key."""
+    from train.trainer import open_manifest
+
+    base = load_run_config(config, base_sets)
+    open_manifest(base)  # the trainer's own checks of the shared data, before any run
+    per_step = base.train.global_batch_tokens
+    if tokens < per_step:
+        raise ConfigError(f"--tokens {tokens} is less than one step ({per_step} tokens, train.global_batch_tokens)")
+    steps = tokens // per_step
+    target = count_params(base.model)
+    runs = []
+    for v in specs:
+        where = f"variant '{v.name}'"
+        try:
+            own = list(v.set)
+            cfg = load_run_config(config, [*base_sets, *own])
+            if v.pattern is not None:
+                own.insert(0, f"model.pattern={VARIANTS[v.pattern].rule(cfg.model)}")
+                cfg = load_run_config(config, [*base_sets, *own])
+            if v.match_params:
+                try:
+                    own.append(f"model.ffn_hidden={match_ffn(cfg.model, target).ffn_hidden}")
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            for seed in seeds or [base.train.seed]:
+                run_dir = output / v.name / f"seed_{seed}"
+                sets = [*own, f"train.seed={seed}", f"train.max_steps={steps}", f"train.output_dir={run_dir}",
+                        "train.save_final=true"]
+                runs.append(PlannedRun(v.name, seed, load_run_config(config, [*base_sets, *sets]), sets))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return runs
+
+
+def launch_command(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> list[str]:
+    """launch/pretrain.py for `run`: this interpreter (a world of one) or the DeepSpeed launcher."""
+    args = [str(PRETRAIN), "--config", config, "--resume", "auto",
+            *[a for s in [*base_sets, *run.sets] for a in ("--set", s)]]
+    if gpus == 1:
+        return [sys.executable, *args]
+    from bench.scale_runs import deepspeed_cmd  # the documented launch: this interpreter's launcher, a free port
+
+    cmd = deepspeed_cmd(gpus, config, [*base_sets, *run.sets], "auto", run.out)
+    return cmd[:cmd.index(str(PRETRAIN))] + args
+
+
+def train(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> int:
+    """Run (or resume) one variant; its output goes to the console and OUT/launch.log. Returns the exit code.
+
+    SIGINT/SIGTERM reaching this process are passed to the run (which saves a checkpoint at the next step
+    boundary and exits 0) instead of ending this one, so the run's output is read to its end."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    cmd = launch_command(config, base_sets, run, gpus)
+    with open(run.out / "launch.log", "a") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                sys.stdout.write(line)
+                log.write(line)
+            return proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,156 @@
+"""The ablation runner (launch/ablate.py): one end-to-end call on two tiny variants (one process each,
+4 steps of one micro-batch), a second call that skips the finished variant and resumes an interrupted one, and unit tests
+of the variants file's validation and the report's figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.report import aggregate, loss_at, markdown
+from model import ModelConfig, count_params
+
+from .conftest import BASE_SETS, REPO, read_metrics, run_env
+
+ABLATE = REPO / "launch" / "ablate.py"
+STEP_TOKENS = 128  # one process, one micro-batch of 2 x 64 tokens per step
+SHORT = [f"train.global_batch_tokens={STEP_TOKENS}", "train.warmup_steps=1", "train.save_every=2",
+         "train.eval_every=2", "train.eval_sequences=4"]
+VARIANTS = """variants:
+  - name: strategic
+    pattern: strategic
+  - name: alt
+    pattern: alternating
+    match_params: true
+"""
+
+
+def ablate(corpus: Path, variants: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    sets = [*BASE_SETS, f"data.manifest={corpus}", *SHORT]
+    return subprocess.run([sys.executable, str(ABLATE), "--config", "tiny", "--variants", str(variants),
+                           "--tokens", str(4 * STEP_TOKENS), "--output", str(out),
+                           *[a for s in sets for a in ("--set", s)], *extra],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_ablation_runs_reports_skips_and_resumes(corpus: Path, tmp_path: Path) -> None:
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(VARIANTS)
+    out = tmp_path / "ablation"
+    first = ablate(corpus, variants, out)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    runs = {r["variant"]: r for r in report["runs"]}
+    assert [r["pattern"] for r in runs.values()] == ["MAMMAM", "AMAMAM"]
+    target = count_params(ModelConfig(preset="tiny", vocab_size=512))
+    assert runs["strategic"]["params"] == target and abs(runs["alt"]["params"] / target - 1) <= 0.03
+    for name, row in runs.items():
+        m = read_metrics(out / name / "seed_1234")
+        assert row["finished"] and row["steps"] == 4 and row["val_loss"] == m[4]["val_loss"]
+        assert row["final_loss"] == pytest.approx(m[4]["loss"])  # the last tenth of 4 steps: step 4 alone
+        assert row["peak_mem_gb"] == max(r["mem_gb"] for r in m.values() if "mem_gb" in r)
+    text = (out / "report.md").read_text()
+    assert "| strategic | `MAMMAM` | 1 |" in text and "| alt | `AMAMAM` | 1 |" in text
+    for png in ("loss.png", "throughput_memory.png", "strategic/seed_1234/loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+
+    # interrupt 'alt' after its step-2 checkpoint: its final export and step-4 checkpoint are gone
+    alt = out / "alt" / "seed_1234"
+    reference = read_metrics(alt)
+    shutil.rmtree(alt / "final")
+    shutil.rmtree(alt / "checkpoints" / "step_00000004")
+    second = ablate(corpus, variants, out)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "strategic seed 1234 (" in second.stdout and "finished, skipped" in second.stdout
+    assert second.stdout.count("training") == 1 and "start: step 2/4" in second.stdout
+    resumed = read_metrics(alt)
+    assert sorted(resumed) == list(range(1, 5))
+    for step in (3, 4):  # the same run: CPU fp32, one process, same order of operations
+        assert resumed[step]["loss"] == reference[step]["loss"]
+
+
+def write_variants(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "v.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("variants:\n  - name: a\n    set: [train.lr=1e-3]\n", "variant 'a': set train.lr is shared by every variant"),
+    ("variants:\n  - name: a\n    set: [data.packing=continuous]\n", "variant 'a': set data.packing is shared"),
+    ("variants:\n  - name: a\n    pattern: zigzag\n", "variant 'a': pattern 'zigzag' is unknown"),
+    ("variants:\n  - name: a\n  - name: a\n", "variant 'a': the name is used twice"),
+    ("variants:\n  - name: a b\n", "variant 'a b': name may hold only"),
+    ("variants:\n  - name: a\n    colour: red\n", "variants.0.colour"),
+    ("variants:\n  - name: a\n    set: [model.pattern=MMM]\n", "variant 'a': config error: model"),
+    ("variants:\n  - name: a\n    set: [model.ffn_hidden=64]\n    match_params: true\n", "exclude each other"),
+])
+def test_bad_variants_file_is_one_line_before_any_run(corpus: Path, tmp_path: Path, text: str, message: str) -> None:
+    from launch.ablate import main
+
+    sets = [f"data.manifest={corpus}", f"model.vocab_size={BASE_SETS[0].split('=')[1]}", "train.warmup_steps=1",
+            "train.wandb.mode=disabled"]
+    argv = ["--config", "tiny", "--variants", str(write_variants(tmp_path, text)), "--tokens", "100000",
+            "--output", str(tmp_path / "out"), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run([sys.executable, str(ABLATE), *argv], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=120) if message == "variants.0.colour" else None
+    if proc is not None:  # one subprocess: exit code 2 and a single stderr line
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    else:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert main(argv) == 2
+        assert message in err.getvalue() and err.getvalue().count("\n") == 1, err.getvalue()
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_at_averages_the_window() -> None:
+    steps = {s: {"tokens": 100 * s, "loss": float(10 - s)} for s in range(1, 11)}
+    assert loss_at(steps, 1000, 250) == pytest.approx((2 + 1 + 0) / 3)  # steps 8, 9, 10
+    assert loss_at(steps, 550, 10) == 5.0  # nothing in (540, 550]: the last step before, step 5
+    assert loss_at(steps, 50, 10) is None
+
+
+def test_aggregate_mean_std_over_seeds() -> None:
+    rows = [{"variant": "a", "seed": s, "pattern": "MA", "finished": True, "final_loss": v, "mfu": None}
+            for s, v in ((1, 2.0), (2, 4.0))] + [{"variant": "b", "seed": 1, "pattern": "AA", "finished": False,
+                                                  "final_loss": 3.0}]
+    agg = aggregate(rows)
+    assert agg[0]["final_loss"] == (3.0, pytest.approx(2 ** 0.5)) and agg[0]["seeds"] == 2 and "mfu" not in agg[0]
+    assert agg[1]["final_loss"] == (3.0, None)
+    table = markdown(agg, 1000, "# r")
+    assert "| a | `MA` | 2 |" in table and "3.0000 ± 1.4142" in table and "| b (unfinished) | `AA` | 1 |" in table
+
+
+def test_run_row_reads_the_metrics_and_eval_table(tmp_path: Path) -> None:
+    """A run's row from a hand-written metrics.jsonl and eval/run.py's results table (its Row records)."""
+    from dataclasses import asdict
+
+    from config.schema import load_run_config
+    from eval.report import Row
+    from experiments.ablation import PlannedRun
+    from experiments.report import run_row
+
+    out = tmp_path / "run"
+    cfg = load_run_config("tiny", [f"train.output_dir={out}", "train.max_steps=4", "train.warmup_steps=1"])
+    lines = [{"step": s, "loss": 6.0 - s, "tokens": 100 * s, "tokens_per_s": 10.0 * s, "tokens_per_s_avg": 7.0,
+              "mfu": 0.1 * s, "mem_gb": [1.0, 3.0, 2.0, 2.5][s - 1]} for s in range(1, 5)]
+    lines.append({"step": 4, "val_loss": 2.5, "val_ppl": 12.2})
+    (out / "final").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (out / "final" / "meta.json").write_text(json.dumps({"step": 4}))
+    table = [asdict(Row(task="val_ppl", metric="ppl", value=11.0, stderr=None, fewshot=None))]
+    (out / "final" / "eval_results.json").write_text(json.dumps({"table": table}))
+    row = run_row(PlannedRun("v", 1, cfg, []), budget=400)
+    assert row["finished"] and row["steps"] == 4 and row["tokens_per_s"] == 7.0 and row["peak_mem_gb"] == 3.0
+    assert row["mfu"] == pytest.approx((0.3 + 0.4) / 2)  # steps after the first two
+    assert row["final_loss"] == 2.0 and row["loss_at_100"] == 5.0 and row["loss_at_200"] == 4.0  # window 40 tokens
+    assert (row["val_loss"], row["val_ppl"]) == (2.5, 12.2) and row["eval: val_ppl ppl"] == 11.0
