@@ -29,7 +29,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 # Keys that cross-field checks name at the start of their message ("pattern length (3) must ...").
-_SECTION_KEYS = {"preset", "pattern", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
+_SECTION_KEYS = {"preset", "pattern", "mlp", "dt_min", "a_init_range", "dt_limit", "warmup_steps", "global_batch_tokens"}
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:

@@ -50,6 +50,7 @@ from export import ExportError
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.hybrid import HybridLM
 from model.mixers import block_type
+from model.mlps import mlp_type
 from model.weights import CheckpointError, check_state_dict
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ def check_exportable(cfg: ModelConfig) -> None:
                 f"cannot export block type {letter} ({mixer.name}) to Hugging Face: no transformers class expresses "
                 "it; use --format onnx if it supports it, or keep the consolidated checkpoint"
             )
+    if not mlp_type(cfg.mlp).hf_export:
+        raise ExportError(f"cannot export MLP kind {cfg.mlp} to Hugging Face: Bamba's MLP is SwiGLU; keep the "
+                          "consolidated checkpoint, or use --format onnx")
     if cfg.attention.qk_norm:
         raise ExportError(
             "cannot export a qk_norm model to Hugging Face: BambaAttention (the closest transformers "

@@ -1,6 +1,6 @@
 """`python -m model list [--json]`: the presets with their sizes and layer patterns, the block types, and
 the named layer-pattern variants (model/variants.py) on the `small` preset. `--json`: {"presets": [...],
-"block_types": [...], "variants": [...]}.
+"block_types": [...], "mlp_kinds": [...], "variants": [...]}.
 `python -m model stats CKPT --text "..."`: what each block type measures on a text (router fractions,
 gate means, memory read mass per slot: the design's `get_gate_statistics`)."""
 
@@ -14,6 +14,7 @@ import torch
 from model.config import ModelConfig
 from model.hybrid import HybridLM
 from model.mixers import block_types
+from model.mlps import mlp_kinds
 from model.presets import PRESETS
 from model.sizing import count_params
 from model.variants import variant_rows
@@ -43,6 +44,11 @@ def preset_rows(verify: bool = True) -> list[dict]:
             "pattern": cfg.layer_pattern,
         })
     return rows
+
+
+def mlp_kind_rows() -> list[dict]:
+    """One row per registered MLP kind (`model.mlp`)."""
+    return [{"name": name, "description": cls.description, "hf_export": cls.hf_export} for name, cls in mlp_kinds().items()]
 
 
 def block_type_rows() -> list[dict]:
@@ -91,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "stats":
         print_statistics(args.checkpoint, args.text)
         return
-    rows, kinds, variants = preset_rows(), block_type_rows(), variant_rows()
+    rows, kinds, mlps, variants = preset_rows(), block_type_rows(), mlp_kind_rows(), variant_rows()
     if args.json:
-        print(json.dumps({"presets": rows, "block_types": kinds, "variants": variants}, indent=2))
+        print(json.dumps({"presets": rows, "block_types": kinds, "mlp_kinds": mlps, "variants": variants}, indent=2))
         return
     head = f"{'preset':<7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} {'heads':>7} {'mamba h':>7} {'d_state':>7}  pattern"
     print(head)
@@ -106,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\nblock types (model.pattern letters)")
     for k in kinds:
         print(f"  {k['letter']}  {k['name']:<13} {k['description']}  [{k['design']}]")
+    print("\nMLP kinds (model.mlp)")
+    for m in mlps:
+        print(f"  {m['name']:<8} {m['description']}")
     print(f"\n{'variant':<13} {'params':>9} {'matched':>9} {'ffn':>5}  pattern       (preset {variants[0]['preset']}; "
           "matched: ffn_hidden sized to the preset's count)")
     for v in variants:

@@ -91,7 +91,8 @@ class ModelConfig(StrictModel):
     n_layers: int = Field(..., ge=1)
     pattern: str | None = Field(None, description="One letter per layer, a block type each (`python -m model list`).")
     attn_ratio: float = Field(0.125, ge=0.0, le=1.0, description="Attention share when pattern is unset.")
-    ffn_hidden: int = Field(..., ge=1, description="SwiGLU hidden width.")
+    ffn_hidden: int = Field(..., ge=1, description="MLP hidden width.")
+    mlp: str = Field("swiglu", description="MLP kind of every block (`python -m model list`: swiglu, gelu).")
     attention: AttentionConfig
     mamba: MambaConfig = MambaConfig()
     routed: RoutedConfig = RoutedConfig()
@@ -112,7 +113,9 @@ class ModelConfig(StrictModel):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
-            from model.presets import preset_values  # late import: presets import this module
+            from model.presets import (
+                preset_values,  # late import: presets import this module
+            )
 
             data = deep_merge(preset_values(data["preset"]), data)
         return data
@@ -143,8 +146,14 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"mamba.n_groups ({m.n_groups}) must divide the number of SSM heads ({self.n_ssm_heads})"
             )
+        from model.mlps import mlp_type  # late: the registries' modules import this one
+
+        try:
+            mlp_type(self.mlp)
+        except ValueError as exc:
+            raise ValueError(f"mlp is an {exc}") from None
         if self.pattern is not None:
-            from model.mixers import block_type  # late: the mixer modules import this one
+            from model.mixers import block_type
 
             for letter in sorted(set(self.pattern)):
                 try:

@@ -2,7 +2,7 @@
 
 Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer the block type the
 config's layer pattern names (one letter per layer, model/mixers: `M` Mamba2, `A` GQA attention, ...),
-and the MLP a SwiGLU. Blocks pass the
+and the MLP the config's kind (`model.mlp`, model/mlps.py: SwiGLU by default). Blocks pass the
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
 the kernel path (`model.layers.ResidualRMSNorm`); the arithmetic is the same on both paths.
 
@@ -26,16 +26,17 @@ from model.cache import HybridCache
 from model.config import ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
-from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU, init_linear, residual_std
+from model.layers import ResidualRMSNorm, RotaryEmbedding, init_linear, residual_std
 from model.loss import mean_nll
 from model.mixers import LayerState, MixerContext, block_type
+from model.mlps import mlp_type
 from model.wgrad import Linear, linear
 
 log = logging.getLogger(__name__)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: mixer then SwiGLU MLP.
+    """Pre-norm residual block: mixer then MLP.
 
     (x, residual) -> (x', residual'), all (b, l, d): the stream entering the block is x + residual
     (x alone for the first block), the stream leaving it is x' + residual'.
@@ -47,10 +48,8 @@ class Block(nn.Module):
         self.mixer_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = block_type(kind)(cfg, layer_idx)
         self.mlp_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_hidden)
-        init_linear(self.mlp.gate_proj, cfg.resolved_init_std)
-        init_linear(self.mlp.up_proj, cfg.resolved_init_std)
-        init_linear(self.mlp.down_proj, residual_std(cfg.resolved_init_std, cfg.n_layers))
+        self.mlp = mlp_type(cfg.mlp)(cfg.d_model, cfg.ffn_hidden)
+        self.mlp.reset(cfg.resolved_init_std, residual_std(cfg.resolved_init_std, cfg.n_layers))
 
     def forward(
         self,
@@ -104,7 +103,7 @@ class HybridLM(nn.Module):
     def zero3_leaves(self) -> list[nn.Module]:
         """Modules whose parameters ZeRO-3 must gather together: the kernel path reads their weights
         outside the submodules that hold them (each mixer says which; the fused SwiGLU concatenates
-        gate and up)."""
+        gate and up; every MLP is one leaf, whatever its kind)."""
         return [leaf for layer in self.layers for leaf in (*layer.mixer.zero3_leaves(), layer.mlp)]
 
     def block_statistics(self) -> dict[str, float]:

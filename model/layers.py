@@ -6,6 +6,7 @@ Shape legend: b batch, l sequence, d model width, h heads, k head dim.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 
 from model.kernels import mamba_ops
 from model.wgrad import Linear, linear
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -77,12 +81,25 @@ class SwiGLU(nn.Module):
     forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
     """
 
+    name = "swiglu"  # model.mlp (model/mlps.py: the registry of MLP kinds)
+    description = "down(silu(gate(x)) * up(x)): the Llama / Bamba MLP, fused gate+up GEMM on the kernel path"
+    hf_export = True
+
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = Linear(d_model, hidden, bias=False)
         self.up_proj = Linear(d_model, hidden, bias=False)
         self.down_proj = Linear(hidden, d_model, bias=False)
         self.impl = "reference"
+
+    @classmethod
+    def param_count(cls, cfg: "ModelConfig") -> int:
+        return 3 * cfg.d_model * cfg.ffn_hidden
+
+    def reset(self, std: float, out_std: float) -> None:
+        init_linear(self.gate_proj, std)
+        init_linear(self.up_proj, std)
+        init_linear(self.down_proj, out_std)
 
     def fused_gate_up(self) -> bool:
         """Whether the kernel path's concatenated GEMM applies: gate and up are plain Linears holding

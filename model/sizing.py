@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from model.config import ModelConfig
 from model.mixers import block_type
+from model.mlps import mlp_type
 
 
 def mixer_params(cfg: ModelConfig, kind: str) -> int:
@@ -29,8 +30,8 @@ def mixer_params(cfg: ModelConfig, kind: str) -> int:
 
 
 def mlp_params(cfg: ModelConfig) -> int:
-    """SwiGLU: gate, up (d_model -> ffn) and down (ffn -> d_model)."""
-    return 3 * cfg.d_model * cfg.ffn_hidden
+    """One MLP of the config's kind (all matmul weights; SwiGLU: gate, up d_model -> ffn, down ffn -> d_model)."""
+    return mlp_type(cfg.mlp).param_count(cfg)
 
 
 def block_params(cfg: ModelConfig, kind: str) -> int:

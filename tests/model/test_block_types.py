@@ -254,6 +254,29 @@ def test_quantization_keeps_the_linears_each_mixer_names(model_of) -> None:
     assert "layers.0.mixer.out_proj" not in names  # a plain Mamba2 block keeps its out_proj too
 
 
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+def test_every_mlp_kind_counts_trains_and_exports_or_refuses(mlp: str, tiny_model, tmp_path) -> None:
+    """Each registered MLP kind: the parameter formula equals the built model, every parameter gets a
+    gradient, and HF export takes it only if Bamba expresses it (one-line refusal otherwise)."""
+    from export import ExportError
+    from export.hf import check_exportable
+    from model.mlps import mlp_kinds
+
+    assert set(mlp_kinds()) == {"swiglu", "gelu"}
+    model = tiny_model("MAMA", mlp=mlp).train()
+    assert count_params(model.cfg) == sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(13))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    if mlp_kinds()[mlp].hf_export:
+        check_exportable(model.cfg)
+    else:
+        with pytest.raises(ExportError, match=f"cannot export MLP kind {mlp} to Hugging Face"):
+            check_exportable(model.cfg)
+    with pytest.raises(Exception, match="mlp is an unknown MLP kind 'relu': known kinds are swiglu, gelu"):
+        ModelConfig(preset="tiny", mlp="relu")
+
+
 def test_zero3_leaves_are_the_mixers_that_read_weights_outside_their_modules(model_of) -> None:
     model = model_of("R")
     leaves = model.zero3_leaves()

@@ -12,6 +12,7 @@ import torch
 
 from model import HybridLM, ModelConfig, count_params, train_flops_per_token
 from model.mixers import block_types
+from model.mlps import mlp_kinds
 from model.presets import PRESETS
 from model.sizing import forward_flops_per_token
 from model.variants import VARIANTS
@@ -52,6 +53,7 @@ def test_model_list_json_cli() -> None:
     )
     listing = json.loads(out.stdout)
     assert [k["letter"] for k in listing["block_types"]] == list(block_types())
+    assert [m["name"] for m in listing["mlp_kinds"]] == list(mlp_kinds())
     rows = listing["presets"]
     assert [r["preset"] for r in rows] == list(PRESETS)
     assert [v["variant"] for v in listing["variants"]] == list(VARIANTS)
@@ -67,13 +69,14 @@ def test_model_list_table(capsys) -> None:
     from model.__main__ import main
 
     main(["list"])
-    presets, kinds, variants = capsys.readouterr().out.strip().split("\n\n")
+    presets, kinds, mlps, variants = capsys.readouterr().out.strip().split("\n\n")
     lines = presets.splitlines()
     assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
     assert [k.split()[0] for k in kinds.splitlines()[1:]] == list(block_types())
+    assert [m.split()[0] for m in mlps.splitlines()[1:]] == list(mlp_kinds())
     assert variants.splitlines()[0].split()[0] == "variant"
     assert lines[1].split()[0] == "tiny" and lines[1].split()[-1] == ModelConfig(preset="tiny").layer_pattern
-    assert [line.split()[0] for line in lines[len(PRESETS) + 3:]] == list(VARIANTS)
+    assert [line.split()[0] for line in variants.splitlines()[1:]] == list(VARIANTS)
 
 
 def test_published_sizes() -> None:
