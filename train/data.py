@@ -132,6 +132,9 @@ class BlendedWindows(Dataset):
         if unknown:
             raise TrainingError(f"data.weights names {unknown}, not sources of the {split} split "
                                 f"({', '.join(e.name for e in entries)}): fix the names")
+        if split == "train" and not any(override.get(e.name, e.weight) > 0 for e in entries):
+            raise TrainingError("data.weights leaves every train source at weight 0 "
+                                f"({', '.join(e.name for e in entries)}): give at least one a positive weight")
         weights = []
         for entry in entries:
             weight = override.get(entry.name, entry.weight)

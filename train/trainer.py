@@ -165,6 +165,7 @@ def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) ->
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: str) -> None:
         self.cfg, t = cfg, cfg.train
+        stage = zero_stage(read_ds_json(t.ds_config))  # a bad train.ds_config stops before data and processes
         if t.deterministic:
             make_deterministic()  # before any CUDA matmul and before mamba_ssm is imported
         self.manifest = open_manifest(cfg)
@@ -179,7 +180,6 @@ class Trainer:
         self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
         self.accumulation = accumulation_steps(t, self.env.world_size)
         resume_dir = resolve_resume(resume, self.ckpt.root)
-        stage = zero_stage(read_ds_json(t.ds_config))
         universal = resume_dir is not None and self.ckpt.needs_universal(resume_dir, stage)
         if universal:
             self.ckpt.ensure_universal(resume_dir)

@@ -127,6 +127,8 @@ def test_weights_override_reblends_and_names_unknown_sources(corpus: Path) -> No
     assert only_first.validation.source_names == [names[0]]
     with pytest.raises(TrainingError, match="data.weights names \\['nope'\\]"):
         TrainData(manifest, SEQ, "document", weights={"nope": 1.0})
+    with pytest.raises(TrainingError, match="every train source at weight 0"):
+        TrainData(manifest, SEQ, "document", weights={n: 0.0 for n in names})
 
 
 def test_loader_workers_survive_the_preemption_signal(data: TrainData) -> None:
