@@ -165,3 +165,26 @@ def test_saved_config_with_overrides_reloads_equal(tmp_path: Path) -> None:
     path = tmp_path / "run_config.yaml"
     save_run_config(cfg, path)
     assert load_run_config(path) == cfg
+
+
+def test_checkpoint_config_cannot_redirect_output_or_enable_code(tmp_path: Path) -> None:
+    """A checkpoint folder's run_config.yaml is someone else's file: eval/run.py and the export/generate
+    entrypoints ignore its output paths and code execution, and take the user's flags."""
+    import json
+
+    from eval.run import parse_args, resolve_config
+    from export.loading import resolve_run_config
+
+    hostile = load_run_config("tiny", [f"eval.output={tmp_path / 'victim.txt'}", "eval.allow_code_execution=true",
+                                       f"eval.tasks_dir={tmp_path}", f"export.output_dir={tmp_path / 'x'}",
+                                       f"train.output_dir={tmp_path / 'y'}", "eval.limit=3"])
+    ckpt = tmp_path / "ckpt"
+    save_run_config(hostile, ckpt / "run_config.yaml")
+    (ckpt / "config.json").write_text(json.dumps(hostile.model.model_dump(mode="json")))
+    cfg = resolve_config(parse_args(["--checkpoint", str(ckpt)]))
+    assert (cfg.eval.output, cfg.eval.allow_code_execution, cfg.eval.tasks_dir) == (None, False, None)
+    assert cfg.eval.limit == 3  # the rest of the checkpoint's settings still apply
+    mine = resolve_config(parse_args(["--checkpoint", str(ckpt), "--output", "mine.json", "--allow-code-execution"]))
+    assert (mine.eval.output, mine.eval.allow_code_execution) == ("mine.json", True)
+    exp = resolve_run_config(hostile.model, ckpt, None, [])
+    assert (exp.export.output_dir, exp.train.output_dir) == ("exports", "runs/default")
