@@ -37,8 +37,9 @@ from model.mamba2 import Mamba2Mixer
 from model.sizing import count_params, train_flops_per_token
 from model.train_graph import GraphedTrainingForward, graph_training_forward
 from model.weights import CheckpointError, arch_diff
-from train.checkpoint import (Checkpointer, TrainerState, read_run_config, read_state, reading,
-                              resolve_resume, seed_everything)
+from train.checkpoint import (
+    Checkpointer, TrainerState, read_run_config, read_state, reading, resolve_resume, seed_everything,
+)
 from train.checkpoint_files import enforce_data_only_loading
 from train.consolidate import gather_fp32_state_dict, state_dict_from_checkpoint, write_bundle
 from train.data import TrainData
@@ -47,8 +48,8 @@ from train.ds_config import accumulation_steps, build_ds_config, read_ds_json, z
 from train.errors import TrainingError
 from train.grad_fold import install_fold
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
-from train.run_lock import RunLock
 from train.optim import follow_current_config, lr_multiplier, param_groups
+from train.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "seq_idx")
