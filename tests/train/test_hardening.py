@@ -64,7 +64,7 @@ def test_second_run_on_a_folder_is_refused_naming_host_and_pid(tmp_path: Path) -
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.run_lock import RunLock; "
-                               f"RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
