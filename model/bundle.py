@@ -37,6 +37,12 @@ class Bundle:
     folder: Path
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A tokenizer that emits ids past the model's vocabulary would fail at the first such token."""
+        if (n := len(self.tokenizer)) > self.model.cfg.vocab_size:
+            raise CheckpointError(f"{self.folder / TOKENIZER_JSON} has {n} tokens but the model's vocabulary is "
+                                  f"{self.model.cfg.vocab_size}: pass the tokenizer the model was trained with")
+
 
 def load_tokenizer(folder: str | Path) -> Any:
     """The folder's tokenizer.json as a transformers fast tokenizer with the project's special tokens."""
