@@ -112,7 +112,8 @@ def test_tokenizer_larger_than_the_vocabulary_is_one_line(tiny_bundle_dir, tmp_p
     config = json.loads((ckpt / "config.json").read_text())
     from safetensors.torch import load_file, save_file
 
-    tensors = {k: (v[:256] if v.shape[0] == config["vocab_size"] else v) for k, v in load_file(ckpt / "model.safetensors").items()}
+    tensors = {k: (v[:256] if v.shape[0] == config["vocab_size"] else v)
+               for k, v in load_file(ckpt / "model.safetensors").items()}
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
     rc = generate_cli.main(["--checkpoint", str(ckpt), "--prompt", "x"])
