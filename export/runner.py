@@ -2,6 +2,8 @@
 
 Each `run_*` takes a loaded checkpoint (`model.bundle.Bundle`), the resolved RunConfig and an
 output folder, and returns the numbers it measured (also in the folder's export_report.json).
+`final` is where the folder will live once complete (launch/export.py writes into a temporary
+folder and renames it into place): the card's usage lines name it.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def hf_parity(model: HybridLM, hf_dir: Path, prompts: list[list[int]], new_token
     }
 
 
-def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """BambaForCausalLM folder + tokenizer; verified by logits parity and an exact import round trip."""
     exp = run_cfg.export
     model = bundle.model
@@ -81,8 +83,8 @@ def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
              "`hybrid_lm_config.json` keeps our ModelConfig for an exact import back "
              "(`python launch/export.py --import-hf THIS --output BUNDLE`).",
         usage=f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-              f"tok = AutoTokenizer.from_pretrained('{out}')\n"
-              f"model = AutoModelForCausalLM.from_pretrained('{out}')\n"
+              f"tok = AutoTokenizer.from_pretrained('{final or out}')\n"
+              f"model = AutoModelForCausalLM.from_pretrained('{final or out}')\n"
               f"ids = tok('def main():', return_tensors='pt').input_ids\n"
               f"print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))",
         notes=[f"vocabulary padded to {model.cfg.padded_vocab_size} (a multiple of 128); ids >= "
@@ -92,7 +94,7 @@ def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
     return numbers
 
 
-def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """A Bamba folder -> our bundle (weights, config, tokenizer, meta), verified against transformers."""
     model = import_hf(hf_dir)
     save_bundle(model, hf_dir, out, meta={"imported_from": str(hf_dir)})
@@ -103,7 +105,7 @@ def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path) -> dict[str, Any]
     write_card(
         out, fmt="import from hf", source=hf_dir, meta={}, run_cfg=run_cfg, numbers=numbers,
         what="A consolidated checkpoint (bundle) imported from a Hugging Face Bamba folder.",
-        usage=f"from model.bundle import load_bundle\nbundle = load_bundle('{out}')",
+        usage=f"from model.bundle import load_bundle\nbundle = load_bundle('{final or out}')",
     )
     return numbers
 
@@ -140,7 +142,7 @@ def onnx_parity(model: HybridLM, onnx_dir: Path, prompts: list[list[int]], new_t
     }
 
 
-def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """prefill.onnx + decode.onnx of the reference path, verified in onnxruntime."""
     from export.onnx_export import export_onnx
 
@@ -162,7 +164,7 @@ def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
              f"(input_ids, attention_mask, past.* -> logits, present.*), dynamic batch and sequence axes. "
              f"Prompts are left-padded to a multiple of {info['prompt_multiple']} tokens "
              "(`onnx_config.json` lists the cache tensors).",
-        usage=f"from export.onnx_runtime import OnnxLM\nlm = OnnxLM('{out}')\n"
+        usage=f"from export.onnx_runtime import OnnxLM\nlm = OnnxLM('{final or out}')\n"
               "print(lm.greedy([[1, 500, 72]], max_new_tokens=16))",
     )
     return numbers
@@ -179,7 +181,8 @@ def validation_tokens(run_cfg: RunConfig, bundle: Bundle) -> torch.Tensor:
                       "(or --set export.verify=false to skip the measurements)")
 
 
-def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, device: torch.device) -> dict[str, Any]:
+def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, device: torch.device,
+                  final: Path | None = None) -> dict[str, Any]:
     """Weight-only quantized folder; reports size, perplexity delta and decode tokens/s vs the float model."""
     exp = run_cfg.export
     method = resolve_method(fmt, exp.int8_backend)
@@ -216,8 +219,8 @@ def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, devic
              "and dt/A/D kept in the checkpoint dtype). On-disk format: model.safetensors + config.json + "
              "quantization.json (see export/quantize.py and docs/export.md).",
         usage=f"from export.quantize import load_quantized\nimport torch\n"
-              f"model = load_quantized('{out}', torch.device('{device.type}'))\n"
-              f"# or: python launch/generate.py --checkpoint {out} --prompt 'def main():'",
+              f"model = load_quantized('{final or out}', torch.device('{device.type}'))\n"
+              f"# or: python launch/generate.py --checkpoint {final or out} --prompt 'def main():'",
         notes=[f"{method.name} runs on CUDA only" if method.cuda_only else f"{method.name} runs on CPU and CUDA"],
     )
     return numbers

@@ -188,3 +188,24 @@ def test_checkpoint_config_cannot_redirect_output_or_enable_code(tmp_path: Path)
     assert (mine.eval.output, mine.eval.allow_code_execution) == ("mine.json", True)
     exp = resolve_run_config(hostile.model, ckpt, None, [])
     assert (exp.export.output_dir, exp.train.output_dir) == ("exports", "runs/default")
+
+
+def test_staged_dir_replaces_as_a_whole_with_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    from config.atomic import DIR_MODE, FILE_MODE, staged_dir
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("export failed half-way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (final / "old.txt").is_file()
+    with staged_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.onnx").write_bytes(b"onnx")
+        os.chmod(tmp / "sub" / "model.onnx", 0o600)  # as mkstemp-based writers leave them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and not (final / "old.txt").exists()
+    assert (final / "sub" / "model.onnx").stat().st_mode & 0o777 == FILE_MODE
+    assert final.stat().st_mode & 0o777 == DIR_MODE

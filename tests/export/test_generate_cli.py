@@ -70,6 +70,7 @@ def test_missing_checkpoint_is_one_line_error(run_script):
     ("export", ["--checkpoint", "/no/such/ckpt", "--format", "hf", "--output", "{tmp}/o"], "does not exist"),
     ("export", ["--checkpoint", "{ckpt}", "--format", "tflite", "--output", "{tmp}/o"], "unsupported format"),
     ("export", ["--import-hf", "{ckpt}", "--output", "{tmp}/o"], "model_type"),
+    ("export", ["--checkpoint", "{ckpt}", "--format", "hf", "--output", "{tmp}"], "exists and is not empty: pass --force"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--top-p", "3"], "export.sampling.top_p"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "model.d_model=32"], "model.d_model"),
     ("generate", ["--checkpoint", "{ckpt}", "--input", "{tmp}/none.txt", "--output", "{tmp}/r.json"], "does not exist"),
@@ -78,12 +79,14 @@ def test_missing_checkpoint_is_one_line_error(run_script):
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "export.cuda_graph=maybe"], "export.cuda_graph"),
 ])
 def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_path, export_cli, generate_cli, capsys):
+    (tmp_path / "users_file.txt").write_text("keep me")
     main = {"export": export_cli, "generate": generate_cli}[script].main
     rc = main([a.format(ckpt=tiny_bundle_dir, tmp=tmp_path) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users_file.txt"]  # nothing written, nothing deleted
 
 
 @pytest.mark.parametrize("flag, expected", [([], []), (["--cuda-graph"], ["export.cuda_graph=true"]),
