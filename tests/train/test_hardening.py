@@ -165,3 +165,53 @@ def test_fresh_start_into_an_existing_run_is_refused(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(Exception, match="--resume none: .* holds a run .* --force"):
         check_fresh_start(tmp_path, tmp_path / "checkpoints")
+
+
+def test_export_into_an_existing_folder_is_refused(tmp_path: Path) -> None:
+    from train.trainer import export_checkpoint
+
+    make_step(tmp_path / "run" / "checkpoints", 6)
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep me")
+    cfg = load_run_config("tiny", [f"train.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(Exception, match="export destination .*mine exists: pass --force"):
+        export_checkpoint(cfg, "auto", str(dest))
+    assert (dest / "notes.txt").read_text() == "keep me"
+
+
+def test_stale_shared_memory_segments_are_removed(tmp_path: Path) -> None:
+    """A segment nobody maps and older than a minute goes; one a live process maps, or a new one, stays."""
+    import mmap
+
+    from train import shm
+
+    names = [f"{shm.PREFIX}{os.getuid()}_test-i29_{os.getpid()}_{k}" for k in ("dead", "mapped", "new")]
+    paths = [shm.SHM / n for n in names]
+    try:
+        for path in paths:
+            path.write_bytes(b"\0" * 4096)
+        for path in paths[:2]:
+            os.utime(path, (0, 0))
+        with open(paths[1], "r+b") as fh, mmap.mmap(fh.fileno(), 4096):
+            removed = shm.remove_stale_segments()
+        assert str(paths[0]) in removed and not paths[0].exists()
+        assert paths[1].exists() and paths[2].exists()
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
+def test_fatal_error_path_releases_the_segment(tmp_path: Path) -> None:
+    """fail_loudly's one-line exit (os._exit, no atexit) unlinks this rank's DeepSpeed segment too."""
+    script = ("import os, sys\nfrom pathlib import Path\nfrom train import distributed, shm\n"
+              "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1])\n"
+              "Path(shm.shm_buffer_path(0)).write_bytes(b'x')\ndistributed._SHM_RANK.append(0)\n"
+              "def main():\n    raise ValueError('bad input')\n"
+              "distributed.fail_loudly(main, (ValueError,))\n")
+    port = f"i29{os.getpid()}"
+    segment = Path(f"/dev/shm/{'deepspeed_allreduce_buffer_'}{os.getuid()}_127.0.0.1_{port}_0")
+    proc = subprocess.run([sys.executable, "-c", script, port], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 2 and "bad input" in proc.stderr, proc.stderr
+    assert not segment.exists()
