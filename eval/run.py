@@ -32,6 +32,7 @@ from config.atomic import atomic_write_json  # noqa: E402
 from config.loader import ConfigError, load, read_yaml, validate  # noqa: E402
 from config.schema import RunConfig, load_run_config, without_user_only  # noqa: E402
 from config.sections import EvalConfig  # noqa: E402
+from eval import sandbox  # noqa: E402
 from eval.errors import EvalError  # noqa: E402
 from model.bundle import TOKENIZER_JSON  # noqa: E402
 from model.weights import WEIGHTS_NAME, CheckpointError, load_config  # noqa: E402
@@ -172,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     try:
         check_checkpoint(checkpoint)
-        run(resolve_config(args), sys.argv if argv is None else ["eval/run.py", *argv], checkpoint)
-    except (ConfigError, CheckpointError, EvalError) as exc:
+        cfg = resolve_config(args)
+        if cfg.eval.allow_code_execution and not sandbox.inside():  # model-written code: no network (eval/sandbox.py)
+            return sandbox.rerun_sandboxed([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
+        run(cfg, sys.argv if argv is None else ["eval/run.py", *argv], checkpoint)
+    except (ConfigError, CheckpointError, EvalError, sandbox.SandboxError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
     return 0
