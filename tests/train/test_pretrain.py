@@ -291,6 +291,18 @@ def test_non_finite_loss_stops_or_skips(engine: list[str], corpus: Path, tmp_pat
         check_finite(3, [1, 2], skipped=False, on_nan="skip")
 
 
+def test_dry_run_on_another_world_size_writes_nothing(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    """--dry-run with the default --resume auto names the checkpoint a run would resume from; it neither
+    converts it to a universal checkpoint (the world size differs) nor takes the lock."""
+    out = tmp_path / "one"
+    copy_checkpoint(run_a, 12, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    proc = single_process(corpus, out, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"dry run: a run would resume from {out / 'checkpoints' / 'step_00000012'}" in proc.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
 def test_dry_run_builds_everything_and_stops(corpus: Path, tmp_path: Path) -> None:
     proc = single_process(corpus, tmp_path / "dry", "--dry-run", "--set", "train.ds_config=ds_configs/zero3.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
