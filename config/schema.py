@@ -40,6 +40,26 @@ class RunConfig(StrictModel):
         return self
 
 
+# Settings that choose where files are written or whether code runs. A run_config.yaml inside a
+# checkpoint folder was written by whoever made the checkpoint: it never sets these, only the user's
+# own --config, --set and flags do (an eval.output there could overwrite any file of the user's).
+USER_ONLY_KEYS = {
+    "train": ("output_dir",),
+    "eval": ("output", "allow_code_execution", "tasks_dir"),  # task YAMLs may name Python functions
+    "export": ("output_dir",),
+}
+
+
+def without_user_only(data: dict) -> dict:
+    """A copy of a checkpoint's run-config mapping without the USER_ONLY_KEYS (their defaults apply)."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    for section, keys in USER_ONLY_KEYS.items():
+        if isinstance(out.get(section), dict):
+            for key in keys:
+                out[section].pop(key, None)
+    return out
+
+
 def resolve_run_path(name_or_path: str | Path) -> Path:
     """A path, or the name of a file in config/runs/ (with or without .yaml)."""
     return resolve_named_yaml(name_or_path, RUNS_DIR, "config")
@@ -57,4 +77,5 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
 
 
-__all__ = ["ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config"]
+__all__ = ["USER_ONLY_KEYS", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
+           "without_user_only"]

@@ -7,12 +7,31 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, model_validator
+from typing import Any
+
+from pydantic import ConfigDict, Field, NonNegativeFloat, ValidationInfo, field_validator, model_validator
 
 from config.base import StrictModel
 
 
-class DataConfig(StrictModel):
+class SectionModel(StrictModel):
+    """A run-config section: numbers must be finite (lr=.inf is a typo, not a setting) and true/false
+    is not a number (pydantic would read micro_batch_size=true as 1)."""
+
+    model_config = ConfigDict(**StrictModel.model_config, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and annotation in (int, float, int | None, float | None):
+            raise ValueError(f"must be a number, not {str(value).lower()}")
+        if info.field_name == "output_dir" and isinstance(value, str) and not value.strip():
+            raise ValueError("must name a folder (empty would write into the current folder)")
+        return value
+
+
+class DataConfig(SectionModel):
     """Where training tokens come from and how they are cut into sequences."""
 
     manifest: str | None = Field(None, description="manifest.json written by pipeline/curate.py (required to train).")
@@ -36,7 +55,7 @@ class DataConfig(StrictModel):
     )
 
 
-class WandbConfig(StrictModel):
+class WandbConfig(SectionModel):
     """Weights & Biases logging. Offline unless mode=online (then WANDB_API_KEY must be set)."""
 
     project: str = Field("hybrid-lm", description="W&B project name.")
@@ -47,7 +66,7 @@ class WandbConfig(StrictModel):
     entity: str | None = Field(None, description="W&B team or user.")
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(SectionModel):
     """Optimisation, schedule, checkpointing and logging of a pretraining run.
 
     The DeepSpeed config is `ds_config` (ZeRO stage, offload, bucket sizes) completed by the launcher
@@ -150,7 +169,7 @@ class TrainConfig(StrictModel):
         return self.global_batch_tokens // self.seq_len
 
 
-class EvalConfig(StrictModel):
+class EvalConfig(SectionModel):
     """Evaluation with eval/run.py: lm-evaluation-harness benchmarks and validation perplexity."""
 
     benchmarks: list[str] = Field(
@@ -180,7 +199,7 @@ class EvalConfig(StrictModel):
     )
 
 
-class SamplingConfig(StrictModel):
+class SamplingConfig(SectionModel):
     """Decoding defaults of launch/generate.py (its flags override them). temperature 0 = greedy."""
 
     max_new_tokens: int = Field(128, ge=0, description="Tokens generated per prompt at most.")
@@ -192,7 +211,7 @@ class SamplingConfig(StrictModel):
     seed: int | None = Field(1234, description="Sampling seed; None: nondeterministic.")
 
 
-class ExportConfig(StrictModel):
+class ExportConfig(SectionModel):
     """Export targets (launch/export.py) and inference settings (launch/generate.py)."""
 
     formats: list[Literal["hf", "onnx", "int8", "nf4", "int4"]] = Field(

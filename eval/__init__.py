@@ -6,6 +6,7 @@
     eval/benchmarks.py     benchmark names -> lm-eval tasks, built up front so missing data fails early
     eval/val_ppl.py        perplexity on the curation manifest's validation split
     eval/report.py         results table, reference scores, the results JSON
+    eval/sandbox.py        where model-written code runs (no network, limits)
     eval/errors.py         EvalError
 
 Importing this package imports nothing heavy (lm-eval loads only with the modules that need it).

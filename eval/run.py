@@ -9,7 +9,8 @@ Offline by default: HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 unless already se
 from the HF datasets cache only. Every requested task is built (its data loaded) before the model
 is; a task whose data cannot be reached stops the run with one line. Settings come from the run
 config (--config, else the checkpoint's run_config.yaml) section `eval`, `--set section.key=value`
-and the flags, in increasing precedence. Bad input exits 2 with one line on stderr.
+and the flags, in increasing precedence; the checkpoint's run_config.yaml never sets where results are
+written or whether code runs (config.schema.USER_ONLY_KEYS). Bad input exits 2 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from config.atomic import atomic_write_json  # noqa: E402
-from config.loader import ConfigError, load, validate  # noqa: E402
-from config.schema import RunConfig, load_run_config  # noqa: E402
+from config.loader import ConfigError, load, read_yaml, validate  # noqa: E402
+from config.schema import RunConfig, load_run_config, without_user_only  # noqa: E402
 from config.sections import EvalConfig  # noqa: E402
+from eval import sandbox  # noqa: E402
 from eval.errors import EvalError  # noqa: E402
 from model.bundle import TOKENIZER_JSON  # noqa: E402
 from model.weights import WEIGHTS_NAME, CheckpointError, load_config  # noqa: E402
@@ -63,8 +65,8 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     saved = Path(args.checkpoint) / RUN_CONFIG_NAME
     if args.config is not None:
         cfg = load_run_config(args.config, args.set)
-    elif saved.is_file():
-        cfg = load_run_config(saved, args.set)
+    elif saved.is_file():  # the checkpoint's own config: never where to write or whether to run code
+        cfg = load(RunConfig, None, args.set, defaults=without_user_only(read_yaml(saved)))
     else:
         cfg = load(RunConfig, None, args.set, defaults={"model": load_config(args.checkpoint).model_dump(mode="json")})
     flags = {
@@ -171,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint)
     try:
         check_checkpoint(checkpoint)
-        run(resolve_config(args), sys.argv if argv is None else ["eval/run.py", *argv], checkpoint)
-    except (ConfigError, CheckpointError, EvalError) as exc:
+        cfg = resolve_config(args)
+        if cfg.eval.allow_code_execution and not sandbox.inside():  # model-written code: no network (eval/sandbox.py)
+            return sandbox.rerun_sandboxed([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
+        run(cfg, sys.argv if argv is None else ["eval/run.py", *argv], checkpoint)
+    except (ConfigError, CheckpointError, EvalError, sandbox.SandboxError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -4,8 +4,9 @@ A checkpoint is one of
     a bundle          model.safetensors + config.json (+ tokenizer.json, meta.json, run_config.yaml)
     a quantized export  the same plus quantization.json (export.quantize)
     a Hugging Face folder  a Bamba config.json (model_type) + safetensors, imported on load (export.hf)
-The run config is the checkpoint's run_config.yaml (when present) <- --config <- the checkpoint's
-model section (the weights define the model) <- --set overrides. Overriding architecture keys of
+The run config is the checkpoint's run_config.yaml (when present; never its USER_ONLY_KEYS: where
+files go, whether code runs) <- --config <- the checkpoint's model section (the weights define the
+model) <- --set overrides. Overriding architecture keys of
 `model` is an error; `model.impl` / `model.attn_backend` choose the execution path.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from config.base import deep_merge
 from config.loader import ConfigError, apply_overrides, read_yaml, validate
-from config.schema import RunConfig, resolve_run_path
+from config.schema import RunConfig, resolve_run_path, without_user_only
 from export import ExportError
 from export.onnx_export import ONNX_CONFIG
 from model.bundle import Bundle, load_bundle, load_tokenizer
@@ -62,7 +63,7 @@ def resolve_run_config(model_cfg: ModelConfig, checkpoint: Path | None, config: 
     """checkpoint run_config.yaml <- --config <- checkpoint model section <- overrides, validated."""
     data: dict = {}
     if checkpoint is not None and (checkpoint / RUN_CONFIG_NAME).is_file():
-        data = read_yaml(checkpoint / RUN_CONFIG_NAME)
+        data = without_user_only(read_yaml(checkpoint / RUN_CONFIG_NAME))  # the user's own settings decide those
     if config is not None:
         data = deep_merge(data, read_yaml(resolve_run_path(config)))
     data["model"] = model_cfg.model_dump(mode="json")

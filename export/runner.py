@@ -2,6 +2,8 @@
 
 Each `run_*` takes a loaded checkpoint (`model.bundle.Bundle`), the resolved RunConfig and an
 output folder, and returns the numbers it measured (also in the folder's export_report.json).
+`final` is where the folder will live once complete (launch/export.py writes into a temporary
+folder and renames it into place): the card's usage lines name it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,20 @@ from config.schema import RunConfig
 from export import ExportError
 from export.card import onnx_usage, write_card
 from export.hf import bamba_torch_ops, export_hf, import_hf, write_hf_tokenizer
-from export.measure import decode_tokens_per_s, file_bytes, manifest_validation_tokens, perplexity, text_tokens
-from export.quantize import check_runnable, load_quantized, quantize_model, resolve_method, save_quantized
+from export.measure import (
+    decode_tokens_per_s,
+    file_bytes,
+    manifest_validation_tokens,
+    perplexity,
+    text_tokens,
+)
+from export.quantize import (
+    check_runnable,
+    load_quantized,
+    quantize_model,
+    resolve_method,
+    save_quantized,
+)
 from model.bundle import TOKENIZER_JSON, TOKENIZER_MODEL, Bundle, save_bundle
 from model.generation import SamplingParams, generate, left_pad
 from model.hybrid import HybridLM
@@ -77,7 +91,7 @@ def hf_parity(model: HybridLM, hf_dir: Path, prompts: list[list[int]], new_token
     }
 
 
-def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """BambaForCausalLM folder + tokenizer; verified by logits parity and an exact import round trip."""
     exp = run_cfg.export
     model = bundle.model
@@ -94,8 +108,8 @@ def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
              "`hybrid_lm_config.json` keeps our ModelConfig for an exact import back "
              "(`python launch/export.py --import-hf THIS --output BUNDLE`).",
         usage=f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-              f"tok = AutoTokenizer.from_pretrained('{out}')\n"
-              f"model = AutoModelForCausalLM.from_pretrained('{out}')\n"
+              f"tok = AutoTokenizer.from_pretrained('{final or out}')\n"
+              f"model = AutoModelForCausalLM.from_pretrained('{final or out}')\n"
               f"ids = tok('def main():', return_tensors='pt').input_ids\n"
               f"print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))",
         notes=[f"vocabulary padded to {model.cfg.padded_vocab_size} (a multiple of 128); ids >= "
@@ -105,7 +119,7 @@ def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
     return numbers
 
 
-def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """A Bamba folder -> our bundle (weights, config, tokenizer, meta), verified against transformers."""
     model = import_hf(hf_dir)
     save_bundle(model, hf_dir, out, meta={"imported_from": str(hf_dir)})
@@ -116,7 +130,7 @@ def run_import_hf(hf_dir: Path, run_cfg: RunConfig, out: Path) -> dict[str, Any]
     write_card(
         out, fmt="import from hf", source=hf_dir, meta={}, run_cfg=run_cfg, numbers=numbers,
         what="A consolidated checkpoint (bundle) imported from a Hugging Face Bamba folder.",
-        usage=f"from model.bundle import load_bundle\nbundle = load_bundle('{out}')",
+        usage=f"from model.bundle import load_bundle\nbundle = load_bundle('{final or out}')",
     )
     return numbers
 
@@ -153,7 +167,7 @@ def onnx_parity(model: HybridLM, onnx_dir: Path, prompts: list[list[int]], new_t
     }
 
 
-def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
+def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """prefill.onnx + decode.onnx of the reference path, verified in onnxruntime."""
     from export.onnx_export import export_onnx
 
@@ -175,7 +189,7 @@ def run_onnx(bundle: Bundle, run_cfg: RunConfig, out: Path) -> dict[str, Any]:
              f"(input_ids, attention_mask, past.* -> logits, present.*), dynamic batch and sequence axes: "
              "prompts of any length run in plain onnxruntime (`onnx_config.json` lists the cache tensors; "
              "this project's greedy loop is `export.onnx_runtime.OnnxLM`).",
-        usage=onnx_usage(out),
+        usage=onnx_usage(final or out),
     )
     return numbers
 
@@ -191,7 +205,8 @@ def validation_tokens(run_cfg: RunConfig, bundle: Bundle) -> torch.Tensor:
                       "(or --set export.verify=false to skip the measurements)")
 
 
-def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, device: torch.device) -> dict[str, Any]:
+def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, device: torch.device,
+                  final: Path | None = None) -> dict[str, Any]:
     """Weight-only quantized folder; reports size, perplexity delta and decode tokens/s vs the float model."""
     exp = run_cfg.export
     method = resolve_method(fmt, exp.int8_backend)
@@ -228,8 +243,8 @@ def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, devic
              "and dt/A/D kept in the checkpoint dtype). On-disk format: model.safetensors + config.json + "
              "quantization.json (see export/quantize.py and docs/export.md).",
         usage=f"from export.quantize import load_quantized\nimport torch\n"
-              f"model = load_quantized('{out}', torch.device('{device.type}'))\n"
-              f"# or: python launch/generate.py --checkpoint {out} --prompt 'def main():'",
+              f"model = load_quantized('{final or out}', torch.device('{device.type}'))\n"
+              f"# or: python launch/generate.py --checkpoint {final or out} --prompt 'def main():'",
         notes=[f"{method.name} runs on CUDA only" if method.cuda_only else f"{method.name} runs on CPU and CUDA"],
     )
     return numbers

@@ -8,7 +8,9 @@
 
 Several formats in one call (`--format hf,onnx` or export.formats) go to OUTPUT/<format>.
 Every output folder gets README.md (the card), run_config.yaml and export_report.json.
-Errors are one line on stderr with exit code 2.
+OUTPUT is written as a whole into a temporary folder beside it and renamed into place once every
+format is done (a failed export leaves nothing); an OUTPUT that exists and is not empty is replaced
+only with --force. Errors are one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 import torch  # noqa: E402
 
+from config.atomic import staged_dir  # noqa: E402
 from export import ExportError  # noqa: E402
 from export.hf import check_exportable  # noqa: E402
 from export.loading import (  # noqa: E402
@@ -40,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--import-hf", type=Path, help="a Bamba folder to import into a bundle at --output")
     p.add_argument("--format", help=f"comma-separated, from {', '.join(FORMATS)} (default: export.formats)")
     p.add_argument("--output", type=Path, help="output folder (default: export.output_dir)")
+    p.add_argument("--force", action="store_true", help="replace an OUTPUT folder that holds files")
     p.add_argument("--manifest", help="curation manifest whose validation split scores perplexity (sets data.manifest)")
     p.add_argument("--eval-text", help="text file scored for perplexity when no manifest is given")
     p.add_argument("--config", help="run config YAML (path or name under config/runs/)")
@@ -70,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     model_cfg = checkpoint_model_config(source)
     run_cfg = resolve_run_config(model_cfg, source, args.config, overrides)
     out = args.output or Path(run_cfg.export.output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ExportError(f"output {out} exists and is not empty: pass --force to replace it, or another --output")
 
     if args.import_hf:
         if args.format:
             raise ExportError("--import-hf writes a bundle; drop --format")
         from export import runner  # heavy imports (transformers, onnx) only once the arguments are checked
 
-        numbers = runner.run_import_hf(args.import_hf, run_cfg, out)
+        with staged_dir(out) as tmp:
+            numbers = runner.run_import_hf(args.import_hf, run_cfg, tmp, final=out)
         print(json.dumps({"output": str(out), "numbers": numbers}, indent=2, default=str))
         return 0
     formats = requested_formats(args.format, run_cfg.export.formats)
@@ -90,18 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     from export import runner
 
     report = {}
-    for fmt in formats:
-        target = out / fmt if len(formats) > 1 else out
-        # Fresh weights per format: quantization and dtype changes must not leak into the next one.
-        where = device if fmt not in ("hf", "onnx") else torch.device("cpu")  # HF/ONNX files are written from CPU
-        bundle = load_checkpoint(args.checkpoint, where, pick_dtype(run_cfg.export.dtype), run_cfg.model.impl)
-        if fmt == "hf":
-            report[fmt] = runner.run_hf(bundle, run_cfg, target)
-        elif fmt == "onnx":
-            report[fmt] = runner.run_onnx(bundle, run_cfg, target)
-        else:
-            report[fmt] = runner.run_quantized(bundle, run_cfg, target, fmt, device)
-        logging.info("%s export written to %s", fmt, target)
+    with staged_dir(out) as staged:
+        for fmt in formats:
+            target, final = (staged / fmt, out / fmt) if len(formats) > 1 else (staged, out)
+            # Fresh weights per format: quantization and dtype changes must not leak into the next one.
+            where = device if fmt not in ("hf", "onnx") else torch.device("cpu")  # HF/ONNX files are written from CPU
+            bundle = load_checkpoint(args.checkpoint, where, pick_dtype(run_cfg.export.dtype), run_cfg.model.impl)
+            if fmt == "hf":
+                report[fmt] = runner.run_hf(bundle, run_cfg, target, final)
+            elif fmt == "onnx":
+                report[fmt] = runner.run_onnx(bundle, run_cfg, target, final)
+            else:
+                report[fmt] = runner.run_quantized(bundle, run_cfg, target, fmt, device, final)
+            logging.info("%s export done (%s)", fmt, final)
     print(json.dumps({"output": str(out), "numbers": report}, indent=2, default=str))
     return 0
 

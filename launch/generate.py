@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError(f"prompts file {args.input} does not exist")
     if args.batch_size < 1:
         raise ExportError("--batch-size must be >= 1")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ExportError("--prompt is empty: give the text to continue")
     model_cfg = checkpoint_model_config(args.checkpoint)
     run_cfg = resolve_run_config(model_cfg, args.checkpoint, args.config, args.overrides + sampling_overrides(args))
     s = run_cfg.export.sampling
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_checkpoint(args.checkpoint, pick_device(run_cfg.export.device), pick_dtype(run_cfg.export.dtype),
                              run_cfg.model.impl)
     model, tok = bundle.model, bundle.tokenizer
+    if params.max_new_tokens > (limit := run_cfg.model.max_seq_len):
+        print(f"warning: export.sampling.max_new_tokens ({params.max_new_tokens}) exceeds model.max_seq_len ({limit}): "
+              f"generating at most {limit} tokens", file=sys.stderr)
+        params.max_new_tokens = limit
     if run_cfg.export.cuda_graph is True and model.embed.weight.device.type != "cuda":
         raise ExportError("--cuda-graph (export.cuda_graph) needs a CUDA device: set export.device=cuda or drop it")
     complete = partial(textgen.complete, cuda_graph=run_cfg.export.cuda_graph)

@@ -22,11 +22,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default="auto",
                    help="auto: newest complete checkpoint of train.output_dir (or a fresh start); none: fresh "
                         "start; PATH: a step folder or a folder of them")
-    p.add_argument("--dry-run", action="store_true", help="build config, data, model and engine, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build config, data, model and engine, then stop; writes nothing (no checkpoint is converted "
+                        "or loaded: it names the one a run would resume from)")
     p.add_argument("--export", metavar="CHECKPOINT",
                    help="instead of training: write the consolidated weights of a saved checkpoint "
                         "(a step folder, or auto for the newest) and stop")
     p.add_argument("--export-to", metavar="DIR", help="folder for --export (default <output_dir>/exports/<step>)")
+    p.add_argument("--force", action="store_true",
+                   help="let --resume none start over in a folder that holds a run, and --export replace an "
+                        "existing destination (both refuse otherwise)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -44,9 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         from train.trainer import export_checkpoint, run
 
         if args.export:
-            print(f"exported {export_checkpoint(cfg, args.export, args.export_to)}")
+            print(f"exported {export_checkpoint(cfg, args.export, args.export_to, args.force)}")
         else:
-            run(cfg, args.resume, args.dry_run)
+            run(cfg, args.resume, args.dry_run, args.force)
 
     fail_loudly(pretrain, user_errors())
 

@@ -37,6 +37,15 @@ class Bundle:
     folder: Path
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A tokenizer that emits ids past the embedding's rows (the vocabulary padded to a multiple of 128)
+        would fail with an IndexError at the first such token: one line at load instead."""
+        cfg = self.model.cfg
+        if (n := len(self.tokenizer)) > cfg.padded_vocab_size:
+            raise CheckpointError(f"{self.folder / TOKENIZER_JSON} has {n} tokens but the model's vocabulary is "
+                                  f"{cfg.vocab_size} ({cfg.padded_vocab_size} embedding rows): pass the tokenizer "
+                                  "the model was trained with")
+
 
 def load_tokenizer(folder: str | Path) -> Any:
     """The folder's tokenizer.json as a transformers fast tokenizer with the project's special tokens."""

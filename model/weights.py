@@ -70,8 +70,7 @@ def load_weights(
     if not folder.exists():
         raise CheckpointError(f"checkpoint {folder} does not exist")
     saved = load_config(folder)
-    if cfg is not None and _arch(cfg) != _arch(saved):
-        diff = sorted(k for k in _arch(saved) if _arch(saved)[k] != _arch(cfg)[k])
+    if cfg is not None and (diff := arch_diff(cfg, saved)):
         raise CheckpointError(f"config does not match {folder}/{CONFIG_NAME} at: {', '.join(diff)}")
     wfile = folder / WEIGHTS_NAME
     if not wfile.is_file():
@@ -90,6 +89,12 @@ def load_weights(
 def _arch(cfg: ModelConfig) -> dict:
     """Config fields that change tensors or math (not the execution-path switches)."""
     return cfg.model_dump(mode="json", exclude={"preset", "impl", "attn_backend", "max_seq_len"})
+
+
+def arch_diff(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The model.* keys (sorted) where `a` and `b` build different tensors or math."""
+    left, right = _arch(a), _arch(b)
+    return sorted(k for k in left if left[k] != right[k])
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -9,13 +9,17 @@ Layout under <output_dir>/checkpoints/:
       trainer_state.json      step, consumed samples/tokens, world size, ZeRO stage, data identity,
                               git commit, package versions
       run_config.yaml         the resolved run config
-      COMPLETE                written last: only folders holding it are resumed from
+      COMPLETE                written last, listing every file above with its size: only folders
+                              holding it are resumed from, and only when their files match it
       universal/              DeepSpeed universal checkpoint, made on demand (world size changed)
 
-A save: DeepSpeed writes the step folder (save_latest=False), every rank its RNG file, then after a
-barrier rank 0 writes trainer_state.json, run_config.yaml, COMPLETE and atomically replaces
-`latest`. A crash at any point before COMPLETE leaves the previous checkpoint as the newest
-complete one; a half-written folder is deleted when its step is saved again or rotated out.
+A save: DeepSpeed writes the step folder (save_latest=False), every rank its RNG file and fsyncs the
+files it wrote, then after a barrier rank 0 writes trainer_state.json, run_config.yaml, COMPLETE and
+atomically replaces `latest`. A crash at any point before COMPLETE leaves the previous checkpoint as
+the newest complete one; a half-written folder is deleted when its step is saved again or rotated out.
+`--resume auto` takes the newest complete checkpoint whose files match its COMPLETE list and warns
+about each newer one it passes over (train/checkpoint_files.py). Loading never runs code from a
+checkpoint: its pickles may hold tensors and plain data only.
 
 Resume restores weights, optimizer and scheduler (DeepSpeed), the RNG states and the data position
 (consumed samples; see train/data.py). On another world size or ZeRO stage, the checkpoint is first
@@ -28,9 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +46,16 @@ import numpy as np
 import torch
 
 from config.atomic import atomic_write_bytes, atomic_write_json
-from config.schema import RunConfig, save_run_config
+from config.loader import ConfigError
+from config.schema import RunConfig, load_run_config, save_run_config
 from model.weights import CheckpointError
+from train.checkpoint_files import (
+    checkpoint_problem,
+    complete_record,
+    fsync_files,
+    load_data,
+    rank_files,
+)
 from train.distributed import DistEnv, barrier
 from train.provenance import provenance
 
@@ -76,8 +91,53 @@ def is_complete(folder: Path) -> bool:
 
 
 def read_state(folder: Path) -> TrainerState:
-    raw = json.loads((folder / STATE).read_text())
-    return TrainerState(**{k: raw[k] for k in TrainerState.__dataclass_fields__})
+    """The trainer state of a step folder (CheckpointError when missing or damaged)."""
+    path = folder / STATE
+    try:
+        raw = json.loads(path.read_text())
+        return TrainerState(**{k: raw[k] for k in TrainerState.__dataclass_fields__})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is missing or damaged ({type(exc).__name__}: {exc}): "
+                              "resume or export another checkpoint") from None
+
+
+def read_run_config(folder: Path) -> RunConfig:
+    """The run config a step folder was saved with (CheckpointError when missing or damaged)."""
+    try:
+        return load_run_config(folder / RUN_CONFIG)
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder / RUN_CONFIG} is missing or damaged ({exc}): "
+                              "resume or export another checkpoint") from None
+
+
+def problem_of(folder: Path) -> str | None:
+    """Why the complete step `folder` cannot be used (None: its files are all there, as written)."""
+    try:
+        world_size = read_state(folder).world_size
+    except CheckpointError:
+        world_size = None
+    return checkpoint_problem(folder, world_size)
+
+
+def check_intact(folder: Path) -> Path:
+    if (problem := problem_of(folder)) is not None:
+        raise CheckpointError(f"checkpoint {folder} is damaged: {problem}; pass another --resume/--export")
+    return folder
+
+
+@contextmanager
+def reading(folder: Path) -> Iterator[None]:
+    """Turn a checkpoint file that cannot be unpickled (code in it, or truncated) into one line."""
+    try:
+        yield
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"a file of {folder} holds more than tensors and plain data, refused (it could run "
+                              f"code: {str(exc).splitlines()[0][:200]}); only load checkpoints you trust") from None
+    except (EOFError, RuntimeError) as exc:
+        if not isinstance(exc, EOFError) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise CheckpointError(f"a file of {folder} is truncated or damaged ({str(exc).splitlines()[0][:200]}): "
+                              "pass another checkpoint") from None
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -85,12 +145,17 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def latest_complete(root: Path) -> Path | None:
-    """The folder `latest` names if complete, else the newest complete step folder, else None."""
-    pointer = root / LATEST
-    if pointer.is_file() and is_complete(candidate := root / pointer.read_text().strip()):
-        return candidate
+    """The newest complete step folder whose files are intact, else None; each newer complete one passed
+    over is named in a warning. CheckpointError when there are complete ones but none is intact."""
     done = [p for p in _step_dirs(root) if is_complete(p)]
-    return done[-1] if done else None
+    for folder in reversed(done):
+        if (problem := problem_of(folder)) is None:
+            return folder
+        log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", folder, problem)
+    if done:
+        raise CheckpointError(f"every complete checkpoint under {root} is damaged (see the warnings): "
+                              "pass --resume none with a new train.output_dir")
+    return None
 
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
@@ -102,7 +167,7 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return latest_complete(root) if root.is_dir() else None
     path = Path(resume)
     if is_complete(path):
-        return path
+        return check_intact(path)
     for candidate_root in (path, path / "checkpoints"):
         if candidate_root.is_dir() and (found := latest_complete(candidate_root)) is not None:
             return found
@@ -163,12 +228,14 @@ class Checkpointer:
         client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
-        _replace_file_atomic(folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt", _rng_state())
-        barrier()
+        rng_file = folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
+        _replace_file_atomic(rng_file, _rng_state())
+        fsync_files([*rank_files(folder, self.env.rank), rng_file])
+        barrier()  # every rank's files are on disk
         if self.env.is_main:
             save_run_config(cfg, folder / RUN_CONFIG)
             atomic_write_json(folder / STATE, {**asdict(state), **provenance()})
-            atomic_write_bytes(folder / COMPLETE, f"{tag}\n".encode())
+            atomic_write_bytes(folder / COMPLETE, complete_record(tag, folder))
             atomic_write_bytes(self.root / LATEST, tag.encode())
             self._rotate(folder)
         barrier()
@@ -195,9 +262,10 @@ class Checkpointer:
             tmp = folder / f"{UNIVERSAL}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             log.info("converting %s to a universal checkpoint (world size or ZeRO stage changed)", folder)
-            ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=False))
+            with reading(folder):
+                ds_to_universal(Namespace(input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=False))
             atomic_write_bytes(tmp / COMPLETE, b"universal\n")
             shutil.rmtree(folder / UNIVERSAL, ignore_errors=True)
             os.replace(tmp, folder / UNIVERSAL)
@@ -208,14 +276,16 @@ class Checkpointer:
         """Restore DeepSpeed's state from `folder` (or its universal form) and this rank's RNG states
         (on another world size: fresh ones from `seed`, the step and the rank)."""
         load_dir, tag = (folder, UNIVERSAL) if universal else (folder.parent, folder.name)
-        path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        with reading(folder):
+            path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {load_dir / tag}: pass another --resume")
         state = read_state(folder)
         rng_file = folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
         if state.world_size == self.env.world_size and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            with reading(folder):
+                _set_rng_state(load_data(rng_file))
         else:
             seed_everything(seed + 1_000_003 * state.step + self.env.rank)
         log.info("resumed from %s at step %d (%d samples consumed)", folder, state.step, state.consumed_samples)

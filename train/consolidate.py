@@ -14,13 +14,12 @@ so a reader never sees a half-written export. `model.weights.load_weights(folder
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from config.atomic import staged_dir
 from config.manifest import Manifest
 from config.schema import RunConfig, save_run_config
 from model.bundle import TOKENIZER_JSON, save_bundle
@@ -52,16 +51,6 @@ def state_dict_from_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move `tmp` to `final`, replacing an older folder there (never leaves a partial `final`)."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_bundle(state_dict: dict[str, torch.Tensor], cfg: RunConfig, manifest: Manifest, folder: Path,
                  meta: dict[str, Any]) -> Path:
     """Write the consolidated folder: weights + config, tokenizer files of the manifest, meta.json
@@ -71,13 +60,11 @@ def write_bundle(state_dict: dict[str, torch.Tensor], cfg: RunConfig, manifest: 
     check_state_dict(model, state_dict, "the consolidated training state")
     model.load_state_dict(state_dict, strict=True, assign=True)
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tokenizer_dir = manifest.resolve(manifest.tokenizer.json_path).parent
-    save_bundle(model, tokenizer_dir, tmp, {**meta, **provenance()})
-    if not (tmp / TOKENIZER_JSON).is_file():
-        raise CheckpointError(f"no {TOKENIZER_JSON} in {tokenizer_dir}: the manifest's tokenizer must be named "
-                              f"{TOKENIZER_JSON}; re-run pipeline/curate.py")
-    save_run_config(cfg, tmp / RUN_CONFIG_NAME)
-    _replace_dir(tmp, folder)
+    with staged_dir(folder) as tmp:
+        save_bundle(model, tokenizer_dir, tmp, {**meta, **provenance()})
+        if not (tmp / TOKENIZER_JSON).is_file():
+            raise CheckpointError(f"no {TOKENIZER_JSON} in {tokenizer_dir}: the manifest's tokenizer must be named "
+                                  f"{TOKENIZER_JSON}; re-run pipeline/curate.py")
+        save_run_config(cfg, tmp / RUN_CONFIG_NAME)
     return folder

@@ -30,6 +30,7 @@ Packing (`collate`). From windows tokens (b, l+1) and positions (b, l+1):
 
 from __future__ import annotations
 
+import bisect
 import math
 import signal
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from config.manifest import Manifest, ManifestError, SourceEntry
 from model.loss import IGNORE_INDEX
 from train.errors import TrainingError
+from train.shard_check import shard_problem
 
 Packing = Literal["document", "continuous"]
 
@@ -51,10 +53,12 @@ Packing = Literal["document", "continuous"]
 class SourceWindows:
     """Windows of seq_len + 1 tokens (and in-document positions) of one source, via datatrove."""
 
-    def __init__(self, name: str, folder: Path, shards: list[Path], seq_len: int, token_size: int) -> None:
+    def __init__(self, name: str, folder: Path, shards: list[Path], seq_len: int, token_size: int,
+                 vocab_size: int) -> None:
         from datatrove.utils.dataset import DatatroveFolderDataset
 
-        self.name = name
+        self.name, self.folder, self.token_size, self.vocab_size = name, folder, token_size, vocab_size
+        self.checked: set[int] = set()  # shards (by position in the dataset) that passed shard_problem
         if not folder.is_dir():
             raise ManifestError(f"source folder {folder} is missing: re-run pipeline/curate.py")
         self.dataset = DatatroveFolderDataset(str(folder), seq_len, token_size=token_size, return_positions=True)
@@ -69,8 +73,16 @@ class SourceWindows:
         self.n_windows = len(self.dataset)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window k mod n_windows: tokens (l+1,) long and positions (l+1,) long."""
-        item = self.dataset[k % self.n_windows]
+        """Window k mod n_windows: tokens (l+1,) long and positions (l+1,) long. The first read from a
+        shard checks it (train/shard_check.py: token ids within the vocabulary, sane document offsets)."""
+        k %= self.n_windows
+        shard = bisect.bisect_right(self.dataset.lens, k) - 1
+        if shard not in self.checked:  # first read from this shard (in this process)
+            path = self.folder / self.dataset.files[shard].file_path
+            if (problem := shard_problem(path, self.token_size, self.vocab_size)) is not None:
+                raise ManifestError(f"corrupt shard {path}: {problem}; re-run pipeline/curate.py")
+            self.checked.add(shard)
+        item = self.dataset[k]
         return item["input_ids"], item["positions"].long()
 
 
@@ -132,6 +144,9 @@ class BlendedWindows(Dataset):
         if unknown:
             raise TrainingError(f"data.weights names {unknown}, not sources of the {split} split "
                                 f"({', '.join(e.name for e in entries)}): fix the names")
+        if split == "train" and not any(override.get(e.name, e.weight) > 0 for e in entries):
+            raise TrainingError("data.weights leaves every train source at weight 0 "
+                                f"({', '.join(e.name for e in entries)}): give at least one a positive weight")
         weights = []
         for entry in entries:
             weight = override.get(entry.name, entry.weight)
@@ -156,7 +171,8 @@ class BlendedWindows(Dataset):
     @staticmethod
     def _open(manifest: Manifest, entry: SourceEntry, seq_len: int) -> SourceWindows:
         shards = [manifest.resolve(s.path) for s in entry.shards]
-        return SourceWindows(entry.name, manifest.resolve(entry.folder), shards, seq_len, manifest.token_size)
+        return SourceWindows(entry.name, manifest.resolve(entry.folder), shards, seq_len, manifest.token_size,
+                             manifest.tokenizer.vocab_size)
 
     @property
     def source_names(self) -> list[str]:

@@ -12,7 +12,7 @@ collective or an atexit hook for a peer that is gone; the launcher (deepspeed, t
 collective timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING).
 
 Success: once the entry point returns, the non-daemon threads are joined and the atexit hooks run (the
-shared-memory release below, wandb's), as at a normal exit, and the process ends with os._exit(0),
+shared-memory release of train/shm.py, wandb's), as at a normal exit, and the process ends with os._exit(0),
 skipping interpreter finalization. In CI a 2-process gloo run that had logged all its steps exited 250
 (a rank's SIGABRT, through the deepspeed launcher) during that teardown; the known way for it to abort
 is the process group's C++ threads freeing tensors that hold Python references while the interpreter
@@ -23,7 +23,6 @@ must not depend on that teardown.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import signal
@@ -39,6 +38,8 @@ from typing import Callable, NoReturn
 
 import torch
 
+from train.shm import release_shm_buffer, remove_stale_segments
+
 log = logging.getLogger(__name__)
 
 NCCL_DEFAULTS = {
@@ -46,6 +47,7 @@ NCCL_DEFAULTS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     "NCCL_DEBUG": "WARN",
 }
+_SHM_RANK: list[int] = []  # this process's DeepSpeed shared-memory segment (train/shm.py), once created
 DIST_TIMEOUT = timedelta(minutes=30)  # covers the slowest collective phase: saving/converting a 13B checkpoint
 
 
@@ -98,30 +100,17 @@ def init_distributed() -> DistEnv:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if backend == "gloo" and local_rank == 0:
+        stale = remove_stale_segments()
     deepspeed.init_distributed(dist_backend=backend, timeout=DIST_TIMEOUT)
     env = DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
     if backend == "gloo":
         atexit.register(release_shm_buffer, env.rank)
+        _SHM_RANK.append(env.rank)  # _die releases it too: os._exit skips atexit
     configure_logging(env.rank)
+    if backend == "gloo" and local_rank == 0 and stale:
+        log.info("removed %d shared-memory segment(s) of killed runs: %s", len(stale), ", ".join(stale))
     return env
-
-
-def shm_buffer_path(rank: int) -> str:
-    """The /dev/shm segment that DeepSpeed's CPU shared-memory allreduce creates for `rank` (its name
-    as deepspeed/ops/csrc/cpu/comm/shm.cpp builds it from the uid, MASTER_ADDR and MASTER_PORT)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shm_buffer(rank: int) -> None:
-    """Unlink this rank's DeepSpeed shared-memory allreduce segment (at exit, on CPU).
-
-    DeepSpeed creates one ~69 MB segment per rank and never unlinks it, so every multi-process CPU run
-    left them in RAM-backed /dev/shm (300 runs filled 21 GB of a 24 GB machine here). The peers mapped
-    it at initialisation; unlinking only removes the name, their mappings stay valid.
-    """
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(shm_buffer_path(rank))
 
 
 def configure_logging(rank: int) -> None:
@@ -145,12 +134,16 @@ def barrier() -> None:
 
 class StopSignal:
     """SIGTERM/SIGINT set a flag instead of killing the process; the trainer checks it at the next step
-    boundary, where the ranks agree (all_reduce) to save a checkpoint and exit 0 together."""
+    boundary, where the ranks agree (all_reduce) to save a checkpoint and exit 0 together. The end of
+    the deepspeed launcher's processes sets it too (train/launcher_watch.py)."""
 
     def __init__(self) -> None:
+        from train.launcher_watch import watch_launchers
+
         self.received: int | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        watch_launchers(lambda signum: self._handle(signum, None))  # `kill` of the deepspeed command
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
@@ -193,6 +186,8 @@ def _finish() -> NoReturn:
 
 
 def _die(message: str, code: int) -> NoReturn:
+    for rank in _SHM_RANK:
+        release_shm_buffer(rank)
     rank, world = env_rank()
     prefix = f"[rank {rank}] " if world > 1 else ""
     sys.stdout.flush()

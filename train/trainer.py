@@ -28,20 +28,22 @@ import torch
 
 from config.loader import ConfigError
 from config.manifest import Manifest, load_manifest, sha256_of
-from config.schema import RunConfig, load_run_config
+from config.schema import RunConfig
 from model.hybrid import HybridLM
 from model.kernels import make_deterministic
 from model.loss import IGNORE_INDEX, token_nll
 from model.sizing import count_params, train_flops_per_token
-from model.weights import CheckpointError
+from model.weights import CheckpointError, arch_diff
 from train.checkpoint import (
-    RUN_CONFIG,
     Checkpointer,
     TrainerState,
+    read_run_config,
     read_state,
+    reading,
     resolve_resume,
     seed_everything,
 )
+from train.checkpoint_files import enforce_data_only_loading
 from train.consolidate import (
     gather_fp32_state_dict,
     state_dict_from_checkpoint,
@@ -66,6 +68,7 @@ from train.graph_step import (
 )
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from train.optim import follow_current_config, lr_multiplier, param_groups
+from train.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 MODEL_INPUTS = ("input_ids", "labels", "position_ids", "seq_idx")
@@ -162,9 +165,28 @@ def check_finite(step: int, bad_ranks: list[int], skipped: bool, on_nan: str) ->
     log.warning("%s: update skipped (train.on_nan=skip)", where)
 
 
+def check_model_matches(cfg: RunConfig, folder: Path) -> None:
+    """The model config must build the checkpoint's tensors and math (one line naming the keys that differ)."""
+    if diff := arch_diff(cfg.model, read_run_config(folder).model):
+        raise ConfigError(f"model config differs from the one {folder} was trained with at: "
+                          + ", ".join(f"model.{k}" for k in diff)
+                          + "; set them as in its run_config.yaml, or start a new run with --resume none")
+
+
+def check_fresh_start(out: Path, root: Path) -> None:
+    """--resume none must not write over an existing run's checkpoints and metrics."""
+    if (out / "metrics.jsonl").is_file() or any(root.glob("step_*")):
+        raise ConfigError(f"--resume none: {out} holds a run (metrics.jsonl or checkpoints) that a fresh start would "
+                          "overwrite: pass another train.output_dir, or --force to overwrite it")
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: str) -> None:
+    def __init__(self, cfg: RunConfig, resume: str, dry_run: bool = False, force: bool = False) -> None:
+        """Build data, processes, model and engine and restore the resumed checkpoint. A dry run writes
+        nothing: it takes no lock and converts or loads no checkpoint (it names the one it would resume)."""
         self.cfg, t = cfg, cfg.train
+        stage = zero_stage(read_ds_json(t.ds_config))  # a bad train.ds_config stops before data and processes
+        enforce_data_only_loading()  # before DeepSpeed reads any checkpoint
         if t.deterministic:
             make_deterministic()  # before any CUDA matmul and before mamba_ssm is imported
         self.manifest = open_manifest(cfg)
@@ -178,8 +200,16 @@ class Trainer:
         self.out = Path(t.output_dir)
         self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
         self.accumulation = accumulation_steps(t, self.env.world_size)
-        resume_dir = resolve_resume(resume, self.ckpt.root)
-        stage = zero_stage(read_ds_json(t.ds_config))
+        self.lock = RunLock(self.out)
+        if not dry_run:
+            self._take_lock()
+        if resume == "none" and not force:
+            check_fresh_start(self.out, self.ckpt.root)
+        self.resume_dir = resume_dir = resolve_resume(resume, self.ckpt.root)
+        if resume_dir is not None:
+            check_model_matches(cfg, resume_dir)
+        if dry_run:
+            resume_dir = None
         universal = resume_dir is not None and self.ckpt.needs_universal(resume_dir, stage)
         if universal:
             self.ckpt.ensure_universal(resume_dir)
@@ -202,6 +232,19 @@ class Trainer:
             self._check_resume(loaded, fresh, resume_dir)
             follow_current_config(self.engine.lr_scheduler, t)
             self.state = replace(loaded, world_size=fresh.world_size, zero_stage=stage)
+
+    def _take_lock(self) -> None:
+        """Rank 0 locks the output folder for the run's life; every rank stops with its one line if taken."""
+        problem = [None]
+        if self.env.is_main:
+            try:
+                self.lock.acquire()
+            except TrainingError as exc:
+                problem = [str(exc)]
+        if self.env.world_size > 1:
+            torch.distributed.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise TrainingError(problem[0])
 
     def _check_resume(self, loaded: TrainerState, fresh: TrainerState, folder: Path) -> None:
         if loaded.seq_len != fresh.seq_len:
@@ -349,27 +392,34 @@ class Trainer:
         barrier()
 
 
-def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False) -> None:
-    """Train (or, with dry_run, build everything and stop) under the current launcher's world."""
-    trainer = Trainer(cfg, resume)
+def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False, force: bool = False) -> None:
+    """Train (or, with dry_run, build everything, write nothing and stop) under the current launcher's world."""
+    trainer = Trainer(cfg, resume, dry_run, force)
     if dry_run:
         if trainer.env.is_main:
-            print(trainer.summary(), "\ndry run: everything built, stopping", sep="", flush=True)
+            would = f"\ndry run: a run would resume from {trainer.resume_dir}" if trainer.resume_dir else ""
+            print(trainer.summary(), would, "\ndry run: everything built, stopping (nothing written)", sep="", flush=True)
     else:
         trainer.train()
     barrier()  # no rank tears its connections down while a peer is still in a collective
     torch.distributed.destroy_process_group()
 
 
-def export_checkpoint(cfg: RunConfig, which: str, dest: str | None) -> Path:
+def export_checkpoint(cfg: RunConfig, which: str, dest: str | None, force: bool = False) -> Path:
     """Consolidate a saved checkpoint (a step folder, or `auto`: the newest) into a weights folder,
-    with the run config it was trained with. One process, no launcher."""
+    with the run config it was trained with (its model and data only: where the export goes comes
+    from `cfg` and `dest`). An existing destination is replaced only with `force`. One process, no launcher."""
+    enforce_data_only_loading()
     folder = resolve_resume(which, Path(cfg.train.output_dir) / "checkpoints")
     if folder is None:
         raise CheckpointError(f"no complete checkpoint under {cfg.train.output_dir}/checkpoints: pass --export PATH")
-    run_cfg = load_run_config(folder / RUN_CONFIG)
-    state = read_state(folder)
     out = Path(dest) if dest else Path(cfg.train.output_dir) / "exports" / folder.name
+    if out.exists() and not force:
+        raise ConfigError(f"export destination {out} exists: pass --force to replace it, or --export-to a new folder")
+    run_cfg = read_run_config(folder)
+    state = read_state(folder)
     meta = {"step": state.step, "tokens": state.consumed_tokens, "consumed_samples": state.consumed_samples,
             "source": str(folder)}
-    return write_bundle(state_dict_from_checkpoint(folder), run_cfg, load_manifest(run_cfg.data.manifest), out, meta)
+    with reading(folder):
+        weights = state_dict_from_checkpoint(folder)
+    return write_bundle(weights, run_cfg, load_manifest(run_cfg.data.manifest), out, meta)

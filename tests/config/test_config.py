@@ -109,6 +109,12 @@ def test_preset_merges_with_overrides() -> None:
     (["model.preset=huge"], "model.preset", "tiny"),
     (["train.warmup_steps=5000"], "train.warmup_steps", "max_steps"),
     (["data.packing=foo"], "data.packing", "'foo'"),
+    (["train.lr=.inf"], "train.lr", "finite"),
+    (["train.betas=[0.9, .nan]"], "train.betas.1", "finite"),
+    (["train.micro_batch_size=true"], "train.micro_batch_size", "not true"),
+    (["eval.limit=false"], "eval.limit", "not false"),
+    (["train.output_dir="], "train.output_dir", "must name a folder"),
+    (["export.output_dir=' '"], "export.output_dir", "must name a folder"),
     (["train.cuda_graph=true", "data.packing=document", "model.attn_backend=flex"], "model.attn_backend",
      "data.packing=continuous"),
     (["train.cuda_graph=true", "data.packing=continuous", "train.activation_checkpointing=true"],
@@ -159,3 +165,47 @@ def test_saved_config_with_overrides_reloads_equal(tmp_path: Path) -> None:
     path = tmp_path / "run_config.yaml"
     save_run_config(cfg, path)
     assert load_run_config(path) == cfg
+
+
+def test_checkpoint_config_cannot_redirect_output_or_enable_code(tmp_path: Path) -> None:
+    """A checkpoint folder's run_config.yaml is someone else's file: eval/run.py and the export/generate
+    entrypoints ignore its output paths and code execution, and take the user's flags."""
+    import json
+
+    from eval.run import parse_args, resolve_config
+    from export.loading import resolve_run_config
+
+    hostile = load_run_config("tiny", [f"eval.output={tmp_path / 'victim.txt'}", "eval.allow_code_execution=true",
+                                       f"eval.tasks_dir={tmp_path}", f"export.output_dir={tmp_path / 'x'}",
+                                       f"train.output_dir={tmp_path / 'y'}", "eval.limit=3"])
+    ckpt = tmp_path / "ckpt"
+    save_run_config(hostile, ckpt / "run_config.yaml")
+    (ckpt / "config.json").write_text(json.dumps(hostile.model.model_dump(mode="json")))
+    cfg = resolve_config(parse_args(["--checkpoint", str(ckpt)]))
+    assert (cfg.eval.output, cfg.eval.allow_code_execution, cfg.eval.tasks_dir) == (None, False, None)
+    assert cfg.eval.limit == 3  # the rest of the checkpoint's settings still apply
+    mine = resolve_config(parse_args(["--checkpoint", str(ckpt), "--output", "mine.json", "--allow-code-execution"]))
+    assert (mine.eval.output, mine.eval.allow_code_execution) == ("mine.json", True)
+    exp = resolve_run_config(hostile.model, ckpt, None, [])
+    assert (exp.export.output_dir, exp.train.output_dir) == ("exports", "runs/default")
+
+
+def test_staged_dir_replaces_as_a_whole_with_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    from config.atomic import DIR_MODE, FILE_MODE, staged_dir
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("export failed half-way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and (final / "old.txt").is_file()
+    with staged_dir(final) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "model.onnx").write_bytes(b"onnx")
+        os.chmod(tmp / "sub" / "model.onnx", 0o600)  # as mkstemp-based writers leave them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and not (final / "old.txt").exists()
+    assert (final / "sub" / "model.onnx").stat().st_mode & 0o777 == FILE_MODE
+    assert final.stat().st_mode & 0o777 == DIR_MODE

@@ -98,3 +98,39 @@ def test_cli_bad_inputs_fail_before_any_work(run_cli, tiny_bundle_dir, tmp_path)
     assert "eval.limit" in _one_line_error(run_cli("--checkpoint", str(tiny_bundle_dir), "--limit", "0"))
     assert "needs a curation manifest" in _one_line_error(
         run_cli("--checkpoint", str(tiny_bundle_dir), "--benchmarks", "val_ppl"))
+
+
+def test_sandbox_has_no_network_and_limits_file_size():
+    """eval/sandbox.py: the command runs in its own network namespace (no route out) with RLIMIT_FSIZE."""
+    import subprocess
+    import sys
+
+    from eval import sandbox
+
+    try:
+        command = sandbox.sandboxed([sys.executable, "-c", "pass"])
+    except sandbox.SandboxError as exc:
+        pytest.skip(f"no user namespaces on this machine: {exc}")
+    probe = ("import resource, socket\n"
+             "print(resource.getrlimit(resource.RLIMIT_FSIZE)[0])\n"
+             "try:\n    socket.create_connection(('8.8.8.8', 53), timeout=2)\n    print('connected')\n"
+             "except OSError as exc:\n    print('no network', exc.errno)\n")
+    proc = subprocess.run([*command[:-2], "-c", probe], capture_output=True, text=True,
+                          preexec_fn=sandbox._limits, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    limit, network = proc.stdout.splitlines()
+    assert int(limit) == sandbox.FSIZE_LIMIT and network.startswith("no network"), proc.stdout
+
+
+def test_code_execution_reruns_the_evaluation_in_the_sandbox(tiny_bundle_dir, monkeypatch):
+    from eval import run, sandbox
+
+    calls = []
+    monkeypatch.setattr(sandbox, "rerun_sandboxed", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(run, "run", lambda *a: pytest.fail("model-written code must not run outside the sandbox"))
+    args = ["--checkpoint", str(tiny_bundle_dir), "--benchmarks", "humaneval", "--allow-code-execution"]
+    assert run.main(args) == 0
+    assert calls == [[str(Path(run.__file__).resolve()), *args]]
+    monkeypatch.setenv(sandbox.MARK, "1")  # inside the sandbox: evaluate
+    with pytest.raises(pytest.fail.Exception, match="outside the sandbox"):
+        run.main(args)

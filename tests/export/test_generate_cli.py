@@ -70,19 +70,23 @@ def test_missing_checkpoint_is_one_line_error(run_script):
     ("export", ["--checkpoint", "/no/such/ckpt", "--format", "hf", "--output", "{tmp}/o"], "does not exist"),
     ("export", ["--checkpoint", "{ckpt}", "--format", "tflite", "--output", "{tmp}/o"], "unsupported format"),
     ("export", ["--import-hf", "{ckpt}", "--output", "{tmp}/o"], "model_type"),
+    ("export", ["--checkpoint", "{ckpt}", "--format", "hf", "--output", "{tmp}"], "exists and is not empty: pass --force"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--top-p", "3"], "export.sampling.top_p"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "model.d_model=32"], "model.d_model"),
     ("generate", ["--checkpoint", "{ckpt}", "--input", "{tmp}/none.txt", "--output", "{tmp}/r.json"], "does not exist"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--cuda-graph"], "needs a CUDA device"),
+    ("generate", ["--checkpoint", "{ckpt}", "--prompt", " "], "--prompt is empty"),
     ("generate", ["--checkpoint", "{ckpt}", "--prompt", "x", "--set", "export.cuda_graph=maybe"], "export.cuda_graph"),
 ])
 def test_bad_input_is_one_line_error(script, args, needle, tiny_bundle_dir, tmp_path, export_cli, generate_cli, capsys):
+    (tmp_path / "users_file.txt").write_text("keep me")
     main = {"export": export_cli, "generate": generate_cli}[script].main
     rc = main([a.format(ckpt=tiny_bundle_dir, tmp=tmp_path) for a in args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users_file.txt"]  # nothing written, nothing deleted
 
 
 @pytest.mark.parametrize("flag, expected", [([], []), (["--cuda-graph"], ["export.cuda_graph=true"]),
@@ -91,3 +95,30 @@ def test_cuda_graph_flag_overrides_the_auto_default(flag, expected, generate_cli
     """Without a flag the config's `auto` stands (CUDA graphs on CUDA devices, eager elsewhere)."""
     args = generate_cli.parse_args(["--checkpoint", "c", "--prompt", "x", *flag])
     assert generate_cli.sampling_overrides(args) == expected
+
+
+def test_max_new_tokens_beyond_max_seq_len_warns_and_clamps(tiny_bundle_dir, generate_cli, capsys):
+    rc = generate_cli.main(["--checkpoint", str(tiny_bundle_dir), "--prompt", "def f", "--max-new-tokens", "100000000",
+                            "--temperature", "0", "--no-stream", "--set", "model.max_seq_len=24"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "max_new_tokens (100000000) exceeds model.max_seq_len (24): generating at most 24 tokens" in err
+    assert int(err.strip().splitlines()[-1].split()[0].lstrip("[")) <= 24
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_one_line(tiny_bundle_dir, tmp_path, generate_cli, capsys):
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_bundle_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: (v[:256] if v.shape[0] == config["vocab_size"] else v)
+               for k, v in load_file(ckpt / "model.safetensors").items()}
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 256}))
+    rc = generate_cli.main(["--checkpoint", str(ckpt), "--prompt", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "has 512 tokens but the model's vocabulary is 256" in err[0], err

@@ -4,6 +4,7 @@ blending, packing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,8 @@ def test_weights_override_reblends_and_names_unknown_sources(corpus: Path) -> No
     assert only_first.validation.source_names == [names[0]]
     with pytest.raises(TrainingError, match="data.weights names \\['nope'\\]"):
         TrainData(manifest, SEQ, "document", weights={"nope": 1.0})
+    with pytest.raises(TrainingError, match="every train source at weight 0"):
+        TrainData(manifest, SEQ, "document", weights={n: 0.0 for n in names})
 
 
 def test_loader_workers_survive_the_preemption_signal(data: TrainData) -> None:
@@ -142,3 +145,31 @@ def test_loader_workers_survive_the_preemption_signal(data: TrainData) -> None:
         os.kill(worker.pid, signal.SIGTERM)
     for _ in range(3):  # a worker killed by the signal makes this raise
         assert next(batches)["input_ids"].shape == (2, SEQ)
+
+
+@pytest.mark.parametrize("damage, expected", [("token_out_of_vocab", "token id 600, outside the vocabulary of 512"),
+                                              ("index_shifted", "document offsets (000_stdlib_a.ds.index)")])
+def test_same_size_shard_damage_is_found_at_first_read(damage: str, expected: str, corpus: Path,
+                                                       tmp_path: Path) -> None:
+    """Damage that keeps the file sizes (data.verify=size passes) stops the first read of that shard."""
+    import shutil
+
+    from config.manifest import ManifestError
+
+    copy = tmp_path / "corpus"
+    shutil.copytree(corpus.parent, copy)
+    shard = next((copy / "tokens" / "train" / "stdlib_a").glob("000_*.ds"))
+    if damage == "token_out_of_vocab":
+        tokens = np.fromfile(shard, dtype="<u2")
+        tokens[10] = 600
+        tokens.tofile(shard)
+    else:
+        ends = np.fromfile(f"{shard}.index", dtype="<u8")
+        (ends + 3).tofile(f"{shard}.index")
+    manifest = load_manifest(copy / "manifest.json")
+    manifest.verify(checksums=False)
+    source = TrainData(manifest, SEQ, "document").train.sources[0]
+    with pytest.raises(ManifestError, match=f"corrupt shard .*000_stdlib_a.ds: .*{re.escape(expected)}"):
+        source[0]
+    source_b = TrainData(manifest, SEQ, "document").train.sources[1]
+    source_b[0]  # the intact source reads as before

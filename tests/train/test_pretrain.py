@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from config.manifest import load_manifest
 from config.schema import load_run_config
 from model.weights import load_weights
 from train.data import IGNORE_INDEX, TrainData
+from train.errors import TrainingError
+from train.run_lock import RunLock
 from train.trainer import check_finite
 
 from .conftest import BASE_SETS, PRETRAIN, REPO, read_metrics, run_env, run_until_signalled, train_run
@@ -288,8 +291,54 @@ def test_non_finite_loss_stops_or_skips(engine: list[str], corpus: Path, tmp_pat
         check_finite(3, [1, 2], skipped=False, on_nan="skip")
 
 
+def test_dry_run_on_another_world_size_writes_nothing(run_a: Path, corpus: Path, tmp_path: Path) -> None:
+    """--dry-run with the default --resume auto names the checkpoint a run would resume from; it neither
+    converts it to a universal checkpoint (the world size differs) nor takes the lock."""
+    out = tmp_path / "one"
+    copy_checkpoint(run_a, 12, out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    proc = single_process(corpus, out, "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"dry run: a run would resume from {out / 'checkpoints' / 'step_00000012'}" in proc.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
 def test_dry_run_builds_everything_and_stops(corpus: Path, tmp_path: Path) -> None:
     proc = single_process(corpus, tmp_path / "dry", "--dry-run", "--set", "train.ds_config=ds_configs/zero3.json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ZeRO-3" in proc.stdout and "dry run: everything built, stopping" in proc.stdout
     assert not (tmp_path / "dry" / "checkpoints").exists()
+
+
+def test_second_run_refused_and_sigterm_to_the_deepspeed_command_checkpoints(corpus: Path, tmp_path: Path) -> None:
+    """Two runs on one folder: the second is refused, naming the first. `kill PID` of the user's
+    `deepspeed ...` command (its runner dies at once on one node): the ranks notice, save a checkpoint
+    at the next step boundary and exit, and leave no shared-memory segment behind."""
+    import psutil
+
+    from .conftest import launch_cmd
+
+    out = tmp_path / "run"
+    cmd = launch_cmd(2, corpus, out, ["train.max_steps=500", "train.save_every=0", "train.eval_every=0"])
+    with open(tmp_path / "launch.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while (out / "metrics.jsonl").read_text().count("\n") < 2 if (out / "metrics.jsonl").is_file() else True:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "launch.log").read_text()[-3000:]
+            time.sleep(0.5)
+        with pytest.raises(TrainingError, match="is in use by another run \\(host .* pid \\d+\\)"):
+            RunLock(out).acquire()  # what a second run's rank 0 does first (tests/train/test_hardening.py)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        proc.terminate()  # SIGTERM to the command the user started
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(descendants, timeout=180)
+        assert not alive, f"processes left running after the deepspeed command ended: {alive}"
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()
+    logged = max(read_metrics(out))
+    folder = out / "checkpoints" / f"step_{logged:08d}"
+    assert (folder / "COMPLETE").is_file(), (tmp_path / "launch.log").read_text()[-3000:]
+    port = cmd[cmd.index("--master_port") + 1]
+    assert not sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
