@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export import ExportError
-from export.hf import import_hf, model_config_from_bamba, read_bamba_config
+from export.hf import bamba_torch_ops, import_hf, model_config_from_bamba, read_bamba_config
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate, left_pad
 
@@ -33,7 +33,7 @@ def test_transformers_loads_with_matching_logits(exported):
     assert type(theirs).__name__ == "BambaForCausalLM"
     assert theirs.config.rope_parameters["partial_rotary_factor"] == 1.0
     ids = torch.randint(4, ours.cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), bamba_torch_ops():  # Bamba's PyTorch code on CPU, whatever kernels import here
         ref, got = ours(ids), theirs(ids).logits
     assert got.shape[-1] == ours.cfg.padded_vocab_size
     diff = float((ref - got[..., : ours.cfg.vocab_size]).abs().max())
@@ -48,8 +48,9 @@ def test_transformers_loads_with_matching_logits(exported):
     # Left-padded batch through transformers' own generate() == our cached generation.
     prompts = [ids[0, :30].tolist(), ids[1, :11].tolist()]
     padded, mask = left_pad(prompts, 0, torch.device("cpu"))
-    hf_tokens = theirs.generate(padded, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[:, padded.size(1):].tolist()
+    with bamba_torch_ops():
+        hf_tokens = theirs.generate(padded, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[:, padded.size(1):].tolist()
     assert hf_tokens == generate(ours, prompts, SamplingParams(max_new_tokens=12))
 
 
