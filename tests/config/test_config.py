@@ -159,3 +159,9 @@ def test_saved_config_with_overrides_reloads_equal(tmp_path: Path) -> None:
     path = tmp_path / "run_config.yaml"
     save_run_config(cfg, path)
     assert load_run_config(path) == cfg
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_listed_preset_is_a_runnable_config(name: str) -> None:
+    """`python -m model list` shows PRESETS; each must also work as `--config NAME`."""
+    assert load_run_config(name).model.preset == name
