@@ -89,7 +89,11 @@ def init_distributed() -> DistEnv:
     """Initialise the process group through DeepSpeed: NCCL on GPUs, gloo on CPU."""
     import deepspeed
 
+    from train.ds_ops import check_build_locks, skip_shm_comm_op
+
     fill_launch_env()
+    skipped = skip_shm_comm_op(int(os.environ["WORLD_SIZE"]))
+    check_build_locks(ignore=skipped)  # a stale lock would make DeepSpeed's op build wait forever, silently
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         for key, value in NCCL_DEFAULTS.items():
