@@ -46,8 +46,15 @@ def _fmt(n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    lst = sub.add_parser("list", help="print the presets")
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("list", help="print the presets", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    list_presets(rest)
+
+
+def list_presets(argv: list[str] | None = None) -> None:
+    """`python -m model list` / `hybrid-lm list`: the presets as a table, or JSON with --json."""
+    parser = argparse.ArgumentParser(prog="python -m model list", description="print the presets")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     rows = preset_rows()
     if args.json:
