@@ -40,6 +40,7 @@ def step_summary(stat: Stats) -> dict[str, Any]:
     out: dict[str, Any] = {"step": stat.name, "seconds": round(stat.time_stats.total, 3)}
     if "doc_len" in s and "total" not in s:  # a reader: documents and characters produced
         out["out"], out["characters"] = s["doc_len"].n, int(s["doc_len"].total)
+        out["empty"] = _count(stat, "empty_documents")  # rows without text, skipped
     if "total" in s:
         out["in"] = _count(stat, "total")
         out["out"] = _count(stat, "forwarded") if "forwarded" in s or "dropped" in s else out["in"]
@@ -69,7 +70,9 @@ def build_report(layout: Layout, stage_names: list[str], manifest: dict[str, Any
     for name, steps in stages.items():
         if name.startswith("prepare.") and steps:
             src = name.removeprefix("prepare.")
-            sources[src] = {"read": step_summary(steps[0]).get("out", 0), "after_filters": _count(steps[-1], "total")}
+            read = step_summary(steps[0])
+            sources[src] = {"read": read.get("out", 0), "empty": read.get("empty", 0),
+                            "after_filters": _count(steps[-1], "total")}
     if stages.get("exact.filter"):
         for src, n in _per_source_counts(stages["exact.filter"][-1]).items():
             sources.setdefault(src, {})["after_exact_dedup"] = n
@@ -111,7 +114,7 @@ def format_report(report: dict[str, Any]) -> str:
             name = step["step"].split(": ", 1)[-1].encode("ascii", "ignore").decode().strip()
             lines.append(f"{stage['stage']:<28}{name[:33]:<34}{step.get('in', ''):>10}{step.get('out', ''):>10}"
                          f"{step.get('removed', ''):>9}  {reasons}")
-    cols = ["read", "after_filters", "after_exact_dedup", "train_documents", "validation_documents",
+    cols = ["read", "empty", "after_filters", "after_exact_dedup", "train_documents", "validation_documents",
             "train_tokens", "validation_tokens"]
     lines += ["", f"{'source':<20}" + "".join(f"{c:>22}" for c in cols)]
     for src, row in report["sources"].items():
