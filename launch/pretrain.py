@@ -27,15 +27,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of training: write the consolidated weights of a saved checkpoint "
                         "(a step folder, or auto for the newest) and stop")
     p.add_argument("--export-to", metavar="DIR", help="folder for --export (default <output_dir>/exports/<step>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' notices and every rank's warnings too (rank 0's by default)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.distributed import fail_loudly
+    from config.console import quiet_libraries
+    from train.distributed import env_rank, fail_loudly
     from train.errors import user_errors
 
     args = parse_args(argv)
+    quiet_libraries(args.verbose, env_rank()[0])
 
     def pretrain() -> None:
         from config.schema import load_run_config

@@ -5,14 +5,17 @@
 # then a summary of what it made. Re-running resumes: curation skips finished tasks, pretraining
 # continues from its last checkpoint.
 #
-#   bash scripts/run_default.sh             # one line per stage; each stage's full output in outputs/logs/
-#   bash scripts/run_default.sh --verbose   # every stage's full output on the console too
+#   bash scripts/run_default.sh             # one line per stage; each stage's output in outputs/logs/N-stage.log
+#                                           # (curation's per-task logs: outputs/embedded/work/logs/)
+#   bash scripts/run_default.sh --verbose   # the stages with --verbose (libraries' notices, datatrove's
+#                                           # per-task lines, every rank's warnings), on the console too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERBOSE=0
+V=()  # the stages' own --verbose
 case "${1:-}" in
   "") ;;
-  -v|--verbose) VERBOSE=1 ;;
+  -v|--verbose) VERBOSE=1; V=(--verbose) ;;
   *) echo "usage: bash scripts/run_default.sh [--verbose]" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh
@@ -42,14 +45,15 @@ stage() {
 }
 
 stage 1 curate "data_recipes/embedded.yaml -> $DATA" \
-  python pipeline/curate.py --recipe embedded --output "$DATA"
+  python pipeline/curate.py --recipe embedded --output "$DATA" ${V[@]+"${V[@]}"}
 stage 2 pretrain "config/runs/tiny.yaml, DeepSpeed ZeRO-2, 2 CPU processes -> $RUN" \
-  deepspeed --num_gpus 2 launch/pretrain.py --config tiny --resume auto
+  deepspeed --num_gpus 2 launch/pretrain.py --config tiny --resume auto ${V[@]+"${V[@]}"}
 stage 3 evaluate "local lm-eval tasks + validation perplexity" \
   python eval/run.py --checkpoint "$RUN/final" --benchmarks local_mc,local_gen,val_ppl \
-    --tasks-dir eval/tasks --manifest "$DATA/manifest.json" --output "$RUN/eval_results.json"
+    --tasks-dir eval/tasks --manifest "$DATA/manifest.json" --output "$RUN/eval_results.json" \
+    ${V[@]+"${V[@]}"}
 stage 4 export "Hugging Face (Bamba) and ONNX -> $RUN/exports" \
-  python launch/export.py --checkpoint "$RUN/final" --format hf,onnx --output "$RUN/exports"
+  python launch/export.py --checkpoint "$RUN/final" --format hf,onnx --output "$RUN/exports" ${V[@]+"${V[@]}"}
 PROMPT="def read_config(path):"
 stage 5 generate "a sample from the checkpoint -> $RUN/sample.txt" \
   sh -c 'python launch/generate.py "$@" > "$0"' "$RUN/sample.txt" --checkpoint "$RUN/final" \
