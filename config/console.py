@@ -8,7 +8,8 @@ Quieted by default (each still reaches the console with --verbose):
 - torchao's optional-kernel load failures ("Failed to load .../_C_mxfp8...so"), logged at its import;
 - onnxscript / onnx_ir INFO lines (one per rewrite rule and pass during torch.onnx export);
 - torch's pytree notices about enum registration (printed when torchao registers its enums);
-- on every rank but 0, Python warnings (each rank would print the same ones).
+- on every rank but 0, Python warnings and log warnings (each rank would print the same ones):
+  train.distributed.configure_logging asks `every_rank_warns`.
 Call `quiet_libraries` first thing in an entry point, before those libraries are imported.
 """
 
@@ -27,9 +28,19 @@ NOISY_LOGGERS = {  # logger name -> the lowest level shown by default
 }
 
 
+_every_rank_warns = True  # until an entry point asks for quiet
+
+
+def every_rank_warns() -> bool:
+    """Whether ranks > 0 log warnings (--verbose, or no entry point called `quiet_libraries`)."""
+    return _every_rank_warns
+
+
 def quiet_libraries(verbose: bool, rank: int = 0) -> None:
     """Raise the noisy libraries' log levels (module doc) unless `verbose`; `rank` > 0 also ignores
     Python warnings (rank 0 shows them)."""
+    global _every_rank_warns
+    _every_rank_warns = verbose
     if verbose:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -8,13 +8,15 @@ import warnings
 
 import pytest
 
-from config.console import NOISY_LOGGERS, quiet_libraries
+from config import console
+from config.console import NOISY_LOGGERS, every_rank_warns, quiet_libraries
 
 
 @pytest.fixture()
 def clean_levels(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     saved = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    monkeypatch.setattr(console, "_every_rank_warns", True)
     with warnings.catch_warnings():
         yield
     for name, level in saved.items():
@@ -42,7 +44,9 @@ def test_verbose_changes_nothing_and_other_ranks_drop_warnings(clean_levels) -> 
     logging.getLogger("onnxscript").setLevel(logging.NOTSET)
     quiet_libraries(verbose=True, rank=3)
     assert logging.getLogger("onnxscript").level == logging.NOTSET and "TRANSFORMERS_VERBOSITY" not in os.environ
+    assert every_rank_warns()
     quiet_libraries(verbose=False, rank=3)
+    assert not every_rank_warns()  # train.distributed.configure_logging: ranks > 0 log errors only
     with warnings.catch_warnings(record=True) as seen:
         warnings.warn("every rank would print this")
     assert seen == []
