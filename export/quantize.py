@@ -172,7 +172,8 @@ def hf_quantization_config(model: HybridLM, method: QuantMethod, group_size: int
 
     quantized = set(quantizable_linears(model))
     pattern = model.cfg.layer_pattern
-    skip = ["lm_head"] + [hf_key(f"{name}.weight", pattern).removesuffix(".weight") for name, mod in model.named_modules()
+    skip = ["lm_head"] + [hf_key(f"{name}.weight", pattern).removesuffix(".weight")
+                          for name, mod in model.named_modules()
                           if isinstance(mod, nn.Linear) and name.startswith("layers.") and name not in quantized]
     if method.name == "bnb-int8":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
@@ -254,10 +255,9 @@ def load_quantized(folder: str | Path, device: torch.device) -> HybridLM:
             state, leftover = unflatten_tensor_state_dict(state, fh.metadata())
         if leftover:
             raise ExportError(f"{path}: tensors without torchao metadata, e.g. {sorted(leftover)[:3]}")
-        state = {our_key(k): v for k, v in state.items()}
-        expected_missing: set[str] = set()
-    else:
-        state = {our_key(k): v for k, v in state.items()}  # plain tensors first, then the bitsandbytes modules built from their own tensors
+    state = {our_key(k): v for k, v in state.items()}
+    expected_missing: set[str] = set()
+    if method.library == "bitsandbytes":  # plain tensors first, then the modules built from their own tensors
         owned = [k for k in state if any(k.startswith(f"{name}.") for name in info["modules"])]
         quantized = {k: state.pop(k) for k in owned}
         expected_missing = {f"{name}.weight" for name in info["modules"]}
