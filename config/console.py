@@ -7,7 +7,8 @@ Quieted by default (each still reaches the console with --verbose):
   and its logger's level if it is loaded already;
 - torchao's optional-kernel load failures ("Failed to load .../_C_mxfp8...so"), logged at its import;
 - onnxscript / onnx_ir INFO lines (one per rewrite rule and pass during torch.onnx export);
-- torch's pytree notices about enum registration (printed when torchao registers its enums);
+- torch's pytree notices about enum registration (printed when torchao registers its enums) and
+  torch.onnx's "torchvision is not installed" (its vision ops are not registered; none are used);
 - on every rank but 0, Python warnings and log warnings (each rank would print the same ones):
   train.distributed.configure_logging asks `every_rank_warns`.
 Call `quiet_libraries` first thing in an entry point, before those libraries are imported.
@@ -25,6 +26,7 @@ NOISY_LOGGERS = {  # logger name -> the lowest level shown by default
     "onnxscript": logging.WARNING,
     "onnx_ir": logging.WARNING,
     "torch.utils._pytree": logging.ERROR,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,  # "torchvision is not installed", 4x per graph
 }
 
 
