@@ -110,6 +110,13 @@ def _resolve_local_data_files(manager: Any, tasks_dir: Path) -> None:
         index[name] = replace(entry, yaml_path=None, cfg=cfg)
 
 
+def resolve_include_paths(manager: Any) -> None:
+    """`_resolve_local_data_files` for every folder of the manager's `include_path` (a path or a list)."""
+    paths = manager.include_path
+    for path in paths if isinstance(paths, (list, tuple)) else [paths] if paths else []:
+        _resolve_local_data_files(manager, Path(path))
+
+
 def _absolute(files: Any, base: Path) -> Any:
     """data_files (str | list | {split: str | list}) with relative local paths made absolute."""
     if isinstance(files, dict):

@@ -29,6 +29,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from config.atomic import atomic_write_json  # noqa: E402
+from config.console import quiet_libraries  # noqa: E402
 from config.loader import ConfigError, load, read_yaml, validate  # noqa: E402
 from config.schema import RunConfig, load_run_config, without_user_only  # noqa: E402
 from config.sections import EvalConfig  # noqa: E402
@@ -57,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--allow-code-execution", action="store_true", default=None,
                    help="Allow benchmarks that execute model-written code (adds HumanEval to 'standard').")
     p.add_argument("--compare", action="store_true", default=None, help="Add published reference scores.")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' notices too (transformers, torchao, onnxscript INFO)")
     return p.parse_args(argv)
 
 
@@ -169,6 +172,7 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     checkpoint = Path(args.checkpoint)
     try:

@@ -85,16 +85,24 @@ class _Sums:
 @torch.inference_mode()
 def validation_perplexity(model: HybridLM, manifest: Manifest, seq_len: int, batch_size: int,
                           packing: Packing = "document", limit: int | None = None) -> dict:
-    """Token-weighted NLL/perplexity over all validation shards (and per source); `limit` caps windows."""
+    """Token-weighted NLL/perplexity over all validation shards (and per source); `limit` caps windows.
+    A progress bar on stderr counts the windows scored."""
+    from tqdm import tqdm
+
     dtype = np.dtype(manifest.token_dtype).newbyteorder("<")
+    shards = [(src.name, shard) for src in manifest.splits["validation"].sources for shard in src.shards]
+    # windows per shard from its token count (bytes / itemsize), as model.scoring.windows cuts it
+    n_windows = sum(math.ceil(max(shard.bytes // dtype.itemsize - 1, 0) / seq_len) for _, shard in shards)
+    bar = tqdm(total=n_windows if limit is None else min(limit, n_windows), desc="val_ppl", unit="window")
     total, per_source = _Sums(), {}
-    for src in manifest.splits["validation"].sources:
-        for shard in src.shards:
+    with bar:
+        for name, shard in shards:
             left = None if limit is None else max(limit - total.windows, 0)
             tokens = np.memmap(manifest.resolve(shard.path), dtype=dtype, mode="r")
             ends = np.fromfile(manifest.resolve(shard.index), dtype="<u8").astype(np.int64)
-            scored = stream_nll(model, tokens, seq_len, batch_size, ends if packing == "document" else None, left)
-            for sums in (total, per_source.setdefault(src.name, _Sums())):
+            scored = stream_nll(model, tokens, seq_len, batch_size, ends if packing == "document" else None, left,
+                                on_batch=bar.update)
+            for sums in (total, per_source.setdefault(name, _Sums())):
                 sums.add(*scored)
     if total.tokens == 0:
         raise EvalError(f"the validation split of {manifest.root / 'manifest.json'} has no token to score")

@@ -15,13 +15,19 @@ Methods (what runs where, measured with bitsandbytes 0.50.2 and torchao 0.18 on 
                   activations                              CUDA only (tinygemm kernel); the plain
                   packing format needs the `mslk` package, which has no CPU build here
 
-On disk (the folder `save_quantized` writes, `load_quantized` reads):
+On disk (the folder `save_quantized` writes, `load_quantized` reads) is a Hugging Face Bamba folder
+whose config.json carries transformers' own quantization config, so
+`AutoModelForCausalLM.from_pretrained(folder)` loads it through transformers' bitsandbytes / torchao
+quantizers (tensor names are Bamba's, export/hf.py):
     model.safetensors    bitsandbytes: the modules' own state-dict tensors (int8 weight + SCB, or
-                         packed uint8 NF4 weight + weight.absmax/quant_map/nested_*/quant_state.*);
-                         torchao: the tensor subclasses flattened by
-                         torchao.prototype.safetensors (`<module>._weight_<attr>` tensors, the
-                         subclass type and attributes in the safetensors header metadata)
-    config.json          the resolved ModelConfig
+                         packed uint8 NF4 weight + weight.absmax/quant_map/nested_*/quant_state.*),
+                         the layout transformers' Bnb8Bit/Bnb4BitHfQuantizer read back;
+                         torchao: the tensor subclasses flattened by torchao.prototype.safetensors
+                         (`<module>._weight_<attr>` tensors, the subclass type and attributes in the
+                         safetensors header metadata), which TorchAoHfQuantizer reads back
+    config.json          BambaConfig + quantization_config (BitsAndBytesConfig / TorchAoConfig, the
+                         unquantized Linears in its skip list)
+    hybrid_lm_config.json  the resolved ModelConfig
     quantization.json    {"method", "group_size", "dtype", "modules": [...quantized names...], versions}
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +44,13 @@ import torch.nn as nn
 
 from config.atomic import atomic_write_json
 from export import ExportError
+from export.hf import OUR_CONFIG_NAME, bamba_config, check_exportable, hf_key, our_key
+from model.config import ModelConfig
 from model.hybrid import HybridLM
-from model.weights import WEIGHTS_NAME, load_config
+from model.weights import WEIGHTS_NAME
 
 QUANT_CONFIG = "quantization.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,13 +165,36 @@ def quantize_model(model: HybridLM, method: QuantMethod, group_size: int, device
     return model.eval()
 
 
-def save_quantized(model: HybridLM, method: QuantMethod, group_size: int, out_dir: str | Path) -> Path:
-    """Write model.safetensors + config.json + quantization.json (format: module docstring)."""
+def hf_quantization_config(model: HybridLM, method: QuantMethod, group_size: int) -> dict:
+    """transformers' own quantization config of `method` (config.json's quantization_config); its skip
+    list names the Linears left in float (Mamba2 out_proj, the head) under Bamba's names."""
+    from transformers import BitsAndBytesConfig, TorchAoConfig
+
+    quantized = set(quantizable_linears(model))
+    pattern = model.cfg.layer_pattern
+    skip = ["lm_head"] + [hf_key(f"{name}.weight", pattern).removesuffix(".weight")
+                          for name, mod in model.named_modules()
+                          if isinstance(mod, nn.Linear) and name.startswith("layers.") and name not in quantized]
+    if method.name == "bnb-int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
+    elif method.name == "bnb-nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=model.embed.weight.dtype, llm_int8_skip_modules=skip)
+    else:
+        config = TorchAoConfig(_torchao_config(method, group_size), modules_to_not_convert=skip)
+    return config.to_dict()
+
+
+def save_quantized(model: HybridLM, method: QuantMethod, group_size: int, out_dir: str | Path,
+                   special_ids: dict[str, int | None] | None = None) -> Path:
+    """Write model.safetensors + config.json + hybrid_lm_config.json + quantization.json (format: module
+    docstring); `special_ids` (pad/bos/eos_token_id) go into the Bamba config."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    pattern = model.cfg.layer_pattern
+    state = {hf_key(k, pattern): v.detach().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": "pt"}
     if method.library == "torchao":
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
@@ -171,7 +204,17 @@ def save_quantized(model: HybridLM, method: QuantMethod, group_size: int, out_di
     tmp = out / f".{WEIGHTS_NAME}.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     tmp.replace(out / WEIGHTS_NAME)
-    atomic_write_json(out / "config.json", model.cfg.model_dump(mode="json"))
+    ours = model.cfg.model_dump(mode="json")
+    try:
+        check_exportable(model.cfg)
+    except ExportError as exc:  # e.g. qk_norm: Bamba cannot hold the model, so config.json is ours
+        log.warning("%s; this quantized folder loads here only", str(exc).split(";")[0])
+        atomic_write_json(out / "config.json", ours)
+    else:
+        hf_cfg = bamba_config(model.cfg, model.embed.weight.dtype, special_ids or {})
+        hf_cfg.quantization_config = hf_quantization_config(model, method, group_size)
+        hf_cfg.save_pretrained(str(out))
+    atomic_write_json(out / OUR_CONFIG_NAME, ours)
     atomic_write_json(out / QUANT_CONFIG, {
         "method": method.name,
         "bits": method.bits,
@@ -199,7 +242,7 @@ def load_quantized(folder: str | Path, device: torch.device) -> HybridLM:
         raise ExportError(f"{folder}/{QUANT_CONFIG}: unknown method {info.get('method')!r}")
     method = METHODS[info["method"]]
     check_runnable(method, device)
-    cfg = load_config(folder)
+    cfg = ModelConfig.model_validate(json.loads((folder / OUR_CONFIG_NAME).read_text()))
     path = str(folder / WEIGHTS_NAME)
     state = load_file(path, device=str(device))
     with torch.device("meta"):
@@ -212,8 +255,9 @@ def load_quantized(folder: str | Path, device: torch.device) -> HybridLM:
             state, leftover = unflatten_tensor_state_dict(state, fh.metadata())
         if leftover:
             raise ExportError(f"{path}: tensors without torchao metadata, e.g. {sorted(leftover)[:3]}")
-        expected_missing: set[str] = set()
-    else:  # plain tensors first, then the bitsandbytes modules built from their own tensors
+    state = {our_key(k): v for k, v in state.items()}
+    expected_missing: set[str] = set()
+    if method.library == "bitsandbytes":  # plain tensors first, then the modules built from their own tensors
         owned = [k for k in state if any(k.startswith(f"{name}.") for name in info["modules"])]
         quantized = {k: state.pop(k) for k in owned}
         expected_missing = {f"{name}.weight" for name in info["modules"]}

@@ -220,8 +220,11 @@ def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, devic
         numbers["perplexity, float"] = base["ppl"]
         numbers["decode tokens/s, float"] = decode_tokens_per_s(model, exp.parity_tokens, exp.throughput_new_tokens)
     quantized = quantize_model(copy.deepcopy(model), method, exp.quant_group_size, device)
-    save_quantized(quantized, method, exp.quant_group_size, out)  # before any forward: see save_quantized
+    tok = bundle.tokenizer
+    special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    save_quantized(quantized, method, exp.quant_group_size, out, special)  # before any forward: see save_quantized
     _copy_side_files(bundle.folder, out)
+    write_hf_tokenizer(tok, out, model.cfg.max_seq_len)  # tokenizer_config.json: AutoTokenizer loads the folder
     del quantized
     reloaded = load_quantized(out, device)
     float_size = (bundle.folder / WEIGHTS_NAME).stat().st_size
@@ -240,11 +243,14 @@ def run_quantized(bundle: Bundle, run_cfg: RunConfig, out: Path, fmt: str, devic
     write_card(
         out, fmt=fmt, source=bundle.folder, meta=bundle.meta, run_cfg=run_cfg, numbers=numbers,
         what=f"{method.summary}: the block Linears quantized (Mamba2 out_proj, embedding, head, norms, conv "
-             "and dt/A/D kept in the checkpoint dtype). On-disk format: model.safetensors + config.json + "
+             "and dt/A/D kept in the checkpoint dtype). On-disk format: a Hugging Face Bamba folder whose "
+             "config.json carries transformers' own quantization_config, + hybrid_lm_config.json + "
              "quantization.json (see export/quantize.py and docs/export.md).",
-        usage=f"from export.quantize import load_quantized\nimport torch\n"
-              f"model = load_quantized('{final or out}', torch.device('{device.type}'))\n"
-              f"# or: python launch/generate.py --checkpoint {final or out} --prompt 'def main():'",
+        usage=f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+              f"model = AutoModelForCausalLM.from_pretrained('{final or out}', device_map='{device.type}')\n"
+              f"tokenizer = AutoTokenizer.from_pretrained('{final or out}')\n"
+              f"# or here: export.quantize.load_quantized('{final or out}', torch.device('{device.type}')), or\n"
+              f"# python launch/generate.py --checkpoint {final or out} --prompt 'def main():'",
         notes=[f"{method.name} runs on CUDA only" if method.cuda_only else f"{method.name} runs on CPU and CUDA"],
     )
     return numbers

@@ -78,8 +78,10 @@ def complete(
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
     cuda_graph: bool | str = "auto",
+    row_seeds: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate for a batch of text prompts; `on_text(row, piece)` streams final text.
+    """Generate for a batch of text prompts; `on_text(row, piece)` streams final text; `row_seeds`
+    (one per prompt) sample each row from its own generator (model.generation.generate).
 
     Returns one dict per prompt: completion, new_tokens, finish ("stop", "eos" or "length"),
     and the batch's decode rate tokens_per_s.
@@ -96,6 +98,7 @@ def complete(
         model, [encode_prompt(tokenizer, p) for p in prompts], params,
         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
         on_token=on_token, should_stop=lambda row, _tokens: decoders[row].stopped, cuda_graph=cuda_graph,
+        row_seeds=row_seeds,
     )
     elapsed = time.perf_counter() - t0
     results = []
@@ -112,16 +115,28 @@ def complete(
 
 
 # ---- interactive commands -------------------------------------------------------------------------
-COMMANDS = {  # command -> (SamplingParams field, parser, help)
-    "/temp": ("temperature", float, "sampling temperature (0 = greedy)"),
-    "/top_p": ("top_p", float, "nucleus mass in (0, 1]"),
-    "/top_k": ("top_k", int, "keep the k most likely tokens (0 = all)"),
-    "/tokens": ("max_new_tokens", int, "tokens generated per reply at most"),
+COMMANDS = {  # command -> (SamplingParams field, parser, example value, help)
+    "/temp": ("temperature", float, "0.7", "sampling temperature (0 = greedy)"),
+    "/top_p": ("top_p", float, "0.9", "nucleus mass in (0, 1]"),
+    "/top_k": ("top_k", int, "50", "keep the k most likely tokens (0 = all)"),
+    "/tokens": ("max_new_tokens", int, "64", "tokens generated per reply at most"),
 }
-HELP = "\n".join(
-    [f"{cmd} X    {text}" for cmd, (_, _, text) in COMMANDS.items()]
-    + ["/help     this list", "/quit     leave (also Ctrl-D)", "anything else is a prompt"]
-)
+_KIND = {float: "a number", int: "a whole number"}
+_OTHER = {
+    "/settings": "show the current settings",
+    "/help": "this list",
+    "/quit": "leave (also Ctrl-D); Ctrl-C stops a reply",
+}
+_USAGE = {**{f"{cmd} X": text for cmd, (_, _, _, text) in COMMANDS.items()}, **_OTHER}
+_WIDTH = max(map(len, _USAGE)) + 2
+HELP = "\n".join([f"{usage:<{_WIDTH}}{text}" for usage, text in _USAGE.items()] + ["anything else is a prompt"])
+
+
+def settings(params: SamplingParams) -> str:
+    """The current sampling settings, one `name = value` per line, names aligned."""
+    fields = dataclasses.asdict(params)
+    width = max(map(len, fields))
+    return "\n".join(f"{name:<{width}} = {value}" for name, value in fields.items())
 
 
 @dataclasses.dataclass
@@ -144,11 +159,18 @@ def apply_line(line: str, params: SamplingParams) -> Command:
         return Command(params, quit=True)
     if name == "/help":
         return Command(params, message=HELP)
+    if name == "/settings":
+        return Command(params, message=settings(params))
     if name not in COMMANDS:
         return Command(params, message=f"unknown command {name}; /help lists the commands")
-    field, parse, _ = COMMANDS[name]
+    field, parse, example, _ = COMMANDS[name]
+    current = getattr(params, field)
     try:
-        new = dataclasses.replace(params, **{field: parse(arg.strip())})
-    except ValueError as exc:  # a bad number or a value SamplingParams rejects
+        value = parse(arg.strip())
+    except ValueError:  # not a number: say what is expected instead of Python's parse error
+        return Command(params, message=f"{name} takes {_KIND[parse]}, e.g. {name} {example} ({field} is {current})")
+    try:
+        new = dataclasses.replace(params, **{field: value})
+    except ValueError as exc:  # a value SamplingParams rejects; its message names the allowed range
         return Command(params, message=f"{name}: {exc}")
     return Command(new, message=f"{field} = {getattr(new, field)}")

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 import torch  # noqa: E402
 
 from config.atomic import staged_dir  # noqa: E402
+from config.console import quiet_libraries  # noqa: E402
 from export import ExportError  # noqa: E402
 from export.hf import check_exportable  # noqa: E402
 from export.loading import (  # noqa: E402
@@ -48,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-text", help="text file scored for perplexity when no manifest is given")
     p.add_argument("--config", help="run config YAML (path or name under config/runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' notices too (transformers, torchao, onnxscript INFO)")
     return p.parse_args(argv)
 
 
@@ -62,6 +65,7 @@ def requested_formats(spec: str | None, default: list[str]) -> list[str]:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     if args.manifest:

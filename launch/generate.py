@@ -78,12 +78,18 @@ def write(text: str) -> None:
 
 
 def run_interactive(model, tokenizer, params, stop: list[str], complete) -> None:
+    """Prompts and /commands from stdin until /quit or end of input. Ctrl-C stops the reply being
+    generated (or clears the line being typed) and returns to the prompt."""
     from export.textgen import HELP, apply_line
 
     print(f"interactive generation; /help lists the commands\n{HELP}", file=sys.stderr)
     while True:
         write("> ")
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            write("\n")
+            continue
         if not line:  # end of input
             write("\n")
             return
@@ -94,8 +100,28 @@ def run_interactive(model, tokenizer, params, stop: list[str], complete) -> None
         if cmd.quit:
             return
         if cmd.prompt is not None:
-            complete(model, tokenizer, [cmd.prompt], params, stop, on_text=lambda _row, piece: write(piece))
+            try:
+                complete(model, tokenizer, [cmd.prompt], params, stop, on_text=lambda _row, piece: write(piece))
+            except KeyboardInterrupt:
+                write(" [stopped]")
             write("\n")
+
+
+def complete_batches(complete, model, tokenizer, prompts: list[str], batch_size: int, params, stop: list[str]) -> list:
+    """Complete `prompts` `batch_size` at a time. With a seed, the run's generator draws one seed per
+    prompt up front, so a prompt's sample depends on the seed and its position, not on --batch-size."""
+    row_seeds = None
+    if params.seed is not None:
+        import torch
+
+        run_rng = torch.Generator().manual_seed(params.seed)
+        row_seeds = torch.randint(2**62, (len(prompts),), generator=run_rng).tolist()
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        results += complete(model, tokenizer, prompts[start:end], params, stop,
+                            row_seeds=None if row_seeds is None else row_seeds[start:end])
+    return results
 
 
 @cli_errors
@@ -143,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise ExportError(f"prompts file {args.input} has no prompts")
-    results = []
-    for start in range(0, len(prompts), args.batch_size):
-        results += complete(model, tok, prompts[start : start + args.batch_size], params, s.stop)
+    results = complete_batches(complete, model, tok, prompts, args.batch_size, params, s.stop)
     atomic_write_json(args.output, {
         "checkpoint": str(args.checkpoint),
         "sampling": s.model_dump(mode="json"),

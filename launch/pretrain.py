@@ -32,15 +32,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="let --resume none start over in a folder that holds a run, and --export replace an "
                         "existing destination (both refuse otherwise)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' notices and every rank's warnings too (rank 0's by default)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.distributed import fail_loudly
+    from config.console import quiet_libraries
+    from train.distributed import env_rank, fail_loudly
     from train.errors import user_errors
 
     args = parse_args(argv)
+    quiet_libraries(args.verbose, env_rank()[0])
 
     def pretrain() -> None:
         from config.schema import load_run_config

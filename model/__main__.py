@@ -88,15 +88,26 @@ def _fmt(n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    lst = sub.add_parser("list", help="print the presets and the block types")
-    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("list", help="print the presets, block types, MLP kinds and named variants", add_help=False)
     stats = sub.add_parser("stats", help="print each block's statistics on a text")
     stats.add_argument("checkpoint", help="consolidated checkpoint folder (model.safetensors, tokenizer.json)")
     stats.add_argument("--text", required=True, help="the text to run through the model")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.cmd == "stats":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         print_statistics(args.checkpoint, args.text)
         return
+    list_presets(rest)
+
+
+def list_presets(argv: list[str] | None = None) -> None:
+    """`python -m model list` / `hybrid-lm list`: the presets, block types, MLP kinds and named variants as
+    tables, or JSON with --json."""
+    parser = argparse.ArgumentParser(prog="python -m model list",
+                                     description="print the presets, block types, MLP kinds and named variants")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
     rows, kinds, mlps, variants = preset_rows(), block_type_rows(), mlp_kind_rows(), variant_rows()
     if args.json:
         print(json.dumps({"presets": rows, "block_types": kinds, "mlp_kinds": mlps, "variants": variants}, indent=2))

@@ -52,9 +52,13 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
 
 
 def choose_next(
-    logits: torch.Tensor, params: SamplingParams, history: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor,
+    params: SamplingParams,
+    history: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
 ) -> torch.Tensor:
-    """Next token per row. logits: (b, v) -> (b,) long."""
+    """Next token per row. logits: (b, v) -> (b,) long. `generator`: one for the batch, or one per row
+    (a row's draws then do not depend on the other rows of its batch)."""
     logits = apply_repetition_penalty(logits.float(), history, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
@@ -68,6 +72,8 @@ def choose_next(
         drop = cum - torch.softmax(sorted_logits, -1) > params.top_p  # keep the token that crosses top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, -1)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -94,6 +100,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     should_stop: Callable[[int, list[int]], bool] | None = None,
     cuda_graph: bool | str = "auto",
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Generate continuations for a batch of prompts; returns the new tokens of each row.
 
@@ -101,11 +108,17 @@ def generate(
     says so (e.g. a stop string appeared). `on_token(row, token)` streams tokens as they are chosen.
     cuda_graph: decode through a static cache replayed as a CUDA graph (model/decode_graph.py): auto (on
     for CUDA devices), true (CUDA only) or false.
+    row_seeds: one seed per prompt, each row sampled from its own generator (instead of params.seed for
+    the batch), so a row's sample does not depend on which prompts share its batch.
     """
     device = model.embed.weight.device
     graphed = decode_graph_enabled(cuda_graph, device)
-    generator = None
-    if params.seed is not None:
+    generator: torch.Generator | list[torch.Generator] | None = None
+    if row_seeds is not None:
+        if len(row_seeds) != len(prompts):
+            raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(prompts)} prompts")
+        generator = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+    elif params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     ids, mask = left_pad(prompts, pad_id, device)
     out: list[list[int]] = [[] for _ in prompts]

@@ -11,7 +11,7 @@ the export stage (perplexity before and after quantisation).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -58,9 +58,11 @@ def stream_nll(
     batch_size: int,
     doc_ends: np.ndarray | None = None,
     max_windows: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[float, int, int]:
     """(summed NLL in nats, scored targets, windows) of `tokens` (n,) in windows of `seq_len`,
-    `batch_size` windows per forward, at most `max_windows` windows."""
+    `batch_size` windows per forward, at most `max_windows` windows; `on_batch(windows)` after each
+    forward (progress)."""
     if isinstance(tokens, torch.Tensor):
         tokens = tokens.cpu().numpy()
     device = model.embed.weight.device
@@ -72,4 +74,6 @@ def stream_nll(
         if n:
             nll += float(model.loss(ids, labels, seq_idx=seq_idx)) * n
             scored += n
+        if on_batch is not None:
+            on_batch(len(spans[i: i + batch_size]))
     return nll, scored, len(spans)

@@ -1,6 +1,6 @@
 """Curate a recipe into token shards + manifest.json (the format pretraining reads).
 
-    python pipeline/curate.py --recipe embedded                       # local, ~40 s on 2 cores
+    python pipeline/curate.py --recipe embedded                       # local, ~35 s on 2 cores
     python pipeline/curate.py --recipe production_100b --executor slurm
     python pipeline/curate.py --recipe production_100b --data-root /mirrors   # hub sources from local mirrors
 
@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="Local executor: tasks run at once (default: CPU cores).")
     p.add_argument("--limit-docs", type=int, help="Read at most N documents per source (quick runs).")
     p.add_argument("--data-root", help="Folder of local hub mirrors: DIR/<hub_id>/ (see docs/curation.md).")
+    p.add_argument("--verbose", action="store_true",
+                   help="print datatrove's per-task lines and stats too (always in work/logs/<stage>/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a recipe key, e.g. --set output.validation_fraction=0.02 (repeatable).")
     return p.parse_args(argv)
@@ -33,6 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from config.console import quiet_libraries
+
+    quiet_libraries(args.verbose)
     from config.loader import ConfigError
     from config.recipe import load_recipe
     from pipeline.errors import CurationError
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout(Path(args.output or f"outputs/{recipe.name}").resolve())
         tokenizer = preflight(recipe, base_dir, layout, args.data_root)
         stages = build_stages(recipe, base_dir, layout, args.data_root, tokenizer)
-        executors = build_executors(args.executor, stages, layout, recipe.cluster, args.workers)
+        executors = build_executors(args.executor, stages, layout, recipe.cluster, args.workers, args.verbose)
         run_executors(args.executor, executors, stages, recipe.cluster)
     except (ConfigError, CurationError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ work/logs/<stage>/, so resubmitting after a failure reruns only unfinished tasks
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
@@ -28,15 +28,37 @@ ExecutorKind = Literal["local", "slurm", "ray"]
 LOCAL_START_METHOD = "fork" if sys.platform == "linux" else "forkserver"
 
 
+def quiet_console() -> None:
+    """datatrove's console sink at WARNING (its INFO lines: per-task pipelines, stats and progress)."""
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """LocalPipelineExecutor whose tasks log to the console only errors; each task's full log still goes
+    to work/logs/<stage>/logs/task_*.log. datatrove uses a task's local_rank only to pick its console
+    level (INFO for 0, ERROR otherwise: executor/base.py, utils/logging.add_task_logger)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
+        try:
+            return super()._run_for_rank(rank, 1, node_rank)
+        finally:  # a task run in this process (one worker) restores datatrove's default INFO sink at its end
+            quiet_console()
+
+
 def build_executors(kind: ExecutorKind, stages: list[Stage], layout: Layout, cluster: ClusterConfig,
-                    workers: int) -> list[PipelineExecutor]:
-    """One executor per stage, in order; Slurm/Ray ones depend on their predecessor."""
+                    workers: int, verbose: bool = True) -> list[PipelineExecutor]:
+    """One executor per stage, in order; Slurm/Ray ones depend on their predecessor. Local ones print
+    datatrove's INFO lines only if `verbose`."""
     executors: list[PipelineExecutor] = []
+    local = LocalPipelineExecutor if verbose else QuietLocalExecutor
+    if not verbose:
+        quiet_console()
     for stage in stages:
         logs = str(layout.logs(stage.name))
         if kind == "local":
-            ex = LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
-                                       logging_dir=logs, start_method=LOCAL_START_METHOD)
+            ex = local(stage.pipeline, tasks=stage.tasks, workers=max(1, min(workers, stage.tasks)),
+                       logging_dir=logs, start_method=LOCAL_START_METHOD)
         elif kind == "slurm":
             s = cluster.slurm
             ex = SlurmPipelineExecutor(
@@ -61,7 +83,9 @@ def run_executors(kind: ExecutorKind, executors: list[PipelineExecutor], stages:
         for i, (stage, ex) in enumerate(zip(stages, executors, strict=True), 1):
             if stage.check:
                 stage.check()
-            logger.info(f"stage {i}/{len(executors)}: {stage.name} ({ex.world_size} tasks)")
+            done = ex.world_size - len(ex.get_incomplete_ranks(range(ex.world_size)))
+            resumed = f", {done} done before: skipped" if done else ""
+            print(f"stage {i}/{len(executors)}: {stage.name} ({ex.world_size} tasks{resumed})", file=sys.stderr, flush=True)
             ex.run()
         return
     try:

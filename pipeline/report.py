@@ -40,6 +40,7 @@ def step_summary(stat: Stats) -> dict[str, Any]:
     out: dict[str, Any] = {"step": stat.name, "seconds": round(stat.time_stats.total, 3)}
     if "doc_len" in s and "total" not in s:  # a reader: documents and characters produced
         out["out"], out["characters"] = s["doc_len"].n, int(s["doc_len"].total)
+        out["empty"] = _count(stat, "empty_documents")  # rows without text, skipped
     if "total" in s:
         out["in"] = _count(stat, "total")
         out["out"] = _count(stat, "forwarded") if "forwarded" in s or "dropped" in s else out["in"]
@@ -72,7 +73,8 @@ def build_report(layout: Layout, stage_names: list[str], manifest: dict[str, Any
             src = name.removeprefix("prepare.")
             written = _count(steps[-1], "total")
             decont = [step_summary(s) for s in steps if "N-grams" in s.name]
-            sources[src] = {"read": step_summary(steps[0]).get("out", 0),
+            read = step_summary(steps[0])
+            sources[src] = {"read": read.get("out", 0), "empty": read.get("empty", 0),
                             "after_filters": decont[0].get("in", 0) if decont else written}
             if decont:
                 sources[src]["after_decontamination"] = written
@@ -117,7 +119,7 @@ def format_report(report: dict[str, Any]) -> str:
             name = step["step"].split(": ", 1)[-1].encode("ascii", "ignore").decode().strip()
             lines.append(f"{stage['stage']:<28}{name[:33]:<34}{step.get('in', ''):>10}{step.get('out', ''):>10}"
                          f"{step.get('removed', ''):>9}  {reasons}")
-    cols = ["read", "after_filters", "after_decontamination", "after_exact_dedup", "train_documents", "validation_documents",
+    cols = ["read", "empty", "after_filters", "after_decontamination", "after_exact_dedup", "train_documents", "validation_documents",
             "train_tokens", "validation_tokens"]
     lines += ["", f"{'source':<20}" + "".join(f"{c:>22}" for c in cols)]
     for src, row in report["sources"].items():

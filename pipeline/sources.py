@@ -47,7 +47,19 @@ def stdlib_dir() -> Path:
 
 
 def _adapt(reader: BaseReader, data: dict, path: str, id_in_file: int | str, mapping: dict[str, str]) -> dict:
-    """Input row -> Document fields, keeping only the recipe's metadata mapping (output key <- input field)."""
+    """Input row -> Document fields, keeping only the recipe's metadata mapping (output key <- input field).
+
+    A row whose text is empty (an empty file, "text": "") is counted as `empty_documents` in the reader's
+    stats (the curation report shows them); datatrove then skips it. A row without the text key at all
+    gets one warning per reader naming the key and the row's keys (a recipe error, not empty data).
+    """
+    if reader.text_key not in data:
+        if not getattr(reader, "warned_missing_text_key", False):
+            reader.warned_missing_text_key = True
+            logger.warning(f"source {reader.default_metadata.get('source')}: a row has no {reader.text_key!r} "
+                           f"field (its keys: {sorted(data)}); set the source's text_key in the recipe")
+    elif not data[reader.text_key]:
+        reader.stat_update("empty_documents")
     return {
         "text": data.get(reader.text_key),
         "id": str(data.get(reader.id_key, f"{path}/{id_in_file}")),
@@ -177,6 +189,9 @@ def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: st
     common: dict[str, Any] = {"text_key": source.text_key, "id_key": source.id_key,
                               "default_metadata": {"source": source.name}}
     adapter = partial(_adapt, mapping=source.metadata)
+    # _adapt counts empty texts and warns on a missing text key itself: datatrove's once-per-reader flag
+    # (readers/base.py) is set so that its warning, which asks whether text_key is right, never fires
+    # for a key that exists and an empty value
     if source.type in ("jsonl", "parquet"):
         path = local_path(source, base_dir)
         folder, glob = (path.parent, path.name) if path.is_file() else (path, source.glob or DEFAULT_GLOBS[source.type])
@@ -203,6 +218,8 @@ def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: st
         reader = TextFileReader(str(root), source.glob or DEFAULT_GLOBS[source.type], source.exclude, **common)
         reader.adapter = MethodType(adapter, reader)
         files = len(reader.list_files())
+    if source.type != "pydoc":  # the readers whose rows go through _adapt
+        reader._empty_warning = True
     if source.limit:
         reader.limit = -(-source.limit // max(1, min(tasks, files)))
     return reader

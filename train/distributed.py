@@ -91,7 +91,11 @@ def init_distributed() -> DistEnv:
     """Initialise the process group through DeepSpeed: NCCL on GPUs, gloo on CPU."""
     import deepspeed
 
+    from train.ds_ops import check_build_locks, skip_shm_comm_op
+
     fill_launch_env()
+    skipped = skip_shm_comm_op(int(os.environ["WORLD_SIZE"]))
+    check_build_locks(ignore=skipped)  # a stale lock would make DeepSpeed's op build wait forever, silently
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         for key, value in NCCL_DEFAULTS.items():
@@ -114,13 +118,17 @@ def init_distributed() -> DistEnv:
 
 
 def configure_logging(rank: int) -> None:
-    """INFO from rank 0, warnings and errors from every rank, each line tagged with its rank; DeepSpeed's
-    own INFO chatter off."""
+    """INFO from rank 0, errors from every rank (and warnings too with --verbose:
+    config.console.every_rank_warns; the ranks would repeat rank 0's), each line tagged with its rank;
+    DeepSpeed's own INFO chatter off."""
     from deepspeed.utils import logger as ds_logger
+
+    from config.console import every_rank_warns
 
     # torch's own collectives, called by DeepSpeed, warn about their deprecated names on every call
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+    other_ranks = logging.WARNING if every_rank_warns() else logging.ERROR
+    logging.basicConfig(level=logging.INFO if rank == 0 else other_ranks, force=True,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     ds_logger.setLevel(logging.WARNING)

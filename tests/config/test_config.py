@@ -209,3 +209,9 @@ def test_staged_dir_replaces_as_a_whole_with_normal_permissions(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"] and not (final / "old.txt").exists()
     assert (final / "sub" / "model.onnx").stat().st_mode & 0o777 == FILE_MODE
     assert final.stat().st_mode & 0o777 == DIR_MODE
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_listed_preset_is_a_runnable_config(name: str) -> None:
+    """`python -m model list` shows PRESETS; each must also work as `--config NAME`."""
+    assert load_run_config(name).model.preset == name

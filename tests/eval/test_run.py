@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 DATA = Path(__file__).resolve().parent / "data"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _is_fraction(x) -> bool:
@@ -134,3 +138,19 @@ def test_code_execution_reruns_the_evaluation_in_the_sandbox(tiny_bundle_dir, mo
     monkeypatch.setenv(sandbox.MARK, "1")  # inside the sandbox: evaluate
     with pytest.raises(pytest.fail.Exception, match="outside the sandbox"):
         run.main(args)
+
+
+def test_lm_eval_cli_runs_the_shipped_tasks_from_another_folder(tiny_bundle_dir, tmp_path):
+    """lm-eval's own CLI through the wrapper, started outside the repository: the backend is registered
+    and the shipped tasks' data files resolve against their YAML's folder, not the working directory."""
+    out = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "eval.lm_eval_cli", "--model", "hybrid", "--model_args",
+         f"checkpoint={tiny_bundle_dir}", "--tasks", "local_mc", "--include_path", str(REPO / "eval" / "tasks"),
+         "--device", "cpu", "--limit", "3", "--output_path", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert 0 <= results["results"]["local_mc"]["acc,none"] <= 1

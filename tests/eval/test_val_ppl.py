@@ -77,6 +77,14 @@ def test_limit_caps_windows(lm, manifest_path):
     assert report["windows"] == 3
 
 
+@pytest.mark.parametrize("limit", [None, 3])
+def test_progress_bar_counts_every_window(lm, manifest_path, capsys, limit):
+    report = validation_perplexity(lm.model, read_manifest(manifest_path), seq_len=SEQ_LEN, batch_size=2,
+                                   limit=limit)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("val_ppl: 100%") and f" {report['windows']}/{report['windows']} " in last, last
+
+
 def test_verify_catches_corrupt_shard_and_foreign_tokenizer(tmp_path, manifest_path, tiny_bundle_dir):
     copy = tmp_path / "curated"
     shutil.copytree(manifest_path.parent, copy)

@@ -10,12 +10,15 @@ import torch
 
 
 def test_interactive_commands_change_settings_and_quit(tiny_bundle_dir, run_script):
-    stdin = "/temp 0\n/top_k 5\n/top_p 0.5\n/tokens 3\n/top_p 2\n/nope\n/help\ndef f():\n/quit\nnever read\n"
+    stdin = ("/temp 0\n/top_k 5\n/top_p 0.5\n/tokens 3\n/top_p 2\n/tokens abc\n/temp\n/nope\n/help\n/settings\n"
+             "def f():\n/quit\nnever read\n")
     proc = run_script("generate", "--checkpoint", str(tiny_bundle_dir), "--interactive", stdin=stdin)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for line in ("temperature = 0.0", "top_k = 5", "top_p = 0.5", "max_new_tokens = 3",
-                 "/top_p: top_p must be in (0, 1], got 2.0", "unknown command /nope", "/quit"):
+                 "/top_p: top_p must be in (0, 1], got 2.0", "/tokens takes a whole number, e.g. /tokens 64",
+                 "/temp takes a number, e.g. /temp 0.7 (temperature is 0.0)", "unknown command /nope", "/quit",
+                 "top_k              = 5"):
         assert line in out
     assert "Traceback" not in proc.stderr
 
@@ -58,6 +61,39 @@ def test_greedy_batch_is_deterministic_and_equals_single(tiny_bundle_dir, tmp_pa
     assert generate_cli.main([*args, "--prompt", "for i in range(3):", "--no-stream"]) == 0
     single = capsys.readouterr().out.rstrip("\n")
     assert json.loads(out.read_text())["results"][1]["completion"] == single
+
+
+def test_sampled_batch_results_do_not_depend_on_batch_size(tiny_bundle_dir, tmp_path, generate_cli):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x = 1\nfor i in range(3):\nimport os\n")
+    args = ["--checkpoint", str(tiny_bundle_dir), "--input", str(prompts), "--max-new-tokens", "6",
+            "--temperature", "1.5", "--seed", "11"]
+    completions = []
+    for batch_size in (1, 3):
+        out = tmp_path / f"r{batch_size}.json"
+        assert generate_cli.main([*args, "--output", str(out), "--batch-size", str(batch_size)]) == 0
+        completions.append([r["completion"] for r in json.loads(out.read_text())["results"]])
+    assert completions[0] == completions[1]
+    assert len(set(completions[0])) > 1  # sampled, not greedy: the rows differ
+
+
+def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(generate_cli, monkeypatch, capsys):
+    import io
+
+    from model.generation import SamplingParams
+
+    calls = []
+
+    def complete(model, tokenizer, prompts, params, stop, on_text):
+        calls.append(prompts[0])
+        on_text(0, "partial")
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first reply
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n/quit\n"))
+    generate_cli.run_interactive(None, None, SamplingParams(), [], complete)
+    assert calls == ["first", "second"]
+    assert "partial [stopped]\n" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_is_one_line_error(run_script):

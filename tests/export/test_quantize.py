@@ -78,3 +78,37 @@ def test_quantized_export_needs_evaluation_text(tiny_bundle_dir, tmp_path, expor
     rc = export_cli.main(["--checkpoint", str(tiny_bundle_dir), "--format", "nf4", "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--eval-text" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method,tolerance", [("torchao-int8", 1e-4), ("bnb-int8", 1e-4), ("bnb-nf4", 1e-2)])
+def test_quantized_folder_loads_in_plain_transformers(method, tolerance, tiny_bundle_dir, tmp_path):
+    """AutoModelForCausalLM reads the folder through transformers' own quantizer (TorchAoConfig /
+    BitsAndBytesConfig in config.json) and matches our reload: tolerance relative to the largest logit
+    (NF4: the two libraries' CPU kernels round the dequantized matmul differently)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from export.quantize import _cpu_packing_guard
+
+    bundle = load_bundle(tiny_bundle_dir)
+    tok = bundle.tokenizer
+    special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    save_quantized(quantize_model(bundle.model, METHODS[method], 64, CPU), METHODS[method], 64, tmp_path, special)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    library = {"torchao-int8": "torchao", "bnb-int8": "bitsandbytes", "bnb-nf4": "bitsandbytes"}[method]
+    assert theirs.config.quantization_config.quant_method.value == library
+    mamba = theirs.model.layers[0].mamba
+    assert type(mamba.out_proj) is torch.nn.Linear and type(mamba.out_proj.weight) is torch.nn.Parameter
+    if library == "bitsandbytes":
+        assert isinstance(mamba.in_proj, bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit)
+    else:
+        assert type(mamba.in_proj.weight).__name__ == "Int8Tensor"
+    for module in theirs.modules():  # bitsandbytes' AVX512 CPU repacking needs out_features % 32 (see docs)
+        if isinstance(module, bnb.nn.Linear4bit):
+            _cpu_packing_guard(module)
+    ids = torch.randint(4, bundle.model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_quantized(tmp_path, CPU)(ids).float()
+        hf = theirs(ids).logits.float()
+    ours = ours[..., : hf.size(-1)]
+    assert (hf - ours).abs().max() <= tolerance * ours.abs().max()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from export.textgen import StreamDecoder, apply_line
+from export.textgen import HELP, StreamDecoder, apply_line
 from model.bundle import load_tokenizer
 from model.generation import SamplingParams
 
@@ -54,9 +54,14 @@ def test_commands_update_params_and_reject_bad_values():
     p = SamplingParams(temperature=0.8)
     cmd = apply_line("/temp 0.2\n", p)
     assert cmd.params.temperature == 0.2 and cmd.message == "temperature = 0.2"
-    assert apply_line("/top_k x", p).params is p and "invalid literal" in apply_line("/top_k x", p).message
+    assert apply_line("/top_k x", p).params is p
+    assert apply_line("/top_k x", p).message == "/top_k takes a whole number, e.g. /top_k 50 (top_k is 0)"
+    assert apply_line("/temp", p).message == "/temp takes a number, e.g. /temp 0.7 (temperature is 0.8)"
+    assert "temperature        = 0.8" in apply_line("/settings", p).message.splitlines()
     assert apply_line("/tokens -1", p).message.startswith("/tokens: max_new_tokens must be >= 0")
-    assert apply_line("/quit", p).quit and apply_line("/help", p).message.startswith("/temp")
+    assert apply_line("/quit", p).quit and apply_line("/help", p).message.startswith("/temp X    ")
+    columns = {len(line) - len(line[line.index("  "):].lstrip()) for line in HELP.splitlines()[:-1]}
+    assert len(columns) == 1  # /help's descriptions start in one column
     assert apply_line("hello there\n", p).prompt == "hello there" and apply_line("   \n", p).prompt is None
 
 

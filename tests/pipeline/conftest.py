@@ -99,4 +99,5 @@ def curated(small_recipe: dict, tmp_path_factory: pytest.TempPathFactory) -> Pat
     proc = run_cli("--recipe", str(small_recipe["path"]), "--output", str(out), "--data-root",
                    str(small_recipe["data_root"]), "--workers", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out.parent / "console.txt").write_text(proc.stdout + proc.stderr)  # what the user saw
     return out

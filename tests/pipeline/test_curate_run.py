@@ -127,7 +127,7 @@ def test_killed_run_resumes_to_identical_output(small_recipe: dict, curated: Pat
         f.unlink()
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Skipping" in resumed.stderr  # completed tasks were not run again
+    assert "done before: skipped" in resumed.stderr  # completed tasks were not run again
     assert shard_digests(out) == shard_digests(curated)
     m = load_manifest(out)
     m.verify()
@@ -158,3 +158,12 @@ def test_output_folder_of_another_recipe_is_refused(small_recipe: dict, curated:
                    str(small_recipe["data_root"]), *extra)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "different recipe" in proc.stderr
+
+
+def test_console_shows_stages_and_report_full_logs_go_to_files(curated: Path) -> None:
+    """By default datatrove's per-task INFO lines (pipelines, stats, progress) stay in the task logs."""
+    console = (curated.parent / "console.txt").read_text()
+    assert "stage 1/" in console and "manifest:" in console
+    assert "Launching pipeline" not in console and "Stats:" not in console
+    task_logs = "".join(p.read_text() for p in (curated / "work" / "logs").glob("*/logs/task_*.log"))
+    assert "Launching pipeline" in task_logs and "Stats" in task_logs

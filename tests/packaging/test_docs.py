@@ -1,0 +1,24 @@
+"""The docs a user reads point at things a user has: no file outside the repository, and every
+example checkpoint path is one a shipped run config produces (`<train.output_dir>/final`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_docs_link_nothing_outside_the_repository() -> None:
+    outside = [f"{d.name}: {m}" for d in DOCS for m in re.findall(r"\.\./[\w./-]+", d.read_text())]
+    assert not outside, outside
+
+
+def test_example_checkpoints_are_folders_a_run_config_writes() -> None:
+    finals = {f"{yaml.safe_load(p.read_text())['train']['output_dir']}/final"
+              for p in (REPO / "config" / "runs").glob("*.yaml")}
+    used = {m for d in DOCS for m in re.findall(r"--checkpoint (\S+/(?:final|consolidated))\b", d.read_text())}
+    assert used and used <= finals, sorted(used - finals)
