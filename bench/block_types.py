@@ -6,8 +6,8 @@ kernel path in bf16 and on the reference path in float64 with the same weights; 
 error of the output and of the input gradient. Mamba2 (`M`) and attention (`A`) are the yardstick: a new
 block type's kernel path is as exact as theirs when its errors are of the same size.
 
-Speed: forward+backward of the whole model (bf16, kernel path, `model.loss`, no optimizer; the optimizer's
-cost depends on the parameter count alone) at `--batch` x `--seq-len`, for the preset's own pattern and for
+Speed: forward+backward of the whole model (bench/fwd_bwd_throughput.py's measure: bf16, kernel path,
+`model.loss`, no optimizer; the optimizer's cost depends on the parameter count alone) at `--batch` x `--seq-len`, for the preset's own pattern and for
 the same pattern with every attention block replaced by each other block type (`A` -> `R`, `A` -> `G`).
 MFU counts each block type's model FLOPs (model/sizing.py; the routed block at its capacity bound).
 
@@ -18,14 +18,18 @@ MFU counts each block type's model FLOPs (model/sizing.py; the routed block at i
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from bench.common import (
-    add_run_options, bench_model, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results,
+    add_run_options,
+    environment,
+    matmul_peak_tflops,
+    rel_err,
+    write_results,
 )
-from model import ModelConfig, train_flops_per_token
+from bench.fwd_bwd_throughput import measure
+from model import ModelConfig
 from model.config import ATTENTION, MAMBA
 from model.documents import positions_from_seq_idx
 from model.mixers import MixerContext, block_types
@@ -62,36 +66,6 @@ def mixer_parity(cfg: ModelConfig, letter: str, seq: int, device: torch.device) 
             "err_dx": rel_err(out["fast"][1], out["ref"][1])}
 
 
-def training_speed(cfg: ModelConfig, batch: int, seq: int, device: torch.device, iters: int, peak: float) -> dict:
-    model = bench_model(cfg, device)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-
-    def step() -> None:
-        model.loss(ids[:, :-1], ids[:, 1:]).backward()
-        for p in model.parameters():
-            p.grad = None
-
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t = median(time_fn(step, device, warmup=2, iters=iters))
-    flops = train_flops_per_token(cfg, seq)
-    row = {"part": "speed", "pattern": cfg.layer_pattern, "params": count_params(cfg), "batch": batch,
-           "seq_len": seq, "impl": model.impl, "tokens_per_s": batch * seq / t, "step_ms": 1e3 * t,
-           "first_step_s": first, "mfu": batch * seq / t * flops / (peak * 1e12)}
-    stats = model.block_statistics()
-    routed = [v for k, v in stats.items() if k.endswith("routed_fraction")]
-    if routed:
-        row["routed_fraction"] = sum(routed) / len(routed)
-    if device.type == "cuda":
-        row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del model
-    return row
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -113,9 +87,11 @@ def main() -> None:
         if letter == MAMBA:
             continue
         pattern = base.layer_pattern.replace(ATTENTION, letter)  # letter A: the preset's own pattern
+        cfg = base.model_copy(update={"pattern": pattern})
         try:
-            row = training_speed(base.model_copy(update={"pattern": pattern}), batch, seq, device,
-                                 2 if args.smoke else args.iters, peak)
+            row = {"part": "speed", "pattern": pattern, "params": count_params(cfg)}
+            row |= measure(cfg, batch, seq, False, False, device, 2 if args.smoke else args.iters)
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / (peak * 1e12)
         except Exception as exc:  # an OOM or a kernel failure is a row, not the end of the run
             row = {"part": "speed", "pattern": pattern, "impl": f"{type(exc).__name__}: {exc}"[:200]}
         rows.append(row)

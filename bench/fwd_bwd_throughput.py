@@ -72,8 +72,18 @@ def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, dev
             "flops_per_token": train_flops_per_token(cfg, seq)}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    row |= block_statistics(model)
     del model
     return row
+
+
+def block_statistics(model: torch.nn.Module) -> dict[str, float]:
+    """The last step's block statistics (model.block_statistics: router fractions, gate means), each name's
+    mean over the layers that report it; empty for patterns of M and A alone."""
+    by_name: dict[str, list[float]] = {}
+    for key, value in model.block_statistics().items():
+        by_name.setdefault(key.rsplit(".", 1)[-1], []).append(value)
+    return {name: sum(vs) / len(vs) for name, vs in by_name.items()}
 
 
 def main() -> None:

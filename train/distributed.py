@@ -170,13 +170,25 @@ def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException]
     try:
         main()
     except user_errors as exc:
-        _die(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 2)
+        _die(one_line(exc), 2)
     except BaseException as exc:  # noqa: BLE001 - every failure must end this rank loudly
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         traceback.print_exc()
         _die(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
     _finish()
+
+
+def one_line(exc: BaseException) -> str:
+    """The line a user error prints: its message's first line; for one re-raised from a DataLoader worker
+    (torch's message is "Caught X in DataLoader worker process N." and the worker's traceback), the
+    original message, the traceback's last line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 def _finish() -> NoReturn:

@@ -67,7 +67,7 @@ def test_subcommands_run_with_their_own_flags(capsys: pytest.CaptureFixture) -> 
     from model.__main__ import preset_rows
 
     assert cli.main(["list", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == preset_rows(verify=False)
+    assert json.loads(capsys.readouterr().out)["presets"] == preset_rows(verify=False)
     with pytest.raises(SystemExit) as done:
         cli.main(["generate", "--help"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: hybrid-lm generate")

@@ -68,3 +68,25 @@ def test_failure_prints_one_line_and_skips_hooks(tmp_path: Path, body: str, code
     assert proc.stderr.strip().splitlines()[-1] == line
     assert ("Traceback" in proc.stderr) == (code == 1)  # bad input: the line alone
     assert not marker.exists()
+
+
+def test_an_error_from_a_dataloader_worker_keeps_its_own_line() -> None:
+    """data.num_workers > 0: torch re-raises a worker's ManifestError with the worker's traceback in the
+    message; the one line printed is still the original message (the shard's name)."""
+    import torch.utils.data
+
+    from config.manifest import ManifestError
+    from train.distributed import one_line
+
+    class BadShard(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, i: int) -> int:
+            raise ManifestError("shard data/00001.ds holds token id 9000 >= vocabulary 512: re-run curation")
+
+    with pytest.raises(ManifestError) as caught:
+        next(iter(torch.utils.data.DataLoader(BadShard(), num_workers=1)))
+    assert str(caught.value).startswith("Caught ManifestError in DataLoader worker")
+    assert one_line(caught.value) == "shard data/00001.ds holds token id 9000 >= vocabulary 512: re-run curation"
+    assert one_line(ManifestError("first\nsecond")) == "first" and one_line(ManifestError()) == "ManifestError"
