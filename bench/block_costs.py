@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ContextManager
 from unittest import mock
 
@@ -36,14 +38,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.common import add_run_options, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results
-from bench.peers import attention_twin
-from model import ModelConfig, train_flops_per_token
-from model.attention import Attention
-from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU
-from model.loss import mean_nll
-from model.mamba2 import Mamba2Mixer
-from model.sizing import mlp_params
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import add_run_options, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results  # noqa: E402
+from bench.peers import attention_twin  # noqa: E402
+from model import ModelConfig, train_flops_per_token  # noqa: E402
+from model.attention import Attention  # noqa: E402
+from model.layers import ResidualRMSNorm, RotaryEmbedding, SwiGLU  # noqa: E402
+from model.loss import mean_nll  # noqa: E402
+from model.mamba2 import Mamba2Mixer  # noqa: E402
+from model.sizing import mlp_params  # noqa: E402
 
 COLUMNS = ["part", "variant", "seq_len", "batch", "ms", "tflops", "mfu", "fwd_flops_per_token"]
 PART_NAMES = ("mamba_mixer", "attention_mixer", "mlp", "norm", "head_loss")

@@ -18,22 +18,26 @@ MFU counts each block type's model FLOPs (model/sizing.py; the routed block at i
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from bench.common import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import (  # noqa: E402
     add_run_options,
     environment,
     matmul_peak_tflops,
     rel_err,
     write_results,
 )
-from bench.fwd_bwd_throughput import measure
-from model import ModelConfig
-from model.config import ATTENTION, MAMBA
-from model.documents import positions_from_seq_idx
-from model.mixers import MixerContext, block_types
-from model.sizing import count_params
+from bench.fwd_bwd_throughput import measure  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from model.config import ATTENTION, MAMBA  # noqa: E402
+from model.documents import positions_from_seq_idx  # noqa: E402
+from model.mixers import MixerContext, block_types  # noqa: E402
+from model.sizing import count_params  # noqa: E402
 
 
 def mixer_parity(cfg: ModelConfig, letter: str, seq: int, device: torch.device) -> dict:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import environment, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import environment, write_results  # noqa: E402
 
 # Production assumptions (stated in the results): web-English characters per token of a 32k BPE and the
 # share of read text removed by filters/dedup/decontamination. Everything else comes from the recipe.

@@ -18,17 +18,27 @@ error of the loss and of all gradients concatenated).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bench.common import (
-    bench_model, environment, matmul_peak_tflops, median, rel_err, sync, time_fn, write_results,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import (  # noqa: E402
+    bench_model,
+    environment,
+    matmul_peak_tflops,
+    median,
+    rel_err,
+    sync,
+    time_fn,
+    write_results,
 )
-from bench.peers import attention_twin
-from model import ModelConfig, train_flops_per_token
-from train.graph_step import graph_training_forward
+from bench.peers import attention_twin  # noqa: E402
+from model import ModelConfig, train_flops_per_token  # noqa: E402
+from train.graph_step import graph_training_forward  # noqa: E402
 
 
 def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from bench.common import environment, rel_err, write_results
-from model import HybridLM, ModelConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import environment, rel_err, write_results  # noqa: E402
+from model import HybridLM, ModelConfig  # noqa: E402
 
 
 def lognormal_doc_lengths(total: int, mean: float, gen: torch.Generator) -> list[int]:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import (  # noqa: E402
     add_run_options,
     bench_model,
     environment,
@@ -38,8 +41,8 @@ from bench.common import (
     time_fn,
     write_results,
 )
-from model import ModelConfig, positions_from_seq_idx, train_flops_per_token
-from train.graph_step import graph_training_forward
+from model import ModelConfig, positions_from_seq_idx, train_flops_per_token  # noqa: E402
+from train.graph_step import graph_training_forward  # noqa: E402
 
 GRAPH_MODES = ("continuous_graph", "document_graph")
 

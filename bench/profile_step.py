@@ -14,6 +14,7 @@ what the Python side launches; a step whose wall time exceeds its kernel time is
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import RESULTS, bench_model, environment, sync, write_results
-from bench.peers import attention_twin
-from model import ModelConfig
-from train.graph_step import graph_training_forward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import RESULTS, bench_model, environment, sync, write_results  # noqa: E402
+from bench.peers import attention_twin  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from train.graph_step import graph_training_forward  # noqa: E402
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
 PROFILED_STEPS = 2  # every per-step figure is the profile's total over this many steps

@@ -23,14 +23,18 @@ and each one's output and gradients (x, dt, A, B, C, D, dt_bias) against the flo
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from bench.block_costs import time_part
-from bench.common import add_run_options, environment, rel_err, write_results
-from model import ModelConfig
-from model.ssd import discretize_dt, ssd_chunked
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.block_costs import time_part  # noqa: E402
+from bench.common import add_run_options, environment, rel_err, write_results  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from model.ssd import discretize_dt, ssd_chunked  # noqa: E402
 
 COLUMNS = ["backend", "seq_len", "fwd_ms", "fwd_bwd_ms", "err_y", "err_dx", "err_dB", "err_dC", "err_ddt",
            "err_dA", "status"]

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
+from pathlib import Path
 from unittest import mock
 
 import torch
 
-from bench.block_costs import mamba_ssm_cb_and_decay_grads, time_part
-from bench.common import add_run_options, environment, rel_err, write_results
-from model import ModelConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.block_costs import mamba_ssm_cb_and_decay_grads, time_part  # noqa: E402
+from bench.common import add_run_options, environment, rel_err, write_results  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 COLUMNS = ["path", "seq_len", "ms", "err_dcb", "err_ddA"]
 

@@ -20,14 +20,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import itertools
+import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from bench.block_costs import time_part
-from bench.common import add_run_options, environment, write_results
-from model import ModelConfig
-from model.mamba2 import Mamba2Mixer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.block_costs import time_part  # noqa: E402
+from bench.common import add_run_options, environment, write_results  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from model.mamba2 import Mamba2Mixer  # noqa: E402
 
 COLUMNS = ["kernel", "configs", "best_ms_mamba_ssm", "best_ms_widened", "speedup", "winner", "mixer_ms", "status"]
 # the modules of mamba_ssm.ops.triton that define the SSD kernels' autotuners

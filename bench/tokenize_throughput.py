@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import sysconfig
 import tempfile
 import time
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import environment, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.common import environment, write_results  # noqa: E402
 
 
 def build_corpus(folder: Path, megabytes: float, files: int) -> tuple[int, int]:

@@ -19,15 +19,19 @@ micro-batch of each path beyond the bf16 GEMMs, i.e. what the fusion saves.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from bench.block_costs import time_part
-from bench.common import add_run_options, environment, rel_err, sync, write_results
-from model import HybridLM, ModelConfig
-from model.wgrad import accumulate_weight_grad
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
+
+from bench.block_costs import time_part  # noqa: E402
+from bench.common import add_run_options, environment, rel_err, sync, write_results  # noqa: E402
+from model import HybridLM, ModelConfig  # noqa: E402
+from model.wgrad import accumulate_weight_grad  # noqa: E402
 
 COLUMNS = ["weight", "shape", "count", "gemm_ms", "gemm_fold_ms", "fused_ms", "fold_cost_ms", "fused_cost_ms",
            "err_fold", "err_fused"]
