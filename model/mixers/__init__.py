@@ -1,7 +1,8 @@
 """The registry of block types: one pattern letter -> one mixer class (model/mixers/base.py).
 
-Adding a block type = its module (a `Mixer` subclass) + one line in `_BUILTIN` + its tests
-(tests/model/test_block_types.py runs the common ones over every registered letter). Nothing else in
+Adding a block type = its module (a `Mixer` subclass) + one line in `_builtin` + its tests (add its letter
+to the parametrized checks of tests/model/test_block_types.py: causality, decode == forward, packing,
+gradients, save/load, exports; M and A have their own tests in tests/model). Nothing else in
 the code names a block type: the model, sizing, the cache, CUDA-graph decoding, ZeRO-3 preparation,
 quantization and export all ask the mixer.
 """
