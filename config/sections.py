@@ -129,6 +129,11 @@ class TrainConfig(SectionModel):
         "CPU steps are reproducible without it.",
     )
     seed: int = Field(1234, description="Model init and RNG seed (the data order does not depend on it).")
+    init_from: str | None = Field(
+        None,
+        description="Checkpoint folder (bundle or Hugging Face) whose weights start the run: continued pretraining, "
+        "fine-tuning, context extension. Optimizer, schedule and data position start fresh; a resumed run ignores it.",
+    )
     log_every: int = Field(1, ge=1, description="Steps between console lines (metrics.jsonl gets every step).")
     eval_every: int = Field(200, ge=0, description="Steps between validation losses; 0 disables.")
     eval_sequences: int = Field(

@@ -12,6 +12,11 @@ Bad input (config key, manifest, shard, checkpoint) ends with a one-line error a
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+# run as a script: the repo's packages first (launch/ would otherwise shadow the `export` package)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

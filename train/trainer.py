@@ -59,6 +59,7 @@ from train.ds_config import (
 )
 from train.errors import TrainingError
 from train.gpu_stats import gather_gpu_stats, open_gpu_stats
+from train.init_from import load_initial_weights
 from train.grad_fold import install_fold
 from train.graph_step import (
     GraphedLM,
@@ -219,6 +220,11 @@ class Trainer:
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
                      "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
         self.model = build_model(cfg, self.env.device)
+        if t.init_from is not None:
+            if resume_dir is None:
+                load_initial_weights(self.model, t.init_from, self.manifest)
+            else:
+                log.info("resuming %s: train.init_from applies to a fresh start only", resume_dir)
         if t.cuda_graph:
             check_graphable(self.model, self.env.on_cuda, cfg.data.packing == "document", self.ds_config)
         self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers

@@ -145,3 +145,9 @@ def run_until_signalled(nprocs: int, manifest: Path, out: Path, sets: list[str],
     log = out.parent / f"{out.name}.launch.log"
     rc = run_launch(cmd, log, LAUNCH_TIMEOUT, signal_after_step, out / "metrics.jsonl", env=run_env())
     return subprocess.CompletedProcess(cmd, rc, log.read_text(), "")
+
+
+@pytest.fixture(scope="session")
+def run_a(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared reference run: ZeRO-2 fp32, 2 ranks, 16 steps, checkpoints at 6, 12, 16, final export."""
+    return train_run(2, corpus, tmp_path_factory.mktemp("run_a"))

@@ -51,11 +51,6 @@ def single_process(corpus: Path, out: Path, *extra: str, timeout: int = 300) -> 
 
 
 @pytest.fixture(scope="module")
-def run_a(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_run(2, corpus, tmp_path_factory.mktemp("run_a"))
-
-
-@pytest.fixture(scope="module")
 def run_zero3(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_run(2, corpus, tmp_path_factory.mktemp("run_zero3"), ZERO3_BF16)
 
