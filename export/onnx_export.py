@@ -17,9 +17,9 @@ given positions, so plain onnxruntime takes any prompt. The model treats left pa
 document (no state, conv tap or attention crosses into the prompt, RoPE starts at the first real
 token), so the padding changes nothing but rounding.
 
-Torch range: exported with torch 2.13 here; `tests/export/test_onnx.py` checks that batch, prompt and
-cache axes are symbolic in the saved graphs, so a torch that bakes one in (torch 2.11 was reported to
-fix the batch) fails there, not in a user's onnxruntime.
+Torch range: torch 2.11 and 2.13 (tests/export/test_onnx.py passes on both, on the CPU); the test checks
+that batch, prompt and cache axes are symbolic in the saved graphs, so a torch that bakes one in fails
+there, not in a user's onnxruntime. The export always traces a CPU copy (see export_onnx).
 
 Cache as flat tensors (the model's HybridCache preallocates KV capacity, which does not export):
 per Mamba2 layer i  `past.i.conv` (b, conv_dim, d_conv), `past.i.ssm` (b, heads, headdim, d_state)
@@ -32,6 +32,7 @@ model code with `ConcatKV`, a KV state that grows by concatenation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -159,6 +160,11 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
                               "and decode graphs are not traced yet; keep the consolidated checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if model.embed.weight.device.type != "cpu":
+        # Traced on the CPU whatever device the model is on: the graphs are device-free and run in onnxruntime,
+        # and a trace of CUDA tensors (torch 2.11, an H100) baked in the example's batch size where the CPU
+        # trace of the same torch keeps it symbolic.
+        model = copy.deepcopy(model).cpu()
     previous_impl = model.impl
     model = model.eval()
     model.set_impl("reference")  # the kernel path's Triton/CUDA ops do not export

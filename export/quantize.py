@@ -137,7 +137,7 @@ def _torchao_config(method: QuantMethod, group_size: int):
     import torchao.quantization as tq
 
     if method.name == "torchao-int8":
-        return tq.Int8WeightOnlyConfig()
+        return tq.Int8WeightOnlyConfig(version=2)  # Int8Tensor; torchao 0.17 defaults to version 1 (not savable)
     return tq.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
 
 

@@ -117,7 +117,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---- launching runs -----------------------------------------------------------------------------------
 def run_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """The launched runs are CPU worlds of gloo processes (bitwise-resume assertions are about CPU float32), also on
+    a GPU machine, whose one GPU could not hold 2-4 ranks anyway: CUDA hidden, DeepSpeed's CPU accelerator."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
 
 def launch_cmd(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str = "auto") -> list[str]:
