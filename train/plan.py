@@ -147,6 +147,70 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
                 speed=speed, speed_error=error, notes=notes)
 
 
+def _candidates(cfg: RunConfig) -> list[list[str]]:
+    """--set lists to try when a config does not fit, cheapest first: a smaller micro-batch (the global
+    batch stays: more accumulation), activation checkpointing, then a ZeRO JSON that partitions or
+    offloads more; then the two together."""
+    from train.ds_config import REPO_ROOT
+
+    t = cfg.train
+    smaller = [[f"train.micro_batch_size={mb}"] for mb in (t.micro_batch_size // 2, t.micro_batch_size // 4, 1)
+               if 1 <= mb < t.micro_batch_size]
+    graph_off = ["train.cuda_graph=false"] if t.cuda_graph else []
+    ckpt = [graph_off + [f"train.activation_checkpointing={m}"] for m in ("mlp", "attention", "full", "true")]
+    stage = zero_setup(cfg).stage
+    jsons = [[f"train.ds_config=ds_configs/{name}"] for name in
+             ("zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json")
+             if (REPO_ROOT / "ds_configs" / name).is_file() and name != t.ds_config.rsplit("/", 1)[-1]
+             and (int(name[4]) >= stage or "offload" in name)]
+    combos = [a + b for a in smaller[-1:] + ckpt[2:] for b in ckpt[2:] + jsons if a != b]
+    return smaller + ckpt + jsons + combos
+
+
+def fitting_settings(cfg: RunConfig, gpus: int, device: float, most: int = 2) -> list[str]:
+    """Up to `most` alternatives ("--set a=b --set c=d") under which `cfg` fits `device` bytes."""
+    from config.loader import apply_overrides, validate
+
+    found: list[str] = []
+    for sets in _candidates(cfg):
+        try:
+            alt = validate(RunConfig, apply_overrides(cfg.model_dump(), sets))
+            if plan(alt, gpus).total <= device:
+                found.append(" ".join(f"--set {item}" for item in sets))
+        except ValueError:  # the schema refuses this combination (e.g. a checkpointing mode it lacks)
+            continue
+        if len(found) == most:
+            break
+    return found
+
+
+def preflight(cfg: RunConfig) -> None:
+    """launch/pretrain.py's check on CUDA before the start-up: print the estimate (rank 0) and raise a
+    ConfigError naming settings that fit when it exceeds this GPU (train.plan_check=false: print only).
+    CPU runs are not checked."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from train.distributed import env_rank
+
+    rank, world = env_rank()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = float(torch.cuda.get_device_properties(local).total_memory)
+    p = plan(cfg, world, gpu=device / GIB)
+    if rank == 0:
+        print(p.summary(), flush=True)
+    if p.fits or not cfg.train.plan_check:
+        return
+    options = fitting_settings(cfg, world, device)
+    hint = (" or ".join(options) if options else "more GPUs, or a smaller model") + \
+        ", or --set train.plan_check=false to start anyway"
+    raise ConfigError(f"this config needs ~{p.total / GIB:.1f} GiB per GPU, more than this GPU's "
+                      f"{device / GIB:.1f} GiB (python -m train.plan for the terms): use {hint}")
+
+
 def report(p: Plan, tokens: float | None) -> str:
     """The planner's printed table."""
     gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
@@ -196,6 +260,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The CLI's plan; ConfigError (one line) for bad input."""
+    if not args.config:
+        raise ConfigError("--config is required (a run config name such as 13b, or a YAML path)")
+    for flag in ("micro_batch", "seq_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.zero is not None and args.zero not in (1, 2, 3):
+        raise ConfigError(f"--zero must be 1, 2 or 3 (got {args.zero})")
+    if args.tokens is not None and args.tokens <= 0:
+        raise ConfigError("--tokens must be > 0")
+    from config.schema import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ValueError as exc:  # an unknown preset surfaces as a validation error
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    return plan(cfg, args.gpus, zero_setup(cfg, args.zero, args.offload), args.micro_batch, args.seq_len,
+                args.activation_checkpointing, args.gpu)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from train.distributed import fail_loudly
     from train.errors import user_errors
@@ -208,24 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             print(check_table())
             return
-        if not args.config:
-            raise ConfigError("--config is required (a run config name such as 13b, or a YAML path)")
-        for flag in ("micro_batch", "seq_len"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
-        if args.zero is not None and args.zero not in (1, 2, 3):
-            raise ConfigError(f"--zero must be 1, 2 or 3 (got {args.zero})")
-        if args.tokens is not None and args.tokens <= 0:
-            raise ConfigError("--tokens must be > 0")
-        from config.schema import load_run_config
-
-        try:
-            cfg = load_run_config(args.config, args.overrides)
-        except ValueError as exc:  # an unknown preset surfaces as a validation error
-            raise ConfigError(str(exc).splitlines()[0]) from None
-        p = plan(cfg, args.gpus, zero_setup(cfg, args.zero, args.offload), args.micro_batch, args.seq_len,
-                 args.activation_checkpointing, args.gpu)
-        print(report(p, args.tokens))
+        print(report(plan_from_args(args), args.tokens))
 
     fail_loudly(run, user_errors())
 

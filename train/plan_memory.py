@@ -102,7 +102,7 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
            "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:
-        out["gradients"] = FP32 * p + e * p
+        out["gradients"] = FP32 * p + (e * p if precision == "bf16" else 0)
     elif not zero.offload_optimizer:
         out["gradients"] = FP32 * p / gpus
         if cuda_graph:
