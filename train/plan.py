@@ -4,6 +4,7 @@
         --activation-checkpointing none|full|attention|mlp|offload --offload none|optimizer|optimizer+params
         --tokens 100e9 --gpu h100|h200|<GiB>] [--set KEY=VALUE ...]
     python -m train.plan --check            # predicted vs measured for every committed pretrain run
+    python -m train.plan --cluster 1.3b,2.7b,6.7b,13b --gpus-list 8,32,64,128 --tokens 100e9   # docs/cluster.md
 
 From python: `plan(cfg, gpus=64, ...) -> Plan`. Memory terms: train/plan_memory.py; tokens/s from the
 measured per-layer costs and its scaling assumptions: train/plan_speed.py. Bad input: one line, exit 2.
@@ -243,6 +244,29 @@ def report(p: Plan, tokens: float | None) -> str:
     return "\n".join(lines)
 
 
+def cluster_table(configs: Sequence[str], gpu_counts: Sequence[int], tokens: float, gpu: str) -> str:
+    """Markdown: each run config as shipped (config/runs/) on each GPU count: memory, speed, time to `tokens`."""
+    from config.schema import load_run_config
+
+    lines = ["| config | GPUs | ZeRO | checkpointing | micro-batch | GiB per GPU (of device) | tokens/s per GPU | "
+             "tokens/s total | wall-clock | GPU-hours |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in configs:
+        cfg = load_run_config(name)
+        for gpus in gpu_counts:
+            p = plan(cfg, gpus, gpu=gpu)
+            fits = "" if p.fits else " **does not fit**"
+            if p.speed is None:
+                speed = "| - | - | - | -"
+            else:
+                h = p.hours(tokens)
+                speed = (f"| {p.speed.tokens_per_s:,.0f} | {p.speed.tokens_per_s * gpus / 1e6:.2f}M | "
+                         f"{h / 24:.1f} days | {h * gpus:,.0f}")
+            lines.append(f"| {name} | {gpus} | {p.zero.stage}{' + offload' if p.zero.offload_optimizer else ''} | "
+                         f"{p.mode} | {p.micro_batch} x {p.seq_len} | {p.total / GIB:.1f} "
+                         f"({p.device_bytes / GIB:.0f}){fits} {speed} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,6 +281,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=float, help="token budget for the time and GPU-hours (e.g. 100e9)")
     ap.add_argument("--gpu", default="h100", help="h100 | h200 | the device memory in GiB (default h100)")
     ap.add_argument("--check", action="store_true", help="predicted vs measured for the committed pretrain runs")
+    ap.add_argument("--cluster", metavar="CONFIGS",
+                    help="comma-separated run configs: a markdown table of each on every --gpus-list count")
+    ap.add_argument("--gpus-list", default="8,32,64,128", help="GPU counts of the --cluster table")
     return ap.parse_args(argv)
 
 
@@ -288,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
 
     def run() -> None:
+        if args.cluster:
+            counts = [int(n) for n in args.gpus_list.split(",")]
+            print(cluster_table(args.cluster.split(","), counts, args.tokens or 100e9, args.gpu))
+            return
         if args.check:
             from train.plan_runs import check_table
 

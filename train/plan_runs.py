@@ -72,7 +72,8 @@ def committed_runs(results: Path = RESULTS) -> list[Run]:
         argv = _command(md.read_text()) if md else None
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "tokens_per_s" in r]  # step rows (the file also holds validation rows)
-        if argv is None or len(rows) < 3:
+        failed = re.search(r"^# .*, exit (\d+)$", md.read_text(), re.M) if md else None
+        if argv is None or len(rows) < 3 or (failed and failed.group(1) != "0"):  # a run that did not finish
             continue
         device = re.search(r"Device: ([^;(\n]+)", md.read_text())
         gpus = int(argv[argv.index("--num_gpus") + 1]) if "--num_gpus" in argv else 1

@@ -64,6 +64,7 @@ def test_zero3_states_match_deepspeed_estimator(offload: str) -> None:
         assert s["host"] * gpus * 1.5 == pytest.approx(ds_cpu, rel=1e-9)
 
 
+@pytest.mark.slow  # ~3 s alone; builds and steps a model
 def test_model_states_match_a_measured_cpu_optimizer_step() -> None:
     """float32 training of the tiny model with torch's AdamW (what one CPU rank holds under ZeRO-1/2): the
     bytes of its parameters, gradients and optimizer state after one step vs the planner (0.1%: AdamW's
@@ -190,3 +191,41 @@ def test_cli_prints_memory_speed_and_budget() -> None:
     assert p.speed is not None and p.hours(100e9) == pytest.approx(100e9 / (p.speed.tokens_per_s * 64) / 3600)
     one = plan(load_run_config("13b", []), 1, gpu="h200")
     assert not one.fits  # 10.6B x 16 bytes of training state fit no single GPU
+
+
+FAKE_DEEPSPEED = """#!/bin/bash
+out=$(echo "$*" | grep -o 'train.output_dir=[^ ]*' | cut -d= -f2)
+mkdir -p "$out"
+for s in 1 2 3; do echo "{\\"step\\": $s, \\"tokens_per_s\\": 5000, \\"mem_gb\\": 40}" >> "$out/metrics.jsonl"; done
+[[ "$*" == *2.7b*micro_batch_size=2* ]] && exit 2   # as when the planner check refuses micro-batch 2
+exit 0
+"""
+
+
+def test_preset_stages_write_runs_the_planner_reads(tmp_path: Path) -> None:
+    """bench/gpu_runs.sh's preset_* stages (with stand-ins for deepspeed and nvidia-smi): each writes the
+    .md + metrics that train.plan_runs ingests; the 2.7B stage falls back to micro-batch 1 when 2 fails,
+    and the failed attempt is left out."""
+    import json
+    import os
+
+    from train.plan_runs import committed_runs
+
+    bins = tmp_path / "bin"
+    bins.mkdir()
+    (bins / "deepspeed").write_text(FAKE_DEEPSPEED)
+    (bins / "nvidia-smi").write_text("#!/bin/bash\necho 'NVIDIA H200'\n")
+    for b in bins.iterdir():
+        b.chmod(0o755)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"tokenizer": {"vocab_size": 8192}}))
+    env = {**os.environ, "PATH": f"{bins}:{os.environ['PATH']}", "CHECK_ONLY": "1", "DATA": str(manifest)}
+    for stage in ("preset_2.7b_h100", "preset_6.7b_h200", "preset_13b_reduced_h200"):
+        proc = subprocess.run(["bash", "bench/gpu_runs.sh", stage, str(tmp_path / "out")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    runs = {r.name: r for r in committed_runs(tmp_path / "out" / "results")}
+    assert set(runs) == {"pretrain_2.7b_mb1_h200", "pretrain_6.7b_offload_h200", "pretrain_13b_reduced_h200"}
+    assert runs["pretrain_13b_reduced_h200"].device == "NVIDIA H200"
+    assert "model.n_layers=18" in runs["pretrain_13b_reduced_h200"].overrides
+    assert all(compare(r)["rate_meas"] == 5000 for r in runs.values())
