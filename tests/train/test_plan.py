@@ -179,6 +179,7 @@ def test_bad_input_is_one_config_error(argv: list[str], message: str) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # a python process importing torch
 def test_cli_bad_input_exits_2_with_one_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "train.plan", "--config", "nosuch", "--gpus", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -229,3 +230,15 @@ def test_preset_stages_write_runs_the_planner_reads(tmp_path: Path) -> None:
     assert runs["pretrain_13b_reduced_h200"].device == "NVIDIA H200"
     assert "model.n_layers=18" in runs["pretrain_13b_reduced_h200"].overrides
     assert all(compare(r)["rate_meas"] == 5000 for r in runs.values())
+
+
+def test_docs_tables_are_the_planners_output() -> None:
+    """docs/cluster.md's 100B-token plan and docs/planner.md's check table are the commands' output as
+    written there (regenerate them with those commands when a result or the planner changes)."""
+    from train.plan import cluster_table
+    from train.plan_runs import check_table
+
+    cluster = (REPO / "docs" / "cluster.md").read_text()
+    assert "python -m train.plan --cluster 1.3b,2.7b,6.7b,13b --gpus-list 8,32,64,128 --tokens 100e9" in cluster
+    assert cluster_table(["1.3b", "2.7b", "6.7b", "13b"], [8, 32, 64, 128], 100e9, "h100") in cluster
+    assert check_table() in (REPO / "docs" / "planner.md").read_text()
