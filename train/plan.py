@@ -13,13 +13,22 @@ measured per-layer costs and its scaling assumptions: train/plan_speed.py. Bad i
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
 
 from config.loader import ConfigError
 from config.schema import RunConfig
 from model.sizing import count_params
-from train.plan_memory import CONTEXT_BYTES, FRAGMENTATION, ZeroSetup, activations, checkpoint_mode, model_states
+from train.plan_memory import (
+    CONTEXT_BYTES,
+    FRAGMENTATION,
+    ZeroSetup,
+    activations,
+    checkpoint_mode,
+    model_states,
+)
 from train.plan_speed import MissingMeasurement, Speed, predict
 
 # Device memory as torch.cuda.get_device_properties(...).total_memory reports it (bytes).
@@ -84,8 +93,8 @@ def zero_setup(cfg: RunConfig, zero: int | None = None, offload: str | None = No
             raise ConfigError(f"--offload {offload} is unknown; choose one of {', '.join(OFFLOADS)}")
         if offload == "optimizer+params" and setup.stage != 3:
             raise ConfigError("--offload optimizer+params needs --zero 3 (DeepSpeed offloads parameters only there)")
-        setup = ZeroSetup(**{**setup.__dict__, "offload_optimizer": offload != "none",
-                             "offload_params": offload == "optimizer+params"})
+        setup = dataclasses.replace(setup, offload_optimizer=offload != "none",
+                                    offload_params=offload == "optimizer+params")
     return setup
 
 
@@ -152,18 +161,22 @@ def _candidates(cfg: RunConfig) -> list[list[str]]:
     """--set lists to try when a config does not fit, cheapest first: a smaller micro-batch (the global
     batch stays: more accumulation), activation checkpointing, then a ZeRO JSON that partitions or
     offloads more; then the two together."""
-    from train.ds_config import REPO_ROOT
+    from train.ds_config import REPO_ROOT, read_ds_json
 
     t = cfg.train
     smaller = [[f"train.micro_batch_size={mb}"] for mb in (t.micro_batch_size // 2, t.micro_batch_size // 4, 1)
                if 1 <= mb < t.micro_batch_size]
     graph_off = ["train.cuda_graph=false"] if t.cuda_graph else []
     ckpt = [graph_off + [f"train.activation_checkpointing={m}"] for m in ("mlp", "attention", "full", "true")]
-    stage = zero_setup(cfg).stage
-    jsons = [[f"train.ds_config=ds_configs/{name}"] for name in
-             ("zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json")
-             if (REPO_ROOT / "ds_configs" / name).is_file() and name != t.ds_config.rsplit("/", 1)[-1]
-             and (int(name[4]) >= stage or "offload" in name)]
+    current = zero_setup(cfg)
+    jsons = []
+    for name in ("zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"):
+        path = REPO_ROOT / "ds_configs" / name
+        if not path.is_file() or path.name == Path(t.ds_config).name:
+            continue
+        other = ZeroSetup.from_ds_json(read_ds_json(str(path)))
+        if other.stage > current.stage or other.offload_optimizer > current.offload_optimizer:
+            jsons.append([f"train.ds_config=ds_configs/{name}"])
     combos = [a + b for a in smaller[-1:] + ckpt[2:] for b in ckpt[2:] + jsons if a != b]
     return smaller + ckpt + jsons + combos
 
@@ -198,7 +211,7 @@ def preflight(cfg: RunConfig) -> None:
     from train.distributed import env_rank
 
     rank, world = env_rank()
-    local = int(os.environ.get("LOCAL_RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = float(torch.cuda.get_device_properties(local).total_memory)
     p = plan(cfg, world, gpu=device / GIB)
     if rank == 0:
@@ -214,11 +227,14 @@ def preflight(cfg: RunConfig) -> None:
 
 def report(p: Plan, tokens: float | None) -> str:
     """The planner's printed table."""
-    gb = lambda b: f"{b / GIB:8.2f} GiB"  # noqa: E731
-    lines = [f"{p.params / 1e9:.3f}B parameters on {p.gpus} GPU(s), ZeRO-{p.zero.stage}"
-             f"{' + optimizer offload' if p.zero.offload_optimizer else ''}"
-             f"{' + parameter offload' if p.zero.offload_params else ''}; micro-batch {p.micro_batch} x {p.seq_len}, "
-             f"{p.accumulation} micro-batch(es) per step, activation checkpointing {p.mode}", "", "per GPU memory:"]
+    def gb(b: float) -> str:
+        return f"{b / GIB:8.2f} GiB"
+
+    head = (f"{p.params / 1e9:.3f}B parameters on {p.gpus} GPU(s), ZeRO-{p.zero.stage}"
+            f"{' + optimizer offload' if p.zero.offload_optimizer else ''}"
+            f"{' + parameter offload' if p.zero.offload_params else ''}; micro-batch {p.micro_batch} x {p.seq_len}, "
+            f"{p.accumulation} micro-batch(es) per step, activation checkpointing {p.mode}")
+    lines = [head, "", "per GPU memory:"]
     for name, value in p.memory.items():
         lines.append(f"  {name:<14}{gb(value)}")
         if name == "activations":
@@ -231,11 +247,11 @@ def report(p: Plan, tokens: float | None) -> str:
         lines.append(f"speed: not predicted: {p.speed_error}")
     else:
         s = p.speed
-        lines += ["", f"predicted: {s.tokens_per_s:,.0f} tokens/s per GPU, {s.tokens_per_s * p.gpus:,.0f} total "
-                      f"(micro-batch {s.micro_ms:.1f} ms, optimizer step {s.boundary_ms:.1f} ms)",
+        lines += ["", (f"predicted: {s.tokens_per_s:,.0f} tokens/s per GPU, {s.tokens_per_s * p.gpus:,.0f} total "
+                       f"(micro-batch {s.micro_ms:.1f} ms, optimizer step {s.boundary_ms:.1f} ms)"),
                   "  measured inputs: " + "; ".join(s.sources),
-                  "  assumptions: part time ~ its FLOPs; H200 = H100 per kernel; comm overlapped at 95% in a node, "
-                  "90% across nodes; DeepSpeed costs ~ P (train/plan_speed.py)"]
+                  ("  assumptions: part time ~ its FLOPs; H200 = H100 per kernel; comm overlapped at 95% in a node, "
+                   "90% across nodes; DeepSpeed costs ~ P (train/plan_speed.py)")]
         if tokens:
             h = p.hours(tokens)
             lines.append(f"  {tokens:.3g} tokens: {h:,.1f} hours ({h / 24:.1f} days) wall-clock, "
@@ -248,8 +264,8 @@ def cluster_table(configs: Sequence[str], gpu_counts: Sequence[int], tokens: flo
     """Markdown: each run config as shipped (config/runs/) on each GPU count: memory, speed, time to `tokens`."""
     from config.schema import load_run_config
 
-    lines = ["| config | GPUs | ZeRO | checkpointing | micro-batch | GiB per GPU (of device) | tokens/s per GPU | "
-             "tokens/s total | wall-clock | GPU-hours |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| config | GPUs | ZeRO | checkpointing | micro-batch | GiB per GPU (of device) | tokens/s per GPU | "
+              "tokens/s total | wall-clock | GPU-hours |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for name in configs:
         cfg = load_run_config(name)
         for gpus in gpu_counts:

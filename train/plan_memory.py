@@ -66,7 +66,7 @@ class ZeroSetup:
     overlap_comm: bool = True
 
     @classmethod
-    def from_ds_json(cls, ds: dict[str, Any]) -> "ZeroSetup":
+    def from_ds_json(cls, ds: dict[str, Any]) -> ZeroSetup:
         z = ds.get("zero_optimization", {})
 
         def offloaded(key: str) -> bool:

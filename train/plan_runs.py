@@ -72,7 +72,7 @@ def committed_runs(results: Path = RESULTS) -> list[Run]:
         argv = _command(md.read_text()) if md else None
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "tokens_per_s" in r]  # step rows (the file also holds validation rows)
-        failed = re.search(r"^# .*, exit (\d+)$", md.read_text(), re.M) if md else None
+        failed = re.search(r"^# .*, exit (\d+)$", md.read_text(), re.MULTILINE) if md else None
         if argv is None or len(rows) < 3 or (failed and failed.group(1) != "0"):  # a run that did not finish
             continue
         device = re.search(r"Device: ([^;(\n]+)", md.read_text())
@@ -129,8 +129,8 @@ def activation_runs(results: Path = RESULTS) -> list[dict[str, float]]:
 
 def check_table(results: Path = RESULTS) -> str:
     """Markdown: every committed run, predicted vs measured (memory in GB = 1e9 bytes)."""
-    lines = ["| run | device | peak memory GB pred / meas (err) | step-1 memory GB pred / meas (err) | "
-             "tokens/s pred / meas (err) |", "|---|---|---|---|---|"]
+    lines = [("| run | device | peak memory GB pred / meas (err) | step-1 memory GB pred / meas (err) | "
+              "tokens/s pred / meas (err) |"), "|---|---|---|---|---|"]
     for run in committed_runs(results):
         c = compare(run)
         lines.append(f"| {run.name} | {run.device} | {c['mem_pred']:.1f} / {c['mem_meas']:.1f} ({c['mem_err']:+.1%}) "

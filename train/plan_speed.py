@@ -102,9 +102,9 @@ def deepspeed_ms(stage: int, results: Path = RESULTS) -> tuple[float, float, flo
     for path in sorted(results.glob("step_overhead_*.json")):
         data = _json(path)
         for row in data.get("rows", []):
-            if row.get("variant") == variant and row.get("status") == "ok":
-                if best is None or data["meta"]["date"] > best[0]["meta"]["date"]:
-                    best = (data, row, path)
+            newer = best is None or data["meta"]["date"] > best[0]["meta"]["date"]
+            if row.get("variant") == variant and row.get("status") == "ok" and newer:
+                best = (data, row, path)
     if best is None:
         raise MissingMeasurement(f"no {variant} row in {results}/step_overhead_*.json (bench/step_overhead.py)")
     data, row, path = best
