@@ -85,8 +85,8 @@
 #              forward+backward speed and memory with its attention blocks as A, R and G (bench/block_types.py)
 #   train_zero1_registry_graph  `train_zero1_cb_grad_graph` after the block-type registry and train/graph_step.py
 #   preset_2.7b_h100  2.7B on one H100: graphed ZeRO-1 (fused_wgrad) at micro-batch 2 x 4096, or micro-batch 1 when
-#              the launch's planner check (or the GPU) refuses 2; 22 steps
-#   preset_6.7b_h200  6.7B on one H200: ZeRO-2 with the optimizer in CPU memory (ds_configs/zero2_offload.json), 12 steps
+#              the launch's planner check (or the GPU) refuses 2; 20 steps
+#   preset_6.7b_h200  6.7B on one H200: ZeRO-2 with the optimizer in CPU memory (ds_configs/zero2_offload.json), 10 steps
 #   preset_13b_reduced_h200  the 13B preset's widths at 18 layers on one H200: ZeRO-3 + optimizer offload, 10 steps
 #              (per-layer cost and memory for python -m train.plan). The preset_* stages write
 #              pretrain_<name>_<gpu>.md (device, date, the command) + _metrics.jsonl + _host_mem.txt (host memory
@@ -396,14 +396,14 @@ preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200)
     case "$stage" in
     preset_2.7b_h100)  # the fastest settings measured on 1.3B (graphed ZeRO-1, fused_wgrad); micro-batch 2 if it fits
         graph=(--config 2.7b "${data_sets[@]}" --set train.cuda_graph=true --set train.ds_config=ds_configs/zero1.json
-               --set train.grad_fold=fused_wgrad --set train.global_batch_tokens=65536 --set train.max_steps=22)
-        preset_run 300 "pretrain_2.7b_$tag" "${graph[@]}" --set train.micro_batch_size=2 ||
-            preset_run 180 "pretrain_2.7b_mb1_$tag" "${graph[@]}" --set train.micro_batch_size=1
+               --set train.grad_fold=fused_wgrad --set train.global_batch_tokens=65536 --set train.max_steps=20)
+        preset_run 330 "pretrain_2.7b_$tag" "${graph[@]}" --set train.micro_batch_size=2 ||
+            preset_run 150 "pretrain_2.7b_mb1_$tag" "${graph[@]}" --set train.micro_batch_size=1
         ;;
     preset_6.7b_h200)
         preset_run 470 "pretrain_6.7b_offload_$tag" --config 6.7b "${data_sets[@]}" \
             --set train.ds_config=ds_configs/zero2_offload.json --set train.micro_batch_size=2 \
-            --set train.global_batch_tokens=32768 --set train.max_steps=12
+            --set train.global_batch_tokens=32768 --set train.max_steps=10
         ;;
     preset_13b_reduced_h200)
         preset_run 470 "pretrain_13b_reduced_$tag" --config 13b "${data_sets[@]}" --set model.n_layers=18 \

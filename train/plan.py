@@ -79,7 +79,8 @@ class Plan:
                 f"gradients {self.memory['gradients'] / GIB:.1f}, optimizer {self.memory['optimizer'] / GIB:.1f}, "
                 f"activations {self.memory['activations'] / GIB:.1f}, buffers+allowance "
                 f"{(self.memory['comm_buffers'] + self.memory['allowance']) / GIB:.1f} (ZeRO-{self.zero.stage}, "
-                f"micro-batch {self.micro_batch} x {self.seq_len}, checkpointing {self.mode})")
+                f"micro-batch {self.micro_batch} x {self.seq_len}, checkpointing {self.mode})"
+                + (f"; host {self.host / GIB:.1f} GiB per GPU" if self.host else ""))
 
 
 def zero_setup(cfg: RunConfig, zero: int | None = None, offload: str | None = None) -> ZeroSetup:
@@ -198,10 +199,17 @@ def fitting_settings(cfg: RunConfig, gpus: int, device: float, most: int = 2) ->
     return found
 
 
+def host_memory_bytes() -> float:
+    """Physical memory of this machine."""
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def preflight(cfg: RunConfig) -> None:
     """launch/pretrain.py's check on CUDA before the start-up: print the estimate (rank 0) and raise a
-    ConfigError naming settings that fit when it exceeds this GPU (train.plan_check=false: print only).
-    CPU runs are not checked."""
+    ConfigError naming settings that fit when it exceeds this GPU, or when the offloaded state of this
+    machine's ranks exceeds its memory (train.plan_check=false: print only). CPU runs are not checked."""
     import os
 
     import torch
@@ -216,6 +224,11 @@ def preflight(cfg: RunConfig) -> None:
     p = plan(cfg, world, gpu=device / GIB)
     if rank == 0:
         print(p.summary(), flush=True)
+    node_host = p.host * int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if cfg.train.plan_check and node_host > host_memory_bytes():
+        raise ConfigError(f"the offloaded optimizer state needs ~{node_host / GIB:.1f} GiB of this machine's memory "
+                          f"(all its ranks), more than its {host_memory_bytes() / GIB:.1f} GiB: use more GPUs or "
+                          "nodes, or a DeepSpeed JSON without offload, or --set train.plan_check=false to start anyway")
     if p.fits or not cfg.train.plan_check:
         return
     options = fitting_settings(cfg, world, device)

@@ -167,6 +167,22 @@ def test_preflight_stops_with_settings_that_fit(fake_gpu, capsys) -> None:
     preflight(load_run_config("2.7b", sets + ["train.plan_check=false"]))
 
 
+def test_preflight_checks_host_memory_of_offload(fake_gpu, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """6.7B with the optimizer offloaded fits an H200 but puts ~89 GiB in host memory: a 64 GiB machine
+    stops the launch, a 256 GiB one does not."""
+    import train.plan as planner
+
+    fake_gpu.total_memory = 150_754_820_096
+    cfg = load_run_config("6.7b", ["train.ds_config=ds_configs/zero2_offload.json", "train.seq_len=4096",
+                                   "train.micro_batch_size=2", "train.activation_checkpointing=false"])
+    monkeypatch.setattr(planner, "host_memory_bytes", lambda: 64 * GIB)
+    with pytest.raises(ConfigError, match="offloaded optimizer state needs"):
+        preflight(cfg)
+    monkeypatch.setattr(planner, "host_memory_bytes", lambda: 256 * GIB)
+    preflight(cfg)
+    assert "; host 88.7 GiB per GPU" in capsys.readouterr().out  # 16 bytes x 5.95B parameters
+
+
 def test_preflight_skips_cpu(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     preflight(load_run_config("13b", []))
