@@ -31,10 +31,10 @@ from model.sizing import count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
 FP32 = 4
-# Not in torch's allocator statistics: the CUDA context, cuBLAS/NCCL workspaces (~0.6 GB on H100 with
-# CUDA 12-13, as nvidia-smi minus torch.cuda.memory_reserved shows on an idle process), and the caching
-# allocator's fragmentation (reserved beyond allocated), taken as 5% of the allocated peak. Stated
-# assumptions: no committed run records reserved memory to calibrate them against.
+# Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces (assumed 0.6 GB,
+# typical for CUDA 12-13 on Hopper) and the caching allocator's fragmentation (reserved beyond allocated,
+# assumed 5% of the allocated peak). Assumptions, not calibrations: no committed run records reserved
+# memory or nvidia-smi's figure to calibrate them against.
 CONTEXT_BYTES = 0.6e9
 FRAGMENTATION = 0.05
 
