@@ -115,8 +115,7 @@ def device_bytes(gpu: str | float | None) -> float | None:
 
 
 def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_batch: int | None = None,
-         seq_len: int | None = None, checkpointing: bool | str | None = None, gpu: str | float | None = None,
-         accumulation: int | None = None) -> Plan:
+         seq_len: int | None = None, checkpointing: bool | str | None = None, gpu: str | float | None = None) -> Plan:
     """Memory and speed of `cfg` per GPU; the arguments override the config's train.* values."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1 (got {gpus})")
@@ -128,8 +127,7 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
         mode = checkpoint_mode(t.activation_checkpointing if checkpointing is None else checkpointing)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if accumulation is None:
-        accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
+    accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
     e = 2 if t.precision == "bf16" else 4
     states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph)
     try:
