@@ -84,6 +84,13 @@
 #   block_types  the block types (model/mixers): each mixer's kernel path vs float64, and the small preset's
 #              forward+backward speed and memory with its attention blocks as A, R and G (bench/block_types.py)
 #   train_zero1_registry_graph  `train_zero1_cb_grad_graph` after the block-type registry and train/graph_step.py
+#   preset_2.7b_h100  2.7B on one H100: graphed ZeRO-1 (fused_wgrad) at micro-batch 2 x 4096, or micro-batch 1 when
+#              the launch's planner check (or the GPU) refuses 2; 20 steps
+#   preset_6.7b_h200  6.7B on one H200: ZeRO-2 with the optimizer in CPU memory (ds_configs/zero2_offload.json), 10 steps
+#   preset_13b_reduced_h200  the 13B preset's widths at 18 layers on one H200: ZeRO-3 + optimizer offload, 10 steps
+#              (per-layer cost and memory for python -m train.plan). The preset_* stages write
+#              pretrain_<name>_<gpu>.md (device, date, the command) + _metrics.jsonl + _host_mem.txt (host memory
+#              used, sampled every 5 s), the files `python -m train.plan --check` reads
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
 #   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1 (default
 #              kernels, then train.deterministic=true); 13B ZeRO-3 with activation checkpointing on 2 GPUs
@@ -95,7 +102,7 @@
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
 # x8) validate every run config and batch split they would launch, and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -118,6 +125,24 @@ matmul_peak() {  # bf16 GEMM TFLOP/s of this GPU: the MFU denominator handed to 
 }
 gpu_tag() {  # h100 / h200 ...: the result files of the newer stages are named after the card that ran them
     nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]\{3\}' | tr 'H' 'h' || echo gpu
+}
+preset_run() {  # preset_run LIMIT NAME ARGS...: launch/pretrain.py on one GPU, its .md, metrics and host memory
+    local limit=$1 name=$2; shift 2
+    local run_dir=/tmp/$name cmd=(deepspeed --num_gpus 1 launch/pretrain.py --resume none "$@"
+        --set train.output_dir=/tmp/$name --set train.save_every=0 --set train.save_final=false
+        --set train.log_every=1 --set train.wandb.mode=disabled)
+    ( while sleep 5; do free -b | awk -v t="$(date -u +%H:%M:%S)" '/^Mem:/ {print t, $3}'; done ) >"$res/${name}_host_mem.txt" 2>/dev/null &
+    local sampler=$!
+    step "$limit" "${cmd[@]}"
+    local rc=$(tail -1 "$log" | grep -o 'exit [0-9]*' | cut -d' ' -f2)
+    kill "$sampler" 2>/dev/null
+    cp "$run_dir"/metrics.jsonl "$res/${name}_metrics.jsonl" 2>/dev/null
+    { echo "# $name: launch/pretrain.py (stage $stage of bench/gpu_runs.sh), exit $rc"; echo
+      echo "Device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); date: $(date -u '+%Y-%m-%d %H:%M UTC'); command:"
+      echo; echo "    $(printf '%q ' "${cmd[@]}")"; echo
+      echo "Per-step rows: ${name}_metrics.jsonl; host memory used (bytes, every 5 s): ${name}_host_mem.txt."
+      echo "Peak host memory used: $(sort -k2 -n "$res/${name}_host_mem.txt" | tail -1 | cut -d' ' -f2) bytes."; } >"$res/$name.md"
+    return "${rc:-1}"
 }
 manifest_vocab() {  # the curated tokenizer's vocabulary: the model's vocab_size for these shards
     python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data"
@@ -360,6 +385,32 @@ determinism|determinism_on)
     dlimit=300; [ "$stage" = determinism_on ] && dlimit=540  # alone: room for a cold first launch
     step $dlimit python3 bench/scale_runs.py preempt "${common[@]}" --set train.deterministic=true \
         --name determinism_on_small
+    ;;
+preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200)
+    peak=$(matmul_peak)
+    vocab=$(manifest_vocab)
+    tag=$(gpu_tag)
+    data_sets=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
+               --set data.packing=continuous --set train.seq_len=4096 --set train.warmup_steps=2
+               --set train.eval_every=0 --set train.peak_tflops="$peak" --set train.activation_checkpointing=false)
+    case "$stage" in
+    preset_2.7b_h100)  # the fastest settings measured on 1.3B (graphed ZeRO-1, fused_wgrad); micro-batch 2 if it fits
+        graph=(--config 2.7b "${data_sets[@]}" --set train.cuda_graph=true --set train.ds_config=ds_configs/zero1.json
+               --set train.grad_fold=fused_wgrad --set train.global_batch_tokens=65536 --set train.max_steps=20)
+        preset_run 330 "pretrain_2.7b_$tag" "${graph[@]}" --set train.micro_batch_size=2 ||
+            preset_run 150 "pretrain_2.7b_mb1_$tag" "${graph[@]}" --set train.micro_batch_size=1
+        ;;
+    preset_6.7b_h200)
+        preset_run 470 "pretrain_6.7b_offload_$tag" --config 6.7b "${data_sets[@]}" \
+            --set train.ds_config=ds_configs/zero2_offload.json --set train.micro_batch_size=2 \
+            --set train.global_batch_tokens=32768 --set train.max_steps=10
+        ;;
+    preset_13b_reduced_h200)
+        preset_run 470 "pretrain_13b_reduced_$tag" --config 13b "${data_sets[@]}" --set model.n_layers=18 \
+            --set train.ds_config=ds_configs/zero3_offload.json --set train.micro_batch_size=1 \
+            --set train.global_batch_tokens=32768 --set train.max_steps=10
+        ;;
+    esac
     ;;
 inference)
     step 150 python3 bench/decode_throughput.py --preset small --models ours,ours_graph,hf,attention --results-dir "$res"

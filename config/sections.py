@@ -149,6 +149,11 @@ class TrainConfig(SectionModel):
     on_nan: Literal["skip", "stop"] = Field(
         "stop", description="Non-finite loss: skip the step (no update) or stop with an error naming step and rank."
     )
+    plan_check: bool = Field(
+        True,
+        description="On CUDA, launch/pretrain.py estimates the per-GPU memory (train/plan.py) before the start-up "
+        "and stops with the settings that would fit when the estimate exceeds the device; false starts anyway.",
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="Per-device dense bf16 peak for MFU (TFLOP/s); default: looked up by GPU name."
     )

@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
         from config.schema import load_run_config
 
         cfg = load_run_config(args.config, args.overrides)
+        if not args.export:
+            from train.plan import preflight
+
+            preflight(cfg)  # CUDA: stop before the start-up when the estimate exceeds the GPU
         from train.trainer import export_checkpoint, run
 
         if args.export:

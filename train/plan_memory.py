@@ -1,0 +1,197 @@
+"""Per-GPU memory of a training run, term by term, from the model's shapes and the DeepSpeed config.
+
+All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of the compute dtype
+(2 for bf16). What each ZeRO setting keeps on a GPU (DeepSpeed 0.19, bf16 with fp32 master weights):
+
+  stage 1 (bf16: DeepSpeed's BF16_Optimizer)  params 2P; gradients: a float32 accumulation buffer of
+      every parameter (4P, not partitioned) + the bf16 .grad of each parameter (2P, CUDA graphs keep them
+      as static tensors); optimizer: float32 master + Adam moments of this rank's share (12P/D)
+  stage 2  params 2P; gradients: the float32 partition (4P/D) + the bf16 reduce bucket
+      (reduce_bucket_size elements, two with overlap_comm) or, under CUDA graphs, the static bf16 .grad (2P)
+  stage 3  params 2P/D + the gathered live parameters (the largest ZeRO-3 leaf twice: in use and
+      prefetched, + stage3_prefetch_bucket_size); gradients 4P/D + reduce bucket; optimizer 12P/D
+  offload_optimizer  master, moments and float32 gradients live in pinned host memory instead
+  offload_param (stage 3)  the bf16 partition lives on the host too
+
+Activations: the tensors each block keeps for its backward on the kernel path (counted per token
+below, `block_activation_bytes`), times the micro-batch's tokens; activation checkpointing keeps a
+block's input instead and recomputes one block (or one mixer / MLP) at a time in the backward.
+The Adam moments are allocated at the end of the first step (`first_step` excludes them); under CUDA
+graphs the activations live in the graphs' private memory pool, which torch.cuda.max_memory_allocated
+does not count after the capture (`allocator_visible`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from model.config import ATTENTION, MAMBA, ModelConfig
+from model.sizing import count_params, mixer_params, mlp_params
+
+CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
+FP32 = 4
+# Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces (assumed 0.6 GB,
+# typical for CUDA 12-13 on Hopper) and the caching allocator's fragmentation (reserved beyond allocated,
+# assumed 5% of the allocated peak). Assumptions, not calibrations: no committed run records reserved
+# memory or nvidia-smi's figure to calibrate them against.
+CONTEXT_BYTES = 0.6e9
+FRAGMENTATION = 0.05
+
+
+def checkpoint_mode(value: bool | str | None) -> str:
+    """train.activation_checkpointing as one of CHECKPOINT_MODES (false/true are none/full)."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "full"
+    mode = str(value).lower()
+    if mode in ("false", "true"):
+        return "full" if mode == "true" else "none"
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"activation checkpointing {value!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
+    return mode
+
+
+@dataclass(frozen=True)
+class ZeroSetup:
+    """What the planner reads from a DeepSpeed JSON (ds_configs/*.json)."""
+
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    reduce_bucket: int = 200_000_000  # elements
+    prefetch_bucket: int = 200_000_000  # elements (stage 3)
+    max_live: int = 1_000_000_000  # elements (stage 3)
+    overlap_comm: bool = True
+
+    @classmethod
+    def from_ds_json(cls, ds: dict[str, Any]) -> ZeroSetup:
+        z = ds.get("zero_optimization", {})
+
+        def offloaded(key: str) -> bool:
+            return z.get(key, {}).get("device", "none") in ("cpu", "nvme")
+
+        return cls(
+            stage=int(z.get("stage", 0)),
+            offload_optimizer=offloaded("offload_optimizer"),
+            offload_params=offloaded("offload_param"),
+            reduce_bucket=int(z.get("reduce_bucket_size", 200_000_000)),
+            prefetch_bucket=int(z.get("stage3_prefetch_bucket_size", 200_000_000)),
+            max_live=int(z.get("stage3_max_live_parameters", 1_000_000_000)),
+            overlap_comm=bool(z.get("overlap_comm", True)),
+        )
+
+
+def largest_leaf_params(cfg: ModelConfig) -> int:
+    """Parameters of the largest module ZeRO-3 gathers at once: a block's mixer or MLP (each is one
+    leaf on the kernel path, train.trainer.prepare_zero3) or the embedding/head matrix."""
+    mixers = max(mixer_params(cfg, kind) for kind in set(cfg.layer_pattern))
+    return max(mixers, mlp_params(cfg), cfg.padded_vocab_size * cfg.d_model)
+
+
+def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16",
+                 cuda_graph: bool = False) -> dict[str, float]:
+    """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank."""
+    p = count_params(cfg)
+    e = 2 if precision == "bf16" else FP32
+    master = FP32 * p if precision == "bf16" else 0  # float32 copy the optimizer updates
+    moments = 2 * FP32 * p
+    bucket = zero.reduce_bucket * e * (2 if zero.overlap_comm else 1)
+    out = {"params": e * p / (gpus if zero.stage == 3 else 1), "gradients": 0.0, "optimizer": 0.0,
+           "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
+    partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
+    if zero.stage == 1 and not zero.offload_optimizer:
+        out["gradients"] = FP32 * p + (e * p if precision == "bf16" else 0)
+    elif not zero.offload_optimizer:
+        out["gradients"] = FP32 * p / gpus
+        if cuda_graph:
+            out["gradients"] += e * p
+        else:
+            out["comm_buffers"] += bucket
+    else:
+        out["comm_buffers"] += bucket
+    if zero.offload_optimizer:
+        out["host"] += partition
+    else:
+        out["optimizer"] = (master + moments) / gpus
+        out["optimizer_moments"] = moments / gpus
+    if zero.stage == 3:
+        live = min(zero.max_live, 2 * largest_leaf_params(cfg) + zero.prefetch_bucket)
+        out["comm_buffers"] += e * live
+        if zero.offload_params:
+            out["host"] += out["params"]
+            out["params"] = 0.0
+    return out
+
+
+def block_activation_bytes(cfg: ModelConfig, kind: str, e: int = 2) -> dict[str, float]:
+    """Bytes per token one block keeps for its backward on the kernel path, by part.
+
+    norms  each RMSNorm's input and output (the next GEMM's input): 2 norms x 2 x d
+    mlp    SwiGLU: the fused gate|up GEMM output (2 f) and silu(gate)*up, the down GEMM's input (f)
+    mixer  M (model/ssd_saved.py's saved tensors): zxbcdt (2 di + 2 G N + H), the conv output
+           (di + 2 G N), y (di) in e bytes; float32 dt and its cumsum (2 H), chunk states (H P N per chunk
+           of Q tokens), C B^T (G Q per token), the gated norm's rstd (G); with
+           mamba.recompute_in_backward only zxbcdt and y;
+           A: q, k, v after RoPE (the kernel's inputs: n_heads k + 2 n_kv k), its output (n_heads k) and
+           the float32 log-sum-exp (n_heads)
+    """
+    d = cfg.d_model
+    norms = 2 * 2 * d * e
+    mlp = 3 * cfg.ffn_hidden * e
+    if kind == MAMBA:
+        m = cfg.mamba
+        di, gn, heads = cfg.d_inner, m.n_groups * m.d_state, cfg.n_ssm_heads
+        mixer = (2 * di + 2 * gn + heads + di) * e
+        if not m.recompute_in_backward:
+            mixer += (di + 2 * gn) * e + FP32 * (2 * heads + heads * m.headdim * m.d_state / m.chunk_size
+                                                  + m.n_groups * m.chunk_size + m.n_groups)
+    elif kind == ATTENTION:
+        a = cfg.attention
+        q, kv = a.n_heads * cfg.head_dim, a.n_kv_heads * cfg.head_dim
+        mixer = (2 * q + 2 * kv) * e + FP32 * a.n_heads
+    else:
+        raise ValueError(f"the planner has no activation formula for block type {kind!r} (it knows "
+                         f"{MAMBA} and {ATTENTION}): add one to train/plan_memory.py")
+    return {"norms": norms, "mixer": mixer, "mlp": mlp}
+
+
+def head_activation_bytes(cfg: ModelConfig, e: int = 2) -> float:
+    """Per token: the final norm's input and output, and the logits (the fused cross-entropy keeps
+    the bf16 logits and writes their gradient in place, model/loss.py)."""
+    return 2 * cfg.d_model * e + cfg.padded_vocab_size * e
+
+
+def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2) -> dict[str, float]:
+    """GPU bytes of one micro-batch's saved activations (`tokens` = micro-batch x sequence length) by
+    block type ("M", "A", ...), plus "head" and "recompute" (the one block part rebuilt at a time in
+    the backward), and "host" (block inputs offloaded by mode offload)."""
+    inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
+    per_kind: dict[str, float] = {}
+    recompute = 0.0
+    for kind in cfg.layer_pattern:
+        parts = block_activation_bytes(cfg, kind, e)
+        whole = sum(parts.values())
+        if mode == "none":
+            kept = whole
+        elif mode in ("full", "offload"):
+            kept, recompute = inputs, max(recompute, whole)
+        elif mode == "attention" and kind == ATTENTION:
+            kept, recompute = whole - parts["mixer"] + cfg.d_model * e, max(recompute, parts["mixer"])
+        elif mode == "mlp":
+            kept, recompute = whole - parts["mlp"] + cfg.d_model * e, max(recompute, parts["mlp"])
+        else:
+            kept = whole
+        per_kind[kind] = per_kind.get(kind, 0.0) + kept * tokens
+    out = {**per_kind, "head": head_activation_bytes(cfg, e) * tokens, "recompute": recompute * tokens, "host": 0.0}
+    if mode == "offload":  # block inputs go to the host; two stay on the GPU (in use, in flight)
+        on_host = sum(per_kind.values())
+        out["host"] = on_host
+        for kind in per_kind:
+            per_kind[kind] = 0.0
+        out.update(per_kind)
+        out["offload_in_flight"] = 2 * inputs * tokens
+    return out
+
+
