@@ -49,7 +49,7 @@ class MambaConfig(StrictModel):
         1, ge=1,
         description="Factor f by which every Mamba2 recurrent state (heads x headdim x d_state) is kept "
         "compressed: a learned per-group basis maps d_state to d_state / f, and each token's write into "
-        "the compressed slots is scaled by a learned importance gate (model/mamba2.py). 1 = off; "
+        "the compressed slots is scaled by a learned importance gate (model/state_compression.py). 1 = off; "
         "must divide d_state.",
     )
 

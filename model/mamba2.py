@@ -84,6 +84,7 @@ class Mamba2Mixer(Mixer):
     description = "Mamba2 (SSD) mixer: causal conv + selective state space scan, fixed-size decoding state"
     design = "Mamba2 (Dao & Gu 2024); the SSM layers of every hybrid design"
     hf_layer_type = "mamba"
+    pathway = "ssm"
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
 

@@ -77,6 +77,7 @@ class HierarchicalMixer(Mixer):
     description = ("Mamba2 plus a slow state updated once per completed span of `hierarchical.span` tokens from "
                    "the span's pooled summary; tokens read only completed spans; fixed-size decoding state")
     design = "HYDRA v3 hierarchical state organisation (multi-level state for very long sequences)"
+    pathway = "ssm"
     cuda_graphs = False
     unquantized_linears = ("ssm.out_proj",)
 
