@@ -1,0 +1,192 @@
+"""The hybrid options that are not block types: bridges (`model.bridges`, model/bridges.py) and adaptive
+state compression (`model.mamba.state_compression`, model/state_compression.py), alone and together with the
+hierarchical block `H`.
+
+As in tests/model/test_block_types.py: float64 models on the reference path; causality and packing exact up
+to rounding (<= 1e-12 relative), decoding token by token equal to the full forward (<= 1e-10 relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import HybridLM
+from model.bridges import bridge_sources
+from model.sizing import count_params, forward_flops_per_token
+
+# name -> (pattern, overrides). tiny_model perturbs every 1-D parameter, so the bridges' gates are open there.
+CASES = {
+    "bridges": ("MAMA", {"bridges": True}),
+    "compression2": ("MAMA", {"mamba": {"state_compression": 2}}),
+    "compression4": ("MRAG", {"mamba": {"state_compression": 4}, "gated": {"slots": 4},
+                              "routed": {"capacity": 0.5, "threshold": 0.3}}),
+    "all": ("HAMH", {"bridges": True, "mamba": {"state_compression": 2}}),
+}
+
+
+@pytest.fixture
+def model_of(tiny_model):
+    def make(case: str, seed: int = 0) -> HybridLM:
+        pattern, over = CASES[case]
+        return tiny_model(pattern, seed=seed, **over)
+    return make
+
+
+def test_bridge_sources_follow_the_pathways() -> None:
+    """Attention blocks take the nearest earlier SSM block (M or H); an SSM block right after an attention
+    block takes that block; R and G hold both pathways and take part in none."""
+    assert bridge_sources("MAMMMMMMMMAM") == {1: 0, 2: 1, 10: 9, 11: 10}
+    assert bridge_sources("HAAMH") == {1: 0, 2: 0, 3: 2}
+    assert bridge_sources("MRAG") == {2: 0}
+    assert bridge_sources("AMMM") == {1: 0}
+    assert bridge_sources("MMMM") == {}
+
+
+def test_closed_bridges_compute_the_plain_hybrid_exactly(tiny_config) -> None:
+    """At init (gates zero) a model with bridges gives the plain hybrid's logits bit for bit, the gates are
+    what the first backward moves, and open gates change the logits."""
+    torch.manual_seed(0)
+    plain = HybridLM(tiny_config("MAMA")).double().eval()
+    bridged = HybridLM(tiny_config("MAMA", bridges=True)).double().eval()
+    missing = bridged.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert set(missing) == {f"bridges.links.{t}.{p}" for t in (1, 2, 3) for p in ("gate", "proj.weight")}
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(plain(ids), bridged(ids))
+    bridged.loss(ids[:, :-1], ids[:, 1:]).backward()
+    assert all(link.gate.grad.abs().sum() > 0 for link in bridged.bridges.links.values())
+    with torch.no_grad():
+        bridged.bridges.links["2"].gate.fill_(0.1)  # attention -> Mamba2 only: layer 2 and after move
+        plain_logits, open_logits = plain(ids), bridged(ids)
+    assert not torch.allclose(plain_logits, open_logits)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_param_count_equals_the_built_model(case: str, tiny_config) -> None:
+    pattern, over = CASES[case]
+    cfg = tiny_config(pattern, **over)
+    assert count_params(cfg) == sum(p.numel() for p in HybridLM(cfg).parameters())
+
+
+@pytest.mark.parametrize("case", ["bridges", "compression2", "all"])  # R's capacity share: test_block_types.py
+def test_matmul_flops_count_every_weight_a_token_passes(case: str, tiny_config) -> None:
+    """2 x (every Linear's weight, the bridges' included + the compression basis, applied to B and to C)."""
+    pattern, over = CASES[case]
+    cfg = tiny_config(pattern, **over)
+    model = HybridLM(cfg)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    bases = sum(2 * p.numel() for n, p in model.named_parameters() if n.endswith("compress.basis"))
+    assert bool(bases) == (cfg.mamba.state_compression > 1)
+    assert forward_flops_per_token(cfg, 32)["matmul"] == 2 * (linear + bases)  # the head is one of the Linears
+
+
+def test_compressed_scan_costs_the_scan_of_the_smaller_state(tiny_config) -> None:
+    """The scan FLOPs of state_compression f are those of a plain Mamba2 with d_state / f; the conv still runs
+    over B and C at the full d_state (2 layers x 2 d_conv x 2 groups x (8 - 8 / f) more B and C channels)."""
+    for f in (2, 4):
+        small = tiny_config("MAMA", mamba={"d_state": 8 // f})
+        compressed = tiny_config("MAMA", mamba={"state_compression": f})
+        conv = 2 * 2 * 4 * 2 * 2 * (8 - 8 // f)
+        assert forward_flops_per_token(compressed, 32)["ssd"] == forward_flops_per_token(small, 32)["ssd"] + conv
+
+
+def test_compression_shrinks_the_recurrent_state_by_its_factor(tiny_model) -> None:
+    """After the same prefill, every Mamba2 state (also inside R and G) holds d_state / f columns: its SSM
+    tensor is exactly f times smaller, the conv state (inputs, not recurrent) the same."""
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(2))
+    ssm, conv = {}, {}
+    for f in (1, 2, 4):
+        model = tiny_model("MRAG", mamba={"state_compression": f}, gated={"slots": 4})
+        with torch.no_grad():
+            cache = model.prefill(ids)[1]
+        states = [cache.layers[0], cache.layers[1].ssm, cache.layers[3].ssm]
+        ssm[f] = [s.ssm.numel() * s.ssm.element_size() for s in states]
+        conv[f] = [s.conv.numel() * s.conv.element_size() for s in states]
+        assert cache.layers[0].nbytes() == ssm[f][0] + conv[f][0]
+    for f in (2, 4):
+        assert [n // f for n in ssm[1]] == ssm[f] and conv[f] == conv[1]
+    with pytest.raises(Exception, match="state_compression \\(3\\) must divide d_state \\(8\\)"):
+        tiny_model("MAMA", mamba={"state_compression": 3})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_causal(case: str, model_of) -> None:
+    model = model_of(case)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 61, (2, 24), generator=gen)
+    changed = ids.clone()
+    changed[:, 12:] = torch.randint(0, 61, (2, 12), generator=gen)
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_equals_full_forward(case: str, model_of, rel_err) -> None:
+    """Prefill 5 tokens, then 25 one-token steps: the full forward's logits over 30 tokens; and a left-padded
+    batch in the static cache decodes each row as it does alone."""
+    model = model_of(case)
+    ids = torch.randint(0, 61, (3, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids)
+        logits, cache = model.prefill(ids[:, :5])
+        steps = [logits] + [model.step(ids[:, t], cache) for t in range(5, 29)]
+        assert rel_err(torch.stack(steps, 1), full[:, 4:29]) <= 1e-10
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :4] = 0
+        logits, cache = model.prefill(ids[:2, :9], mask)
+        cache.make_static(16)
+        got = torch.stack([logits] + [model.step(ids[:2, t], cache) for t in range(9, 14)], 1)
+        alone = model(ids[1:2, 4:14])[0, 4:]
+    assert rel_err(got[0], full[0, 8:14]) <= 1e-10 and rel_err(got[1], alone) <= 1e-10
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_equals_unpacked(case: str, model_of, doc_seq_idx, rel_err) -> None:
+    model = model_of(case)
+    lengths = [7, 12, 5]
+    ids = torch.randint(0, 61, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        packed = model(ids, seq_idx=doc_seq_idx(lengths))
+        start = 0
+        for n in lengths:
+            assert rel_err(packed[:, start : start + n], model(ids[:, start : start + n])) <= 1e-12
+            start += n
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_parameter_gets_a_gradient(case: str, model_of) -> None:
+    model = model_of(case).train()
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(7))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_save_load_round_trip(model_of, tmp_path) -> None:
+    from model.weights import load_weights, save_weights
+
+    model = model_of("all")
+    save_weights(model, tmp_path)
+    loaded = load_weights(tmp_path, dtype=torch.float64).eval()
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(model(ids), loaded(ids))
+
+
+@pytest.mark.parametrize("case", ["bridges", "compression2"])
+def test_exports_refuse_the_options_in_one_line(case: str, model_of, tmp_path) -> None:
+    from export import ExportError
+    from export.hf import check_exportable
+    from export.onnx_export import export_onnx
+
+    model = model_of(case)
+    option = "model.bridges=true" if case == "bridges" else "model.mamba.state_compression=2"
+    with pytest.raises(ExportError, match=f"^cannot export {option} to Hugging Face") as e:
+        check_exportable(model.cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ExportError, match=f"^cannot export {option} to ONNX"):
+        export_onnx(model, tmp_path / case)
+    assert not (tmp_path / case).exists()
