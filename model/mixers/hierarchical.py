@@ -156,10 +156,10 @@ class HierarchicalMixer(Mixer):
         new_span[:, 0] = True  # ... and always starts the row's first group of tokens
         group = new_span.long().cumsum(1) - 1  # (b, l): spans (or span pieces) of the row, from 0
         n_groups = 1 if l == 1 else int(group[:, -1].max()) + 1
-        idx = group.unsqueeze(-1).expand(-1, -1, w)
-        sums = v.new_zeros(b, n_groups, w).scatter_add_(1, idx, v)
-        reset = torch.zeros(b, n_groups, dtype=torch.long, device=v.device)
-        reset = reset.scatter_reduce_(1, group, doc_start.long(), "amax").bool()
+        # (b, n_groups, l) one-hot membership: sums and reads as matmuls, deterministic where a scatter is not
+        member = (group.unsqueeze(1) == torch.arange(n_groups, device=v.device).view(1, -1, 1)).to(v.dtype)
+        sums = member @ v  # (b, n_groups, w)
+        reset = (member @ doc_start.to(v.dtype).unsqueeze(-1)).squeeze(-1) > 0  # (b, n_groups): opens a document
         a = torch.sigmoid(self.decay_logit.to(v.dtype))
         s = v.new_zeros(b, w)
         if state is not None:
@@ -172,6 +172,6 @@ class HierarchicalMixer(Mixer):
             before.append(s)
             s = a * s + (1 - a) * sums[:, g] / self.span  # a group that is not a whole span ends its document
         states = torch.stack(before, 1)  # (b, n_groups, w)
-        rows = torch.arange(b, device=v.device)
-        return states.gather(1, idx), states[rows, group[:, -1]], sums[rows, group[:, -1]]
+        last = member[:, :, -1:]  # (b, n_groups, 1): the group of the row's last token
+        return member.transpose(1, 2) @ states, (states * last).sum(1), (sums * last).sum(1)
 
