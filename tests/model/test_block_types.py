@@ -1,4 +1,6 @@
-"""The block-type registry and the block types beyond M and A (routed `R`, gated memory `G`, hierarchical `H`).
+"""The block-type registry and the block types beyond M and A (routed `R`, gated memory `G`, hierarchical `H`),
+and the hybrid options that change what blocks compute (bridges, state compression), which the model-level
+checks below cover too (their own checks: tests/model/test_hybrid_options.py).
 
 Every numerical check runs a float64 model on the reference path: causality and packing are exact up
 to rounding (<= 1e-12 relative), decoding token by token equals the full forward (<= 1e-10 relative, the
@@ -20,14 +22,21 @@ from model.sizing import count_params
 # Patterns that put each new block type between the others; the routed layers route often enough at toy
 # sizes (capacity 0.5, threshold 0.3) that attention among routed tokens is exercised; the hierarchical layers'
 # spans are the tiny chunk (4 tokens), so a 24-token row holds 6.
-PATTERNS = {"R": "MRAR", "G": "GMAG", "H": "HMAH"}
+# The options run on patterns of M and A, on one with R and G (compression inside them) and with H; tiny_model
+# perturbs every 1-D parameter, so the bridges' gates are open.
+PATTERNS = {"R": "MRAR", "G": "GMAG", "H": "HMAH", "bridges": "MAMA", "compression2": "MAMA", "compression4": "MRAG",
+            "all_options": "HAMH"}
 OVERRIDES = {"routed": {"capacity": 0.5, "threshold": 0.3}, "gated": {"slots": 6}}
+OPTIONS = {"bridges": {"bridges": True}, "compression2": {"mamba": {"state_compression": 2}},
+           "compression4": {"mamba": {"state_compression": 4}},
+           "all_options": {"bridges": True, "mamba": {"state_compression": 2}}}
+CASES = list(PATTERNS)
 
 
 @pytest.fixture
 def model_of(tiny_model):
-    def make(letter: str, seed: int = 0) -> HybridLM:
-        return tiny_model(PATTERNS[letter], seed=seed, **OVERRIDES)
+    def make(case: str, seed: int = 0) -> HybridLM:
+        return tiny_model(PATTERNS[case], seed=seed, **OVERRIDES, **OPTIONS.get(case, {}))
     return make
 
 
@@ -50,7 +59,7 @@ def test_param_count_formula_equals_the_built_model(letter: str, tiny_config) ->
         assert count_params(cfg) == sum(p.numel() for p in HybridLM(cfg).parameters())
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", CASES)
 def test_causal(letter: str, model_of) -> None:
     """Changing the tokens after t changes no logit at or before t."""
     model = model_of(letter)
@@ -64,7 +73,7 @@ def test_causal(letter: str, model_of) -> None:
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", CASES)
 def test_decode_equals_full_forward(letter: str, model_of, rel_err) -> None:
     """A 5-token prefill then 25 one-token steps give the full forward's logits for 30 tokens."""
     model = model_of(letter)
@@ -76,7 +85,7 @@ def test_decode_equals_full_forward(letter: str, model_of, rel_err) -> None:
     assert rel_err(torch.stack(steps, 1), full[:, 4:29]) <= 1e-10
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", CASES)
 def test_left_padded_and_static_decoding_equal_rows_alone(letter: str, model_of, rel_err) -> None:
     """A left-padded batch decodes each row as it decodes alone, with the growing and the static cache."""
     model = model_of(letter)
@@ -102,7 +111,7 @@ def test_left_padded_and_static_decoding_equal_rows_alone(letter: str, model_of,
                 assert rel_err(got[i], alone[i]) <= 1e-10, (static, i)
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", CASES)
 def test_packed_equals_unpacked(letter: str, model_of, doc_seq_idx, rel_err) -> None:
     model = model_of(letter)
     lengths = [7, 12, 5]
@@ -115,7 +124,7 @@ def test_packed_equals_unpacked(letter: str, model_of, doc_seq_idx, rel_err) -> 
             start += n
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", CASES)
 def test_every_parameter_gets_a_gradient(letter: str, model_of) -> None:
     model = model_of(letter).train()
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -124,7 +133,7 @@ def test_every_parameter_gets_a_gradient(letter: str, model_of) -> None:
     assert not missing
 
 
-@pytest.mark.parametrize("letter", ["R", "G", "H"])
+@pytest.mark.parametrize("letter", ["R", "G", "H", "all_options"])
 def test_save_load_round_trip(letter: str, model_of, tmp_path) -> None:
     from model.weights import load_weights, save_weights
 

@@ -1,9 +1,7 @@
 """The hybrid options that are not block types: bridges (`model.bridges`, model/bridges.py) and adaptive
-state compression (`model.mamba.state_compression`, model/state_compression.py), alone and together with the
-hierarchical block `H`.
-
-As in tests/model/test_block_types.py: float64 models on the reference path; causality and packing exact up
-to rounding (<= 1e-12 relative), decoding token by token equal to the full forward (<= 1e-10 relative).
+state compression (`model.mamba.state_compression`, model/state_compression.py): where the bridges go, the
+closed start, counts, memory, export refusals. Causality, decode == forward, packing, gradients and
+save/load of the same configurations run with the block types in tests/model/test_block_types.py.
 """
 
 from __future__ import annotations
@@ -108,72 +106,6 @@ def test_compression_shrinks_the_recurrent_state_by_its_factor(tiny_model) -> No
         assert [n // f for n in ssm[1]] == ssm[f] and conv[f] == conv[1]
     with pytest.raises(Exception, match="state_compression \\(3\\) must divide d_state \\(8\\)"):
         tiny_model("MAMA", mamba={"state_compression": 3})
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_causal(case: str, model_of) -> None:
-    model = model_of(case)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 61, (2, 24), generator=gen)
-    changed = ids.clone()
-    changed[:, 12:] = torch.randint(0, 61, (2, 12), generator=gen)
-    with torch.no_grad():
-        a, b = model(ids), model(changed)
-    assert torch.equal(a[:, :12], b[:, :12])
-    assert not torch.allclose(a[:, 12:], b[:, 12:])
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_decode_equals_full_forward(case: str, model_of, rel_err) -> None:
-    """Prefill 5 tokens, then 25 one-token steps: the full forward's logits over 30 tokens; and a left-padded
-    batch in the static cache decodes each row as it does alone."""
-    model = model_of(case)
-    ids = torch.randint(0, 61, (3, 30), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        full = model(ids)
-        logits, cache = model.prefill(ids[:, :5])
-        steps = [logits] + [model.step(ids[:, t], cache) for t in range(5, 29)]
-        assert rel_err(torch.stack(steps, 1), full[:, 4:29]) <= 1e-10
-        mask = torch.ones(2, 9, dtype=torch.long)
-        mask[1, :4] = 0
-        logits, cache = model.prefill(ids[:2, :9], mask)
-        cache.make_static(16)
-        got = torch.stack([logits] + [model.step(ids[:2, t], cache) for t in range(9, 14)], 1)
-        alone = model(ids[1:2, 4:14])[0, 4:]
-    assert rel_err(got[0], full[0, 8:14]) <= 1e-10 and rel_err(got[1], alone) <= 1e-10
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_packed_equals_unpacked(case: str, model_of, doc_seq_idx, rel_err) -> None:
-    model = model_of(case)
-    lengths = [7, 12, 5]
-    ids = torch.randint(0, 61, (1, sum(lengths)), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        packed = model(ids, seq_idx=doc_seq_idx(lengths))
-        start = 0
-        for n in lengths:
-            assert rel_err(packed[:, start : start + n], model(ids[:, start : start + n])) <= 1e-12
-            start += n
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_every_parameter_gets_a_gradient(case: str, model_of) -> None:
-    model = model_of(case).train()
-    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(7))
-    model.loss(ids[:, :-1], ids[:, 1:]).backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
-
-
-def test_save_load_round_trip(model_of, tmp_path) -> None:
-    from model.weights import load_weights, save_weights
-
-    model = model_of("all")
-    save_weights(model, tmp_path)
-    loaded = load_weights(tmp_path, dtype=torch.float64).eval()
-    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        assert torch.equal(model(ids), loaded(ids))
 
 
 @pytest.mark.parametrize("case", ["bridges", "compression2"])
