@@ -144,7 +144,7 @@ def list_presets(argv: list[str] | None = None) -> None:
         print(f"  {m['name']:<8} {m['description']}")
     print("\nhybrid options (--set KEY=VALUE)")
     for o in options:
-        print(f"  {o['key']:<31} default {str(o['default']):<5} {o['description']}")
+        print(f"  {o['key']:<31} default {o['default']!s:<5} {o['description']}")
     print(f"\n{'variant':<13} {'params':>9} {'matched':>9} {'ffn':>5}  pattern       (preset {variants[0]['preset']}; "
           "matched: ffn_hidden sized to the preset's count)")
     for v in variants:

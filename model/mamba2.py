@@ -35,8 +35,8 @@ from model.config import ModelConfig
 from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.mixers.base import Mixer, MixerContext
-from model.state_compression import StateCompression
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
+from model.state_compression import StateCompression
 from model.wgrad import Linear
 
 

@@ -125,8 +125,8 @@ class HierarchicalMixer(Mixer):
     # ---- decoding state ---------------------------------------------------------------------------
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> HierarchicalState:
         wide = torch.promote_types(dtype, torch.float32)
-        zeros = lambda: torch.zeros(batch, self.cfg.slow_width, device=device, dtype=wide)  # noqa: E731
-        return HierarchicalState(ssm=self.ssm.empty_state(batch, device, dtype), slow=zeros(), pending=zeros())
+        slow, pending = (torch.zeros(batch, self.cfg.slow_width, device=device, dtype=wide) for _ in range(2))
+        return HierarchicalState(ssm=self.ssm.empty_state(batch, device, dtype), slow=slow, pending=pending)
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: HierarchicalState | None = None) -> torch.Tensor:

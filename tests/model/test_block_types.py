@@ -241,19 +241,21 @@ def test_stats_command_prints_every_layer(tiny_bundle_dir, tmp_path, test_tokeni
     assert "layer   3 G gated_memory" in out and "gate_mean" in out and "top slots" in out
 
 
-def test_exports_refuse_block_types_they_cannot_express(model_of, tmp_path) -> None:
+def test_exports_refuse_block_types_and_options_they_cannot_express(model_of, tmp_path) -> None:
     from export import ExportError
     from export.hf import check_exportable
     from export.onnx_export import export_onnx
 
-    for letter in ("R", "G", "H"):
-        model = model_of(letter)
-        with pytest.raises(ExportError, match=f"cannot export block type {letter} .*to Hugging Face") as e:
+    named = {"R": "block type R ", "G": "block type G ", "H": "block type H ", "bridges": "model.bridges=true ",
+             "compression2": "model.mamba.state_compression=2 "}
+    for case, what in named.items():
+        model = model_of(case)
+        with pytest.raises(ExportError, match=f"^cannot export {what}.*to Hugging Face") as e:
             check_exportable(model.cfg)
         assert "\n" not in str(e.value)
-        with pytest.raises(ExportError, match=f"cannot export block type {letter} .*to ONNX"):
-            export_onnx(model, tmp_path / letter)
-        assert not (tmp_path / letter).exists()
+        with pytest.raises(ExportError, match=f"^cannot export {what}.*to ONNX"):
+            export_onnx(model, tmp_path / case)
+        assert not (tmp_path / case).exists()
 
 
 def test_quantization_keeps_the_linears_each_mixer_names(model_of) -> None:
