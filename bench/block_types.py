@@ -8,7 +8,7 @@ block type's kernel path is as exact as theirs when its errors are of the same s
 
 Speed: forward+backward of the whole model (bench/fwd_bwd_throughput.py's measure: bf16, kernel path,
 `model.loss`, no optimizer; the optimizer's cost depends on the parameter count alone) at `--batch` x `--seq-len`, for the preset's own pattern and for
-the same pattern with every attention block replaced by each other block type (`A` -> `R`, `A` -> `G`).
+the same pattern with every attention block replaced by each other block type (`A` -> `R`, `G`, `H`).
 MFU counts each block type's model FLOPs (model/sizing.py; the routed block at its capacity bound).
 
     python bench/block_types.py --preset small --seq-len 4096 --batch 4
@@ -82,7 +82,9 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke else "cuda")
     preset, seq, batch, pseq = ("tiny", 64, 1, 48) if args.smoke else (args.preset, args.seq_len, args.batch,
                                                                         args.parity_seq)
-    base = ModelConfig(preset=preset, gated={"slots": 8 if args.smoke else args.slots})
+    # smoke: H spans of 16 tokens, so that the 64-token rows complete some and train the slow state
+    base = ModelConfig(preset=preset, gated={"slots": 8 if args.smoke else args.slots},
+                       hierarchical={"span": 16} if args.smoke else {})
     peak = matmul_peak_tflops(device, n=1024 if args.smoke else 8192)
     meta = environment(device) | {"matmul_peak_tflops": peak, "preset": preset}
     name = (args.name or "block_types") + ("_smoke" if args.smoke else "")

@@ -81,6 +81,9 @@ def check_exportable(cfg: ModelConfig) -> None:
                 f"cannot export block type {letter} ({mixer.name}) to Hugging Face: no transformers class expresses "
                 "it; use --format onnx if it supports it, or keep the consolidated checkpoint"
             )
+    if cfg.extensions():
+        raise ExportError(f"cannot export {' and '.join(cfg.extensions())} to Hugging Face: Bamba has no such part; keep the consolidated "
+                          "checkpoint")
     if not mlp_type(cfg.mlp).hf_export:
         raise ExportError(f"cannot export MLP kind {cfg.mlp} to Hugging Face: Bamba's MLP is SwiGLU; keep the "
                           "consolidated checkpoint, or use --format onnx")

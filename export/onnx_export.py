@@ -158,6 +158,9 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
         if not block_type(letter).onnx:
             raise ExportError(f"cannot export block type {letter} ({block_type(letter).name}) to ONNX: its prefill "
                               "and decode graphs are not traced yet; keep the consolidated checkpoint")
+    if cfg.extensions():
+        raise ExportError(f"cannot export {' and '.join(cfg.extensions())} to ONNX: its graphs are not traced and checked in onnxruntime "
+                          "yet; keep the consolidated checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model.embed.weight.device.type != "cpu":

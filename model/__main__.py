@@ -1,6 +1,6 @@
 """`python -m model list [--json]`: the presets with their sizes and layer patterns, the block types, and
 the named layer-pattern variants (model/variants.py) on the `small` preset. `--json`: {"presets": [...],
-"block_types": [...], "mlp_kinds": [...], "variants": [...]}.
+"block_types": [...], "mlp_kinds": [...], "options": [...], "variants": [...]}.
 `python -m model stats CKPT --text "..."`: what each block type measures on a text (router fractions,
 gate means, memory read mass per slot: the design's `get_gate_statistics`)."""
 
@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from model.config import ModelConfig
+from model.config import HierarchicalConfig, MambaConfig, ModelConfig
 from model.hybrid import HybridLM
 from model.mixers import block_types
 from model.mlps import mlp_kinds
@@ -56,6 +56,20 @@ def block_type_rows() -> list[dict]:
     return [{"letter": k, "name": cls.name, "description": cls.description, "design": cls.design,
              "hf_export": cls.hf_layer_type is not None, "onnx_export": cls.onnx}
             for k, cls in block_types().items()]
+
+
+# Model options of the hybrid variants that are not block types: key -> the config class that holds the field.
+OPTIONS = {"model.bridges": ModelConfig, "model.mamba.state_compression": MambaConfig,
+           "model.hierarchical.span": HierarchicalConfig, "model.hierarchical.width": HierarchicalConfig}
+
+
+def option_rows() -> list[dict]:
+    """One row per hybrid-variant option: its key, default and description (the config schema's)."""
+    rows = []
+    for key, schema in OPTIONS.items():
+        field = schema.model_fields[key.rsplit(".", 1)[1]]
+        rows.append({"key": key, "default": field.default, "description": field.description})
+    return rows
 
 
 def print_statistics(checkpoint: str, text: str) -> None:
@@ -109,8 +123,10 @@ def list_presets(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     rows, kinds, mlps, variants = preset_rows(), block_type_rows(), mlp_kind_rows(), variant_rows()
+    options = option_rows()
     if args.json:
-        print(json.dumps({"presets": rows, "block_types": kinds, "mlp_kinds": mlps, "variants": variants}, indent=2))
+        print(json.dumps({"presets": rows, "block_types": kinds, "mlp_kinds": mlps, "options": options,
+                          "variants": variants}, indent=2))
         return
     head = f"{'preset':<7} {'params':>9} {'non-emb':>9} {'layers':>6} {'d_model':>7} {'heads':>7} {'mamba h':>7} {'d_state':>7}  pattern"
     print(head)
@@ -126,6 +142,9 @@ def list_presets(argv: list[str] | None = None) -> None:
     print("\nMLP kinds (model.mlp)")
     for m in mlps:
         print(f"  {m['name']:<8} {m['description']}")
+    print("\nhybrid options (--set KEY=VALUE)")
+    for o in options:
+        print(f"  {o['key']:<31} default {o['default']!s:<5} {o['description']}")
     print(f"\n{'variant':<13} {'params':>9} {'matched':>9} {'ffn':>5}  pattern       (preset {variants[0]['preset']}; "
           "matched: ffn_hidden sized to the preset's count)")
     for v in variants:

@@ -63,6 +63,7 @@ class Attention(Mixer):
     description = "grouped-query softmax attention with RoPE (optional QK-norm), KV cache for decoding"
     design = "Transformer attention layers placed strategically (MAMBA_SLM, HYDRA)"
     hf_layer_type = "attention"
+    pathway = "attention"
     onnx = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:

@@ -6,7 +6,7 @@ dotted name. A config may name a `preset` (see `model/presets.py`); the preset's
 defaults and any key given beside it overrides them.
 
 The layer layout is one letter per layer, each a registered block type (model/mixers: `M` Mamba2,
-`A` attention, `R` routed, `G` gated memory), either given explicitly as `pattern` or derived from
+`A` attention, `R` routed, `G` gated memory, `H` hierarchical), either given explicitly as `pattern` or derived from
 `n_layers` and `attn_ratio` by the strategic-placement rule (`strategic_pattern`, M and A only).
 """
 
@@ -45,6 +45,18 @@ class MambaConfig(StrictModel):
         "~150 MB more per Mamba2 layer per 8,192 tokens at d_model 2048 by the kept tensors' sizes, five "
         "fewer kernels per layer).",
     )
+    state_compression: int = Field(
+        1, ge=1,
+        description="Factor f by which every Mamba2 recurrent state (heads x headdim x d_state) is kept "
+        "compressed: a learned per-group basis maps d_state to d_state / f, and each token's write into "
+        "the compressed slots is scaled by a learned importance gate (model/state_compression.py). 1 = off; "
+        "must divide d_state.",
+    )
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the recurrent state the scan keeps: d_state / state_compression."""
+        return self.d_state // self.state_compression
 
     @model_validator(mode="after")
     def _check(self) -> "MambaConfig":
@@ -55,6 +67,8 @@ class MambaConfig(StrictModel):
             raise ValueError(f"a_init_range must satisfy 0 < low <= high, got {self.a_init_range}")
         if not 0 <= self.dt_limit[0] < self.dt_limit[1]:
             raise ValueError(f"dt_limit must satisfy 0 <= low < high, got {self.dt_limit}")
+        if self.d_state % self.state_compression:
+            raise ValueError(f"state_compression ({self.state_compression}) must divide d_state ({self.d_state})")
         return self
 
 
@@ -82,6 +96,14 @@ class GatedConfig(StrictModel):
     slots: int = Field(0, ge=0, description="Learned memory slots read by every token (0 = no memory bank).")
 
 
+class HierarchicalConfig(StrictModel):
+    """The hierarchical-state block (pattern letter `H`, model/mixers/hierarchical.py)."""
+
+    span: int | None = Field(None, ge=1, description="Tokens per span: the slow state takes one pooled summary "
+                             "per completed span (default: mamba.chunk_size).")
+    width: int | None = Field(None, ge=1, description="Channels of the slow state (default: d_model).")
+
+
 class ModelConfig(StrictModel):
     """Architecture of a strategic-placement hybrid. Shapes: d_model channels, vocab tokens."""
 
@@ -97,6 +119,11 @@ class ModelConfig(StrictModel):
     mamba: MambaConfig = MambaConfig()
     routed: RoutedConfig = RoutedConfig()
     gated: GatedConfig = GatedConfig()
+    hierarchical: HierarchicalConfig = HierarchicalConfig()
+    bridges: bool = Field(False, description="Gated bridges between the pathways (model/bridges.py): each attention "
+                          "block's input receives a projection of the nearest preceding Mamba2 block's output, and "
+                          "each Mamba2 block right after an attention block one of that block's output; the gates "
+                          "start closed.")
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
     max_seq_len: int = Field(8192, ge=1, description="Longest sequence the model is trained/served at.")
@@ -197,6 +224,22 @@ class ModelConfig(StrictModel):
     def d_in_proj(self) -> int:
         """in_proj output width, ordered [z, x, B, C, dt] as in mamba_ssm."""
         return 2 * self.d_inner + 2 * self.mamba.n_groups * self.mamba.d_state + self.n_ssm_heads
+
+    @property
+    def span(self) -> int:
+        """Tokens per span of the hierarchical block's slow state."""
+        return self.hierarchical.span or self.mamba.chunk_size
+
+    @property
+    def slow_width(self) -> int:
+        """Channels of the hierarchical block's slow state."""
+        return self.hierarchical.width or self.d_model
+
+    def extensions(self) -> list[str]:
+        """The options set here that no export format expresses (`--set` form), in config order."""
+        on = {"model.bridges=true": self.bridges,
+              f"model.mamba.state_compression={self.mamba.state_compression}": self.mamba.state_compression > 1}
+        return [k for k, v in on.items() if v]
 
     @property
     def resolved_init_std(self) -> float:

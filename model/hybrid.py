@@ -12,6 +12,9 @@ Packed documents: pass `seq_idx` (b, l), the document index of every token (non-
 and `position_ids` restarting at 0 per document (`positions_from_seq_idx`). Then the Mamba2 conv and
 state restart at every document, attention stays inside its document and RoPE restarts. The
 boundaries are worked out once per forward (`DocumentLayout`) and shared by all layers.
+
+With `model.bridges`, some blocks' mixers also receive a gated projection of an earlier block's mixer
+output at the same positions (model/bridges.py says which and why).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from model.bridges import Bridges
 from model.cache import HybridCache
 from model.config import ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
@@ -38,8 +42,9 @@ log = logging.getLogger(__name__)
 class Block(nn.Module):
     """Pre-norm residual block: mixer then MLP.
 
-    (x, residual) -> (x', residual'), all (b, l, d): the stream entering the block is x + residual
-    (x alone for the first block), the stream leaving it is x' + residual'.
+    (x, residual) -> (x', residual', the mixer's output), all (b, l, d): the stream entering the block is
+    x + residual (x alone for the first block), the stream leaving it is x' + residual'. inflow: a bridge's
+    (b, l, d) addend to the normed mixer input (model/bridges.py), or None.
     """
 
     def __init__(self, cfg: ModelConfig, kind: str, layer_idx: int) -> None:
@@ -57,12 +62,15 @@ class Block(nn.Module):
         residual: torch.Tensor | None,
         ctx: MixerContext,
         state: LayerState | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inflow: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         fused = self.mixer.impl == "kernels"
         x, residual = self.mixer_norm(x, residual, fused)
-        x = self.mixer(x, ctx, state)
-        x, residual = self.mlp_norm(x, residual, fused)
-        return self.mlp(x), residual
+        if inflow is not None:
+            x = x + inflow
+        mixed = self.mixer(x, ctx, state)
+        x, residual = self.mlp_norm(mixed, residual, fused)
+        return self.mlp(x), residual, mixed
 
 
 class HybridLM(nn.Module):
@@ -73,6 +81,7 @@ class HybridLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layer_pattern))
+        self.bridges = Bridges(cfg) if cfg.bridges else None
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
@@ -142,12 +151,16 @@ class HybridLM(nn.Module):
         ctx = MixerContext(rope=self.rope(position_ids, h.dtype), positions=position_ids, docs=docs,
                            key_valid=cache.attention_keys(l) if cache is not None else None)
         residual = None
+        kept: dict[int, torch.Tensor] = {}  # mixer outputs that bridges carry to later layers
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
+            inflow = self.bridges.inflow(i, kept) if self.bridges is not None else None
             if self.activation_checkpointing and self.training and cache is None:
-                h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
+                h, residual, mixed = checkpoint(layer, h, residual, ctx, None, inflow, use_reentrant=False)
             else:
-                h, residual = layer(h, residual, ctx, state)
+                h, residual, mixed = layer(h, residual, ctx, state, inflow)
+            if self.bridges is not None and self.bridges.keeps(i):
+                kept[i] = mixed
         if cache is not None:
             if cache.filled is not None:  # static form: in place, so that a captured graph advances it
                 cache.next_pos.copy_(position_ids[:, -1] + 1)

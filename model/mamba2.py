@@ -16,6 +16,10 @@ Paths:
              them, unless `model.mamba.recompute_in_backward`), otherwise causal conv
              + `mamba_chunk_scan_combined` + the Triton gated norm; decoding uses
              `selective_state_update` and `causal_conv1d_update`.
+
+With `model.mamba.state_compression` f > 1 the scan reads B and C through a learned basis and importance gate
+(model/state_compression.py): the recurrent state is (heads, headdim, d_state / f) on both paths; the kernel
+path then takes the unfused kernels (the fused one computes B and C inside itself).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.mixers.base import Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
+from model.state_compression import StateCompression
 from model.wgrad import Linear
 
 
@@ -79,6 +84,7 @@ class Mamba2Mixer(Mixer):
     description = "Mamba2 (SSD) mixer: causal conv + selective state space scan, fixed-size decoding state"
     design = "Mamba2 (Dao & Gu 2024); the SSM layers of every hybrid design"
     hf_layer_type = "mamba"
+    pathway = "ssm"
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
 
@@ -88,6 +94,7 @@ class Mamba2Mixer(Mixer):
         self.d_inner, self.n_heads, self.headdim = cfg.d_inner, cfg.n_ssm_heads, m.headdim
         self.n_groups, self.d_state, self.d_conv = m.n_groups, m.d_state, m.d_conv
         self.chunk_size, self.dt_limit = m.chunk_size, tuple(m.dt_limit)
+        self.state_dim = m.state_dim  # d_state / state_compression: the recurrent state's last axis
         self.conv_dim = cfg.conv_dim
         self.in_proj = Linear(cfg.d_model, cfg.d_in_proj, bias=False)
         self.conv1d = nn.Conv1d(
@@ -101,6 +108,7 @@ class Mamba2Mixer(Mixer):
             p._no_weight_decay = True  # read by the optimizer's parameter grouping
         self.norm = GatedRMSNorm(self.d_inner, cfg.norm_eps)
         self.out_proj = Linear(self.d_inner, cfg.d_model, bias=False)
+        self.compress = StateCompression(cfg) if m.state_compression > 1 else None
         self.impl = "reference"
         self.reset_parameters()
 
@@ -130,6 +138,12 @@ class Mamba2Mixer(Mixer):
         x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
         return x, B, C
 
+    def _scan_bc(self, u: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """B, C (..., g * n) -> what the scan reads, (..., g, state_dim): as they are, or compressed from the
+        mixer input u (..., d) (model/state_compression.py)."""
+        B, C = B.unflatten(-1, (self.n_groups, self.d_state)), C.unflatten(-1, (self.n_groups, self.d_state))
+        return (B, C) if self.compress is None else self.compress(u, B, C)
+
     def _decay_rates(self) -> torch.Tensor:
         """A = -exp(A_log): (h,) in float32 or wider (A_log in bf16 would lose the decay)."""
         return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
@@ -141,7 +155,7 @@ class Mamba2Mixer(Mixer):
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MambaState:
         conv = torch.zeros(batch, self.conv_dim, self.d_conv, device=device, dtype=dtype)
         ssm_dtype = torch.promote_types(dtype, torch.float32)  # the state accumulates: never below fp32
-        ssm = torch.zeros(batch, self.n_heads, self.headdim, self.d_state, device=device, dtype=ssm_dtype)
+        ssm = torch.zeros(batch, self.n_heads, self.headdim, self.state_dim, device=device, dtype=ssm_dtype)
         return MambaState(conv=conv, ssm=ssm)
 
     def _store_conv_state(self, state: MambaState, xbc: torch.Tensor, seq_idx: torch.Tensor | None) -> None:
@@ -163,19 +177,21 @@ class Mamba2Mixer(Mixer):
         m = cfg.mamba
         conv = cfg.conv_dim * m.d_conv + (cfg.conv_dim if m.conv_bias else 0)
         per_head = 3 * cfg.n_ssm_heads  # dt_bias, A_log, D
-        return cfg.d_model * cfg.d_in_proj + conv + per_head + cfg.d_inner + cfg.d_inner * cfg.d_model
+        compress = StateCompression.param_count(cfg) if m.state_compression > 1 else 0
+        return cfg.d_model * cfg.d_in_proj + conv + per_head + cfg.d_inner + cfg.d_inner * cfg.d_model + compress
 
     @classmethod
     def matmul_params(cls, cfg: ModelConfig) -> int:
-        return cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model
+        compress = StateCompression.matmul_params(cfg) if cfg.mamba.state_compression > 1 else 0
+        return cfg.d_model * cfg.d_in_proj + cfg.d_inner * cfg.d_model + compress
 
     @classmethod
     def core_flops(cls, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-        """The scan and conv (model/sizing.py's docstring has the terms)."""
+        """The scan (at the recurrent state's width) and conv (model/sizing.py's docstring has the terms)."""
         m = cfg.mamba
         q_eff = (min(m.chunk_size, seq_len) + 1) / 2
-        return {"ssd": 2 * q_eff * (m.n_groups * m.d_state + cfg.n_ssm_heads * m.headdim)
-                + 4 * cfg.n_ssm_heads * m.headdim * m.d_state
+        return {"ssd": 2 * q_eff * (m.n_groups * m.state_dim + cfg.n_ssm_heads * m.headdim)
+                + 4 * cfg.n_ssm_heads * m.headdim * m.state_dim
                 + 2 * m.d_conv * cfg.conv_dim}
 
     def zero3_leaves(self) -> list[nn.Module]:
@@ -205,13 +221,14 @@ class Mamba2Mixer(Mixer):
             self._store_conv_state(state, xbc, seq_idx)
         xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
+        B, C = self._scan_bc(u, B, C)
         A = self._decay_rates()
         y, final = ssd_chunked(
             x.reshape(b, l, self.n_heads, self.headdim),
             discretize_dt(dt, self.dt_bias, self.dt_limit),
             A,
-            B.reshape(b, l, self.n_groups, self.d_state),
-            C.reshape(b, l, self.n_groups, self.d_state),
+            B,
+            C,
             self.chunk_size,
             D=self.D,
             initial_state=state.ssm if state is not None and state.filled else None,
@@ -235,13 +252,14 @@ class Mamba2Mixer(Mixer):
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         A = self._decay_rates()
         continuing = state is not None and state.filled
-        if cops is not None and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
+        fused = cops is not None and self.compress is None  # the fused kernels compute B and C themselves
+        if fused and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
             return ops.split_conv1d_scan_saved(
                 zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, self.D, chunk_size=self.chunk_size,
                 seq_idx=sid, dt_limit=self.dt_limit, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
                 outproj_weight=self.out_proj.weight, headdim=self.headdim, ngroups=self.n_groups,
             )
-        if cops is not None and not continuing:
+        if fused and not continuing:
             if state is not None:
                 self._store_conv_state(state, self._split(zxbcdt)[1], seq_idx)
             out = ops.split_conv1d_scan(
@@ -267,9 +285,9 @@ class Mamba2Mixer(Mixer):
         else:
             xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
+        B, C = self._scan_bc(u, B, C)
         y = ops.chunk_scan(
-            x.reshape(b, l, self.n_heads, self.headdim), dt, A,
-            B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state),
+            x.reshape(b, l, self.n_heads, self.headdim), dt, A, B, C,
             chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=sid,
             dt_limit=self.dt_limit, initial_states=state.ssm if continuing else None,
             return_final_states=state is not None,
@@ -298,11 +316,10 @@ class Mamba2Mixer(Mixer):
         x, B, C = self._split_xbc(xbc)
         b = x.size(0)
         x = x.reshape(b, self.n_heads, self.headdim)
-        B = B.reshape(b, self.n_groups, self.d_state)
-        C = C.reshape(b, self.n_groups, self.d_state)
+        B, C = self._scan_bc(u.squeeze(1), B, C)  # (b, g, state_dim)
         A = self._decay_rates()
         if self.impl == "kernels":
-            p, n = self.headdim, self.d_state
+            p, n = self.headdim, self.state_dim
             if self.dt_limit == (0.0, float("inf")):  # the kernel applies dt_bias and softplus itself
                 dt_bias, softplus = self.dt_bias.unsqueeze(-1).expand(-1, p), True
             else:  # it has no clamp: discretise here, as the forward's kernels do with dt_limit, and hand it a

@@ -12,13 +12,15 @@ FLOP counts are model FLOPs (what the math needs, not what a kernel re-computes)
         + 2 * 2 * H * P * N             chunk states B^T X and the state read-out C h
         + 2 * d_conv * conv_dim         depthwise conv
   training FLOPs per token = 3 * forward (backward costs two forwards).
-Every block type's terms come from its mixer class (model/mixers): this module only sums them.
+Every block type's terms come from its mixer class (model/mixers), the bridges' from model/bridges.py:
+this module only sums them.
 Embedding lookups, norms, activations and the softmax are not counted (standard practice: they are
 memory-bound and < 1% of the total for the presets here).
 """
 
 from __future__ import annotations
 
+from model.bridges import Bridges
 from model.config import ModelConfig
 from model.mixers import block_type
 from model.mlps import mlp_type
@@ -48,7 +50,7 @@ def embedding_params(cfg: ModelConfig) -> int:
 def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     """Total parameters; `include_embedding=False` drops the embedding and untied head."""
     blocks = sum(block_params(cfg, kind) for kind in cfg.layer_pattern)
-    body = blocks + cfg.d_model  # final norm
+    body = blocks + Bridges.param_count(cfg) + cfg.d_model  # final norm
     return body + (embedding_params(cfg) if include_embedding else 0)
 
 
@@ -57,6 +59,7 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     ("matmul", and each mixer's own kinds: "attention", "ssd", ...)."""
     head = cfg.padded_vocab_size * cfg.d_model
     matmul = sum(block_type(k).matmul_params(cfg) + mlp_params(cfg) for k in cfg.layer_pattern)
+    matmul += Bridges.matmul_params(cfg)
     out = {"matmul": 2.0 * (matmul + head), "attention": 0.0, "ssd": 0.0}
     for kind in cfg.layer_pattern:
         for name, flops in block_type(kind).core_flops(cfg, seq_len).items():

@@ -10,6 +10,10 @@ model/mixers), so the same name means the same idea at every size:
   all_attention  every block attention
   routed         strategic, with each attention block a routed block (`R`, model/mixers/routed.py)
   gated_memory   strategic, with each attention block a gated memory block (`G`, model/mixers/gated.py)
+  hierarchical   strategic, with each Mamba2 block a hierarchical-state block (`H`, model/mixers/hierarchical.py)
+
+Options that are not layer patterns (`model.bridges`, `model.mamba.state_compression`) are varied with a
+variant's `set` in the ablation runner (config/ablations/variants2.yaml).
 
 Parameter matching (`match_ffn`): the blocks of different mixers differ in size (a Mamba2 mixer of the
 `small` preset holds ~2.4x the weights of its attention mixer), so a variant is brought to a target
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 from model.config import ATTENTION, MAMBA, ModelConfig, strategic_pattern
 from model.mixers.gated import GatedMemoryMixer
+from model.mixers.hierarchical import HierarchicalMixer
 from model.mixers.routed import RoutedMixer
 from model.sizing import count_params, mlp_params
 
@@ -55,6 +60,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             lambda c: strategic_pattern(c.n_layers, c.attn_ratio).replace(ATTENTION, RoutedMixer.letter)),
     Variant("gated_memory", "strategic, each attention block gated memory (G: gated attention + Mamba2)",
             lambda c: strategic_pattern(c.n_layers, c.attn_ratio).replace(ATTENTION, GatedMemoryMixer.letter)),
+    Variant("hierarchical", "strategic, each Mamba2 block hierarchical (H: Mamba2 + a slow per-span state)",
+            lambda c: strategic_pattern(c.n_layers, c.attn_ratio).replace(MAMBA, HierarchicalMixer.letter)),
 )}
 
 

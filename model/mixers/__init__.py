@@ -20,9 +20,10 @@ def _builtin() -> list[type[Mixer]]:
     from model.attention import Attention
     from model.mamba2 import Mamba2Mixer
     from model.mixers.gated import GatedMemoryMixer
+    from model.mixers.hierarchical import HierarchicalMixer
     from model.mixers.routed import RoutedMixer
 
-    return [Mamba2Mixer, Attention, RoutedMixer, GatedMemoryMixer]
+    return [Mamba2Mixer, Attention, RoutedMixer, GatedMemoryMixer, HierarchicalMixer]
 
 
 _REGISTRY: dict[str, type[Mixer]] = {}

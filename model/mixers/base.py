@@ -9,6 +9,8 @@ A mixer class carries, beside its forward:
     with a state of one token is the decode step, a longer one is the prefill;
   - its sizes: exact `param_count(cfg)`, the matmul weights a token passes through (`matmul_params`) and
     the non-GEMM forward FLOPs per token (`core_flops`), which model/sizing.py sums for MFU;
+  - its `pathway` ("ssm", "attention", or None for blocks that hold both), which places the bridges of
+    `model.bridges` (model/bridges.py);
   - how it exports: `hf_layer_type` (the transformers Bamba layer type, or None: no transformers class
     expresses it), `onnx` (whether export/onnx_export.py can trace its prefill and decode);
   - training hooks: `cuda_graphs` (whether its training forward has fixed shapes, so that
@@ -83,6 +85,7 @@ class Mixer(nn.Module):
     description: ClassVar[str]
     design: ClassVar[str]
     hf_layer_type: ClassVar[str | None] = None
+    pathway: ClassVar[str | None] = None  # "ssm" / "attention": the pathway model.bridges connects
     onnx: ClassVar[bool] = False
     unquantized_linears: ClassVar[tuple[str, ...]] = ()
     cuda_graphs: ClassVar[bool] = True  # False: data-dependent shapes, no captured training step

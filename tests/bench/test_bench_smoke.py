@@ -47,10 +47,10 @@ def test_block_types_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, block_types, ["--smoke", "--out", str(tmp_path)])
     rows = _load(tmp_path / "block_types_smoke.json")["rows"]
     parity = {r["block"]: r for r in rows if r["part"] == "parity"}
-    assert set(parity) == {"M", "A", "R", "G"}
+    assert set(parity) == {"M", "A", "R", "G", "H"}
     assert all(0 < r["err_out"] < 0.05 and 0 < r["err_dx"] < 0.05 for r in parity.values())  # bf16 vs float64
     speed = {r["pattern"]: r for r in rows if r["part"] == "speed"}
-    assert set(speed) == {"MAMMAM", "MRMMRM", "MGMMGM"}
+    assert set(speed) == {"MAMMAM", "MRMMRM", "MGMMGM", "MHMMHM"}
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in speed.values())
 
 
@@ -231,3 +231,23 @@ def test_wgrad_accumulate_smoke(tmp_path):
     for r in shapes:
         assert r["err_fused"] < 1e-6 < r["err_fold"], r
     assert total["fold_cost_ms"] == pytest.approx(sum(r["count"] * r["fold_cost_ms"] for r in shapes))
+
+
+@pytest.mark.slow
+def test_state_memory_smoke(monkeypatch, tmp_path):
+    from bench import state_memory
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy sizes: more threads only contend on a busy 2-core machine
+    try:
+        _run(monkeypatch, state_memory, ["--smoke", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    rows = _load(tmp_path / "state_memory_tiny_smoke.json")["rows"]
+    names = ["strategic", "hierarchical", "bridges", "compression2", "compression4"]
+    train = {r["variant"]: r for r in rows if r["part"] == "training"}
+    decode = {r["variant"]: r for r in rows if r["part"] == "decode"}
+    assert list(train) == names and list(decode) == names
+    assert all(r["tokens_per_s"] > 0 for r in train.values()) and all(r["decode_tokens_per_s"] > 0 for r in decode.values())
+    ssm = {name: r["ssm_state_mb"] for name, r in decode.items()}
+    assert ssm["compression2"] == ssm["strategic"] / 2 and ssm["compression4"] == ssm["strategic"] / 4

@@ -1,8 +1,11 @@
-"""The block-type registry and the block types beyond M and A (routed `R`, gated memory `G`).
+"""The block-type registry and the block types beyond M and A (routed `R`, gated memory `G`, hierarchical `H`),
+and the hybrid options that change what blocks compute (bridges, state compression), which the model-level
+checks below cover too (their own checks: tests/model/test_hybrid_options.py).
 
 Every numerical check runs a float64 model on the reference path: causality and packing are exact up
 to rounding (<= 1e-12 relative), decoding token by token equals the full forward (<= 1e-10 relative, the
-issue's bound). The routing rule is checked against a plain per-token loop (a second implementation).
+issue's bound). The routing rule is checked against a plain per-token loop (a second implementation), the
+hierarchical block's slow state against the span recurrence written out by hand.
 """
 
 from __future__ import annotations
@@ -17,38 +20,46 @@ from model.mixers.routed import RoutedMixer, budget, route
 from model.sizing import count_params
 
 # Patterns that put each new block type between the others; the routed layers route often enough at toy
-# sizes (capacity 0.5, threshold 0.3) that attention among routed tokens is exercised.
-PATTERNS = {"R": "MRAR", "G": "GMAG"}
+# sizes (capacity 0.5, threshold 0.3) that attention among routed tokens is exercised; the hierarchical layers'
+# spans are the tiny chunk (4 tokens), so a 24-token row holds 6.
+# The options run on patterns of M and A, on one with R and G (compression inside them) and with H; tiny_model
+# perturbs every 1-D parameter, so the bridges' gates are open.
+PATTERNS = {"R": "MRAR", "G": "GMAG", "H": "HMAH", "bridges": "MAMA", "compression2": "MAMA", "compression4": "MRAG",
+            "all_options": "HAMH"}
 OVERRIDES = {"routed": {"capacity": 0.5, "threshold": 0.3}, "gated": {"slots": 6}}
+OPTIONS = {"bridges": {"bridges": True}, "compression2": {"mamba": {"state_compression": 2}},
+           "compression4": {"mamba": {"state_compression": 4}},
+           "all_options": {"bridges": True, "mamba": {"state_compression": 2}}}
+CASES = list(PATTERNS)
 
 
 @pytest.fixture
 def model_of(tiny_model):
-    def make(letter: str, seed: int = 0) -> HybridLM:
-        return tiny_model(PATTERNS[letter], seed=seed, **OVERRIDES)
+    def make(case: str, seed: int = 0) -> HybridLM:
+        return tiny_model(PATTERNS[case], seed=seed, **OVERRIDES, **OPTIONS.get(case, {}))
     return make
 
 
 def test_registry_lists_every_letter_once_and_unknown_letters_are_config_errors() -> None:
-    assert list(block_types()) == ["M", "A", "R", "G"]
+    assert list(block_types()) == ["M", "A", "R", "G", "H"]
     for letter, cls in block_types().items():
         assert cls.letter == letter and cls.name and cls.description and cls.design
     with pytest.raises(Exception, match=r"pattern has unknown block type 'X': known letters are M \(mamba2\), "
-                                        r"A \(attention\), R \(routed\), G \(gated_memory\)"):
+                                        r"A \(attention\), R \(routed\), G \(gated_memory\), H \(hierarchical\)"):
         ModelConfig(preset="tiny", pattern="MXMAMM")
     from config.schema import load_run_config
     with pytest.raises(ConfigError, match=r"^config error: model\.pattern has unknown block type 'Z'"):
         load_run_config("tiny", ["model.pattern=MZMAMM"])
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", ["R", "G", "H"])
 def test_param_count_formula_equals_the_built_model(letter: str, tiny_config) -> None:
     for slots in (0, 6):
         cfg = tiny_config(PATTERNS[letter], **{**OVERRIDES, "gated": {"slots": slots}})
         assert count_params(cfg) == sum(p.numel() for p in HybridLM(cfg).parameters())
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", CASES)
 def test_causal(letter: str, model_of) -> None:
     """Changing the tokens after t changes no logit at or before t."""
     model = model_of(letter)
@@ -62,7 +73,7 @@ def test_causal(letter: str, model_of) -> None:
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", CASES)
 def test_decode_equals_full_forward(letter: str, model_of, rel_err) -> None:
     """A 5-token prefill then 25 one-token steps give the full forward's logits for 30 tokens."""
     model = model_of(letter)
@@ -74,7 +85,7 @@ def test_decode_equals_full_forward(letter: str, model_of, rel_err) -> None:
     assert rel_err(torch.stack(steps, 1), full[:, 4:29]) <= 1e-10
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", CASES)
 def test_left_padded_and_static_decoding_equal_rows_alone(letter: str, model_of, rel_err) -> None:
     """A left-padded batch decodes each row as it decodes alone, with the growing and the static cache."""
     model = model_of(letter)
@@ -100,7 +111,7 @@ def test_left_padded_and_static_decoding_equal_rows_alone(letter: str, model_of,
                 assert rel_err(got[i], alone[i]) <= 1e-10, (static, i)
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", CASES)
 def test_packed_equals_unpacked(letter: str, model_of, doc_seq_idx, rel_err) -> None:
     model = model_of(letter)
     lengths = [7, 12, 5]
@@ -113,7 +124,7 @@ def test_packed_equals_unpacked(letter: str, model_of, doc_seq_idx, rel_err) -> 
             start += n
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", CASES)
 def test_every_parameter_gets_a_gradient(letter: str, model_of) -> None:
     model = model_of(letter).train()
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -122,7 +133,7 @@ def test_every_parameter_gets_a_gradient(letter: str, model_of) -> None:
     assert not missing
 
 
-@pytest.mark.parametrize("letter", ["R", "G"])
+@pytest.mark.parametrize("letter", ["R", "G", "H", "all_options"])
 def test_save_load_round_trip(letter: str, model_of, tmp_path) -> None:
     from model.weights import load_weights, save_weights
 
@@ -230,19 +241,21 @@ def test_stats_command_prints_every_layer(tiny_bundle_dir, tmp_path, test_tokeni
     assert "layer   3 G gated_memory" in out and "gate_mean" in out and "top slots" in out
 
 
-def test_exports_refuse_block_types_they_cannot_express(model_of, tmp_path) -> None:
+def test_exports_refuse_block_types_and_options_they_cannot_express(model_of, tmp_path) -> None:
     from export import ExportError
     from export.hf import check_exportable
     from export.onnx_export import export_onnx
 
-    for letter in ("R", "G"):
-        model = model_of(letter)
-        with pytest.raises(ExportError, match=f"cannot export block type {letter} .*to Hugging Face") as e:
+    named = {"R": "block type R ", "G": "block type G ", "H": "block type H ", "bridges": "model.bridges=true ",
+             "compression2": "model.mamba.state_compression=2 "}
+    for case, what in named.items():
+        model = model_of(case)
+        with pytest.raises(ExportError, match=f"^cannot export {what}.*to Hugging Face") as e:
             check_exportable(model.cfg)
         assert "\n" not in str(e.value)
-        with pytest.raises(ExportError, match=f"cannot export block type {letter} .*to ONNX"):
-            export_onnx(model, tmp_path / letter)
-        assert not (tmp_path / letter).exists()
+        with pytest.raises(ExportError, match=f"^cannot export {what}.*to ONNX"):
+            export_onnx(model, tmp_path / case)
+        assert not (tmp_path / case).exists()
 
 
 def test_quantization_keeps_the_linears_each_mixer_names(model_of) -> None:
@@ -284,3 +297,50 @@ def test_zero3_leaves_are_the_mixers_that_read_weights_outside_their_modules(mod
     assert model.layers[2].mixer not in leaves  # attention calls its Linears as modules
     assert all(layer.mlp in leaves for layer in model.layers)
     assert block_type("A").zero3_leaves is not block_type("M").zero3_leaves
+
+
+def test_hierarchical_slow_state_equals_the_span_recurrence(model_of, doc_seq_idx) -> None:
+    """Every token's slow-state read, packed documents included, equals S_{J_t} of the module docstring written
+    out per document: S_0 = 0, S_{j+1} = a S_j + (1 - a) mean(v over span j), J_t = floor(p_t / k)."""
+    from model.documents import positions_from_seq_idx
+    from model.mixers.hierarchical import HierarchicalMixer
+
+    mixer: HierarchicalMixer = model_of("H").layers[0].mixer
+    k, lengths = mixer.span, [7, 13, 4]
+    seq_idx = doc_seq_idx(lengths)
+    ctx = MixerContext.of_documents(seq_idx)
+    ctx.positions = positions_from_seq_idx(seq_idx)
+    v = torch.randn(1, sum(lengths), mixer.cfg.slow_width, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        reads = mixer.slow_states(v, ctx, None)[0][0]
+        a = torch.sigmoid(mixer.decay_logit)
+    start = 0
+    for n in lengths:
+        doc = v[0, start : start + n]
+        spans = [torch.zeros_like(doc[0])]
+        for j in range(n // k):
+            spans.append(a * spans[-1] + (1 - a) * doc[j * k : (j + 1) * k].mean(0))
+        want = torch.stack([spans[p // k] for p in range(n)])
+        torch.testing.assert_close(reads[start : start + n], want, rtol=1e-12, atol=1e-12)
+        start += n
+    assert reads[k:lengths[0]].abs().sum() > 0  # the first document's second span reads its first
+
+
+@pytest.mark.slow
+def test_hierarchical_decoding_state_is_fixed_size(tiny_config) -> None:
+    """The decoding state of an H layer holds the same tensors, of the same bytes, after 1,024 and after
+    4,096 one-token steps (the slow state moves, its size does not)."""
+    from model.mixers.hierarchical import HierarchicalMixer
+
+    mixer = HierarchicalMixer(tiny_config("H"), 0).eval()
+    state = mixer.empty_state(1, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 4096, 32, generator=torch.Generator().manual_seed(15))
+    seen = {}
+    with torch.no_grad():
+        for p in range(4096):
+            mixer(x[:, p : p + 1], MixerContext(positions=torch.tensor([[p]])), state)
+            if p + 1 in (1024, 4096):
+                seen[p + 1] = (state.nbytes(), [t.shape for t in state.tensors()], state.slow.clone())
+    assert seen[1024][:2] == seen[4096][:2]
+    assert seen[1024][0] == 4 * (96 * 4 + 8 * 8 * 8 + 2 * 32)  # conv (96 channels x d_conv 4) + SSM + 2 x (w,)
+    assert not torch.equal(seen[1024][2], seen[4096][2])

@@ -85,19 +85,25 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
 
 
 DT_LIMITS = [(0.0, float("inf")), (0.01, 0.05)]  # none (the kernels' own softplus), and a clamp
+# The hybrid options of part 2 together (docs/block_types.md): H blocks with 8-token spans, bridges, every
+# Mamba2 state at half d_state (the kernel path's unfused scan on the compressed B and C).
+OPTIONS = {"pattern": "HAMH", "bridges": True, "mamba": {"state_compression": 2}, "hierarchical": {"span": 8}}
 
 
 def _model(pattern: str = "MAMA", seed: int = 0, dt_limit: tuple[float, float] = DT_LIMITS[0],
-           model_cls: type[HybridLM] = HybridLM) -> HybridLM:
-    """float32, chunk 16 (few interpreter programs), both block kinds, 2 SSM groups."""
+           model_cls: type[HybridLM] = HybridLM, **over) -> HybridLM:
+    """float32, chunk 16 (few interpreter programs), both block kinds, 2 SSM groups; `over` merges deeply."""
+    from config.base import deep_merge
+
     torch.manual_seed(seed)
-    cfg = ModelConfig(
+    values = dict(
         vocab_size=61, d_model=32, n_layers=len(pattern), pattern=pattern, ffn_hidden=48,
         attention={"n_heads": 4, "n_kv_heads": 2},
         mamba={"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 16,
                "dt_limit": dt_limit},
         tie_embeddings=False, impl="reference",
     )
+    cfg = ModelConfig(**deep_merge(values, over))
     model = model_cls(cfg)
     with torch.no_grad():  # norm weights, D and conv bias away from their init, so a misuse shows
         for p in model.parameters():
@@ -116,14 +122,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("reduction", ["atomic adds", "per-program sums"])
-def test_training_step_matches_reference(interpreted_kernels, reduction: str) -> None:
+@pytest.mark.parametrize(("reduction", "over"), [
+    ("atomic adds", {}), ("per-program sums", {}), pytest.param("atomic adds", OPTIONS, marks=pytest.mark.slow)],
+    ids=["atomic", "per-program", "options"])
+def test_training_step_matches_reference(interpreted_kernels, reduction: str, over: dict) -> None:
     """Packed documents (2 in the first row), forward and backward: logits and every parameter's gradient,
     with mamba_ssm's backward reductions as atomic adds (its default) and as per-program partial sums
-    (its deterministic mode, which train.deterministic turns on)."""
+    (its deterministic mode, which train.deterministic turns on); and the hybrid options of part 2."""
     from mamba_ssm.utils.determinism import set_deterministic_mode
 
-    model = _model()
+    model = _model(**over)
     ids = torch.randint(0, 61, (2, 32))
     seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
     results = {}
@@ -158,13 +166,16 @@ def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
     assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["growing cache", "static cache"])
-@pytest.mark.parametrize("dt_limit", DT_LIMITS)
-def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, float], static: bool) -> None:
+@pytest.mark.parametrize(("dt_limit", "static", "over"), [
+    *[(dt_limit, static, {}) for dt_limit in DT_LIMITS for static in (False, True)],
+    pytest.param(DT_LIMITS[1], True, OPTIONS, marks=pytest.mark.slow)])
+def test_decoding_matches_reference(interpreted_kernels, dt_limit: tuple[float, float], static: bool,
+                                    over: dict) -> None:
     """Prefill of left-padded prompts, then 5 decode steps on the same tokens (teacher-forced, so that a
     near-tie cannot fork the paths): every step's logits. With a dt clamp the decode step discretises
-    dt itself (the state-update kernel has no clamp). The static cache is the form a CUDA graph replays."""
-    model = _model(dt_limit=dt_limit).eval()
+    dt itself (the state-update kernel has no clamp). The static cache is the form a CUDA graph replays.
+    Last: the hybrid options of part 2 (the state-update kernel on the compressed state)."""
+    model = _model(dt_limit=dt_limit, **over).eval()
     prompts = [[5, 9, 2, 33, 7, 1, 14, 3, 8, 21, 40, 6], [11, 4, 30, 2, 9]]
     ids = torch.tensor([[0] * 7 + prompts[1], prompts[0]])
     mask = (torch.arange(12) >= torch.tensor([[7], [0]])).long()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model import HybridLM, ModelConfig, count_params, train_flops_per_token
+from model.__main__ import OPTIONS
 from model.mixers import block_types
 from model.mlps import mlp_kinds
 from model.presets import PRESETS
@@ -54,6 +55,8 @@ def test_model_list_json_cli() -> None:
     listing = json.loads(out.stdout)
     assert [k["letter"] for k in listing["block_types"]] == list(block_types())
     assert [m["name"] for m in listing["mlp_kinds"]] == list(mlp_kinds())
+    assert [o["key"] for o in listing["options"]] == list(OPTIONS)
+    assert all(o["description"] for o in listing["options"])
     rows = listing["presets"]
     assert [r["preset"] for r in rows] == list(PRESETS)
     assert [v["variant"] for v in listing["variants"]] == list(VARIANTS)
@@ -69,11 +72,12 @@ def test_model_list_table(capsys) -> None:
     from model.__main__ import main
 
     main(["list"])
-    presets, kinds, mlps, variants = capsys.readouterr().out.strip().split("\n\n")
+    presets, kinds, mlps, options, variants = capsys.readouterr().out.strip().split("\n\n")
     lines = presets.splitlines()
     assert lines[0].split()[0] == "preset" and len(lines) == 1 + len(PRESETS)
     assert [k.split()[0] for k in kinds.splitlines()[1:]] == list(block_types())
     assert [m.split()[0] for m in mlps.splitlines()[1:]] == list(mlp_kinds())
+    assert [o.split()[0] for o in options.splitlines()[1:]] == list(OPTIONS)
     assert variants.splitlines()[0].split()[0] == "variant"
     assert lines[1].split()[0] == "tiny" and lines[1].split()[-1] == ModelConfig(preset="tiny").layer_pattern
     assert [line.split()[0] for line in variants.splitlines()[1:]] == list(VARIANTS)

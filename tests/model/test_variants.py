@@ -16,7 +16,7 @@ def test_variant_patterns_follow_n_layers() -> None:
     strategic = strategic_pattern(7, cfg.attn_ratio)
     assert got == {"strategic": strategic, "alternating": "AMAMAMA", "all_mamba": "MMMMMMM",
                    "all_attention": "AAAAAAA", "routed": strategic.replace("A", "R"),
-                   "gated_memory": strategic.replace("A", "G")}
+                   "gated_memory": strategic.replace("A", "G"), "hierarchical": strategic.replace("M", "H")}
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "1.3b"])

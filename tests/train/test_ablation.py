@@ -154,3 +154,18 @@ def test_run_row_reads_the_metrics_and_eval_table(tmp_path: Path) -> None:
     assert row["mfu"] == pytest.approx((0.3 + 0.4) / 2)  # steps after the first two
     assert row["final_loss"] == 2.0 and row["loss_at_100"] == 5.0 and row["loss_at_200"] == 4.0  # window 40 tokens
     assert (row["val_loss"], row["val_ppl"]) == (2.5, 12.2) and row["eval: val_ppl ppl"] == 11.0
+
+
+def test_variants2_plan_matches_the_base_size_with_each_option(corpus: Path, tmp_path: Path) -> None:
+    """config/ablations/variants2.yaml plans (no training) on the tiny preset: every variant carries its
+    pattern or option and lands within 3% of the strategic hybrid's parameter count."""
+    from experiments.ablation import load_variants, plan
+
+    sets = [*BASE_SETS, f"data.manifest={corpus}", *SHORT]
+    runs = {r.variant: r.cfg.model for r in plan("tiny", sets, load_variants(REPO / "config/ablations/variants2.yaml"),
+                                                  None, 4 * STEP_TOKENS, tmp_path)}
+    assert list(runs) == ["strategic", "hierarchical", "bridges", "compression2", "compression4"]
+    target = count_params(runs["strategic"])
+    assert all(abs(count_params(m) / target - 1) <= 0.03 for m in runs.values())
+    assert runs["hierarchical"].layer_pattern == "HAHHAH" and runs["bridges"].bridges
+    assert [runs[f"compression{f}"].mamba.state_compression for f in (2, 4)] == [2, 4]
