@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per launch")
     ap.add_argument("--smoke", action="store_true", help="CPU: the tiny preset, fp32 then a short fp32 run")
+    ap.add_argument("--check", action="store_true", help="validate every run's config, launch nothing")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     ap.add_argument("--work", type=Path, help="run folders (default <out>/<name>_runs)")
     ap.add_argument("--name", help="results file name (default fp8_train_<config>)")
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             sets.append(f"train.warmup_steps={max(1, steps // 10)}")
         check_runs(args.config, sets, [1])  # every run validated before the first launch
         runs[f"{i}_{variant}_{steps}"] = (variant, sets)
+    if args.check:
+        print(f"{args.config}: run configs valid for {args.variants}")
+        return 0
     name = args.name or f"fp8_train_{Path(args.config).stem}" + ("_smoke" if args.smoke else "")
     work = (args.work or args.out) / f"{name}_runs"
     shutil.rmtree(work, ignore_errors=True)

@@ -97,7 +97,8 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
-# x8) validate every run config and batch split they would launch, and launch nothing.
+# x8) and bench/fp8_train.py (fp8, fp8_2.7b) validate every run config and batch split they would launch,
+# and launch nothing.
 set -uo pipefail
 stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|fp8|fp8_2.7b|train_zero1_docs_graph|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
@@ -244,7 +245,7 @@ fp8|fp8_2.7b)
     peak=$(matmul_peak)
     vocab=$(manifest_vocab)
     common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
-            --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res")
+            --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
     if [ "$stage" = fp8 ]; then
         step 580 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:30 --steps 300 \
             --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "fp8_train_1.3b_$(gpu_tag)" \
