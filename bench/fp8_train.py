@@ -27,7 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the repo's packages first
 
 from bench.common import RESULTS, environment, pyplot, save_figure, write_results  # noqa: E402
-from bench.scale_runs import RUN_SETS, SMOKE_SETS, _device, check_runs, deepspeed_cmd, launch_tail, run  # noqa: E402
+from bench.scale_runs import (  # noqa: E402
+    RUN_SETS,
+    SMOKE_SETS,
+    _device,
+    check_runs,
+    deepspeed_cmd,
+    fresh_work,
+    launch_logged,
+)
 from train.metrics import read_metrics  # noqa: E402
 
 VARIANTS = {
@@ -70,7 +78,8 @@ def summarise(variant: str, run_dir: Path, rc: int) -> dict:
     row: dict = {"variant": variant, "steps": len(steps), "status": "ok" if rc == 0 else f"exit {rc}"}
     if not steps:
         return row
-    steady = [r["tokens_per_s"] for s, r in steps.items() if s > STEADY_AFTER] or [r["tokens_per_s"] for r in steps.values()]
+    rates = {s: r["tokens_per_s"] for s, r in steps.items()}
+    steady = [v for s, v in rates.items() if s > STEADY_AFTER] or list(rates.values())
     mems = [r.get("mem_gb") or 0.0 for s, r in steps.items() if s > 1]
     losses = [r["loss"] for r in steps.values()]
     last = steps[max(steps)]
@@ -108,7 +117,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="1.3b", help="run config name or YAML")
-    ap.add_argument("--variants", default="bf16,fp8", help=f"comma-separated NAME[:STEPS], NAME one of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="bf16,fp8",
+                    help=f"comma-separated NAME[:STEPS], NAME one of {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, default=300, help="optimizer steps of a variant without its own count")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per launch")
@@ -135,24 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: run configs valid for {args.variants}")
         return 0
     name = args.name or f"fp8_train_{Path(args.config).stem}" + ("_smoke" if args.smoke else "")
-    work = (args.work or args.out) / f"{name}_runs"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log = work / "launch.log"
+    work, log = fresh_work(args.work or args.out, name)
     meta = environment(_device()) | {"config": args.config, "variants": args.variants, "base_sets": base,
                                      "extra_sets": args.sets, "steady_after": STEADY_AFTER, "smooth": SMOOTH}
     rows: list[dict] = []
     title = f"{args.config}: bf16 vs float8 ({meta['device']})"
-    for label, (variant, sets) in runs.items():
-        start = log.stat().st_size if log.exists() else 0
-        rc = run(deepspeed_cmd(1, args.config, sets, "none", work / label), log, args.timeout)
-        print(f"{label}: exit {rc}", flush=True)
-        if rc != 0:
-            print(*launch_tail(log, start), sep="\n", flush=True)
-        rows.append(summarise(variant, work / label, rc))
-        compare(rows)
-        write_results(name, rows, meta, COLUMNS, args.out, title=title)  # the JSON keeps each step's loss
-        plot(rows, args.out / f"{name}.png", title)
+    try:
+        for label, (variant, sets) in runs.items():
+            rc = launch_logged(label, deepspeed_cmd(1, args.config, sets, "none", work / label), log, args.timeout)
+            rows.append(summarise(variant, work / label, rc))
+            compare(rows)
+            write_results(name, rows, meta, COLUMNS, args.out, title=title)  # the JSON keeps each step's loss
+            plot(rows, args.out / f"{name}.png", title)
+    finally:  # the runs' console output beside the results, also after a SIGTERM
+        shutil.copy(log, args.out / f"{name}_launch.log")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 

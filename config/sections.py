@@ -78,7 +78,9 @@ class FP8Config(SectionModel):
         1, ge=0, description="Blocks at the start of the stack kept in bf16 (Nemotron-H keeps the first and last "
         "GEMMs in BF16; Megatron-LM's default: one layer at each end)."
     )
-    bf16_last_blocks: int = Field(1, ge=0, description="Blocks at the end of the stack kept in bf16 (the LM head always is).")
+    bf16_last_blocks: int = Field(
+        1, ge=0, description="Blocks at the end of the stack kept in bf16 (the LM head always is)."
+    )
     compile: bool = Field(
         True, description="torch.compile each float8 Linear (fuses torchao's casts into one pass; eager casts are "
         "several elementwise kernels per tensor)."

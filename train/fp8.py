@@ -114,8 +114,8 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
     names = fp8_plan(model, fp8)
     if not names:
         raise ConfigError(f"train.precision=fp8: no linear layer of this model passes the float8 rule for "
-                          f"train.fp8.recipe={fp8.recipe} (docs/fp8.md: too small, or all in the bf16 first/last blocks); "
-                          "set train.precision=bf16")
+                          f"train.fp8.recipe={fp8.recipe} (docs/fp8.md: too small, or all in the bf16 first/last "
+                          "blocks); set train.precision=bf16")
     chosen = set(names)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn in chosen,
                                config=torchao_config(fp8.recipe, emulate))

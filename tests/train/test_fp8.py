@@ -63,7 +63,8 @@ def test_config_fp8_runs_deepspeed_in_bf16_and_rejects_bad_settings() -> None:
     with pytest.raises(ConfigError, match="train.fp8.recipe"):
         load_run_config("tiny", ["train.precision=fp8", "train.fp8.recipe=delayed"])
     with pytest.raises(ConfigError, match="keeps all 6 blocks in bf16"):
-        load_run_config("tiny", ["train.precision=fp8", "train.fp8.bf16_first_blocks=3", "train.fp8.bf16_last_blocks=3"])
+        load_run_config("tiny", ["train.precision=fp8", "train.fp8.bf16_first_blocks=3",
+                                 "train.fp8.bf16_last_blocks=3"])
 
 
 # ---- the conversion rule --------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def test_plan_1_3b_tensorwise_and_rowwise() -> None:
 def test_plan_follows_the_bf16_blocks_settings() -> None:
     model = meta_model("2.7b")
     names = fp8_plan(model, FP8Config(bf16_first_blocks=0, bf16_last_blocks=3))
-    assert sorted({int(n.split(".")[1]) for n in names}) == list(range(0, 29))
+    assert sorted({int(n.split(".")[1]) for n in names}) == list(range(29))
     assert not any("lm_head" in n or "out_proj" in n for n in names)
 
 
