@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from config.loader import ConfigError
-from config.schema import load_run_config
-from config.sections import FP8Config
+from config.schema import RunConfig, load_run_config
+from config.sections import FP8Config, TrainConfig
 from model import HybridLM, ModelConfig
 from train.ds_config import build_ds_config
 from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8, fp8_plan
 from train.graph_step import EagerReplayGraphs, GraphedLM, graph_training_forward
+from train.trainer import build_model
 
 from .conftest import PRETRAIN, REPO, run_env
 
@@ -93,6 +94,18 @@ def test_a_model_with_nothing_to_convert_is_refused() -> None:
     assert fp8_plan(narrow, FP8Config()) == []
     with pytest.raises(ConfigError, match="no linear layer of this model passes the float8 rule"):
         convert_to_fp8(narrow, FP8Config(), emulate=True)
+
+
+@pytest.mark.slow
+def test_the_trainer_builds_the_float8_model() -> None:
+    """train.precision=fp8: the trainer's model has the plan's Linears swapped (with CUDA graphs, in the
+    GraphedLM); bf16 builds plain Linears."""
+    fp8 = RunConfig(model=small_config(), train=TrainConfig(precision="fp8", cuda_graph=True))
+    model = build_model(fp8, torch.device("cpu"))
+    assert isinstance(model, GraphedLM)
+    assert [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"] == FLOAT8
+    plain = build_model(RunConfig(model=small_config()), torch.device("cpu"))
+    assert not any(type(m).__name__ == "Float8Linear" for m in plain.modules())
 
 
 # ---- refusals -------------------------------------------------------------------------------------------
