@@ -1,9 +1,9 @@
 """bf16 against float8 training (train.precision=fp8, train/fp8.py) in `launch/pretrain.py`, one GPU, the same
 settings and data: tokens/s, peak memory and the smoothed training loss of each run, the curves in one PNG.
 
-    python bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:40 --steps 300 \\
+    python bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:30 --steps 300 \\
         --set data.manifest=outputs/embedded/manifest.json --set model.vocab_size=8192 --out DIR
-    python bench/fp8_train.py --smoke --set data.manifest=M --out /tmp/fp8   # CPU: the driver (fp32 runs)
+    python bench/fp8_train.py --smoke --set data.manifest=M --set model.vocab_size=V --out /tmp/fp8  # CPU (fp32)
 
 Each variant is one fresh launch (`name` or `name:steps`, the variant's own step count: a throughput-only
 row): bf16; fp8 (tensorwise); fp8_rowwise; fp32 (the CPU smoke). The settings besides the precision are
@@ -12,6 +12,8 @@ bench/results/pretrain_1.3b_zero1_registry_graph_h200.md) plus --set. Per run: s
 the steps after STEADY_AFTER: start-up, torch.compile and the graph capture apart), peak memory over the steps
 after the first (the capture's) and of the first, and the training loss smoothed over the last SMOOTH steps;
 each run of the first variant's length is compared with it (tokens/s ratio, smoothed-loss difference in %).
+Writes <name>.json (with every step's loss), <name>.md, <name>.png, <name>_launch.log and each run's
+metrics.jsonl to --out; `bench/gpu_runs.sh fp8` and `fp8_2.7b` are the GPU commands.
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, (variant, sets) in runs.items():
             rc = launch_logged(label, deepspeed_cmd(1, args.config, sets, "none", work / label), log, args.timeout)
             rows.append(summarise(variant, work / label, rc))
+            if (work / label / "metrics.jsonl").is_file():  # every step's record beside the results
+                shutil.copy(work / label / "metrics.jsonl", args.out / f"{name}_{label}_metrics.jsonl")
             compare(rows)
             write_results(name, rows, meta, COLUMNS, args.out, title=title)  # the JSON keeps each step's loss
             plot(rows, args.out / f"{name}.png", title)
