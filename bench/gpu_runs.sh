@@ -91,6 +91,10 @@
 #              (per-layer cost and memory for python -m train.plan). The preset_* stages write
 #              pretrain_<name>_<gpu>.md (device, date, the command) + _metrics.jsonl + _host_mem.txt (host memory
 #              used, sampled every 5 s), the files `python -m train.plan --check` reads
+#   fp8        launch/pretrain.py, 1.3B at 4096 (graphed ZeRO-1, fused_wgrad, micro-batch 2 x 4096, no accumulation):
+#              bf16 then float8 tensorwise, 300 optimizer steps each on the curated shards (tokens/s, peak memory,
+#              smoothed loss, both curves in one PNG), and float8 rowwise for 30 steps (throughput only)
+#              (bench/fp8_train.py); fp8_2.7b: the 2.7B at 4096 (micro-batch 1, 4 accumulation), 20 steps each
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
 #   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1 (default
 #              kernels, then train.deterministic=true); 13B ZeRO-3 with activation checkpointing on 2 GPUs
@@ -100,9 +104,10 @@
 # The global batch is cut from the presets' 2M/4M tokens so that 30 steps fit a 10-minute call; it
 # still takes several micro-batches per optimizer step.
 # CHECK_ONLY=1 (any machine, tests/bench): the stages driven by bench/scale_runs.py (determinism, x2, x4,
-# x8) validate every run config and batch split they would launch, and launch nothing.
+# x8) and bench/fp8_train.py (fp8, fp8_2.7b) validate every run config and batch split they would launch,
+# and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200|fp8|fp8_2.7b|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -260,6 +265,21 @@ train_zero1_docs_graph|train_zero1_registry_graph)
         --variants "zero2,zero1 deepspeed_fold" --name step_overhead_zero1_1.3b_h100 --out "$res"
     [ "$stage" = train_zero1_fused_wgrad_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
         --variants "zero1,zero1 copy_free_fold" --name step_overhead_fused_wgrad_1.3b_h100 --out "$res"
+    ;;
+fp8|fp8_2.7b)
+    peak=$(matmul_peak)
+    vocab=$(manifest_vocab)
+    common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
+            --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
+    if [ "$stage" = fp8 ]; then
+        step 580 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:30 --steps 300 \
+            --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "fp8_train_1.3b_$(gpu_tag)" \
+            "${common[@]}"
+    else
+        step 400 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
+            --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "fp8_train_2.7b_$(gpu_tag)" \
+            "${common[@]}"
+    fi
     ;;
 mixer)
     step 180 python3 bench/block_costs.py --preset 1.3b --seq-lens 8192 --tokens 8192 --chunks 256 --attn-backends sdpa \

@@ -104,6 +104,26 @@ def run(cmd: list[str], log: Path, timeout: float, signal_after_step: int | None
             return 124
 
 
+def fresh_work(root: Path, name: str) -> tuple[Path, Path]:
+    """An empty <root>/<name>_runs folder for the run folders, and its launch log's path."""
+    work = root / f"{name}_runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work, work / "launch.log"
+
+
+def launch_logged(label: str, cmd: list[str], log: Path, timeout: float, signal_after_step: int | None = None,
+                  metrics: Path | None = None) -> int:
+    """`run` the launch and print its exit code after `label`; on failure also the launch's last lines, so
+    that a failure reads from this output alone."""
+    start = log.stat().st_size if log.exists() else 0
+    rc = run(cmd, log, timeout, signal_after_step, metrics)
+    print(f"{label}, exit {rc}", flush=True)
+    if rc != 0:
+        print(*launch_tail(log, start), sep="\n", flush=True)
+    return rc
+
+
 def launch_tail(log: Path, start: int, lines: int = 40) -> list[str]:
     """The last `lines` lines that one launch appended to `log` from byte offset `start`."""
     with log.open("rb") as f:
@@ -179,22 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.mode} {args.config}: run configs valid on {worlds} GPU(s)")
         return 0
     name = args.name or f"scale_{args.mode}_{Path(args.config).stem}" + ("_smoke" if args.smoke else "")
-    work = (args.work or args.out) / f"{name}_runs"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    log = work / "launch.log"
+    work, log = fresh_work(args.work or args.out, name)
     meta = environment(_device()) | {"config": args.config, "sets": sets, "mode": args.mode}
     rows: list[dict] = []
 
     def launch(label: str, world: int, resume: str = "none", out_dir: Path | None = None,
                signal_after: int | None = None) -> tuple[Path, int]:
         out_dir = out_dir or work / label
-        start = log.stat().st_size if log.exists() else 0
-        rc = run(deepspeed_cmd(world, args.config, sets, resume, out_dir), log, args.timeout, signal_after,
-                 out_dir / "metrics.jsonl")
-        print(f"{label}: {world} GPU(s), exit {rc}", flush=True)
-        if rc != 0:  # the launch's last lines, so that a failure reads from this output alone
-            print(*launch_tail(log, start), sep="\n", flush=True)
+        rc = launch_logged(f"{label}: {world} GPU(s)", deepspeed_cmd(world, args.config, sets, resume, out_dir), log,
+                           args.timeout, signal_after, out_dir / "metrics.jsonl")
         return out_dir, rc
 
     def record(row: dict) -> None:

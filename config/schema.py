@@ -37,6 +37,11 @@ class RunConfig(StrictModel):
         if self.train.cuda_graph and self.train.activation_checkpointing:
             raise ValueError("train.cuda_graph with train.activation_checkpointing is not supported yet (never "
                              "captured on a GPU): set one of them to false")
+        fp8 = self.train.fp8
+        if self.train.precision == "fp8" and fp8.bf16_first_blocks + fp8.bf16_last_blocks >= self.model.n_layers:
+            raise ValueError(f"train.precision=fp8 with train.fp8.bf16_first_blocks={fp8.bf16_first_blocks} and "
+                             f"bf16_last_blocks={fp8.bf16_last_blocks} keeps all {self.model.n_layers} blocks in bf16: "
+                             "lower them, or set train.precision=bf16")
         return self
 
 

@@ -66,6 +66,27 @@ class WandbConfig(SectionModel):
     entity: str | None = Field(None, description="W&B team or user.")
 
 
+class FP8Config(SectionModel):
+    """Float8 training (train.precision=fp8, train/fp8.py, docs/fp8.md): which linear layers compute in float8."""
+
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise",
+        description="torchao's dynamic scaling: tensorwise, one scale per tensor (Nemotron-H's per-tensor recipe; "
+        "the faster one); rowwise, one per row (finer scales, slower GEMMs: fewer shapes pass the float8 rule).",
+    )
+    bf16_first_blocks: int = Field(
+        1, ge=0, description="Blocks at the start of the stack kept in bf16 (Nemotron-H keeps the first and last "
+        "GEMMs in BF16; Megatron-LM's default: one layer at each end)."
+    )
+    bf16_last_blocks: int = Field(
+        1, ge=0, description="Blocks at the end of the stack kept in bf16 (the LM head always is)."
+    )
+    compile: bool = Field(
+        True, description="torch.compile each float8 Linear (fuses torchao's casts into one pass; eager casts are "
+        "several elementwise kernels per tensor)."
+    )
+
+
 class TrainConfig(SectionModel):
     """Optimisation, schedule, checkpointing and logging of a pretraining run.
 
@@ -101,7 +122,12 @@ class TrainConfig(SectionModel):
         "ds_configs/zero2.json",
         description="DeepSpeed JSON (ZeRO stage, offload, buckets); a path, relative ones from the repo root.",
     )
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Parameter/compute dtype (bf16: fp32 master weights).")
+    precision: Literal["bf16", "fp32", "fp8"] = Field(
+        "bf16",
+        description="Parameter/compute dtype (bf16: fp32 master weights); fp8: bf16 weights whose large linear layers "
+        "compute in float8 (train.fp8, train/fp8.py; Ada/Hopper GPUs only).",
+    )
+    fp8: FP8Config = FP8Config()
     activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
     cuda_graph: bool = Field(
         False,

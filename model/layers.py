@@ -77,8 +77,9 @@ class SwiGLU(nn.Module):
     mamba_ssm's Triton SwiGLU applies silu(gate) * up in one pass forward and one backward (the eager
     form launches 2 kernels forward and 3 backward over (b, l, hidden) tensors, and keeps silu(gate)
     for the backward). The weights stay two Linear modules: the checkpoint and export layout is the
-    same on both paths; quantized gate/up run unfused. It reads the weights outside their modules'
-    forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
+    same on both paths; quantized gate/up run unfused; swapped Linears over plain weights (float8 training)
+    run their two GEMMs and the fused activation on their concatenated outputs. It reads the weights
+    outside their modules' forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
     """
 
     name = "swiglu"  # model.mlp (model/mlps.py: the registry of MLP kinds)
@@ -110,10 +111,20 @@ class SwiGLU(nn.Module):
             for lin in (self.gate_proj, self.up_proj)
         )
 
+    def swapped_gate_up(self) -> bool:
+        """Whether gate and up are Linears of another class over plain weights (float8 training swaps in
+        its own, train/fp8.py): on the kernel path they run their own GEMMs and keep the fused activation."""
+        return self.impl == "kernels" and all(
+            type(lin) is not Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
+            for lin in (self.gate_proj, self.up_proj)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gate_up():
             gate_up = linear(x, self.gate_proj.weight, self.up_proj.weight)  # (b, l, 2 * hidden): gate first
             return self.down_proj(mamba_ops().swiglu(gate_up))
+        if self.swapped_gate_up():
+            return self.down_proj(mamba_ops().swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

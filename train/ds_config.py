@@ -85,7 +85,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_cuda: bool, load_unive
         "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {"type": "AdamW", "params": params},
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": {"enabled": cfg.precision in ("bf16", "fp8")},  # fp8: bf16 weights (train/fp8.py)
         "checkpoint": {"load_universal": load_universal},
     }
     return deep_merge(base, owned)

@@ -416,9 +416,10 @@ def check_graphable(model: HybridLM, on_cuda: bool, documents: bool, ds_config: 
                           "zero1.json, or set train.cuda_graph=false")
     bf16 = ds_config.get("bf16", {})
     if stage == 1 and not (bf16.get("enabled") and bf16.get("immediate_grad_update")):
-        raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 and bf16.immediate_grad_update=true "
-                          "in train.ds_config (otherwise each replay's gradients are added into a buffer the next replay "
-                          "overwrites: bench/grad_norm_check.py); use ds_configs/zero1.json or zero2.json")
+        raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 or fp8 and "
+                          "bf16.immediate_grad_update=true in train.ds_config (otherwise each replay's gradients are "
+                          "added into a buffer the next replay overwrites: bench/grad_norm_check.py); use "
+                          "ds_configs/zero1.json or zero2.json")
 
 
 def graph_training_forward(

@@ -58,6 +58,7 @@ from train.ds_config import (
     zero_stage,
 )
 from train.errors import TrainingError
+from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8
 from train.gpu_stats import gather_gpu_stats, open_gpu_stats
 from train.init_from import load_initial_weights
 from train.grad_fold import install_fold
@@ -92,12 +93,16 @@ def open_manifest(cfg: RunConfig) -> Manifest:
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
-    """The model initialised from train.seed (identical on every rank), built directly on `device`."""
+    """The model initialised from train.seed (identical on every rank), built directly on `device`; with
+    train.precision=fp8, its large linear layers swapped for float8 ones (train/fp8.py; same parameters)."""
     seed_everything(cfg.train.seed)
     with device:
         model = (GraphedLM if cfg.train.cuda_graph else HybridLM)(cfg.model)
     model.activation_checkpointing = cfg.train.activation_checkpointing
     model.set_impl()
+    if cfg.train.precision == "fp8":
+        names = convert_to_fp8(model, cfg.train.fp8)
+        log.info("float8 (%s): %d linear layers (train/fp8.py)", cfg.train.fp8.recipe, len(names))
     return model
 
 
@@ -193,6 +198,9 @@ class Trainer:
         self.manifest = open_manifest(cfg)
         self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers, cfg.data.weights)
         self.env: DistEnv = init_distributed()
+        if t.precision == "fp8":  # before any data check or model: one line on a machine without float8
+            check_fp8_device(self.env.device)
+            check_fp8_zero_stage(stage)
         if cfg.data.verify == "sha256":
             if self.env.local_rank == 0:
                 self.manifest.verify(checksums=True)
