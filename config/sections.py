@@ -102,7 +102,24 @@ class TrainConfig(SectionModel):
         description="DeepSpeed JSON (ZeRO stage, offload, buckets); a path, relative ones from the repo root.",
     )
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Parameter/compute dtype (bf16: fp32 master weights).")
-    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    activation_checkpointing: Literal["none", "full", "attention", "mlp", "offload"] = Field(
+        "none",
+        description="What the backward recomputes (train/activation_checkpointing.py), for the blocks of "
+        "checkpoint_block_types: full, each block; attention, each block's mixer (token-mixing layer); mlp, "
+        "each block's MLP; offload, nothing recomputed but saved activations kept in CPU memory; none. "
+        "true/false mean full/none.",
+    )
+    checkpoint_block_types: str | None = Field(
+        None, min_length=1,
+        description="Pattern letters of the blocks activation_checkpointing applies to (e.g. 'A' or 'MA'); "
+        "default all.",
+    )
+    loss_chunk_tokens: int = Field(
+        0, ge=0,
+        description="Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
+        "logits in the backward (model/chunked_loss.py), so the (tokens x vocabulary) logits never exist "
+        "whole; 0: all at once.",
+    )
     cuda_graph: bool = Field(
         False,
         description="Replay each micro-batch's forward and backward as CUDA graphs (train/graph_step.py): "
@@ -153,6 +170,12 @@ class TrainConfig(SectionModel):
         None, gt=0, description="Per-device dense bf16 peak for MFU (TFLOP/s); default: looked up by GPU name."
     )
     wandb: WandbConfig = WandbConfig()
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value: Any) -> Any:
+        """Configs written before the modes existed said true/false."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -20,7 +20,6 @@ import logging
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from model.cache import HybridCache
 from model.config import ModelConfig
@@ -76,7 +75,6 @@ class HybridLM(nn.Module):
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
-        self.activation_checkpointing = False
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
         if self.lm_head is not None:
             init_linear(self.lm_head, cfg.resolved_init_std)
@@ -144,10 +142,7 @@ class HybridLM(nn.Module):
         residual = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            if self.activation_checkpointing and self.training and cache is None:
-                h, residual = checkpoint(layer, h, residual, ctx, use_reentrant=False)
-            else:
-                h, residual = layer(h, residual, ctx, state)
+            h, residual = layer(h, residual, ctx, state)
         if cache is not None:
             if cache.filled is not None:  # static form: in place, so that a captured graph advances it
                 cache.next_pos.copy_(position_ids[:, -1] + 1)

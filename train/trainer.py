@@ -34,6 +34,7 @@ from model.kernels import make_deterministic
 from model.loss import IGNORE_INDEX, token_nll
 from model.sizing import count_params, train_flops_per_token
 from model.weights import CheckpointError, arch_diff
+from train.activation_checkpointing import apply_activation_checkpointing
 from train.checkpoint import (
     Checkpointer,
     TrainerState,
@@ -96,7 +97,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
     seed_everything(cfg.train.seed)
     with device:
         model = (GraphedLM if cfg.train.cuda_graph else HybridLM)(cfg.model)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.checkpoint_block_types)
     model.set_impl()
     return model
 
@@ -267,7 +268,8 @@ class Trainer:
                             for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, "
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}"
+            f"{f' ({t.checkpoint_block_types} blocks)' if t.checkpoint_block_types else ''}, "
             f"CUDA graph {t.cuda_graph}, deterministic {t.deterministic}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
             f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
