@@ -74,7 +74,7 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, kind, i) for i, kind in enumerate(cfg.layer_pattern))
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta, cfg.attention.rope_scaling)
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
         if self.lm_head is not None:
             init_linear(self.lm_head, cfg.resolved_init_std)
