@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, NonNegativeFloat, ValidationInfo, field_validator, model_validator
 
@@ -202,7 +202,8 @@ class EvalConfig(SectionModel):
 
     benchmarks: list[str] = Field(
         default_factory=lambda: ["standard"],
-        description="lm-eval task/group/tag names, 'standard' (the design's suite) or 'val_ppl'.",
+        description="lm-eval task/group/tag names, 'standard' (the design's suite), 'val_ppl', 'passkey' or "
+        "'position_ppl' (eval/long_context.py).",
     )
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None: each task's default.")
     limit: int | None = Field(None, ge=1, description="Examples per task, windows for val_ppl (debugging).")
@@ -225,6 +226,20 @@ class EvalConfig(SectionModel):
     cache: bool = Field(
         True, description="Keep per-request results in a sqlite cache beside the output so a rerun resumes."
     )
+    passkey_lengths: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=lambda: [1024 << k for k in range(8)], min_length=1,
+        description="passkey: prompt lengths in tokens (default 1K..128K, doubling).",
+    )
+    passkey_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="passkey: where the key sits, as a fraction of the filler text (0 start, 1 end).",
+    )
+    passkey_samples: int = Field(4, ge=1, description="passkey: keys per (length, depth) cell.")
+    position_ppl_seq_len: int | None = Field(
+        None, ge=2, description="position_ppl: tokens per window; default the longest of eval.passkey_lengths.",
+    )
+    position_buckets: int = Field(6, ge=1, description="position_ppl: doubling position buckets per window.")
+    position_ppl_windows: int = Field(4, ge=1, description="position_ppl: windows scored (from the validation split).")
 
 
 class SamplingConfig(SectionModel):
