@@ -231,3 +231,16 @@ def test_wgrad_accumulate_smoke(tmp_path):
     for r in shapes:
         assert r["err_fused"] < 1e-6 < r["err_fold"], r
     assert total["fold_cost_ms"] == pytest.approx(sum(r["count"] * r["fold_cost_ms"] for r in shapes))
+
+
+@pytest.mark.slow
+def test_long_context_smoke(monkeypatch, tmp_path):
+    """Ours and the twin at 64 and 128 tokens, the first mode that fits (none, on CPU) chosen per length."""
+    from bench import long_context
+
+    _run(monkeypatch, long_context, ["--smoke", "--out", str(tmp_path)])
+    data = _load(tmp_path / "long_context_tiny_smoke.json")
+    chosen = [(r["model"], r["seq_len"], r["mode"]) for r in data["rows"] if r["chosen"]]
+    assert chosen == [("ours", 64, "none"), ("ours", 128, "none"), ("attention", 64, "none"), ("attention", 128, "none")]
+    assert all(math.isfinite(r["mfu"]) and r["mfu"] > 0 for r in data["rows"])
+    assert data["meta"]["measured_peak_tflops"] > 0
