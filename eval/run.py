@@ -140,9 +140,9 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     output = Path(ev.output) if ev.output else checkpoint / "eval_results.json"
     check_writable(output)
     manifest = None
-    if VAL_PPL in names or POSITION_PPL in names:
+    if needing := [n for n in (VAL_PPL, POSITION_PPL) if n in names]:
         if (ev.manifest or cfg.data.manifest) is None:
-            raise EvalError("val_ppl and position_ppl need a curation manifest: pass --manifest PATH or set data.manifest")
+            raise EvalError(f"{' and '.join(needing)} needs a curation manifest: pass --manifest PATH or set data.manifest")
         manifest = read_manifest(ev.manifest or cfg.data.manifest)
         verify(manifest, load_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
     manager = build_task_manager(task_names, ev.tasks_dir) if task_names else None
