@@ -38,6 +38,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.peers import attention_twin  # noqa: E402
 from model import ModelConfig, train_flops_per_token  # noqa: E402
+from train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from train.graph_step import graph_training_forward  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, to
 def measure(cfg: ModelConfig, batch: int, seq: int, ckpt: bool, graph: bool, device: torch.device,
             iters: int) -> dict:
     model = bench_model(cfg, device)
-    model.activation_checkpointing = ckpt
+    apply_activation_checkpointing(model, "full" if ckpt else "none")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
     row = {"preset": cfg.preset or "all-attention twin", "batch": batch, "seq_len": seq, "act_ckpt": ckpt,
            "cuda_graph": graph, "impl": model.impl}

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench import peers  # noqa: E402
 from bench.common import RESULTS, environment, median, pyplot, save_figure, sync, time_fn, write_results  # noqa: E402
-from model import ModelConfig  # noqa: E402
+from model import HybridLM, ModelConfig  # noqa: E402
+from train.activation_checkpointing import apply_activation_checkpointing, remove_activation_checkpointing  # noqa: E402
 
 NAME = "memory_scaling"
 COLUMNS = ["model", "mode", "act_ckpt", "seq_len", "impl", "peak_mem_gb", "activation_gb", "growth", "step_s",
@@ -92,8 +93,9 @@ def measure(name: str, model: nn.Module, mode: str, seq: int, vocab: int, iters:
 def prepare(model: nn.Module, mode: str, act_ckpt: bool) -> None:
     """Mode switches: eval for prefill; train mode, checkpointing flag and allocated gradients for training."""
     model.train(mode == "train")
-    if hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = act_ckpt
+    if isinstance(model, HybridLM):  # the peers' own checkpointing is not measured
+        remove_activation_checkpointing(model)
+        apply_activation_checkpointing(model, "full" if act_ckpt else "none")
     for p in model.parameters():
         if mode == "train" and p.grad is None:
             p.grad = torch.zeros_like(p)

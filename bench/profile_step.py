@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench.common import RESULTS, bench_model, environment, sync, write_results  # noqa: E402
 from bench.peers import attention_twin  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from train.graph_step import graph_training_forward  # noqa: E402
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
@@ -87,7 +88,7 @@ def main() -> None:
     if args.twin:
         cfg = attention_twin(cfg)
     model = bench_model(cfg, device)
-    model.activation_checkpointing = args.act_ckpt
+    apply_activation_checkpointing(model, "full" if args.act_ckpt else "none")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
     if args.decode:

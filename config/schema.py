@@ -34,14 +34,21 @@ class RunConfig(StrictModel):
             raise ValueError(f"train.cuda_graph with data.packing=document needs model.attn_backend auto or flash "
                              f"(flash-attn's varlen kernel; {self.model.attn_backend} builds its document mask per "
                              "batch): set model.attn_backend=auto, or data.packing=continuous")
-        if self.train.cuda_graph and self.train.activation_checkpointing:
+        if self.train.cuda_graph and self.train.activation_checkpointing != "none":
             raise ValueError("train.cuda_graph with train.activation_checkpointing is not supported yet (never "
-                             "captured on a GPU): set one of them to false")
+                             "captured on a GPU): set train.cuda_graph=false or train.activation_checkpointing=none")
         fp8 = self.train.fp8
         if self.train.precision == "fp8" and fp8.bf16_first_blocks + fp8.bf16_last_blocks >= self.model.n_layers:
             raise ValueError(f"train.precision=fp8 with train.fp8.bf16_first_blocks={fp8.bf16_first_blocks} and "
                              f"bf16_last_blocks={fp8.bf16_last_blocks} keeps all {self.model.n_layers} blocks in bf16: "
                              "lower them, or set train.precision=bf16")
+        if self.train.cuda_graph and self.train.loss_chunk_tokens:
+            raise ValueError("train.cuda_graph with train.loss_chunk_tokens is not supported (the graphs capture "
+                             "the whole logits): set train.cuda_graph=false or train.loss_chunk_tokens=0")
+        unknown = set(self.train.checkpoint_block_types or "") - set(self.model.layer_pattern)
+        if unknown:
+            raise ValueError(f"train.checkpoint_block_types names {''.join(sorted(unknown))}, not in the model's "
+                             f"pattern {self.model.layer_pattern}: use letters of the pattern")
         return self
 
 

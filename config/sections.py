@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import ConfigDict, Field, NonNegativeFloat, ValidationInfo, field_validator, model_validator
 
@@ -128,7 +128,24 @@ class TrainConfig(SectionModel):
         "compute in float8 (train.fp8, train/fp8.py; Ada/Hopper GPUs only).",
     )
     fp8: FP8Config = FP8Config()
-    activation_checkpointing: bool = Field(False, description="Recompute each block in the backward pass.")
+    activation_checkpointing: Literal["none", "full", "attention", "mlp", "offload"] = Field(
+        "none",
+        description="What the backward recomputes (train/activation_checkpointing.py), for the blocks of "
+        "checkpoint_block_types: full, each block; attention, each block's mixer (token-mixing layer); mlp, "
+        "each block's MLP; offload, nothing recomputed but saved activations kept in CPU memory; none. "
+        "true/false mean full/none.",
+    )
+    checkpoint_block_types: str | None = Field(
+        None, min_length=1,
+        description="Pattern letters of the blocks activation_checkpointing applies to (e.g. 'A' or 'MA'); "
+        "default all.",
+    )
+    loss_chunk_tokens: int = Field(
+        0, ge=0,
+        description="Compute the LM head and loss over this many tokens at a time, recomputing each chunk's "
+        "logits in the backward (model/loss.py: chunked_token_nll), so the (tokens x vocabulary) logits never exist "
+        "whole; 0: all at once.",
+    )
     cuda_graph: bool = Field(
         False,
         description="Replay each micro-batch's forward and backward as CUDA graphs (train/graph_step.py): "
@@ -185,6 +202,12 @@ class TrainConfig(SectionModel):
     )
     wandb: WandbConfig = WandbConfig()
 
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, value: Any) -> Any:
+        """Configs written before the modes existed said true/false."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.warmup_steps > self.max_steps:
@@ -210,7 +233,8 @@ class EvalConfig(SectionModel):
 
     benchmarks: list[str] = Field(
         default_factory=lambda: ["standard"],
-        description="lm-eval task/group/tag names, 'standard' (the design's suite) or 'val_ppl'.",
+        description="lm-eval task/group/tag names, 'standard' (the design's suite), 'val_ppl', 'passkey' or "
+        "'position_ppl' (eval/long_context.py).",
     )
     num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; None: each task's default.")
     limit: int | None = Field(None, ge=1, description="Examples per task, windows for val_ppl (debugging).")
@@ -233,6 +257,20 @@ class EvalConfig(SectionModel):
     cache: bool = Field(
         True, description="Keep per-request results in a sqlite cache beside the output so a rerun resumes."
     )
+    passkey_lengths: list[Annotated[int, Field(ge=2)]] = Field(
+        default_factory=lambda: [1024 << k for k in range(8)], min_length=1,
+        description="passkey: prompt lengths in tokens (default 1K..128K, doubling).",
+    )
+    passkey_depths: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+        description="passkey: where the key sits, as a fraction of the filler text (0 start, 1 end).",
+    )
+    passkey_samples: int = Field(4, ge=1, description="passkey: keys per (length, depth) cell.")
+    position_ppl_seq_len: int | None = Field(
+        None, ge=2, description="position_ppl: tokens per window; default the longest of eval.passkey_lengths.",
+    )
+    position_buckets: int = Field(6, ge=1, description="position_ppl: doubling position buckets per window.")
+    position_ppl_windows: int = Field(4, ge=1, description="position_ppl: windows scored (from the validation split).")
 
 
 class SamplingConfig(SectionModel):

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SUITE = "standard"
 VAL_PPL = "val_ppl"
+PASSKEY, POSITION_PPL = "passkey", "position_ppl"  # eval/long_context.py
+OWN_TASKS = (VAL_PPL, PASSKEY, POSITION_PPL)  # run by this project, not by lm-eval
 # The design's standard suite -> lm-eval 0.4.13 task/group names.
 STANDARD_SUITE = {
     "MMLU": "mmlu",
@@ -81,7 +83,7 @@ def build_task_manager(names: list[str], tasks_dir: str | Path | None) -> Any:
         hint = f"; close names: {', '.join(hints)}" if hints else ""
         raise EvalError(
             f"unknown benchmark {', '.join(unknown)}: not an lm-eval task/group/tag{where}, '{SUITE}' or "
-            f"'{VAL_PPL}' (list them with `python -m eval.lm_eval_cli ls tasks`){hint}"
+            f"{', '.join(repr(n) for n in OWN_TASKS)} (list them with `python -m eval.lm_eval_cli ls tasks`){hint}"
         )
     if tasks_dir is not None:
         _resolve_local_data_files(manager, Path(tasks_dir))

@@ -58,6 +58,20 @@ def val_ppl_rows(report: dict) -> list[Row]:
             for task, r in parts for m in ("ppl", "bits_per_token")]
 
 
+def long_context_rows(passkey: dict | None, position: dict | None) -> list[Row]:
+    """passkey accuracy overall and per length ('passkey', 'passkey/<length>'); perplexity per
+    position bucket ('position_ppl/<start>-<end>')."""
+    rows = []
+    if passkey:
+        rows.append(Row(task="passkey", metric="acc", value=passkey["accuracy"], stderr=None, fewshot=None))
+        rows += [Row(task=f"passkey/{n}", metric="acc", value=a, stderr=None, fewshot=None)
+                 for n, a in passkey["per_length"].items()]
+    if position:
+        rows += [Row(task=f"position_ppl/{b['start']}-{b['end']}", metric="ppl", value=b["ppl"], stderr=None,
+                     fewshot=None) for b in position["buckets"]]
+    return rows
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

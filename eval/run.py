@@ -4,6 +4,7 @@
     python eval/run.py --checkpoint CKPT --benchmarks arc_easy,hellaswag --num-fewshot 0 --limit 100
     python eval/run.py --checkpoint CKPT --benchmarks local_mc --tasks-dir eval/tasks
     python eval/run.py --checkpoint CKPT --benchmarks val_ppl --manifest outputs/embedded/manifest.json
+    python eval/run.py --checkpoint CKPT --benchmarks passkey,position_ppl --manifest M   (eval/long_context.py)
 
 Offline by default: HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1 unless already set, so hub tasks run
 from the HF datasets cache only. Every requested task is built (its data loaded) before the model
@@ -111,7 +112,17 @@ def cache_prefix(output: Path, checkpoint: Path, ev: EvalConfig) -> str:
 
 def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     from eval import report
-    from eval.benchmarks import VAL_PPL, build_task_manager, enable_code_execution, expand_benchmarks, load_tasks
+    from eval import long_context
+    from eval.benchmarks import (
+        OWN_TASKS,
+        PASSKEY,
+        POSITION_PPL,
+        VAL_PPL,
+        build_task_manager,
+        enable_code_execution,
+        expand_benchmarks,
+        load_tasks,
+    )
     from eval.lm_backend import BACKEND_NAME, HybridEvalLM, resolve_device
     from eval.val_ppl import read_manifest, validation_perplexity, verify
 
@@ -119,7 +130,7 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     if ev.allow_code_execution:
         enable_code_execution()
     names = expand_benchmarks(ev.benchmarks, ev.allow_code_execution)
-    task_names = [n for n in names if n != VAL_PPL]
+    task_names = [n for n in names if n not in OWN_TASKS]
     try:
         device = resolve_device(ev.device)
     except ValueError as exc:
@@ -129,9 +140,9 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     output = Path(ev.output) if ev.output else checkpoint / "eval_results.json"
     check_writable(output)
     manifest = None
-    if VAL_PPL in names:
+    if needing := [n for n in (VAL_PPL, POSITION_PPL) if n in names]:
         if (ev.manifest or cfg.data.manifest) is None:
-            raise EvalError("val_ppl needs a curation manifest: pass --manifest PATH or set data.manifest")
+            raise EvalError(f"{' and '.join(needing)} needs a curation manifest: pass --manifest PATH or set data.manifest")
         manifest = read_manifest(ev.manifest or cfg.data.manifest)
         verify(manifest, load_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
     manager = build_task_manager(task_names, ev.tasks_dir) if task_names else None
@@ -152,12 +163,27 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
         )
         results["config"]["model"] = BACKEND_NAME
     ppl = None
-    if manifest is not None:
+    if VAL_PPL in names:
         ppl = validation_perplexity(lm.model, manifest, seq_len=ev.val_seq_len or cfg.train.seq_len,
                                     batch_size=ev.batch_size, packing=cfg.data.packing, limit=ev.limit)
 
+    keys = position = None
+    if PASSKEY in names:
+        try:
+            keys = long_context.passkey(lm.model, lm.tokenizer, ev.passkey_lengths, ev.passkey_depths, ev.passkey_samples)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
+    if POSITION_PPL in names:
+        try:
+            position = long_context.position_perplexity(
+                lm.model, manifest, ev.position_ppl_seq_len or max(ev.passkey_lengths), ev.position_buckets,
+                ev.position_ppl_windows)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
+
     # ---- report ----
     rows = (report.lm_eval_rows(results) if results else []) + (report.val_ppl_rows(ppl) if ppl else [])
+    rows += report.long_context_rows(keys, position)
     shown, cited = [], None
     if ev.compare:
         scores, sources = report.load_references()
@@ -166,6 +192,9 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
     print(report.format_table(rows, shown))
     doc = report.results_document(results, ppl, rows, report.checkpoint_info(lm.bundle),
                                   ev.model_dump(mode="json"), command, cited)
+    if keys or position:
+        doc["long_context"] = {"passkey": keys, "position_ppl": position,
+                               "plot": str(long_context.plot(keys, position, output.with_suffix(".long_context.png")))}
     atomic_write_json(output, doc)
     log.info("results written to %s", output)
 

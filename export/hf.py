@@ -26,7 +26,9 @@ head (`rope_parameters.partial_rotary_factor = 1.0` given explicitly: BambaConfi
 to 0.5), `head_dim` is written (Bamba reads it with getattr), `rms_norm_eps` is both the block
 norms' and the gated norm's eps, as in ours. The HF vocabulary is our padded one (a multiple of
 128), so the round trip is bit-exact; the padding ids are listed in generation_config.json's
-`suppress_tokens`, so `generate()` never samples them. Our resolved ModelConfig travels in
+`suppress_tokens`, so `generate()` never samples them. RoPE scaling (model.attention.rope_scaling)
+travels as rope_parameters: linear and yarn under their names, static ntk as plain RoPE at its raised
+base (`hf_rope_parameters`); transformers computes the same tables. Our resolved ModelConfig travels in
 `hybrid_lm_config.json` beside config.json (init-only fields, the true vocab size).
 Known difference: with a non-default `dt_limit`, Bamba's decode step (`selective_state_update`,
 torch fallback and mamba_ssm alike) does not clamp dt; prefill/forward do. The exporter warns.
@@ -129,6 +131,40 @@ def our_key(key: str) -> str:
     raise ExportError(f"unexpected tensor {key} in the Hugging Face checkpoint")
 
 
+def hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """Bamba's rope_parameters for our RoPE (transformers' modeling_rope_utils computes the same tables):
+    linear and yarn by name; ntk (static) as plain RoPE at its raised base, which is what it is."""
+    a, s = cfg.attention, cfg.attention.rope_scaling
+    plain = {"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": 1.0}
+    if s is None:
+        return plain
+    if s.type == "ntk":
+        return {**plain, "rope_theta": a.rope_theta * s.factor ** (cfg.head_dim / (cfg.head_dim - 2))}
+    if s.type == "linear":
+        return {**plain, "rope_type": "linear", "factor": s.factor}
+    return {**plain, "rope_type": "yarn", "factor": s.factor, "original_max_position_embeddings": s.original_max_seq_len,
+            "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
+
+
+def rope_scaling_from_hf(rope: dict[str, Any], max_position_embeddings: int) -> dict[str, Any] | None:
+    """Our model.attention.rope_scaling for Bamba's rope_parameters (None: plain RoPE); ExportError for
+    what ours cannot express."""
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return None
+    factor = float(rope.get("factor") or 1.0)
+    original = rope.get("original_max_position_embeddings") or max(2, round(max_position_embeddings / factor))
+    if kind == "linear":
+        return {"type": "linear", "factor": factor, "original_max_seq_len": original}
+    unsupported = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None]
+    if kind == "yarn" and not unsupported and rope.get("truncate", True):
+        return {"type": "yarn", "factor": factor, "original_max_seq_len": original,
+                "beta_fast": float(rope.get("beta_fast") or 32), "beta_slow": float(rope.get("beta_slow") or 1)}
+    detail = f" with {', '.join(unsupported) or 'truncate=false'}" if kind == "yarn" else ""
+    raise ExportError(f"this Bamba checkpoint has no equivalent in our model: rope_type {kind}{detail} "
+                      "(ours: default, linear, yarn)")
+
+
 def bamba_config(cfg: ModelConfig, dtype: torch.dtype, special_ids: dict[str, int | None]) -> Any:
     """The BambaConfig that represents `cfg` (vocab = our padded vocab)."""
     from transformers import BambaConfig
@@ -145,7 +181,7 @@ def bamba_config(cfg: ModelConfig, dtype: torch.dtype, special_ids: dict[str, in
         num_attention_heads=a.n_heads,
         num_key_value_heads=a.n_kv_heads,
         head_dim=cfg.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": 1.0},
+        rope_parameters=hf_rope_parameters(cfg),
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         hidden_act="silu",
@@ -183,9 +219,8 @@ def read_bamba_config(folder: str | Path) -> Any:
 def model_config_from_bamba(hf: Any) -> ModelConfig:
     """Derive our ModelConfig from a BambaConfig; ExportError where ours cannot represent it."""
     rope = hf.rope_parameters or {}
+    scaling = rope_scaling_from_hf(rope, hf.max_position_embeddings)
     problems = []
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_type {rope['rope_type']}")
     if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
         problems.append(f"partial_rotary_factor {rope['partial_rotary_factor']} (ours rotates the full head)")
     for flag in ("attention_bias", "mlp_bias", "mamba_proj_bias"):
@@ -207,6 +242,7 @@ def model_config_from_bamba(hf: Any) -> ModelConfig:
             "n_kv_heads": hf.num_key_value_heads,
             "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
             "rope_theta": rope.get("rope_theta", 10000.0),
+            "rope_scaling": scaling,
         },
         mamba={
             "d_state": hf.mamba_d_state, "headdim": hf.mamba_d_head, "expand": hf.mamba_expand,

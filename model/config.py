@@ -72,6 +72,26 @@ class MambaConfig(StrictModel):
         return self
 
 
+class RopeScalingConfig(StrictModel):
+    """RoPE scaling for a context longer than the one trained at (transformers' modeling_rope_utils formulas)."""
+
+    type: Literal["linear", "ntk", "yarn"] = Field(
+        ..., description="linear: positions divided by factor (position interpolation); ntk: the base raised to "
+        "theta * factor^(k / (k - 2)) (NTK-aware, static); yarn: per-frequency blend of interpolation and "
+        "extrapolation between beta_fast and beta_slow rotations, cos/sin scaled by 0.1 ln(factor) + 1.",
+    )
+    factor: float = Field(..., ge=1.0, description="Context extension ratio (new length / original_max_seq_len).")
+    original_max_seq_len: int = Field(..., ge=2, description="Length the model was pretrained at (tokens).")
+    beta_fast: float = Field(32.0, gt=0, description="yarn: rotations below which dimensions extrapolate.")
+    beta_slow: float = Field(1.0, gt=0, description="yarn: rotations above which dimensions interpolate.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScalingConfig":
+        if self.beta_slow >= self.beta_fast:
+            raise ValueError(f"beta_slow ({self.beta_slow}) must be < beta_fast ({self.beta_fast})")
+        return self
+
+
 class AttentionConfig(StrictModel):
     """Grouped-query attention with rotary position embeddings."""
 
@@ -79,6 +99,10 @@ class AttentionConfig(StrictModel):
     n_kv_heads: int = Field(..., ge=1, description="Key/value heads; must divide n_heads.")
     head_dim: int | None = Field(None, ge=1, description="Per-head width; default d_model // n_heads.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    rope_scaling: RopeScalingConfig | None = Field(
+        None, description="RoPE scaling (context extension); None: plain RoPE. Changes no tensor: a checkpoint "
+        "trained without it loads with it (train.init_from).",
+    )
     qk_norm: bool = Field(False, description="RMSNorm on per-head queries and keys.")
 
 

@@ -23,7 +23,6 @@ import logging
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from model.bridges import Bridges
 from model.cache import HybridCache
@@ -31,7 +30,7 @@ from model.config import ModelConfig
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, init_linear, residual_std
-from model.loss import mean_nll
+from model.loss import IGNORE_INDEX, chunked_token_nll, mean_nll
 from model.mixers import LayerState, MixerContext, block_type
 from model.mlps import mlp_type
 from model.wgrad import Linear, linear
@@ -84,8 +83,7 @@ class HybridLM(nn.Module):
         self.bridges = Bridges(cfg) if cfg.bridges else None
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
-        self.activation_checkpointing = False
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta, cfg.attention.rope_scaling)
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
         if self.lm_head is not None:
             init_linear(self.lm_head, cfg.resolved_init_std)
@@ -155,10 +153,7 @@ class HybridLM(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             inflow = self.bridges.inflow(i, kept) if self.bridges is not None else None
-            if self.activation_checkpointing and self.training and cache is None:
-                h, residual, mixed = checkpoint(layer, h, residual, ctx, None, inflow, use_reentrant=False)
-            else:
-                h, residual, mixed = layer(h, residual, ctx, state, inflow)
+            h, residual, mixed = layer(h, residual, ctx, state, inflow)
             if self.bridges is not None and self.bridges.keeps(i):
                 kept[i] = mixed
         if cache is not None:
@@ -176,9 +171,16 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | DocumentLayout | None = None,
         cache: HybridCache | None = None,
+        labels: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
-        """Logits (b, l, vocab_size) (padding columns of the embedding dropped); arguments as `hidden_states`."""
+        """Logits (b, l, vocab_size) (padding columns of the embedding dropped); arguments as `hidden_states`.
+        With `labels` (b, l) and `loss_chunk_tokens` > 0: the per-target NLL (b, l) instead, the head and
+        loss run that many tokens at a time (model/loss.py `chunked_token_nll`): in the forward, so that
+        a wrapper running it (DeepSpeed's engine) runs the head too."""
         h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
+        if labels is not None and loss_chunk_tokens:
+            return chunked_token_nll(h, self.head_weight, labels, self.cfg.vocab_size, loss_chunk_tokens, self.impl)
         return linear(h, self.head_weight)[..., : self.cfg.vocab_size]
 
     def loss(
@@ -187,9 +189,14 @@ class HybridLM(nn.Module):
         labels: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy (float32, or float64 for a float64 model) over labels != -100.
-        labels: (b, l), already shifted. On the kernel path, the fused cross-entropy of model/loss.py."""
+        labels: (b, l), already shifted. On the kernel path, the fused cross-entropy of model/loss.py;
+        loss_chunk_tokens > 0: the head and loss that many tokens at a time."""
+        if loss_chunk_tokens:
+            nll = self.forward(input_ids, position_ids, seq_idx, labels=labels, loss_chunk_tokens=loss_chunk_tokens)
+            return nll.sum() / (labels != IGNORE_INDEX).sum()
         logits = self.forward(input_ids, position_ids, seq_idx)  # a subclass's (train/graph_step.py) if it is one
         return mean_nll(logits, labels, self.impl)
 

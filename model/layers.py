@@ -16,7 +16,7 @@ from model.kernels import mamba_ops
 from model.wgrad import Linear, linear
 
 if TYPE_CHECKING:
-    from model.config import ModelConfig
+    from model.config import ModelConfig, RopeScalingConfig
 
 
 class RMSNorm(nn.Module):
@@ -134,22 +134,52 @@ class RotaryEmbedding(nn.Module):
     The inverse frequencies are computed in float32 on every call rather than kept as a buffer: a
     buffer would be rounded by `model.to(torch.bfloat16)` (and left on the meta device by meta-device
     loading), which puts RoPE angles visibly off at long positions. They are head_dim / 2 numbers.
+    `scaling` (model.attention.rope_scaling) changes them, and for yarn scales cos and sin, as
+    transformers' modeling_rope_utils does (linear, dynamic NTK at a fixed scale, yarn).
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: "RopeScalingConfig | None" = None) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+
+    def _base_inv_freq(self, theta: float, device: torch.device) -> torch.Tensor:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (theta ** exponent)
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
-        """(head_dim / 2,) float32 inverse frequencies theta^(-2i / head_dim)."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
-        return 1.0 / (self.theta ** exponent)
+        """(head_dim / 2,) float32 inverse frequencies theta^(-2i / head_dim), scaled."""
+        s, k = self.scaling, self.head_dim
+        if s is None:
+            return self._base_inv_freq(self.theta, device)
+        if s.type == "linear":
+            return self._base_inv_freq(self.theta, device) / s.factor
+        if s.type == "ntk":
+            return self._base_inv_freq(self.theta * s.factor ** (k / (k - 2)), device)
+        # yarn: dimensions turning fewer than beta_slow times over the original length interpolate
+        # (frequency / factor), more than beta_fast times keep theirs, a linear ramp between
+        def dim_of(rotations: float) -> float:
+            return k * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        low, high = max(math.floor(dim_of(s.beta_fast)), 0), min(math.ceil(dim_of(s.beta_slow)), k - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(k // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        base = self._base_inv_freq(self.theta, device)
+        return base / s.factor * (1 - extrapolate) + base * extrapolate
+
+    def attention_factor(self) -> float:
+        """Multiplier of cos and sin: yarn's 0.1 ln(factor) + 1, else 1."""
+        s = self.scaling
+        return 0.1 * math.log(s.factor) + 1.0 if s is not None and s.type == "yarn" and s.factor > 1 else 1.0
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (b, l) int -> cos, sin: (b, l, k) in `dtype` (angles in float32)."""
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq(position_ids.device)  # (b, l, k/2)
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        scale = self.attention_factor()
+        if scale == 1.0:
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

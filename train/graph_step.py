@@ -386,9 +386,11 @@ class GraphedLM(HybridLM):
         position_ids: torch.Tensor | None = None,
         seq_idx: torch.Tensor | DocumentLayout | None = None,
         cache: Any = None,
+        labels: torch.Tensor | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> torch.Tensor:
-        if self.graphs is None:
-            return super().forward(input_ids, position_ids, seq_idx, cache)
+        if self.graphs is None or loss_chunk_tokens:  # the graphs capture the whole logits, not a chunked loss
+            return super().forward(input_ids, position_ids, seq_idx, cache, labels, loss_chunk_tokens)
         return self.graphs(input_ids, position_ids, seq_idx, cache)
 
 

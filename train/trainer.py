@@ -34,6 +34,7 @@ from model.kernels import make_deterministic
 from model.loss import IGNORE_INDEX, token_nll
 from model.sizing import count_params, train_flops_per_token
 from model.weights import CheckpointError, arch_diff
+from train.activation_checkpointing import apply_activation_checkpointing
 from train.checkpoint import (
     Checkpointer,
     TrainerState,
@@ -98,7 +99,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> HybridLM:
     seed_everything(cfg.train.seed)
     with device:
         model = (GraphedLM if cfg.train.cuda_graph else HybridLM)(cfg.model)
-    model.activation_checkpointing = cfg.train.activation_checkpointing
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing, cfg.train.checkpoint_block_types)
     model.set_impl()
     if cfg.train.precision == "fp8":
         names = convert_to_fp8(model, cfg.train.fp8)
@@ -138,10 +139,13 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
 
 
 # ---- one step ----------------------------------------------------------------------------------------
-def forward_nll(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward_nll(engine: Any, batch: dict[str, torch.Tensor], loss_chunk_tokens: int = 0) -> torch.Tensor:
     """Per-target NLL (b, l) in float32 (0 where labels are -100): the fused cross-entropy on the
-    kernel path (model/loss.py)."""
-    logits = engine(batch["input_ids"], position_ids=batch.get("position_ids"), seq_idx=batch.get("seq_idx"))
+    kernel path (model/loss.py); loss_chunk_tokens > 0: head and loss in chunks inside the forward."""
+    inputs = {"position_ids": batch.get("position_ids"), "seq_idx": batch.get("seq_idx")}
+    if loss_chunk_tokens:
+        return engine(batch["input_ids"], labels=batch["labels"], loss_chunk_tokens=loss_chunk_tokens, **inputs)
+    logits = engine(batch["input_ids"], **inputs)
     return token_nll(logits, batch["labels"], engine.module.impl)
 
 
@@ -275,7 +279,9 @@ class Trainer:
                             for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}, "
+            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}"
+            f"{f' ({t.checkpoint_block_types} blocks)' if t.checkpoint_block_types else ''}, "
+            f"{f'loss in chunks of {t.loss_chunk_tokens} tokens, ' if t.loss_chunk_tokens else ''}"
             f"CUDA graph {t.cuda_graph}, deterministic {t.deterministic}",
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
             f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
@@ -298,7 +304,7 @@ class Trainer:
                     self.engine(ids.to(self.env.device))
                     continue
                 batch = to_device(batches[i], self.env.device)
-                nll = forward_nll(self.engine, batch).double()
+                nll = forward_nll(self.engine, batch, self.cfg.train.loss_chunk_tokens).double()
                 scored = (batch["labels"] != IGNORE_INDEX).double()
                 source = batches[i]["source"].to(self.env.device)
                 sums[0] += nll.sum()
@@ -326,7 +332,7 @@ class Trainer:
             for m in micro:  # capture what these micro-batches replay outside DeepSpeed's forward
                 self.graph.prepare(m["input_ids"], m.get("position_ids"), m.get("seq_idx"))
         for m in micro:
-            nll = forward_nll(self.engine, m).sum()
+            nll = forward_nll(self.engine, m, self.cfg.train.loss_chunk_tokens).sum()
             nll_local += nll.detach().double()
             self.engine.backward(nll * scale)
             self.engine.step()

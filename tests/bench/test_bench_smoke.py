@@ -251,3 +251,15 @@ def test_state_memory_smoke(monkeypatch, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in train.values()) and all(r["decode_tokens_per_s"] > 0 for r in decode.values())
     ssm = {name: r["ssm_state_mb"] for name, r in decode.items()}
     assert ssm["compression2"] == ssm["strategic"] / 2 and ssm["compression4"] == ssm["strategic"] / 4
+
+
+def test_long_context_smoke(monkeypatch, tmp_path):
+    """Ours and the twin at 64 and 128 tokens, the first mode that fits (none, on CPU) chosen per length."""
+    from bench import long_context
+
+    _run(monkeypatch, long_context, ["--smoke", "--out", str(tmp_path)])
+    data = _load(tmp_path / "long_context_tiny_smoke.json")
+    chosen = [(r["model"], r["seq_len"], r["mode"]) for r in data["rows"] if r["chosen"]]
+    assert chosen == [("ours", 64, "none"), ("ours", 128, "none"), ("attention", 64, "none"), ("attention", 128, "none")]
+    assert all(math.isfinite(r["mfu"]) and r["mfu"] > 0 for r in data["rows"])
+    assert data["meta"]["measured_peak_tflops"] > 0

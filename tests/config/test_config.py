@@ -58,7 +58,7 @@ def test_overrides_are_parsed() -> None:
     assert cfg.model.n_layers == 12 and isinstance(cfg.model.n_layers, int)
     assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
     assert cfg.model.attn_ratio == 0.25 and cfg.model.layer_pattern.count("A") == 3
-    assert cfg.train.activation_checkpointing is True and cfg.model.attention.qk_norm is True
+    assert cfg.train.activation_checkpointing == "full" and cfg.model.attention.qk_norm is True
     assert cfg.train.betas == (0.8, 0.99)
     assert cfg.eval.benchmarks == ["hellaswag", "arc_easy"]
     assert cfg.model.mamba.dt_limit == (0.0, 0.5)
@@ -119,6 +119,8 @@ def test_preset_merges_with_overrides() -> None:
      "data.packing=continuous"),
     (["train.cuda_graph=true", "data.packing=continuous", "train.activation_checkpointing=true"],
      "train.cuda_graph", "activation_checkpointing"),
+    (["train.checkpoint_block_types=R"], "train.checkpoint_block_types", "not in the model's pattern"),
+    (["train.activation_checkpointing=selective"], "train.activation_checkpointing", "'selective'"),
 ])
 def test_bad_values_name_the_key(overrides: list[str], key: str, fragment: str) -> None:
     msg = _error(overrides)

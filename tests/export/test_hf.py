@@ -157,3 +157,41 @@ def test_cpu_work_never_calls_cuda_kernels_that_import(exported, monkeypatch):
     diff = numbers["max abs logit diff (float32, CPU)"]
     print(f"HF parity over {len(prompts[0])} tokens ({src.name}): max abs logit diff {diff:.3g}")
     assert diff < LOGIT_TOL
+
+
+@pytest.mark.parametrize("kind", ["linear", "ntk", "yarn"])
+def test_rope_scaling_exports_with_matching_logits(kind, tiny_bundle_dir, tmp_path):
+    """model.attention.rope_scaling travels as Bamba's rope_parameters: transformers' logits match ours
+    at positions past the original length, and the derived config (no hybrid_lm_config.json) builds the
+    same tables (ntk comes back as plain RoPE at its raised base)."""
+    from transformers import AutoModelForCausalLM
+
+    from export.hf import export_hf
+    from model import HybridLM
+    from tests.export.conftest import small_config
+
+    torch.manual_seed(5)
+    scaling = {"type": kind, "factor": 4.0, "original_max_seq_len": 16}
+    ours = HybridLM(small_config(attention={"n_heads": 4, "n_kv_heads": 2, "rope_scaling": scaling},
+                                 max_seq_len=64)).eval()
+    out = export_hf(ours, load_bundle(tiny_bundle_dir).tokenizer, tmp_path / "hf")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ids = torch.randint(4, ours.cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), bamba_torch_ops():
+        diff = float((ours(ids) - theirs(ids).logits[..., : ours.cfg.vocab_size]).abs().max())
+    assert diff < LOGIT_TOL, diff
+    (out / "hybrid_lm_config.json").unlink()
+    derived = model_config_from_bamba(read_bamba_config(out))
+    back = HybridLM(derived).eval()
+    back.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=1e-5)
+    assert (derived.attention.rope_scaling is None) == (kind == "ntk")
+
+
+def test_unsupported_rope_type_is_refused(exported):
+    _, out = exported
+    hf = read_bamba_config(out)
+    hf.rope_parameters = {**hf.rope_parameters, "rope_type": "longrope"}
+    with pytest.raises(ExportError, match="rope_type longrope"):
+        model_config_from_bamba(hf)

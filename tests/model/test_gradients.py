@@ -1,4 +1,4 @@
-"""Autograd of the hybrid against finite differences, and activation checkpointing against plain backward."""
+"""Autograd of the hybrid against finite differences (activation checkpointing: tests/train/test_activation_checkpointing.py)."""
 
 from __future__ import annotations
 
@@ -32,33 +32,3 @@ def test_gradcheck_small_hybrid(tiny_model) -> None:
 
     inputs = (h0.clone().requires_grad_(True), *(params[n].detach().clone().requires_grad_(True) for n in names))
     assert torch.autograd.gradcheck(f, inputs)
-
-
-def _loss_and_grads(model, ids, labels, seq_idx):
-    model.zero_grad()
-    loss = model.loss(ids, labels, seq_idx=seq_idx)
-    loss.backward()
-    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
-
-
-def test_activation_checkpointing_same_loss_and_grads(tiny_model, monkeypatch) -> None:
-    """Same loss and gradients with checkpointing (float64; recomputation repeats the exact same
-    ops, so the tolerance is 1e-12 relative); the checkpointed path must really run."""
-    import model.hybrid as hybrid
-
-    model = tiny_model(pattern="MAAM", qk_norm=True).train()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, model.cfg.vocab_size, (2, 11), generator=g)
-    labels = torch.randint(0, model.cfg.vocab_size, (2, 11), generator=g)
-    labels[0, 4] = -100
-    seq_idx = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])
-    loss_ref, grads_ref = _loss_and_grads(model, ids, labels, seq_idx)
-
-    calls = []
-    monkeypatch.setattr(hybrid, "checkpoint", lambda *a, **k: calls.append(1) or torch.utils.checkpoint.checkpoint(*a, **k))
-    model.activation_checkpointing = True
-    loss_ckpt, grads_ckpt = _loss_and_grads(model, ids, labels, seq_idx)
-    assert len(calls) == len(model.layers)
-    torch.testing.assert_close(loss_ckpt, loss_ref, rtol=1e-12, atol=0)
-    for name, g_ref in grads_ref.items():
-        torch.testing.assert_close(grads_ckpt[name], g_ref, rtol=1e-12, atol=1e-15, msg=name)

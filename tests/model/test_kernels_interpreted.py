@@ -223,6 +223,32 @@ def test_fused_cross_entropy_matches_float64(interpreted_kernels, monkeypatch) -
         assert _rel(got.float(), want.float()) < 1e-3  # observed 0.0: the same fp16 rounding of equal float32
 
 
+def test_chunked_fused_cross_entropy(interpreted_kernels, monkeypatch) -> None:
+    """model/loss.py's chunked head + loss on flash-attn's kernel (fp16, chunks of 5 of 24 tokens, the
+    backward's recomputed logits overwritten in place): the NLL and the head's gradients as the whole
+    logits through the same kernel (the head gradient is summed over chunks in float32)."""
+    from model import loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "use_fused", lambda logits, impl: True)
+    torch.manual_seed(0)
+    h = torch.randn(2, 12, 16, dtype=torch.float16)
+    w = torch.randn(64, 16, dtype=torch.float16)
+    labels = torch.randint(0, 61, (2, 12))
+    labels[1, 5] = loss_mod.IGNORE_INDEX
+    out = {}
+    for chunk in (0, 5):
+        hc, wc = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if chunk:
+            nll = loss_mod.chunked_token_nll(hc, wc, labels, 61, chunk, "kernels")
+        else:
+            nll = loss_mod.token_nll((hc @ wc.T)[..., :61], labels, "kernels")
+        nll.sum().backward()
+        out[chunk] = (nll.detach(), hc.grad, wc.grad)
+    torch.testing.assert_close(out[5][0], out[0][0], rtol=1e-6, atol=1e-6)  # the same kernel on the same logits
+    for got, want in zip(out[5][1:], out[0][1:]):
+        assert _rel(got.float(), want.float()) < 1e-3
+
+
 def _conv_fwd_standin(x, weight, bias, seq_idx, initial_states, final_states_out, silu):
     """causal_conv1d's C++ forward contract (x: (b, d, l) -> (b, d, l)) on the reference conv."""
     assert initial_states is None and final_states_out is None

@@ -70,3 +70,87 @@ def test_fused_branch_hands_flat_logits_and_reshapes(monkeypatch: pytest.MonkeyP
     nll = token_nll(logits, labels, "kernels")
     assert calls == [((10, 11), (10,), IGNORE_INDEX, True)]
     torch.testing.assert_close(nll.double(), _float64_nll(logits, labels), rtol=1e-5, atol=1e-6)
+
+
+# ---- chunked head + loss ------------------------------------------------------------------------------
+def _head_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 hidden states (2, 7, 8), a head padded to 16 rows for a vocabulary of 11, labels with ignored targets."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 7, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(16, 8, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    labels[1, 6] = IGNORE_INDEX
+    return h, w, labels
+
+
+def _head_reference(h, w, labels, upstream):
+    """Unchunked: logits of the padded head, padding columns dropped, token_nll, then backward."""
+    h, w = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    nll = token_nll(torch.nn.functional.linear(h, w)[..., :11], labels)
+    (nll * upstream).sum().backward()
+    return nll.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 14, 100])
+def test_chunked_head_nll_exact(chunk: int) -> None:
+    """Values and gradients (h and head, padding rows zero) of the chunked head + loss equal the
+    unchunked ones to 1e-10 relative in float64, for any upstream gradient per target."""
+    h, w, labels = _head_inputs()
+    upstream = torch.rand(2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want_nll, want_h, want_w = _head_reference(h, w, labels, upstream)
+    hc, wc = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    nll = loss_mod.chunked_token_nll(hc, wc, labels, 11, chunk)
+    (nll * upstream).sum().backward()
+    assert nll.dtype == torch.float64 and (nll[labels == IGNORE_INDEX] == 0).all()
+    torch.testing.assert_close(nll, want_nll, rtol=1e-10, atol=0)
+    torch.testing.assert_close(hc.grad, want_h, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(wc.grad, want_w, rtol=1e-10, atol=1e-14)
+    assert (wc.grad[11:] == 0).all()
+
+
+def test_chunked_head_nll_fused_path_and_main_grad(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk goes through the fused branch (here a float64 torch stand-in of flash-attn's contract),
+    once in the forward and once in the backward; a head weight with a bound `main_grad` (model/wgrad.py)
+    gets its gradient added there and none through autograd."""
+    calls = []
+
+    def stand_in(logits, labels, ignore_index, inplace_backward):
+        calls.append(tuple(logits.shape))
+        nll = torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+        return nll, torch.zeros_like(nll)
+
+    monkeypatch.setattr(loss_mod, "use_fused", lambda logits, impl: True)
+    monkeypatch.setattr(loss_mod, "cross_entropy_ops", lambda: stand_in)
+    h, w, labels = _head_inputs()
+    upstream = torch.ones(2, 7, dtype=torch.float64)
+    want_nll, want_h, want_w = _head_reference(h, w, labels, upstream)
+    calls.clear()
+    hc, wc = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    wc.main_grad = torch.full_like(w, 0.5)
+    nll = loss_mod.chunked_token_nll(hc, wc, labels, 11, 6, "kernels")
+    nll.sum().backward()
+    assert calls == [(6, 11), (6, 11), (2, 11)] * 2
+    torch.testing.assert_close(nll, want_nll, rtol=1e-10, atol=0)
+    torch.testing.assert_close(hc.grad, want_h, rtol=1e-10, atol=1e-14)
+    assert wc.grad is None
+    torch.testing.assert_close(wc.main_grad - 0.5, want_w, rtol=1e-10, atol=1e-14)
+
+
+def test_model_loss_chunked_same_loss_and_grads(tiny_model) -> None:
+    """HybridLM.loss with loss_chunk_tokens: the same loss and gradients as the whole logits (float64, 1e-10)."""
+    model = tiny_model(pattern="MA")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=g)
+    labels = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=g)
+    labels[1, :4] = IGNORE_INDEX
+    results = []
+    for chunk in (0, 4):
+        model.zero_grad()
+        loss = model.loss(ids, labels, loss_chunk_tokens=chunk)
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=0)
+    for name, g_ref in grads_ref.items():
+        torch.testing.assert_close(grads[name], g_ref, rtol=1e-10, atol=1e-14, msg=name)
