@@ -12,6 +12,10 @@ Packed documents: pass `seq_idx` (b, l), the document index of every token (non-
 and `position_ids` restarting at 0 per document (`positions_from_seq_idx`). Then the Mamba2 conv and
 state restart at every document, attention stays inside its document and RoPE restarts. The
 boundaries are worked out once per forward (`DocumentLayout`) and shared by all layers.
+
+Context parallelism: with `context_parallel` set (a `ContextParallel` group, by train/), input_ids are this
+rank's slice of every row, and `seq_idx` / `position_ids` the slice's part of the whole rows' (model/
+context_parallel.py has the mixers' math across ranks).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.cache import HybridCache
 from model.config import ModelConfig
+from model.context_parallel import ContextParallel
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, init_linear, residual_std
@@ -77,6 +82,7 @@ class HybridLM(nn.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta)
         self.activation_checkpointing = False
+        self.context_parallel: ContextParallel | None = None  # set by train/context_parallel.py
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
         if self.lm_head is not None:
             init_linear(self.lm_head, cfg.resolved_init_std)
@@ -132,15 +138,22 @@ class HybridLM(nn.Module):
         docs = seq_idx
         if isinstance(seq_idx, torch.Tensor):
             docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels)
-        if position_ids is None:
+        cp = None
+        if self.context_parallel is not None:  # input_ids: this rank's slice of each row
             if cache is not None:
+                raise ValueError("decoding is not context-parallel: clear model.context_parallel first")
+            cp = self.context_parallel.split(seq_idx, l, h.device)
+        if position_ids is None:
+            if cp is not None:
+                position_ids = cp.positions(b, input_ids.device)
+            elif cache is not None:
                 position_ids = cache.next_pos.unsqueeze(1) + torch.arange(l, device=input_ids.device)
             elif docs is not None:
                 position_ids = positions_from_seq_idx(docs.seq_idx)
             else:  # also rows that are single documents
                 position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         ctx = MixerContext(rope=self.rope(position_ids, h.dtype), positions=position_ids, docs=docs,
-                           key_valid=cache.attention_keys(l) if cache is not None else None)
+                           key_valid=cache.attention_keys(l) if cache is not None else None, cp=cp)
         residual = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None

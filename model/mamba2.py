@@ -21,6 +21,7 @@ Paths:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,9 @@ from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.mixers.base import Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 from model.wgrad import Linear
+
+if TYPE_CHECKING:
+    from model.context_parallel import ContextSlice
 
 
 class GatedRMSNorm(nn.Module):
@@ -81,6 +85,7 @@ class Mamba2Mixer(Mixer):
     hf_layer_type = "mamba"
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
+    context_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
@@ -188,6 +193,8 @@ class Mamba2Mixer(Mixer):
         """u: (b, l, d); ctx: the batch's documents (ctx.seq_idx (b, l)); state: decoding state, updated
         in place (a one-token forward with a filled state is the decode step)."""
         seq_idx = ctx.seq_idx if ctx is not None else None
+        if ctx is not None and ctx.cp is not None:  # one slice of a context-parallel row (model/context_parallel.py)
+            return self._forward_reference(u, ctx.cp.seq_idx, None, ctx.cp)
         if state is not None and state.filled and u.size(1) == 1:
             return self._step(u, state)
         if self.impl == "kernels":
@@ -195,18 +202,23 @@ class Mamba2Mixer(Mixer):
         return self._forward_reference(u, seq_idx, state)
 
     def _forward_reference(
-        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None,
+        cp: "ContextSlice | None" = None,
     ) -> torch.Tensor:
+        """cp: this rank's slice of a context-parallel row: the conv prefix and the scan's entering state
+        come from the previous ranks (no decoding state then)."""
         b, l, _ = u.shape
         z, xbc, dt = self._split(self.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
         # A copy: _store_conv_state overwrites state.conv in place before the conv reads the prefix.
         prefix = state.conv[..., 1:].clone() if state is not None and state.filled else None
+        if cp is not None:
+            prefix = cp.conv_prefix(xbc, self.d_conv)
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
         A = self._decay_rates()
-        y, final = ssd_chunked(
+        y, final = (cp.ssd_chunked if cp is not None else ssd_chunked)(
             x.reshape(b, l, self.n_heads, self.headdim),
             discretize_dt(dt, self.dt_bias, self.dt_limit),
             A,
