@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench import block_costs, block_types, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
+from bench import (
+    block_costs,
+    block_types,
+    context_parallel_overhead,
+    fwd_bwd_throughput,
+    kernel_parity,
+    packing_throughput,
+    profile_step,
+)
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, module, args: list[str]) -> None:
@@ -52,6 +60,15 @@ def test_block_types_smoke(monkeypatch, tmp_path):
     speed = {r["pattern"]: r for r in rows if r["part"] == "speed"}
     assert set(speed) == {"MAMMAM", "MRMMRM", "MGMMGM"}
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in speed.values())
+
+
+@pytest.mark.slow
+def test_context_parallel_overhead_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, context_parallel_overhead, ["--smoke", "--out", str(tmp_path)])
+    rows = {r["case"]: r for r in _load(tmp_path / "context_parallel_overhead_smoke.json")["rows"]}
+    assert set(rows) == {"plain, fastest path", "plain, reference", "context parallel 1"}
+    assert rows["context parallel 1"]["loss_rel_err"] < 1e-6  # float32: the one-rank split is the same model
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
 
 
 def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
