@@ -75,7 +75,6 @@ def measure(cfg: ModelConfig, impl: str | None, cp: ContextParallel | None, batc
            "tokens_per_s": batch * seq / t}
     if device.type == "cuda":
         row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    del model
     return row, losses[0]
 
 

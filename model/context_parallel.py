@@ -96,7 +96,7 @@ class ContextParallel:
         """Differentiable all-gather: x (...) -> (R, ...)."""
         return _GatherSlices.apply(x, self.group, self.size, self.rank)
 
-    def split(self, seq_idx: torch.Tensor | DocumentLayout | None, length: int, device: torch.device) -> "ContextSlice":
+    def split(self, seq_idx: torch.Tensor | DocumentLayout | None, length: int, device: torch.device) -> ContextSlice:
         """The per-forward view of this rank's slice: `seq_idx` (b, l) the slice's documents (global
         document numbers, as cut from the whole row) or None for plain rows; length l tokens per rank."""
         if isinstance(seq_idx, DocumentLayout):
@@ -198,7 +198,7 @@ class ContextSlice:
         return (y.to(work) + y_in).to(y.dtype), final + carry_out[..., None, None] * state
 
     # ---- attention ------------------------------------------------------------------------------
-    def attention(self, mixer: "Attention", x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attention(self, mixer: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The attention mixer over the whole row for this slice's queries: x (b, l, d) -> (b, l, d)."""
         q, k, v = mixer.project(x, rope)  # (b, h, l, k), (b, j, l, k) x 2
         b, j, l, kd = k.shape

@@ -51,7 +51,12 @@ from train.consolidate import (
     state_dict_from_checkpoint,
     write_bundle,
 )
-from train.context_parallel import ContextLayout, context_layout, init_groups, slice_batch
+from train.context_parallel import (
+    ContextLayout,
+    context_layout,
+    init_groups,
+    slice_batch,
+)
 from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
 from train.ds_config import (
