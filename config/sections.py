@@ -120,7 +120,8 @@ class TrainConfig(SectionModel):
         "Mamba2 layers pass their conv and SSM state from rank to rank and attention all-gathers keys and values, "
         "so the loss and gradients are those of whole sequences. Must divide the world size (data-parallel "
         "world = world size / context_parallel); seq_len must be a multiple of context_parallel x "
-        "model.mamba.chunk_size; block types M, A and G; runs the mixers' PyTorch paths; not with cuda_graph. "
+        "model.mamba.chunk_size; block types M, A and G; the Mamba2 conv and the attention run in PyTorch; "
+        "not with cuda_graph. "
         "1: off.",
     )
     grad_fold: Literal["fused_wgrad", "copy_free", "deepspeed"] = Field(

@@ -36,7 +36,9 @@ The parameters' gradients of one rank are its slice's share; summing them over t
 whole sequence's gradient (train/context_parallel.py hands DeepSpeed the group as its sequence-parallel
 group, which sums over it).
 
-Runs the PyTorch forms of the mixers (model/mamba2.py's reference conv and scan, masked SDPA).
+Paths: the Mamba2 scan runs on the mixer's path (model/ssd.py's reference, or mamba_ssm's chunk scan kernel
+with `enter_state` added after it); the Mamba2 conv (it reads the previous rank's inputs) and the attention
+(masked SDPA over the gathered keys) run in PyTorch on both.
 """
 
 from __future__ import annotations
@@ -61,6 +63,25 @@ def _all_gather(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x, group=group)
     return torch.stack(parts)
+
+
+def enter_state(
+    y: torch.Tensor, final: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, C: torch.Tensor,
+    seq_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slice's scan from a zero state (y (b, l, h, p), final (b, h, p, n)) continued from `state` (b, h, p, n),
+    the state entering it: y_t += exp(log_decay_t) C_t state for the tokens of the slice's first document, and
+    the final state gains the decayed `state` when the slice is one document. log_decay (b, l, h): the
+    inclusive cumulative sum of dt A over the slice; C (b, l, g, n); seq_idx (b, l) or None."""
+    work = final.dtype
+    reach = torch.exp(log_decay)  # (b, l, h)
+    carries = torch.ones_like(reach[:, 0, :1])  # (b, 1): the state reaches the slice's end
+    if seq_idx is not None:  # the entering state feeds the slice's first document only
+        reach = reach * (seq_idx == seq_idx[:, :1]).unsqueeze(-1).to(work)
+        carries = (seq_idx[:, -1:] == seq_idx[:, :1]).to(work)
+    y_in = torch.einsum("blhn,bhpn,blh->blhp", _expand_groups(C.to(work), y.size(2)), state, reach)
+    carry_out = torch.exp(log_decay[:, -1]) * carries  # (b, h)
+    return (y.to(work) + y_in).to(y.dtype), final + carry_out[..., None, None] * state
 
 
 class _GatherSlices(torch.autograd.Function):
@@ -178,10 +199,16 @@ class ContextSlice:
         if initial_state is not None:
             raise ValueError("a context-parallel scan starts from the previous rank's state, not a given one")
         y, final = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx)  # from a zero state
+        return self.add_entering_state(y, final, dt, A, C)
+
+    def add_entering_state(
+        self, y: torch.Tensor, final: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A scan of this slice from a zero state (any implementation: y (b, l, h, p), final (b, h, p, n)) ->
+        the whole row's y and state after the slice's last token. dt (b, l, h) discretised, A (h,), C (b, l, g, n)."""
         work = final.dtype
-        h = x.size(2)
         log_decay = torch.cumsum(dt.to(work) * A.to(work), dim=1)  # (b, l, h): decay from the slice start to t
-        enters, through = self._slice_flags(x.device)  # (R, b)
+        enters, through = self._slice_flags(y.device)  # (R, b)
         finals = self.cp.gather(final)  # (R, b, h, p, n)
         decays = self.cp.gather(torch.exp(log_decay[:, -1]))  # (R, b, h)
         entering = [torch.zeros_like(final)]  # S_0
@@ -189,13 +216,7 @@ class ContextSlice:
             carried = finals[r] + (decays[r] * through[r].to(work).unsqueeze(-1))[..., None, None] * entering[-1]
             entering.append(carried * enters[r + 1].to(work).view(-1, 1, 1, 1))
         state = torch.stack(entering)[self.cp.rank]  # (b, h, p, n); stacked: every gathered entry is used
-        reach = torch.exp(log_decay)  # (b, l, h)
-        own = self.seq_idx
-        if own is not None:  # the entering state feeds the slice's first document only
-            reach = reach * (own == own[:, :1]).unsqueeze(-1).to(work)
-        y_in = torch.einsum("blhn,bhpn,blh->blhp", _expand_groups(C.to(work), h), state, reach)
-        carry_out = torch.exp(log_decay[:, -1]) * through[self.cp.rank].to(work).unsqueeze(-1)  # (b, h)
-        return (y.to(work) + y_in).to(y.dtype), final + carry_out[..., None, None] * state
+        return enter_state(y, final, state, log_decay, C, self.seq_idx)
 
     # ---- attention ------------------------------------------------------------------------------
     def attention(self, mixer: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

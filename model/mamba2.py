@@ -194,7 +194,8 @@ class Mamba2Mixer(Mixer):
         in place (a one-token forward with a filled state is the decode step)."""
         seq_idx = ctx.seq_idx if ctx is not None else None
         if ctx is not None and ctx.cp is not None:  # one slice of a context-parallel row (model/context_parallel.py)
-            return self._forward_reference(u, ctx.cp.seq_idx, None, ctx.cp)
+            path = self._forward_kernels if self.impl == "kernels" else self._forward_reference
+            return path(u, ctx.cp.seq_idx, None, ctx.cp)
         if state is not None and state.filled and u.size(1) == 1:
             return self._step(u, state)
         if self.impl == "kernels":
@@ -203,7 +204,7 @@ class Mamba2Mixer(Mixer):
 
     def _forward_reference(
         self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None,
-        cp: "ContextSlice | None" = None,
+        cp: ContextSlice | None = None,
     ) -> torch.Tensor:
         """cp: this rank's slice of a context-parallel row: the conv prefix and the scan's entering state
         come from the previous ranks (no decoding state then)."""
@@ -236,8 +237,11 @@ class Mamba2Mixer(Mixer):
         return self.out_proj(y)
 
     def _forward_kernels(
-        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None,
+        cp: ContextSlice | None = None,
     ) -> torch.Tensor:
+        """cp: as in `_forward_reference`; then the conv runs in PyTorch (it takes the previous rank's inputs)
+        and the chunk scan's zero-state result gets the entering state's part added."""
         ops = mamba_ops()
         # causal_conv1d's backward adds weight gradients with atomics: a reproducible backward runs the conv
         # in PyTorch (F.conv1d under cuDNN's deterministic algorithms) and the unfused SSD scan
@@ -247,13 +251,14 @@ class Mamba2Mixer(Mixer):
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         A = self._decay_rates()
         continuing = state is not None and state.filled
-        if cops is not None and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
+        fused = cops is not None and cp is None  # the fused scans read the conv from zxbcdt alone
+        if fused and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
             return ops.split_conv1d_scan_saved(
                 zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, self.D, chunk_size=self.chunk_size,
                 seq_idx=sid, dt_limit=self.dt_limit, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
                 outproj_weight=self.out_proj.weight, headdim=self.headdim, ngroups=self.n_groups,
             )
-        if cops is not None and not continuing:
+        if fused and not continuing:
             if state is not None:
                 self._store_conv_state(state, self._split(zxbcdt)[1], seq_idx)
             out = ops.split_conv1d_scan(
@@ -271,6 +276,8 @@ class Mamba2Mixer(Mixer):
             return out
         z, xbc, dt = self._split(zxbcdt)
         prefix = state.conv[..., 1:].clone() if continuing else None  # copy: overwritten just below
+        if cp is not None:
+            prefix = cp.conv_prefix(xbc, self.d_conv)
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         if cops is not None and prefix is None:
@@ -284,9 +291,12 @@ class Mamba2Mixer(Mixer):
             B.reshape(b, l, self.n_groups, self.d_state), C.reshape(b, l, self.n_groups, self.d_state),
             chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=sid,
             dt_limit=self.dt_limit, initial_states=state.ssm if continuing else None,
-            return_final_states=state is not None,
+            return_final_states=state is not None or cp is not None,
         )
-        if state is not None:
+        if cp is not None:
+            C = C.reshape(b, l, self.n_groups, self.d_state)
+            y, _ = cp.add_entering_state(*y, discretize_dt(dt, self.dt_bias, self.dt_limit), A, C)
+        elif state is not None:
             y, final = y
             state.ssm.copy_(final)
             state.filled = True

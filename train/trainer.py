@@ -233,8 +233,8 @@ class Trainer:
         if self.cp.size > 1:
             self.model.context_parallel, mpu = init_groups(self.cp)
             if self.model.impl == "kernels":
-                log.warning("train.context_parallel=%d runs the PyTorch paths of the Mamba2 and attention layers "
-                            "(model/context_parallel.py), not their kernels", self.cp.size)
+                log.warning("train.context_parallel=%d: the Mamba2 conv and the attention run in PyTorch (masked "
+                            "SDPA over all gathered keys), not as kernels (model/context_parallel.py)", self.cp.size)
         if t.cuda_graph:
             check_graphable(self.model, self.env.on_cuda, cfg.data.packing == "document", self.ds_config)
         self.engine = build_engine(self.model, cfg, self.ds_config, mpu)  # DeepSpeed casts params, keeps fp32 buffers

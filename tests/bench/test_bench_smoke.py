@@ -65,10 +65,11 @@ def test_block_types_smoke(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_context_parallel_overhead_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, context_parallel_overhead, ["--smoke", "--out", str(tmp_path)])
-    rows = {r["case"]: r for r in _load(tmp_path / "context_parallel_overhead_smoke.json")["rows"]}
-    assert set(rows) == {"plain, fastest path", "plain, reference", "context parallel 1"}
-    assert rows["context parallel 1"]["loss_rel_err"] < 1e-6  # float32: the one-rank split is the same model
-    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    rows = _load(tmp_path / "context_parallel_overhead_smoke.json")["rows"]
+    assert [r["case"] for r in rows] == ["plain", "context parallel 1"] * 2
+    split = [r for r in rows if r["case"] == "context parallel 1"]
+    assert all(r["loss_rel_err"] < 1e-6 and r["vs_plain"] > 0 for r in split)  # float32: the same model
+    assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
