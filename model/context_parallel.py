@@ -9,7 +9,7 @@ head are per token and run on the slice as they are; only the sequence mixers lo
   Mamba2 conv   its first w - 1 outputs read the previous slice's last w - 1 inputs: every rank's tail is
                 all-gathered (tiny: (b, c, w - 1)), and taps that belong to another document are zeroed.
   Mamba2 scan   the scan is linear in the state entering it. Each rank scans its slice from a zero state
-                (the ordinary chunked scan, `model.ssd.ssd_chunked`), then all-gathers its final state
+                (the mixer's own scan, reference or kernel), then all-gathers its final state
                 F_r and the decay g_r of its whole slice (0 when the slice holds a document boundary:
                 nothing entering survives to its end). The state entering slice r is the prefix
                 combination  S_0 = 0,  S_{r+1} = a_{r+1} (F_r + g_r S_r)  with a_r = [slice r starts
@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model.documents import DocumentLayout, positions_from_seq_idx
-from model.ssd import _expand_groups, ssd_chunked
+from model.ssd import _expand_groups
 
 if TYPE_CHECKING:
     from model.attention import Attention
@@ -180,26 +180,6 @@ class ContextSlice:
             same = sid[:, self.start - (width - 1) : self.start] == sid[:, self.start : self.start + 1]  # (b, w-1)
             prefix = prefix * same.unsqueeze(1).to(prefix.dtype)
         return prefix
-
-    def ssd_chunked(
-        self,
-        x: torch.Tensor,
-        dt: torch.Tensor,
-        A: torch.Tensor,
-        B: torch.Tensor,
-        C: torch.Tensor,
-        chunk_size: int,
-        D: torch.Tensor | None = None,
-        initial_state: torch.Tensor | None = None,
-        seq_idx: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`model.ssd.ssd_chunked` over the whole row, evaluated on this slice (arguments the slice's:
-        x (b, l, h, p), dt (b, l, h) discretised, B, C (b, l, g, n)); state passing across ranks as the
-        module doc says. Returns y (b, l, h, p) and the state after the slice's last token."""
-        if initial_state is not None:
-            raise ValueError("a context-parallel scan starts from the previous rank's state, not a given one")
-        y, final = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, seq_idx=seq_idx)  # from a zero state
-        return self.add_entering_state(y, final, dt, A, C)
 
     def add_entering_state(
         self, y: torch.Tensor, final: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, C: torch.Tensor

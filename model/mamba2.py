@@ -219,17 +219,21 @@ class Mamba2Mixer(Mixer):
         xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
         A = self._decay_rates()
-        y, final = (cp.ssd_chunked if cp is not None else ssd_chunked)(
+        dt = discretize_dt(dt, self.dt_bias, self.dt_limit)
+        C = C.reshape(b, l, self.n_groups, self.d_state)
+        y, final = ssd_chunked(
             x.reshape(b, l, self.n_heads, self.headdim),
-            discretize_dt(dt, self.dt_bias, self.dt_limit),
+            dt,
             A,
             B.reshape(b, l, self.n_groups, self.d_state),
-            C.reshape(b, l, self.n_groups, self.d_state),
+            C,
             self.chunk_size,
             D=self.D,
             initial_state=state.ssm if state is not None and state.filled else None,
             seq_idx=seq_idx,
         )
+        if cp is not None:
+            y, final = cp.add_entering_state(y, final, dt, A, C)
         if state is not None:
             state.ssm.copy_(final)
             state.filled = True
