@@ -27,18 +27,18 @@ Documents: `seq_idx` is all-gathered once per forward (integers, no gradient) so
 the document of every token of the row, and RoPE positions are positions in the document over the whole
 row (`ContextSlice.positions`), not in the rank's slice.
 
-Gradients: `gather_slices` is an autograd function whose backward sums, over the group, the gradient that
+Gradients: `ContextParallel.gather` is an autograd function whose backward sums, over the group, the gradient that
 every rank's outputs put on each rank's slice (reduce-scatter on NCCL; gloo has none: all-reduce, then the
 rank's own part). Every rank uses what it gathered (rank 0 too, with a zero weight where nothing reaches
-it), so that every rank runs each backward collective, in the same order: autograd on one device runs
-the nodes in decreasing creation order, and every rank creates its collectives in the same order.
+it), so that every rank runs each backward collective, in the same order: autograd runs one device's
+ready nodes in decreasing creation order, and every rank creates its collectives in the same order.
 The parameters' gradients of one rank are its slice's share; summing them over the group gives the
 whole sequence's gradient (train/context_parallel.py hands DeepSpeed the group as its sequence-parallel
 group, which sums over it).
 
-Paths: the Mamba2 scan runs on the mixer's path (model/ssd.py's reference, or mamba_ssm's chunk scan kernel
-with `enter_state` added after it); the Mamba2 conv (it reads the previous rank's inputs) and the attention
-(masked SDPA over the gathered keys) run in PyTorch on both.
+Paths: the Mamba2 scan runs on the mixer's path (model/ssd.py's reference, or mamba_ssm's chunk scan kernel),
+from a zero state, and `ContextSlice.add_entering_state` adds the rest; the Mamba2 conv (it reads the
+previous rank's inputs) and the attention (masked SDPA over the gathered keys) run in PyTorch on both.
 """
 
 from __future__ import annotations
