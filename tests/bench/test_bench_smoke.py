@@ -62,7 +62,6 @@ def test_block_types_smoke(monkeypatch, tmp_path):
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in speed.values())
 
 
-@pytest.mark.slow
 def test_context_parallel_overhead_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, context_parallel_overhead, ["--smoke", "--out", str(tmp_path)])
     rows = _load(tmp_path / "context_parallel_overhead_smoke.json")["rows"]

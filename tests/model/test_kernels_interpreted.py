@@ -158,7 +158,6 @@ def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
     assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dt_limit", DT_LIMITS)
 def test_slice_scans_continued_from_the_entering_state(interpreted_kernels, dt_limit: tuple[float, float]) -> None:
     """Context parallelism on the kernel path (model/context_parallel.py `enter_state`): mamba_ssm's chunk scan
