@@ -49,7 +49,29 @@ class RunConfig(StrictModel):
         if unknown:
             raise ValueError(f"train.checkpoint_block_types names {''.join(sorted(unknown))}, not in the model's "
                              f"pattern {self.model.layer_pattern}: use letters of the pattern")
+        if self.train.context_parallel > 1:
+            context_parallel_problem(self)
         return self
+
+
+def context_parallel_problem(cfg: "RunConfig") -> None:
+    """ValueError naming the keys when train.context_parallel > 1 cannot split this run's sequences."""
+    from model.mixers import block_type
+
+    cp, m, t = cfg.train.context_parallel, cfg.model, cfg.train
+    if t.seq_len % (cp * m.mamba.chunk_size) or t.seq_len // cp < m.mamba.d_conv - 1:
+        raise ValueError(f"train.context_parallel={cp} needs train.seq_len ({t.seq_len}) to be a multiple of "
+                         f"context_parallel x model.mamba.chunk_size ({cp} x {m.mamba.chunk_size}), with at least "
+                         f"model.mamba.d_conv - 1 tokens per rank: change "
+                         "train.seq_len or train.context_parallel")
+    unsplit = sorted({k for k in m.layer_pattern if not block_type(k).context_parallel})
+    if unsplit:
+        names = ", ".join(f"{k} ({block_type(k).name})" for k in unsplit)
+        raise ValueError(f"train.context_parallel={cp}: model.pattern has block types that cannot run on a slice of a "
+                         f"sequence: {names}; use M, A and G layers, or set train.context_parallel=1")
+    if t.cuda_graph:
+        raise ValueError("train.context_parallel > 1 with train.cuda_graph is not supported (the exchange between "
+                         "ranks is not captured): set one of them off")
 
 
 # Settings that choose where files are written or whether code runs. A run_config.yaml inside a

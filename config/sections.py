@@ -156,6 +156,17 @@ class TrainConfig(SectionModel):
         "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
         "micro-batch runs eagerly).",
     )
+    context_parallel: int = Field(
+        1, ge=1,
+        description="Ranks each sequence is split over (context parallelism, model/context_parallel.py): a group of "
+        "this many consecutive ranks holds seq_len / context_parallel consecutive tokens of every sequence each; "
+        "Mamba2 layers pass their conv and SSM state from rank to rank and attention all-gathers keys and values, "
+        "so the loss and gradients are those of whole sequences. Must divide the world size (data-parallel "
+        "world = world size / context_parallel); seq_len must be a multiple of context_parallel x "
+        "model.mamba.chunk_size; block types M, A and G; the Mamba2 conv and the attention run in PyTorch; "
+        "not with cuda_graph. "
+        "1: off.",
+    )
     grad_fold: Literal["fused_wgrad", "copy_free", "deepspeed"] = Field(
         "fused_wgrad",
         description="How ZeRO-1's bf16 optimizer (bf16.immediate_grad_update, ds_configs/zero1.json) adds each "

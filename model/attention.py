@@ -65,6 +65,7 @@ class Attention(Mixer):
     hf_layer_type = "attention"
     pathway = "attention"
     onnx = True
+    context_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
@@ -113,6 +114,8 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, ctx: MixerContext, state: KVState | None = None) -> torch.Tensor:
         """x: (b, l, d); ctx: RoPE tables, packed documents (training/prefill), real-key mask over all
         cached keys; state: KV cache, appended in place."""
+        if ctx.cp is not None:  # one slice of a context-parallel row (model/context_parallel.py)
+            return ctx.cp.attention(self, x, ctx.rope)
         return self.attend(x, ctx.rope, ctx.docs, state, ctx.key_valid)
 
     def attend(

@@ -15,6 +15,10 @@ boundaries are worked out once per forward (`DocumentLayout`) and shared by all 
 
 With `model.bridges`, some blocks' mixers also receive a gated projection of an earlier block's mixer
 output at the same positions (model/bridges.py says which and why).
+
+Context parallelism: with `context_parallel` set (a `ContextParallel` group, by train/), input_ids are this
+rank's slice of every row, and `seq_idx` / `position_ids` the slice's part of the whole rows' (model/
+context_parallel.py has the mixers' math across ranks).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch.nn as nn
 from model.bridges import Bridges
 from model.cache import HybridCache
 from model.config import ModelConfig
+from model.context_parallel import ContextParallel
 from model.documents import DocumentLayout, positions_from_seq_idx
 from model.kernels import kernel_report, resolve_impl
 from model.layers import ResidualRMSNorm, RotaryEmbedding, init_linear, residual_std
@@ -84,6 +89,7 @@ class HybridLM(nn.Module):
         self.final_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.attention.rope_theta, cfg.attention.rope_scaling)
+        self.context_parallel: ContextParallel | None = None  # set by train/context_parallel.py
         nn.init.normal_(self.embed.weight, std=cfg.resolved_init_std)
         if self.lm_head is not None:
             init_linear(self.lm_head, cfg.resolved_init_std)
@@ -139,15 +145,22 @@ class HybridLM(nn.Module):
         docs = seq_idx
         if isinstance(seq_idx, torch.Tensor):
             docs = DocumentLayout.build(seq_idx, h.device, boundaries=kernels)
-        if position_ids is None:
+        cp = None
+        if self.context_parallel is not None:  # input_ids: this rank's slice of each row
             if cache is not None:
+                raise ValueError("decoding is not context-parallel: clear model.context_parallel first")
+            cp = self.context_parallel.split(seq_idx, l, h.device)
+        if position_ids is None:
+            if cp is not None:
+                position_ids = cp.positions(b, input_ids.device)
+            elif cache is not None:
                 position_ids = cache.next_pos.unsqueeze(1) + torch.arange(l, device=input_ids.device)
             elif docs is not None:
                 position_ids = positions_from_seq_idx(docs.seq_idx)
             else:  # also rows that are single documents
                 position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         ctx = MixerContext(rope=self.rope(position_ids, h.dtype), positions=position_ids, docs=docs,
-                           key_valid=cache.attention_keys(l) if cache is not None else None)
+                           key_valid=cache.attention_keys(l) if cache is not None else None, cp=cp)
         residual = None
         kept: dict[int, torch.Tensor] = {}  # mixer outputs that bridges carry to later layers
         for i, layer in enumerate(self.layers):

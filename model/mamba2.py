@@ -25,6 +25,7 @@ path then takes the unfused kernels (the fused one computes B and C inside itsel
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -38,6 +39,9 @@ from model.mixers.base import Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 from model.state_compression import StateCompression
 from model.wgrad import Linear
+
+if TYPE_CHECKING:
+    from model.context_parallel import ContextSlice
 
 
 class GatedRMSNorm(nn.Module):
@@ -87,6 +91,7 @@ class Mamba2Mixer(Mixer):
     pathway = "ssm"
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
+    context_parallel = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)
@@ -204,6 +209,9 @@ class Mamba2Mixer(Mixer):
         """u: (b, l, d); ctx: the batch's documents (ctx.seq_idx (b, l)); state: decoding state, updated
         in place (a one-token forward with a filled state is the decode step)."""
         seq_idx = ctx.seq_idx if ctx is not None else None
+        if ctx is not None and ctx.cp is not None:  # one slice of a context-parallel row (model/context_parallel.py)
+            path = self._forward_kernels if self.impl == "kernels" else self._forward_reference
+            return path(u, ctx.cp.seq_idx, None, ctx.cp)
         if state is not None and state.filled and u.size(1) == 1:
             return self._step(u, state)
         if self.impl == "kernels":
@@ -211,21 +219,27 @@ class Mamba2Mixer(Mixer):
         return self._forward_reference(u, seq_idx, state)
 
     def _forward_reference(
-        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None,
+        cp: ContextSlice | None = None,
     ) -> torch.Tensor:
+        """cp: this rank's slice of a context-parallel row: the conv prefix and the scan's entering state
+        come from the previous ranks (no decoding state then)."""
         b, l, _ = u.shape
         z, xbc, dt = self._split(self.in_proj(u))  # (b, l, e), (b, l, c), (b, l, h)
         # A copy: _store_conv_state overwrites state.conv in place before the conv reads the prefix.
         prefix = state.conv[..., 1:].clone() if state is not None and state.filled else None
+        if cp is not None:
+            prefix = cp.conv_prefix(xbc, self.d_conv)
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         xbc = F.silu(causal_conv1d_ref(xbc, self.conv_weight, self.conv1d.bias, prefix, seq_idx))
         x, B, C = self._split_xbc(xbc)
         B, C = self._scan_bc(u, B, C)
         A = self._decay_rates()
+        dt = discretize_dt(dt, self.dt_bias, self.dt_limit)
         y, final = ssd_chunked(
             x.reshape(b, l, self.n_heads, self.headdim),
-            discretize_dt(dt, self.dt_bias, self.dt_limit),
+            dt,
             A,
             B,
             C,
@@ -234,6 +248,8 @@ class Mamba2Mixer(Mixer):
             initial_state=state.ssm if state is not None and state.filled else None,
             seq_idx=seq_idx,
         )
+        if cp is not None:
+            y, final = cp.add_entering_state(y, final, dt, A, C)
         if state is not None:
             state.ssm.copy_(final)
             state.filled = True
@@ -241,8 +257,11 @@ class Mamba2Mixer(Mixer):
         return self.out_proj(y)
 
     def _forward_kernels(
-        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None
+        self, u: torch.Tensor, seq_idx: torch.Tensor | None, state: MambaState | None,
+        cp: ContextSlice | None = None,
     ) -> torch.Tensor:
+        """cp: as in `_forward_reference`; then the conv runs in PyTorch (it takes the previous rank's inputs)
+        and the chunk scan's zero-state result gets the entering state's part added."""
         ops = mamba_ops()
         # causal_conv1d's backward adds weight gradients with atomics: a reproducible backward runs the conv
         # in PyTorch (F.conv1d under cuDNN's deterministic algorithms) and the unfused SSD scan
@@ -252,7 +271,8 @@ class Mamba2Mixer(Mixer):
         sid = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
         A = self._decay_rates()
         continuing = state is not None and state.filled
-        fused = cops is not None and self.compress is None  # the fused kernels compute B and C themselves
+        # the fused kernels compute B and C themselves and read the conv from zxbcdt alone
+        fused = cops is not None and self.compress is None and cp is None
         if fused and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
             return ops.split_conv1d_scan_saved(
                 zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, self.D, chunk_size=self.chunk_size,
@@ -277,6 +297,8 @@ class Mamba2Mixer(Mixer):
             return out
         z, xbc, dt = self._split(zxbcdt)
         prefix = state.conv[..., 1:].clone() if continuing else None  # copy: overwritten just below
+        if cp is not None:
+            prefix = cp.conv_prefix(xbc, self.d_conv)
         if state is not None:
             self._store_conv_state(state, xbc, seq_idx)
         if cops is not None and prefix is None:
@@ -290,9 +312,11 @@ class Mamba2Mixer(Mixer):
             x.reshape(b, l, self.n_heads, self.headdim), dt, A, B, C,
             chunk_size=self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True, seq_idx=sid,
             dt_limit=self.dt_limit, initial_states=state.ssm if continuing else None,
-            return_final_states=state is not None,
+            return_final_states=state is not None or cp is not None,
         )
-        if state is not None:
+        if cp is not None:
+            y, _ = cp.add_entering_state(*y, discretize_dt(dt, self.dt_bias, self.dt_limit), A, C)
+        elif state is not None:
             y, final = y
             state.ssm.copy_(final)
             state.filled = True

@@ -1,6 +1,8 @@
 """The pretraining loop: data, model and DeepSpeed engine; train, evaluate, checkpoint, export.
 
-One optimizer step (G = sequences per step, W ranks, A = G / (W x micro_batch) accumulation steps):
+One optimizer step (G = sequences per step, W data-parallel ranks, A = G / (W x micro_batch) accumulation
+steps; with train.context_parallel = C, W is the number of replicas, world size / C, and each of a
+replica's C ranks holds a slice of every sequence: train/context_parallel.py):
   1. every rank takes its A micro-batches of the step (train/data.py: the order does not depend on W);
   2. one all_reduce gives N, the number of scored targets of the whole step;
   3. each micro-batch's summed NLL goes to `engine.backward` scaled by W * A / N: DeepSpeed divides
@@ -49,6 +51,12 @@ from train.consolidate import (
     gather_fp32_state_dict,
     state_dict_from_checkpoint,
     write_bundle,
+)
+from train.context_parallel import (
+    ContextLayout,
+    context_layout,
+    init_groups,
+    slice_batch,
 )
 from train.data import TrainData
 from train.distributed import DistEnv, StopSignal, barrier, init_distributed
@@ -121,7 +129,8 @@ def prepare_zero3(model: HybridLM) -> None:
     deepspeed.zero.register_external_parameter(model, model.head_weight)
 
 
-def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
+def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict, mpu: Any = None) -> Any:
+    """mpu: DeepSpeed's sequence-parallel groups under context parallelism (train/context_parallel.py)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -130,7 +139,7 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict) -> Any:
     schedule = lr_multiplier(cfg.train)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, schedule), mpu=mpu,
     )
     fold = install_fold(engine, cfg.train.grad_fold)
     if fold != "deepspeed":
@@ -205,6 +214,7 @@ class Trainer:
         if t.precision == "fp8":  # before any data check or model: one line on a machine without float8
             check_fp8_device(self.env.device)
             check_fp8_zero_stage(stage)
+        self.cp: ContextLayout = context_layout(self.env.rank, self.env.world_size, t.context_parallel)
         if cfg.data.verify == "sha256":
             if self.env.local_rank == 0:
                 self.manifest.verify(checksums=True)
@@ -212,7 +222,7 @@ class Trainer:
         self.stop = StopSignal()
         self.out = Path(t.output_dir)
         self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
-        self.accumulation = accumulation_steps(t, self.env.world_size)
+        self.accumulation = accumulation_steps(t, self.cp.replicas)
         self.lock = RunLock(self.out)
         if not dry_run:
             self._take_lock()
@@ -226,7 +236,7 @@ class Trainer:
         universal = resume_dir is not None and self.ckpt.needs_universal(resume_dir, stage)
         if universal:
             self.ckpt.ensure_universal(resume_dir)
-        self.ds_config = build_ds_config(t, self.env.world_size, self.env.on_cuda, load_universal=universal)
+        self.ds_config = build_ds_config(t, self.cp.replicas, self.env.on_cuda, load_universal=universal)
         if stage == 2 and self.env.world_size == 1 and self.env.on_cuda:
             log.info("one GPU: ZeRO-2 partitions nothing here but still reduces every micro-batch's gradients; "
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
@@ -237,9 +247,15 @@ class Trainer:
                 load_initial_weights(self.model, t.init_from, self.manifest)
             else:
                 log.info("resuming %s: train.init_from applies to a fresh start only", resume_dir)
+        mpu = None
+        if self.cp.size > 1:
+            self.model.context_parallel, mpu = init_groups(self.cp)
+            if self.model.impl == "kernels":
+                log.warning("train.context_parallel=%d: the Mamba2 conv and the attention run in PyTorch (masked "
+                            "SDPA over all gathered keys), not as kernels (model/context_parallel.py)", self.cp.size)
         if t.cuda_graph:
             check_graphable(self.model, self.env.on_cuda, cfg.data.packing == "document", self.ds_config)
-        self.engine = build_engine(self.model, cfg, self.ds_config)  # DeepSpeed casts params, keeps fp32 buffers
+        self.engine = build_engine(self.model, cfg, self.ds_config, mpu)  # DeepSpeed casts params, keeps fp32 buffers
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
@@ -286,7 +302,8 @@ class Trainer:
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
             f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
-            f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step",
+            f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step"
+            + (f", context parallel {self.cp.size} ({self.cp.replicas} replicas)" if self.cp.size > 1 else ""),
             f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}",
             f"start: step {self.state.step}/{t.max_steps}, sample {self.state.consumed_samples}, output {self.out}",
         ])
@@ -301,9 +318,9 @@ class Trainer:
             for i in range(n_forward):  # the same count on every rank (ZeRO-3 gathers collectively)
                 if i >= len(batches):  # this rank holds fewer sequences: a forward pass for the collectives only
                     ids = batches[0]["input_ids"] if batches else torch.zeros(1, self.cfg.train.seq_len, dtype=torch.long)
-                    self.engine(ids.to(self.env.device))
+                    self.engine(self._slice({"input_ids": ids})["input_ids"].to(self.env.device))
                     continue
-                batch = to_device(batches[i], self.env.device)
+                batch = to_device(self._slice(batches[i]), self.env.device)
                 nll = forward_nll(self.engine, batch, self.cfg.train.loss_chunk_tokens).double()
                 scored = (batch["labels"] != IGNORE_INDEX).double()
                 source = batches[i]["source"].to(self.env.device)
@@ -316,6 +333,10 @@ class Trainer:
         per_source = {n: sums[2 + 2 * s] / sums[3 + 2 * s] for s, n in enumerate(names) if sums[3 + 2 * s]}
         return sums[0] / max(sums[1], 1.0), per_source
 
+    def _slice(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's part of a collated batch: its slice of every sequence under context parallelism."""
+        return slice_batch(batch, self.cp.rank, self.cp.size) if self.cp.size > 1 else batch
+
     # ---- training ----------------------------------------------------------------------------------
     def step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[float, bool, list[int]]:
         """One optimizer step over this rank's micro-batches (steps 2-4 of the module doc).
@@ -323,7 +344,7 @@ class Trainer:
         env = self.env
         scored = sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double().reshape(1)
         n_scored = max(float(all_reduce_sum(scored).item()), 1.0)
-        scale = env.world_size * self.accumulation / n_scored
+        scale = self.cp.replicas * self.accumulation / n_scored  # DeepSpeed averages over the replicas
         nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
         if self.cfg.train.cuda_graph:
             if self.graph is None:
@@ -347,10 +368,10 @@ class Trainer:
         t, env, state = self.cfg.train, self.env, self.state
         per_step = t.global_batch_sequences
         loader = self.data.train_loader(state.consumed_samples, t.max_steps - state.step, per_step,
-                                        env.rank, env.world_size, t.micro_batch_size, pin_memory=env.on_cuda)
+                                        self.cp.replica, self.cp.replicas, t.micro_batch_size, pin_memory=env.on_cuda)
         eval_set = None
         if t.eval_every:
-            eval_set = self.data.eval_batches(t.eval_sequences, env.rank, env.world_size, t.micro_batch_size)
+            eval_set = self.data.eval_batches(t.eval_sequences, self.cp.replica, self.cp.replicas, t.micro_batch_size)
             if self.data.validation.skipped:
                 log.warning("validation sources with no window of %d tokens, left out: %s",
                             t.seq_len + 1, ", ".join(self.data.validation.skipped))
@@ -365,7 +386,7 @@ class Trainer:
             while state.step < t.max_steps:
                 start = time.perf_counter()
                 lr = float(self.engine.get_lr()[0])
-                loss, stopping, bad_ranks = self.step([to_device(next(batches), env.device)
+                loss, stopping, bad_ranks = self.step([to_device(self._slice(next(batches)), env.device)
                                                        for _ in range(self.accumulation)])
                 state.step += 1
                 state.consumed_samples += per_step

@@ -13,7 +13,8 @@ A mixer class carries, beside its forward:
     `model.bridges` (model/bridges.py);
   - how it exports: `hf_layer_type` (the transformers Bamba layer type, or None: no transformers class
     expresses it), `onnx` (whether export/onnx_export.py can trace its prefill and decode);
-  - training hooks: `cuda_graphs` (whether its training forward has fixed shapes, so that
+  - training hooks: `context_parallel` (whether its forward handles `ctx.cp`, one rank's slice of a row
+    split over a group of ranks: model/context_parallel.py), `cuda_graphs` (whether its training forward has fixed shapes, so that
     train.cuda_graph can capture it), `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel path reads their
     weights outside their own forward), `unquantized_linears` (Linears whose `.weight` a fused kernel reads
     directly, which quantization must leave as plain Linears), `statistics()` (what the last forward
@@ -30,6 +31,7 @@ import torch.nn as nn
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
+    from model.context_parallel import ContextSlice
     from model.documents import DocumentLayout
 
 
@@ -39,7 +41,8 @@ class MixerContext:
 
     rope: (cos, sin), each (b, l, head_dim), at the tokens' positions; positions: (b, l) long;
     docs: packed-document boundaries (training / prefill), None for plain rows;
-    key_valid: (b, t) real (non-padding) keys over everything cached, None when no row is padded.
+    key_valid: (b, t) real (non-padding) keys over everything cached, None when no row is padded;
+    cp: this rank's slice of a context-parallel row (model/context_parallel.py), None otherwise.
     The model fills every field; a mixer run alone (tests, benches) gets only what it reads.
     """
 
@@ -47,6 +50,7 @@ class MixerContext:
     positions: torch.Tensor | None = None
     docs: "DocumentLayout | None" = None
     key_valid: torch.Tensor | None = None
+    cp: "ContextSlice | None" = None
 
     @property
     def seq_idx(self) -> torch.Tensor | None:
@@ -89,6 +93,7 @@ class Mixer(nn.Module):
     onnx: ClassVar[bool] = False
     unquantized_linears: ClassVar[tuple[str, ...]] = ()
     cuda_graphs: ClassVar[bool] = True  # False: data-dependent shapes, no captured training step
+    context_parallel: ClassVar[bool] = False  # True: its forward runs on a slice of a row (ctx.cp)
 
     def __init__(self, cfg: "ModelConfig", layer_idx: int) -> None:
         super().__init__()

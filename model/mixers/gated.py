@@ -59,6 +59,7 @@ class GatedMemoryMixer(Mixer):
                    "optional learned memory bank (`gated.slots`) read through the gate")
     design = "adaptive-hybrid-ssm (gated SSM/attention blend with an external memory bank)"
     unquantized_linears = ("ssm.out_proj",)
+    context_parallel = True  # its Mamba2 and attention paths split as M and A do
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench import block_costs, block_types, fwd_bwd_throughput, kernel_parity, packing_throughput, profile_step
+from bench import (
+    block_costs,
+    block_types,
+    context_parallel_overhead,
+    fwd_bwd_throughput,
+    kernel_parity,
+    packing_throughput,
+    profile_step,
+)
 
 
 def _run(monkeypatch: pytest.MonkeyPatch, module, args: list[str]) -> None:
@@ -52,6 +60,15 @@ def test_block_types_smoke(monkeypatch, tmp_path):
     speed = {r["pattern"]: r for r in rows if r["part"] == "speed"}
     assert set(speed) == {"MAMMAM", "MRMMRM", "MGMMGM", "MHMMHM"}
     assert all(r["tokens_per_s"] > 0 and math.isfinite(r["mfu"]) for r in speed.values())
+
+
+def test_context_parallel_overhead_smoke(monkeypatch, tmp_path):
+    _run(monkeypatch, context_parallel_overhead, ["--smoke", "--out", str(tmp_path)])
+    rows = _load(tmp_path / "context_parallel_overhead_smoke.json")["rows"]
+    assert [r["case"] for r in rows] == ["plain", "context parallel 1"] * 2
+    split = [r for r in rows if r["case"] == "context parallel 1"]
+    assert all(r["loss_rel_err"] < 1e-6 and r["vs_plain"] > 0 for r in split)  # float32: the same model
+    assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):

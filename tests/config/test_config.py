@@ -121,6 +121,10 @@ def test_preset_merges_with_overrides() -> None:
      "train.cuda_graph", "activation_checkpointing"),
     (["train.checkpoint_block_types=R"], "train.checkpoint_block_types", "not in the model's pattern"),
     (["train.activation_checkpointing=selective"], "train.activation_checkpointing", "'selective'"),
+    (["train.context_parallel=3"], "train.context_parallel", "multiple of context_parallel x model.mamba.chunk_size"),
+    (["train.context_parallel=2", "model.pattern=MRMA", "model.n_layers=4"], "train.context_parallel", "R (routed)"),
+    (["train.context_parallel=2", "train.cuda_graph=true", "data.packing=continuous"], "train.cuda_graph",
+     "train.context_parallel"),
 ])
 def test_bad_values_name_the_key(overrides: list[str], key: str, fragment: str) -> None:
     msg = _error(overrides)

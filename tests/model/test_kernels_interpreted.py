@@ -166,6 +166,74 @@ def test_prefill_in_two_parts_continues_the_state(interpreted_kernels) -> None:
     assert _rel(state.ssm, ref_state.ssm) < TOL and torch.equal(state.conv, ref_state.conv)
 
 
+@pytest.mark.parametrize("dt_limit", DT_LIMITS)
+def test_slice_scans_continued_from_the_entering_state(interpreted_kernels, dt_limit: tuple[float, float]) -> None:
+    """Context parallelism on the kernel path (model/context_parallel.py `enter_state`): mamba_ssm's chunk scan
+    over each half of the rows from a zero state, the second half continued from the first half's final state,
+    gives the float64 reference scan of the whole rows: outputs, and gradients (through the kernel's final
+    state too). Row 0's second document runs across the halves; row 1's begins exactly where the second half
+    does (nothing enters)."""
+    from model.context_parallel import enter_state
+    from model.ssd import discretize_dt, ssd_chunked
+
+    gen = torch.Generator().manual_seed(3)
+    b, length, h, p, g, n, half = 2, 32, 4, 8, 2, 8, 16
+    x, B, C = (torch.randn(*shape, generator=gen) for shape in ((b, length, h, p), (b, length, g, n), (b, length, g, n)))
+    dt = torch.randn(b, length, h, generator=gen) - 1
+    dt_bias, D = 0.3 * torch.randn(h, generator=gen), torch.randn(h, generator=gen)
+    A = -0.5 - torch.rand(h, generator=gen)
+    seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 16 + [1] * 16])
+    leaves = [t.requires_grad_() for t in (x, dt, B, C)]
+    weight = torch.randn(b, length, h, p, generator=gen)
+    want, _ = ssd_chunked(x.double(), discretize_dt(dt.double(), dt_bias.double(), dt_limit), A.double(),
+                          B.double(), C.double(), half, D=D.double(), seq_idx=seq_idx)
+    want_grads = torch.autograd.grad((want * weight.double()).sum(), leaves)
+    ys, entering = [], None
+    for part in (slice(0, half), slice(half, length)):
+        y, final = interpreted_kernels.chunk_scan(
+            x[:, part], dt[:, part], A, B[:, part], C[:, part], chunk_size=half, D=D, dt_bias=dt_bias,
+            dt_softplus=True, seq_idx=seq_idx[:, part].to(torch.int32).contiguous(), dt_limit=dt_limit,
+            return_final_states=True)
+        if entering is not None:
+            log_decay = torch.cumsum(discretize_dt(dt[:, part], dt_bias, dt_limit) * A, dim=1)
+            y, final = enter_state(y, final, entering, log_decay, C[:, part], seq_idx[:, part])
+        ys.append(y)
+        entering = final * (seq_idx[:, half] == seq_idx[:, half - 1]).float().view(b, 1, 1, 1)
+    got = torch.cat(ys, dim=1)
+    got_grads = torch.autograd.grad((got * weight).sum(), leaves)
+    assert _rel(got.detach(), want.detach().float()) < TOL
+    for name, g1, g2 in zip(("x", "dt", "B", "C"), got_grads, want_grads):
+        assert _rel(g1, g2.float()) < TOL, name
+
+
+@pytest.mark.slow
+def test_context_parallel_kernel_path_on_one_rank(interpreted_kernels, tmp_path: Path) -> None:
+    """The kernel path through model/context_parallel.py with a one-rank group (each slice's forward under
+    train.context_parallel on a GPU: the Mamba2 chunk scan kernel, its conv in PyTorch): logits and every
+    gradient equal the reference path's without context parallelism, packed documents."""
+    import torch.distributed as dist
+
+    from model.context_parallel import ContextParallel
+
+    model = _model()
+    ids = torch.randint(0, 61, (2, 32))
+    seq_idx = torch.tensor([[0] * 10 + [1] * 22, [0] * 32])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    results = {}
+    try:
+        for impl, cp in (("reference", None), ("kernels", ContextParallel(dist.group.WORLD, 0, 1))):
+            _use(model, impl)
+            model.context_parallel = cp
+            model.zero_grad(set_to_none=True)
+            logits = model(ids, seq_idx=seq_idx)
+            logits.pow(2).mean().backward()
+            results[impl] = [("logits", logits.detach())] + [(n, p.grad.clone()) for n, p in model.named_parameters()]
+    finally:
+        dist.destroy_process_group()
+    for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
+        assert _rel(got, want) < TOL, name
+
+
 @pytest.mark.parametrize(("dt_limit", "static", "over"), [
     *[(dt_limit, static, {}) for dt_limit in DT_LIMITS for static in (False, True)],
     pytest.param(DT_LIMITS[1], True, OPTIONS, marks=pytest.mark.slow)])
