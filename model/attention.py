@@ -64,6 +64,7 @@ class Attention(Mixer):
     design = "Transformer attention layers placed strategically (MAMBA_SLM, HYDRA)"
     hf_layer_type = "attention"
     onnx = True
+    adapter_targets = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

@@ -81,6 +81,7 @@ class Mamba2Mixer(Mixer):
     hf_layer_type = "mamba"
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
+    adapter_targets = {"mamba_in": ("in_proj",), "mamba_out": ("out_proj",)}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

@@ -11,11 +11,13 @@ A mixer class carries, beside its forward:
     the non-GEMM forward FLOPs per token (`core_flops`), which model/sizing.py sums for MFU;
   - how it exports: `hf_layer_type` (the transformers Bamba layer type, or None: no transformers class
     expresses it), `onnx` (whether export/onnx_export.py can trace its prefill and decode);
-  - training hooks: `cuda_graphs` (whether its training forward has fixed shapes, so that
-    train.cuda_graph can capture it), `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel path reads their
-    weights outside their own forward), `unquantized_linears` (Linears whose `.weight` a fused kernel reads
-    directly, which quantization must leave as plain Linears), `statistics()` (what the last forward
-    measured, logged by the trainer).
+  - training hooks: `adapter_targets` (its own Linears under the kind names a fine-tuning config uses,
+    e.g. {"attention": ("q_proj", ...)}; a mixer built of other mixers names none: theirs are found),
+    `cuda_graphs` (whether its training forward has fixed shapes, so that train.cuda_graph can capture it),
+    `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel path reads their weights outside their own forward),
+    `unquantized_linears` (Linears whose `.weight` a fused kernel reads directly, which quantization must leave
+    as plain Linears and LoRA must not target there), `statistics()` (what the last forward measured, logged by
+    the trainer).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Mixer(nn.Module):
     hf_layer_type: ClassVar[str | None] = None
     onnx: ClassVar[bool] = False
     unquantized_linears: ClassVar[tuple[str, ...]] = ()
+    adapter_targets: ClassVar[dict[str, tuple[str, ...]]] = {}  # kind -> its Linears (train/lora.py)
     cuda_graphs: ClassVar[bool] = True  # False: data-dependent shapes, no captured training step
 
     def __init__(self, cfg: "ModelConfig", layer_idx: int) -> None:
