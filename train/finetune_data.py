@@ -207,8 +207,10 @@ class FinetuneData:
     def train_loader(self, first_sample: int, n_steps: int, per_step: int, rank: int, world: int,
                      micro_batch: int, pin_memory: bool = False) -> DataLoader:
         sampler = RankBatches(first_sample, n_steps, per_step, rank, world, micro_batch)
+        # its own generator: a DataLoader iterator otherwise draws its seed from torch's global RNG, which a
+        # resumed run would then use differently from the run it continues (LoRA dropout masks)
         return DataLoader(self.train, batch_sampler=sampler, collate_fn=self._collate(), num_workers=self.num_workers,
-                          pin_memory=pin_memory,
+                          pin_memory=pin_memory, generator=torch.Generator().manual_seed(first_sample),
                           worker_init_fn=shield_worker_from_termination if self.num_workers else None)
 
     def eval_batches(self, n_sequences: int, rank: int, world: int, micro_batch: int) -> tuple[list[dict], int]:

@@ -188,3 +188,44 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_bundle_dir: Path, tmp_path: Pa
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "d.jsonl:2: the record has neither" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- one launched run: LoRA under DeepSpeed, checkpoints and resume ----------------------------------------
+def launch(checkpoint: Path, data: Path, out: Path, resume: str) -> Path:
+    """`deepspeed --num_gpus 2 launch/finetune.py` (two gloo processes): 4 LoRA steps, checkpoints at 2 and 4."""
+    from bench.scale_runs import deepspeed_cmd
+
+    sets = ["train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128", "train.max_steps=4",
+            "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-2", "train.eval_every=2",
+            "train.eval_sequences=4", "train.save_every=2", "train.log_every=1", "train.precision=fp32",
+            "train.wandb.mode=disabled", "finetune.val_fraction=0.2", "finetune.lora.dropout=0.1",
+            "finetune.lora.targets=[attention,mamba_in,mamba_out,mlp]"]
+    cmd = deepspeed_cmd(2, "finetune_tiny", sets, resume, out)
+    cmd[cmd.index(str(REPO / "launch" / "pretrain.py"))] = str(FINETUNE)
+    cmd += ["--checkpoint", str(checkpoint), "--data", str(data)]
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+@pytest.mark.slow
+def test_launched_lora_run_checkpoints_adapters_and_resumes(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", qa_records(24))
+    first = launch(tiny_bundle_dir, data, tmp_path / "a", "auto")
+    for folder in (first / "checkpoints" / "step_00000002" / "adapter", first / "final"):
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+    m = read_metrics(first)
+    assert sorted(s for s in m if "loss" in m[s]) == [1, 2, 3, 4] and "val_loss" in m[4]
+    # resumed from step 2 (dropout on: the RNG state is restored too): the same steps 3 and 4
+    second = launch(tiny_bundle_dir, data, tmp_path / "b", str(first / "checkpoints" / "step_00000002"))
+    again = read_metrics(second)
+    assert sorted(again) == [3, 4]
+    for step in (3, 4):
+        assert again[step]["loss"] == pytest.approx(m[step]["loss"], rel=1e-5), step
+    # the merged result differs from the base only in the adapted Linears
+    merged = load_bundle(merge_adapter(first / "final", tmp_path / "merged")).model.state_dict()
+    base = load_bundle(tiny_bundle_dir).model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    adapted = {f"{n}.weight" for n in target_modules(load_weights(tiny_bundle_dir), ["attention", "mamba_in",
+                                                                                     "mamba_out", "mlp"])}
+    assert changed and changed <= adapted
