@@ -59,6 +59,9 @@ class FinetuneTrainer(Trainer):
                  tokenizer: str | None = None) -> None:
         if cfg.train.init_from is None:
             raise ConfigError("train.init_from is not set: pass --checkpoint CKPT")
+        if cfg.finetune.method == "lora" and cfg.train.cuda_graph:
+            raise ConfigError("train.cuda_graph with finetune.method=lora is not supported (peft's wrapped Linears were "
+                              "never captured): set train.cuda_graph=false")
         self.checkpoint = Path(cfg.train.init_from)
         self.tokenizer_json = checkpoint_tokenizer(self.checkpoint, tokenizer)
         super().__init__(cfg, resume, dry_run, force)
