@@ -27,7 +27,13 @@ from train.consolidate import gather_fp32_state_dict, write_bundle
 from train.distributed import barrier
 from train.finetune_data import FinetuneData
 from train.init_from import tokenizer_vocab
-from train.lora import adapter_base, apply_lora, merged_model, save_adapter, trainable_fraction
+from train.lora import (
+    adapter_base,
+    apply_lora,
+    merged_model,
+    save_adapter,
+    trainable_fraction,
+)
 from train.metrics import MetricsLogger
 from train.provenance import provenance
 from train.trainer import Trainer
