@@ -12,7 +12,6 @@ metrics.jsonl and the eval loss are the Trainer's):
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from train.metrics import MetricsLogger
 from train.provenance import provenance
 from train.trainer import Trainer
 
-log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # in each step checkpoint of a LoRA run
 
 
