@@ -90,7 +90,7 @@ class FinetuneTrainer(Trainer):
     def describe_data(self) -> str:
         trainable, total = trainable_fraction(self.model)
         return (f"{self.data.describe()}\nfine-tuning {self.checkpoint}: {self.cfg.finetune.method}, "
-                f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trained ({100 * trainable / total:.2f}%)")
+                f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained ({100 * trainable / total:.2f}%)")
 
     def tokenizer_dir(self) -> Path:
         return self.checkpoint

@@ -190,6 +190,22 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_bundle_dir: Path, tmp_path: Pa
     assert "d.jsonl:2: the record has neither" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
+def test_full_finetuning_exports_a_bundle_with_every_tensor_trained(tiny_bundle_dir: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", qa_records(12))
+    sets = ["finetune.method=full", "train.seq_len=32", "train.micro_batch_size=4", "train.global_batch_tokens=128",
+            "train.max_steps=2", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0",
+            f"train.output_dir={tmp_path / 'out'}", "train.wandb.mode=disabled", "finetune.val_fraction=0"]
+    proc = subprocess.run([sys.executable, str(FINETUNE), "--checkpoint", str(tiny_bundle_dir), "--data", str(data),
+                           *[a for s in sets for a in ("--set", s)]],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = load_bundle(tmp_path / "out" / "final")  # eval, export and generate read it as a pretrained one
+    base = load_bundle(tiny_bundle_dir).model.state_dict()
+    assert all(not torch.equal(t, base[k]) for k, t in tuned.model.state_dict().items())
+    assert tuned.tokenizer.get_vocab() == load_bundle(tiny_bundle_dir).tokenizer.get_vocab()
+
+
 # ---- one launched run: LoRA under DeepSpeed, checkpoints and resume ----------------------------------------
 def launch(checkpoint: Path, data: Path, out: Path, resume: str) -> Path:
     """`deepspeed --num_gpus 2 launch/finetune.py` (two gloo processes): 4 LoRA steps, checkpoints at 2 and 4."""
