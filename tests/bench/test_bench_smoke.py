@@ -231,3 +231,14 @@ def test_wgrad_accumulate_smoke(tmp_path):
     for r in shapes:
         assert r["err_fused"] < 1e-6 < r["err_fold"], r
     assert total["fold_cost_ms"] == pytest.approx(sum(r["count"] * r["fold_cost_ms"] for r in shapes))
+
+
+@pytest.mark.slow
+def test_finetune_lora_vs_full_smoke(monkeypatch, tmp_path):
+    from bench import finetune_lora_vs_full
+
+    _run(monkeypatch, finetune_lora_vs_full, ["--smoke", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in _load(tmp_path / "finetune_lora_vs_full_tiny_smoke.json")["rows"]}
+    assert rows["lora"]["status"] == rows["full"]["status"] == "ok", rows
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == rows["full"]["total_params"]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["peak_mem_gb"] > 0 for r in rows.values())
