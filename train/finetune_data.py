@@ -125,6 +125,7 @@ class ExampleSet(Dataset):
     name: str
     seed: int = 0
     skipped: list[str] = field(default_factory=list)
+    _order: tuple[int, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def source_names(self) -> list[str]:
@@ -134,7 +135,11 @@ class ExampleSet(Dataset):
         return {self.name: n / len(self.examples)}
 
     def order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        """The permutation of the records in `epoch` (the last one kept: samples arrive in order)."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=generator))
+        return self._order[1]
 
     def __len__(self) -> int:
         return len(self.examples)
