@@ -1,4 +1,4 @@
-"""RunConfig: the one typed schema every entrypoint loads (sections model, data, train, eval, export).
+"""RunConfig: the one typed schema every entrypoint loads (sections model, data, train, eval, export, finetune).
 
     cfg = load_run_config("config/runs/tiny.yaml", ["model.n_layers=12", "train.lr=1e-3"])
 
@@ -15,7 +15,7 @@ from pydantic import model_validator
 
 from config.base import StrictModel
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
-from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
+from config.sections import DataConfig, EvalConfig, ExportConfig, FinetuneConfig, TrainConfig
 from model.config import ModelConfig
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
@@ -27,6 +27,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

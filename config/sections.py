@@ -239,6 +239,38 @@ class TrainConfig(SectionModel):
         return self.global_batch_tokens // self.seq_len
 
 
+class LoraConfig(SectionModel):
+    """LoRA adapters (peft) of finetune.method=lora: W x + (alpha / r) B A x on the targeted Linears."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter (A: r x in, B: out x r).")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: the adapter's output is multiplied by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input while training.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["attention", "mamba_in", "mlp"], min_length=1,
+        description="Which Linears get adapters, by kind (train/lora.py asks each block type and the MLP): "
+        "attention (q/k/v/o), mamba_in, mamba_out (Mamba2 in_proj/out_proj), mlp (every MLP Linear). "
+        "mamba_out only on the reference path: the fused scan reads out_proj.weight itself.",
+    )
+
+
+class FinetuneConfig(SectionModel):
+    """Fine-tuning of a checkpoint on JSON-lines records (launch/finetune.py, docs/finetune.md)."""
+
+    method: Literal["full", "lora"] = Field("lora", description="full: every weight trains; lora: only adapters.")
+    lora: LoraConfig = LoraConfig()
+    data: str | None = Field(None, description="JSON-lines file of training records (launch/finetune.py --data).")
+    val_data: str | None = Field(None, description="JSON-lines file of validation records; default: a val_fraction split.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of `data` held out for the eval loss when val_data is not set "
+        "(at least one record when > 0).")
+    text_key: str = Field("text", description="Key of a plain-text record (loss on every token).")
+    prompt_key: str = Field("prompt", description="Key of a record's prompt (no loss on its tokens).")
+    response_key: str = Field("response", description="Key of a record's response (the loss is on its tokens and EOS).")
+    bos: bool = Field(
+        False, description="Prepend <s> to every record. Pretraining's documents carry no BOS (docs/data_contract.md: "
+        "a document is its tokens then </s>), so the default matches what the checkpoint saw.")
+
+
 class EvalConfig(SectionModel):
     """Evaluation with eval/run.py: lm-evaluation-harness benchmarks and validation perplexity."""
 

@@ -3,10 +3,11 @@
     hybrid-lm curate   = python pipeline/curate.py      hybrid-lm export   = python launch/export.py
     hybrid-lm pretrain = python launch/pretrain.py      hybrid-lm generate = python launch/generate.py
     hybrid-lm eval     = python eval/run.py             hybrid-lm list     = python -m model list
+    hybrid-lm finetune = python launch/finetune.py
 
 ARGS go to that entrypoint's `main` unchanged, so each subcommand has the same flags, help, output
-and exit codes as the script. `hybrid-lm pretrain` is a world of one process; for several, launch
-the script as usual (`deepspeed --num_gpus 8 launch/pretrain.py ...`).
+and exit codes as the script. `hybrid-lm pretrain` and `hybrid-lm finetune` are a world of one process; for
+several, launch the script as usual (`deepspeed --num_gpus 8 launch/pretrain.py ...`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 SUBCOMMANDS = {  # name -> (module, function, what it does)
     "curate": ("pipeline.curate", "main", "curate a data recipe into token shards + manifest.json"),
     "pretrain": ("launch.pretrain", "main", "pretrain with DeepSpeed (a world of one process)"),
+    "finetune": ("launch.finetune", "main", "fine-tune a checkpoint, full or LoRA (a world of one process)"),
     "eval": ("eval.run", "main", "evaluate a checkpoint: lm-eval benchmarks, validation perplexity"),
     "export": ("launch.export", "main", "export a checkpoint: hf, onnx, int8, nf4, int4"),
     "generate": ("launch.generate", "main", "generate text from a checkpoint"),

@@ -19,9 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="run config: a YAML path or a name in config/runs/")
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run (pretraining and fine-tuning): overrides, resume, dry run, force, verbosity."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", default="auto",
@@ -30,16 +29,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="build config, data, model and engine, then stop; writes nothing (no checkpoint is converted "
                         "or loaded: it names the one a run would resume from)")
+    p.add_argument("--force", action="store_true",
+                   help="let --resume none start over in a folder that holds a run, and --export (or a merge) replace "
+                        "an existing destination (both refuse otherwise)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the libraries' notices and every rank's warnings too (rank 0's by default)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config: a YAML path or a name in config/runs/")
     p.add_argument("--export", metavar="CHECKPOINT",
                    help="instead of training: write the consolidated weights of a saved checkpoint "
                         "(a step folder, or auto for the newest) and stop")
     p.add_argument("--export-to", metavar="DIR", help="folder for --export (default <output_dir>/exports/<step>)")
-    p.add_argument("--force", action="store_true",
-                   help="let --resume none start over in a folder that holds a run, and --export replace an "
-                        "existing destination (both refuse otherwise)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print the libraries' notices and every rank's warnings too (rank 0's by default)")
-    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    add_run_flags(p)
     return p.parse_args(argv)
 
 

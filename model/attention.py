@@ -66,6 +66,7 @@ class Attention(Mixer):
     pathway = "attention"
     onnx = True
     context_parallel = True
+    adapter_targets = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

@@ -92,6 +92,7 @@ class Mamba2Mixer(Mixer):
     onnx = True
     unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
     context_parallel = True
+    adapter_targets = {"mamba_in": ("in_proj",), "mamba_out": ("out_proj",)}
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

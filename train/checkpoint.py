@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -211,8 +211,10 @@ class Checkpointer:
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last, self.env = keep_last, env
 
-    def save(self, engine: Any, state: TrainerState, cfg: RunConfig) -> Path:
-        """Write a complete checkpoint of `state.step` (see the module doc for the order)."""
+    def save(self, engine: Any, state: TrainerState, cfg: RunConfig,
+             extra: Callable[[Path], None] | None = None) -> Path:
+        """Write a complete checkpoint of `state.step` (see the module doc for the order); `extra(folder)`
+        writes more files on rank 0 before COMPLETE lists them (a fine-tuning run's LoRA adapter)."""
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
             UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -234,6 +236,8 @@ class Checkpointer:
         barrier()  # every rank's files are on disk
         if self.env.is_main:
             save_run_config(cfg, folder / RUN_CONFIG)
+            if extra is not None:
+                extra(folder)
             atomic_write_json(folder / STATE, {**asdict(state), **provenance()})
             atomic_write_bytes(folder / COMPLETE, complete_record(tag, folder))
             atomic_write_bytes(self.root / LATEST, tag.encode())

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 
 from config.atomic import staged_dir
-from config.manifest import Manifest
 from config.schema import RunConfig, save_run_config
 from model.bundle import TOKENIZER_JSON, save_bundle
 from model.hybrid import HybridLM
@@ -30,12 +29,15 @@ from train.provenance import provenance
 RUN_CONFIG_NAME = "run_config.yaml"
 
 
-def gather_fp32_state_dict(engine: Any, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """Full fp32 master weights by parameter name on rank 0 (None elsewhere). Collective."""
+def gather_fp32_state_dict(engine: Any, is_main: bool, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full fp32 master weights by parameter name on rank 0 (None elsewhere); `trainable_only`: those
+    the optimizer holds (frozen parameters have no master copy). Collective."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out: dict[str, torch.Tensor] | None = {} if is_main else None
     for name, param in engine.module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         full = safe_get_full_fp32_param(param)
         if full is None:
             raise CheckpointError(f"parameter {name} has no fp32 master copy: the engine must use a ZeRO optimizer")
@@ -51,20 +53,19 @@ def state_dict_from_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
 
 
-def write_bundle(state_dict: dict[str, torch.Tensor], cfg: RunConfig, manifest: Manifest, folder: Path,
+def write_bundle(state_dict: dict[str, torch.Tensor], cfg: RunConfig, tokenizer_dir: Path, folder: Path,
                  meta: dict[str, Any]) -> Path:
-    """Write the consolidated folder: weights + config, tokenizer files of the manifest, meta.json
-    (meta + provenance), run_config.yaml."""
+    """Write the consolidated folder: weights + config, the tokenizer files of `tokenizer_dir` (the
+    manifest's, or the fine-tuned checkpoint's), meta.json (meta + provenance), run_config.yaml."""
     with torch.device("meta"):
         model = HybridLM(cfg.model)
     check_state_dict(model, state_dict, "the consolidated training state")
     model.load_state_dict(state_dict, strict=True, assign=True)
     folder = Path(folder)
-    tokenizer_dir = manifest.resolve(manifest.tokenizer.json_path).parent
     with staged_dir(folder) as tmp:
         save_bundle(model, tokenizer_dir, tmp, {**meta, **provenance()})
         if not (tmp / TOKENIZER_JSON).is_file():
-            raise CheckpointError(f"no {TOKENIZER_JSON} in {tokenizer_dir}: the manifest's tokenizer must be named "
-                                  f"{TOKENIZER_JSON}; re-run pipeline/curate.py")
+            raise CheckpointError(f"no {TOKENIZER_JSON} in {tokenizer_dir}: the tokenizer must be named "
+                                  f"{TOKENIZER_JSON} (a manifest's: re-run pipeline/curate.py)")
         save_run_config(cfg, tmp / RUN_CONFIG_NAME)
     return folder

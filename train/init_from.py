@@ -47,11 +47,12 @@ def check_same_tokenizer(folder: Path, manifest: Manifest) -> None:
                           "ids: curate the data with the checkpoint's tokenizer")
 
 
-def load_initial_weights(model: HybridLM, folder: str | Path, manifest: Manifest) -> None:
+def load_initial_weights(model: HybridLM, folder: str | Path, manifest: Manifest | None) -> None:
     """Copy the weights of the checkpoint in `folder` into `model` (in place, any device/dtype).
 
     ConfigError (one line) when the folder is missing or quantized, its tokenizer differs from the
-    manifest's, or its tensors do not fit the model.
+    manifest's (None: the data is tokenized by the checkpoint's own tokenizer, nothing to compare), or
+    its tensors do not fit the model.
     """
     from export import ExportError
     from export.loading import checkpoint_model_config, load_checkpoint
@@ -63,7 +64,8 @@ def load_initial_weights(model: HybridLM, folder: str | Path, manifest: Manifest
         if is_quantized_folder(folder):
             raise ConfigError(f"train.init_from: {folder} is a quantized export (rounded weights): pass the "
                               "checkpoint it was quantized from")
-        check_same_tokenizer(folder, manifest)
+        if manifest is not None:
+            check_same_tokenizer(folder, manifest)
         state = load_checkpoint(folder, torch.device("cpu")).model.state_dict()
         check_state_dict(model, state, str(folder))
     except (ExportError, CheckpointError) as exc:

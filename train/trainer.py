@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -208,17 +208,13 @@ class Trainer:
         enforce_data_only_loading()  # before DeepSpeed reads any checkpoint
         if t.deterministic:
             make_deterministic()  # before any CUDA matmul and before mamba_ssm is imported
-        self.manifest = open_manifest(cfg)
-        self.data = TrainData(self.manifest, t.seq_len, cfg.data.packing, cfg.data.num_workers, cfg.data.weights)
+        self.data = self.open_data()
         self.env: DistEnv = init_distributed()
         if t.precision == "fp8":  # before any data check or model: one line on a machine without float8
             check_fp8_device(self.env.device)
             check_fp8_zero_stage(stage)
         self.cp: ContextLayout = context_layout(self.env.rank, self.env.world_size, t.context_parallel)
-        if cfg.data.verify == "sha256":
-            if self.env.local_rank == 0:
-                self.manifest.verify(checksums=True)
-            barrier()
+        self.verify_data()
         self.stop = StopSignal()
         self.out = Path(t.output_dir)
         self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
@@ -241,12 +237,7 @@ class Trainer:
             log.info("one GPU: ZeRO-2 partitions nothing here but still reduces every micro-batch's gradients; "
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
                      "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
-        self.model = build_model(cfg, self.env.device)
-        if t.init_from is not None:
-            if resume_dir is None:
-                load_initial_weights(self.model, t.init_from, self.manifest)
-            else:
-                log.info("resuming %s: train.init_from applies to a fresh start only", resume_dir)
+        self.model = self.create_model(resume_dir)
         mpu = None
         if self.cp.size > 1:
             self.model.context_parallel, mpu = init_groups(self.cp)
@@ -258,7 +249,7 @@ class Trainer:
         self.engine = build_engine(self.model, cfg, self.ds_config, mpu)  # DeepSpeed casts params, keeps fp32 buffers
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
-                             manifest_sha256=sha256_of(self.manifest.root / "manifest.json"))
+                             manifest_sha256=self.data_identity())
         if resume_dir is None:
             self.state = fresh
         else:
@@ -266,6 +257,47 @@ class Trainer:
             self._check_resume(loaded, fresh, resume_dir)
             follow_current_config(self.engine.lr_scheduler, t)
             self.state = replace(loaded, world_size=fresh.world_size, zero_stage=stage)
+
+    # ---- what a kind of run changes (train/finetune.py's FinetuneTrainer overrides these) -----------
+    def open_data(self) -> TrainData:
+        """The run's sequences, opened before the processes start (bad data stops with one line)."""
+        cfg = self.cfg
+        self.manifest = open_manifest(cfg)
+        return TrainData(self.manifest, cfg.train.seq_len, cfg.data.packing, cfg.data.num_workers, cfg.data.weights)
+
+    def verify_data(self) -> None:
+        """data.verify=sha256: every node's first rank hashes the shards."""
+        if self.cfg.data.verify == "sha256":
+            if self.env.local_rank == 0:
+                self.manifest.verify(checksums=True)
+            barrier()
+
+    def data_identity(self) -> str:
+        """What a resumed run compares to warn that the data changed."""
+        return sha256_of(self.manifest.root / "manifest.json")
+
+    def describe_data(self) -> str:
+        sources = ", ".join(f"{s.name} ({s.n_windows} windows, w={w:.3f})"
+                            for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
+        return f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}"
+
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer files the consolidated export carries."""
+        return self.manifest.resolve(self.manifest.tokenizer.json_path).parent
+
+    def create_model(self, resume_dir: Path | None) -> torch.nn.Module:
+        """The model to train: initialised from train.seed, or from train.init_from's weights on a fresh start."""
+        model = build_model(self.cfg, self.env.device)
+        if self.cfg.train.init_from is not None:
+            if resume_dir is None:
+                load_initial_weights(model, self.cfg.train.init_from, self.manifest)
+            else:
+                log.info("resuming %s: train.init_from applies to a fresh start only", resume_dir)
+        return model
+
+    def save_checkpoint(self) -> Path:
+        """A complete step checkpoint of the current state (every rank calls it)."""
+        return self.ckpt.save(self.engine, self.state, self.cfg)
 
     def _take_lock(self) -> None:
         """Rank 0 locks the output folder for the run's life; every rank stops with its one line if taken."""
@@ -291,8 +323,6 @@ class Trainer:
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> str:
         t, m = self.cfg.train, self.cfg.model
-        sources = ", ".join(f"{s.name} ({s.n_windows} windows, w={w:.3f})"
-                            for s, w in zip(self.data.train.sources, self.data.train.blend.counts / self.data.train.blend.PERIOD))
         return "\n".join([
             f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
             f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}"
@@ -304,7 +334,7 @@ class Trainer:
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
             f"accumulation {self.accumulation}, {t.global_batch_tokens} tokens/step"
             + (f", context parallel {self.cp.size} ({self.cp.replicas} replicas)" if self.cp.size > 1 else ""),
-            f"data: {self.manifest.root} [{self.cfg.data.packing}] train sources: {sources}",
+            self.describe_data(),
             f"start: step {self.state.step}/{t.max_steps}, sample {self.state.consumed_samples}, output {self.out}",
         ])
 
@@ -408,7 +438,7 @@ class Trainer:
                     metrics.log_eval(state.step, *self.evaluate(*eval_set))
                 at_end = state.step == t.max_steps and t.save_final
                 if stopping or at_end or (t.save_every and state.step % t.save_every == 0):
-                    metrics.print(f"saved {self.ckpt.save(self.engine, state, self.cfg)}")
+                    metrics.print(f"saved {self.save_checkpoint()}")
                 if stopping:
                     metrics.print(f"stopped by signal after step {state.step}; resume with --resume auto")
                     return
@@ -428,14 +458,16 @@ class Trainer:
         if self.env.is_main:
             meta = {"step": self.state.step, "tokens": self.state.consumed_tokens,
                     "consumed_samples": self.state.consumed_samples, "source": "final training state"}
-            write_bundle(state_dict, self.cfg, self.manifest, folder, meta)
+            write_bundle(state_dict, self.cfg, self.tokenizer_dir(), folder, meta)
             metrics.print(f"exported {folder}")
         barrier()
 
 
-def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False, force: bool = False) -> None:
-    """Train (or, with dry_run, build everything, write nothing and stop) under the current launcher's world."""
-    trainer = Trainer(cfg, resume, dry_run, force)
+def run(cfg: RunConfig, resume: str = "auto", dry_run: bool = False, force: bool = False,
+        make: Callable[..., Trainer] | None = None) -> None:
+    """Train (or, with dry_run, build everything, write nothing and stop) under the current launcher's world;
+    `make(cfg, resume, dry_run, force)` builds the trainer (default Trainer; fine-tuning: FinetuneTrainer)."""
+    trainer = (make or Trainer)(cfg, resume, dry_run, force)
     if dry_run:
         if trainer.env.is_main:
             would = f"\ndry run: a run would resume from {trainer.resume_dir}" if trainer.resume_dir else ""
@@ -463,4 +495,5 @@ def export_checkpoint(cfg: RunConfig, which: str, dest: str | None, force: bool 
             "source": str(folder)}
     with reading(folder):
         weights = state_dict_from_checkpoint(folder)
-    return write_bundle(weights, run_cfg, load_manifest(run_cfg.data.manifest), out, meta)
+    manifest = load_manifest(run_cfg.data.manifest)
+    return write_bundle(weights, run_cfg, manifest.resolve(manifest.tokenizer.json_path).parent, out, meta)

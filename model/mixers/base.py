@@ -13,12 +13,14 @@ A mixer class carries, beside its forward:
     `model.bridges` (model/bridges.py);
   - how it exports: `hf_layer_type` (the transformers Bamba layer type, or None: no transformers class
     expresses it), `onnx` (whether export/onnx_export.py can trace its prefill and decode);
-  - training hooks: `context_parallel` (whether its forward handles `ctx.cp`, one rank's slice of a row
-    split over a group of ranks: model/context_parallel.py), `cuda_graphs` (whether its training forward has fixed shapes, so that
-    train.cuda_graph can capture it), `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel path reads their
-    weights outside their own forward), `unquantized_linears` (Linears whose `.weight` a fused kernel reads
-    directly, which quantization must leave as plain Linears), `statistics()` (what the last forward
-    measured, logged by the trainer).
+  - training hooks: `adapter_targets` (its own Linears under the kind names a fine-tuning config uses,
+    e.g. {"attention": ("q_proj", ...)}; a mixer built of other mixers names none: theirs are found),
+    `context_parallel` (whether its forward handles `ctx.cp`, one rank's slice of a row split over a group
+    of ranks: model/context_parallel.py), `cuda_graphs` (whether its training forward has fixed shapes, so
+    that train.cuda_graph can capture it), `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel
+    path reads their weights outside their own forward), `unquantized_linears` (Linears whose `.weight` a
+    fused kernel reads directly, which quantization must leave as plain Linears and LoRA must not target
+    there), `statistics()` (what the last forward measured, logged by the trainer).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Mixer(nn.Module):
     pathway: ClassVar[str | None] = None  # "ssm" / "attention": the pathway model.bridges connects
     onnx: ClassVar[bool] = False
     unquantized_linears: ClassVar[tuple[str, ...]] = ()
+    adapter_targets: ClassVar[dict[str, tuple[str, ...]]] = {}  # kind -> its Linears (train/lora.py)
     cuda_graphs: ClassVar[bool] = True  # False: data-dependent shapes, no captured training step
     context_parallel: ClassVar[bool] = False  # True: its forward runs on a slice of a row (ctx.cp)
 

@@ -280,3 +280,13 @@ def test_long_context_smoke(monkeypatch, tmp_path):
     assert chosen == [("ours", 64, "none"), ("ours", 128, "none"), ("attention", 64, "none"), ("attention", 128, "none")]
     assert all(math.isfinite(r["mfu"]) and r["mfu"] > 0 for r in data["rows"])
     assert data["meta"]["measured_peak_tflops"] > 0
+
+
+def test_finetune_lora_vs_full_smoke(monkeypatch, tmp_path):
+    from bench import finetune_lora_vs_full
+
+    _run(monkeypatch, finetune_lora_vs_full, ["--smoke", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in _load(tmp_path / "finetune_lora_vs_full_tiny_smoke.json")["rows"]}
+    assert rows["lora"]["status"] == rows["full"]["status"] == "ok", rows
+    assert rows["lora"]["trainable_params"] < rows["full"]["trainable_params"] == rows["full"]["total_params"]
+    assert all(math.isfinite(r["tokens_per_s"]) and r["peak_mem_gb"] > 0 for r in rows.values())

@@ -52,12 +52,13 @@ def test_console_script_dispatches_to_each_entrypoint(wheel: zipfile.ZipFile) ->
     assert "hybrid-lm = launch.cli:main" in dist_info(wheel, "entry_points.txt")
     import eval.run
     import launch.export
+    import launch.finetune
     import launch.generate
     import launch.pretrain
     import pipeline.curate
 
     mains = {"curate": pipeline.curate.main, "pretrain": launch.pretrain.main, "eval": eval.run.main,
-             "export": launch.export.main, "generate": launch.generate.main}
+             "export": launch.export.main, "generate": launch.generate.main, "finetune": launch.finetune.main}
     assert set(cli.SUBCOMMANDS) == {*mains, "list"}
     for name, main in mains.items():
         assert cli.entrypoint(name) is main
