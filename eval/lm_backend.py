@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's backends first: its get_model() only
@@ -177,7 +176,7 @@ class HybridEvalLM(TemplateLM):
             h = self.model.hidden_states(ids)  # (b, l, d); right padding leaves earlier positions unchanged
             picked = torch.cat([h[i, len(r) - k: len(r)] for i, (r, k) in enumerate(zip(rows, n_scored))])
             # the head of HybridLM.forward, applied only to the scored positions: (sum k, vocab)
-            logits = F.linear(picked, self.model.head_weight)[:, : self.model.cfg.vocab_size]
+            logits = self.model.logits(picked)
             return list(torch.log_softmax(logits.float(), dim=-1).split(n_scored))
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,

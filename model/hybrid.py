@@ -1,6 +1,7 @@
 """The hybrid causal LM: embedding, a stack of pre-norm blocks, final RMSNorm, LM head.
 
-Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer the block type the
+Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  (each branch times model.scales.residual,
+the embedding times scales.embedding, the logits divided by scales.logits_divisor: Granite 4.0-H) with the mixer the block type the
 config's layer pattern names (one letter per layer, model/mixers: `M` Mamba2, `A` GQA attention, ...),
 and the MLP the config's kind (`model.mlp`, model/mlps.py: SwiGLU by default). Blocks pass the
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
@@ -50,6 +51,7 @@ class Block(nn.Module):
         self.mlp_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = mlp_type(cfg.mlp)(cfg.d_model, cfg.ffn_hidden)
         self.mlp.reset(cfg.resolved_init_std, residual_std(cfg.resolved_init_std, cfg.n_layers))
+        self.residual_scale = cfg.scales.residual
 
     def forward(
         self,
@@ -60,9 +62,13 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         fused = self.mixer.impl == "kernels"
         x, residual = self.mixer_norm(x, residual, fused)
-        x = self.mixer(x, ctx, state)
+        x = self.scaled(self.mixer(x, ctx, state))
         x, residual = self.mlp_norm(x, residual, fused)
-        return self.mlp(x), residual
+        return self.scaled(self.mlp(x)), residual
+
+    def scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        """A branch's output as it enters the residual stream (model.scales.residual; 1.0 costs nothing)."""
+        return branch if self.residual_scale == 1.0 else branch * self.residual_scale
 
 
 class HybridLM(nn.Module):
@@ -128,6 +134,8 @@ class HybridLM(nn.Module):
         caller already worked the boundaries out (and keeps them, e.g. as fixed buffers across calls)."""
         b, l = input_ids.shape
         h = self.embed(input_ids)
+        if self.cfg.scales.embedding != 1.0:
+            h = h * self.cfg.scales.embedding
         kernels = self.impl == "kernels"
         docs = seq_idx
         if isinstance(seq_idx, torch.Tensor):
@@ -165,8 +173,14 @@ class HybridLM(nn.Module):
         cache: HybridCache | None = None,
     ) -> torch.Tensor:
         """Logits (b, l, vocab_size) (padding columns of the embedding dropped); arguments as `hidden_states`."""
-        h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
-        return linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+        return self.logits(self.hidden_states(input_ids, position_ids, seq_idx, cache))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head: final hidden states (..., d) -> logits (..., vocab_size), padding columns dropped,
+        divided by model.scales.logits_divisor."""
+        logits = linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+        divisor = self.cfg.scales.logits_divisor
+        return logits if divisor == 1.0 else logits / divisor
 
     def loss(
         self,
