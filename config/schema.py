@@ -15,7 +15,7 @@ from pydantic import model_validator
 
 from config.base import StrictModel
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
-from config.sections import DataConfig, EvalConfig, ExportConfig, TrainConfig
+from config.sections import AdaptConfig, DataConfig, EvalConfig, ExportConfig, TrainConfig
 from model.config import ModelConfig
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
@@ -38,6 +38,14 @@ class RunConfig(StrictModel):
             raise ValueError("train.cuda_graph with train.activation_checkpointing is not supported yet (never "
                              "captured on a GPU): set one of them to false")
         return self
+
+
+class AdaptRunConfig(StrictModel):
+    """The run config of launch/adapt.py: the same train section (optimizer, schedule, batch, steps, output)
+    with `adapt` in place of `model` (the architecture is the base transformer's, plus adapt.*)."""
+
+    adapt: AdaptConfig = AdaptConfig()
+    train: TrainConfig = TrainConfig()
 
 
 # Settings that choose where files are written or whether code runs. A run_config.yaml inside a
@@ -77,5 +85,5 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
 
 
-__all__ = ["USER_ONLY_KEYS", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
+__all__ = ["USER_ONLY_KEYS", "AdaptRunConfig", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
            "without_user_only"]
