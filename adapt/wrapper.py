@@ -196,7 +196,7 @@ class AdaptedLM(nn.Module):
         """Run a (left-padded) prompt batch: (last-position logits (b, v), cache)."""
         from transformers import DynamicCache
 
-        b, l = input_ids.shape
+        b = input_ids.size(0)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         dtype = self.added[0].gate.dtype
         states = [added.mamba.empty_state(b, input_ids.device, dtype) for added in self.added]

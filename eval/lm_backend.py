@@ -32,7 +32,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from model.bundle import Bundle, load_bundle
+from export.loading import load_checkpoint
+from model.bundle import Bundle
 from model.decode_graph import decode_graph_enabled
 from model.generation import SamplingParams, generate
 
@@ -95,7 +96,8 @@ class HybridEvalLM(TemplateLM):
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         self._device = resolve_device(device)
         self._cuda_graph = decode_graph_enabled(cuda_graph, self._device)
-        bundle = load_bundle(checkpoint, device=self._device, dtype=DTYPES.get(dtype))
+        # any folder the other stages read: a bundle, or a Hugging Face folder imported on load
+        bundle = load_checkpoint(checkpoint, self._device, DTYPES.get(dtype))
         self.bundle: Bundle = bundle
         self.model = bundle.model.eval()
         self.tokenizer = bundle.tokenizer

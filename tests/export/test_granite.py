@@ -96,3 +96,23 @@ def test_unsupported_granite_refused_in_one_line(override, named, tmp_path, expo
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert named in err and "GraniteMoeHybrid" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_eval_backend_reads_the_folder_with_its_logit_scaling(granite_dir):
+    """eval/lm_backend.py loads the Granite folder directly and its head divides by logits_scaling, as
+    HybridLM.forward does."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (lm_eval) is not installed here")
+    from lm_eval.api.instance import Instance
+
+    from eval.lm_backend import HybridEvalLM
+    from eval.run import check_checkpoint
+
+    check_checkpoint(granite_dir)  # eval/run.py's early check accepts the folder
+    lm = HybridEvalLM(str(granite_dir), device="cpu", batch_size=2)
+    context, continuation = "def main():", "\n    return 1"
+    [(got, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)], disable_tqdm=True)
+    ctx = lm.tokenizer.encode(context)
+    cont = lm.tokenizer.encode(context + continuation)[len(ctx):]
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ctx + cont]))[0, :-1].double(), -1)[len(ctx) - 1:]
+    assert got == pytest.approx(float(logp.gather(-1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
