@@ -4,7 +4,8 @@ One process, no DeepSpeed: the base is frozen and the added paths are small (ada
 gates and memory banks), so optimizer state and gradients exist only for them and ZeRO sharding would
 save nothing worth its setup. Settings come from the `train` section: seq_len, micro_batch_size (the
 sequences of one step: there is no gradient accumulation), max_steps, lr, schedule, warmup_steps,
-min_lr_ratio, decay_fraction, weight_decay, betas, eps, grad_clip, seed, log_every.
+min_lr_ratio, decay_fraction, weight_decay, betas, eps, grad_clip, seed, log_every. The model runs in
+float32 (launch/adapt.py loads the base so; train.precision is not read).
 """
 
 from __future__ import annotations

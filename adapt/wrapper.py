@@ -134,9 +134,9 @@ class AdaptedLM(nn.Module):
         d_model = base.get_input_embeddings().embedding_dim
         cfg = mamba_config(d_model, adapt)
         self.layer_indices = list(range(len(layers) - adapt.layers, len(layers)))
-        dtype = base.get_input_embeddings().weight.dtype
+        added_dtype = torch.promote_types(base.get_input_embeddings().weight.dtype, torch.float32)  # fp32 at least
         self.added = nn.ModuleList(
-            AddedPaths(cfg, i, adapt.memory_slots).to(device=base.device, dtype=torch.promote_types(dtype, torch.float32))
+            AddedPaths(cfg, i, adapt.memory_slots).to(device=base.device, dtype=added_dtype)
             for i in range(adapt.layers))
         self.wrapped: list[AdaptedAttention] = []
         for i, added in zip(self.layer_indices, self.added):
@@ -192,7 +192,8 @@ class AdaptedLM(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     # ---- decoding (the prefill/step interface of model/generation.py) -----------------------------
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AdaptCache]:
+    def prefill(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, AdaptCache]:
         """Run a (left-padded) prompt batch: (last-position logits (b, v), cache)."""
         from transformers import DynamicCache
 
@@ -241,7 +242,8 @@ def load_base(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"adapt.base: transformers cannot load {folder} as a causal LM ({str(exc).splitlines()[0]})") from None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"adapt.base: transformers cannot load {folder} as a causal LM ({reason})") from None
 
 
 def wrap(base_folder: str | Path, adapt: AdaptConfig, dtype: torch.dtype = torch.float32) -> AdaptedLM:
@@ -269,5 +271,6 @@ def load_adapted(folder: str | Path, base_folder: str | Path | None = None,
     try:
         model.added.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ConfigError(f"{folder / ADAPTER_WEIGHTS} does not fit {base}: {str(exc).splitlines()[-1].strip()}") from None
+        reason = str(exc).splitlines()[-1].strip()
+        raise ConfigError(f"{folder / ADAPTER_WEIGHTS} does not fit {base}: {reason}") from None
     return model.eval()

@@ -46,7 +46,8 @@ RUN_CONFIG_NAME = "run_config.yaml"  # written beside a consolidated checkpoint 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Consolidated checkpoint folder (model.safetensors, ...) or a Hugging Face Bamba / Granite 4.0-H folder.")
+    p.add_argument("--checkpoint", required=True, help="Consolidated checkpoint folder (model.safetensors, ...), "
+                   "or a Hugging Face Bamba / Granite 4.0-H folder.")
     p.add_argument("--benchmarks", help="Comma-separated lm-eval tasks/groups, 'standard' and/or 'val_ppl'.")
     p.add_argument("--num-fewshot", type=int, help="Few-shot examples for every task.")
     p.add_argument("--limit", type=int, help="Examples per task / val_ppl windows (debugging).")

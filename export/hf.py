@@ -287,7 +287,7 @@ def export_hf(model: HybridLM, tokenizer: Any, out_dir: str | Path) -> Path:
 
 # transformers' Bamba / GraniteMoeHybrid module functions that call causal_conv1d / mamba_ssm whenever those import
 HF_KERNEL_FUNCS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_split_conv1d_scan_combined",
-                      "mamba2_selective_state_update", "mamba2_chunk_scan")
+                   "mamba2_selective_state_update", "mamba2_chunk_scan")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE (or none: attention.rope) and optional QK-norm; the backend is chosen here, once.
+"""Grouped-query attention with RoPE (or none: attention.rope), optional QK-norm and softmax scale
+(model.scales.attention); the backend is chosen here, once.
 
 Shape legend: b batch, l query length, t key length, d d_model, h query heads, j kv heads, k head dim.
 

@@ -1,11 +1,14 @@
 """The hybrid causal LM: embedding, a stack of pre-norm blocks, final RMSNorm, LM head.
 
-Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  (each branch times model.scales.residual,
-the embedding times scales.embedding, the logits divided by scales.logits_divisor: Granite 4.0-H) with the mixer the block type the
+Each block is  h = h + mixer(norm(h));  h = h + mlp(norm(h))  with the mixer the block type the
 config's layer pattern names (one letter per layer, model/mixers: `M` Mamba2, `A` GQA attention, ...),
 and the MLP the config's kind (`model.mlp`, model/mlps.py: SwiGLU by default). Blocks pass the
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
 the kernel path (`model.layers.ResidualRMSNorm`); the arithmetic is the same on both paths.
+
+Multipliers (model.scales, default 1: Granite 4.0-H's muP-style constants): the embedding times
+scales.embedding, each branch output times scales.residual before its residual add, the logits divided
+by scales.logits_divisor (the attention's softmax scale is in model/attention.py).
 
 Shape legend: b batch, l sequence, d d_model, v vocabulary.
 
