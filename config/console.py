@@ -2,7 +2,7 @@
 libraries' chatter only with --verbose.
 
 Quieted by default (each still reaches the console with --verbose):
-- transformers' notices (kernel fallbacks such as "`causal_conv1d_fn` is falling back to its reference
+- transformers' progress bars ("Loading weights") and notices (kernel fallbacks such as "`causal_conv1d_fn` is falling back to its reference
   PyTorch implementation", load reports): TRANSFORMERS_VERBOSITY=error, read when transformers loads,
   and its logger's level if it is loaded already;
 - torchao's optional-kernel load failures ("Failed to load .../_C_mxfp8...so"), logged at its import;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 NOISY_LOGGERS = {  # logger name -> the lowest level shown by default
@@ -46,6 +47,9 @@ def quiet_libraries(verbose: bool, rank: int = 0) -> None:
     if verbose:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar (read at import)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name, level in NOISY_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     if rank > 0:

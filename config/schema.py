@@ -15,7 +15,7 @@ from pydantic import model_validator
 
 from config.base import StrictModel
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
-from config.sections import DataConfig, EvalConfig, ExportConfig, FinetuneConfig, TrainConfig
+from config.sections import AdaptConfig, DataConfig, EvalConfig, ExportConfig, FinetuneConfig, TrainConfig
 from model.config import ModelConfig
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
@@ -75,6 +75,14 @@ def context_parallel_problem(cfg: "RunConfig") -> None:
                          "ranks is not captured): set one of them off")
 
 
+class AdaptRunConfig(StrictModel):
+    """The run config of launch/adapt.py: the same train section (optimizer, schedule, batch, steps, output)
+    with `adapt` in place of `model` (the architecture is the base transformer's, plus adapt.*)."""
+
+    adapt: AdaptConfig = AdaptConfig()
+    train: TrainConfig = TrainConfig()
+
+
 # Settings that choose where files are written or whether code runs. A run_config.yaml inside a
 # checkpoint folder was written by whoever made the checkpoint: it never sets these, only the user's
 # own --config, --set and flags do (an eval.output there could overwrite any file of the user's).
@@ -112,5 +120,5 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
 
 
-__all__ = ["USER_ONLY_KEYS", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
+__all__ = ["USER_ONLY_KEYS", "AdaptRunConfig", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
            "without_user_only"]

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, NonNegativeFloat, ValidationInfo, field_validator, model_validator
 
 from config.base import StrictModel
+from model.config import MambaConfig
 
 
 class SectionModel(StrictModel):
@@ -269,6 +270,30 @@ class FinetuneConfig(SectionModel):
     bos: bool = Field(
         False, description="Prepend <s> to every record. Pretraining's documents carry no BOS (docs/data_contract.md: "
         "a document is its tokens then </s>), so the default matches what the checkpoint saw.")
+
+
+class AdaptMambaConfig(MambaConfig):
+    """Mamba2 sizes of the added paths: smaller defaults than a pretraining model's (they sit beside a
+    full attention layer and are the only trained weights)."""
+
+    d_state: int = Field(64, ge=1, description="SSM state size N per group.")
+    expand: int = Field(1, ge=1, description="d_inner = expand * d_model.")
+
+
+class AdaptConfig(SectionModel):
+    """The hybrid wrapper of a pretrained transformer (adapt/, launch/adapt.py): its top `layers` decoder
+    layers each gain a Mamba2 path, a per-channel gate (zero at init) and an optional memory bank beside
+    the frozen attention; only those are trained."""
+
+    base: str | None = Field(None, description="Local Hugging Face folder of the decoder-only transformer "
+                             "(Llama, Qwen2/3, Gemma families); --base sets it.")
+    data: str | None = Field(None, description="Training text: a curation manifest.json (tokenized with the "
+                             "base's tokenizer) or a .jsonl file of {\"text\": ...} records; --data sets it.")
+    layers: int = Field(4, ge=1, description="How many of the top decoder layers gain the added paths.")
+    memory_slots: int = Field(0, ge=0, description="Learned memory slots read by every token of an adapted "
+                              "layer (0 = no memory bank).")
+    mamba: AdaptMambaConfig = Field(AdaptMambaConfig(), description="The added Mamba2 paths' sizes (d_model is "
+                                    "the base's hidden size).")
 
 
 class EvalConfig(SectionModel):

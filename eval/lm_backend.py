@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's backends first: its get_model() only
@@ -33,7 +32,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from model.bundle import Bundle, load_bundle
+from export.loading import load_checkpoint
+from model.bundle import Bundle
 from model.decode_graph import decode_graph_enabled
 from model.generation import SamplingParams, generate
 
@@ -96,7 +96,8 @@ class HybridEvalLM(TemplateLM):
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
         self._device = resolve_device(device)
         self._cuda_graph = decode_graph_enabled(cuda_graph, self._device)
-        bundle = load_bundle(checkpoint, device=self._device, dtype=DTYPES.get(dtype))
+        # any folder the other stages read: a bundle, or a Hugging Face folder imported on load
+        bundle = load_checkpoint(checkpoint, self._device, DTYPES.get(dtype))
         self.bundle: Bundle = bundle
         self.model = bundle.model.eval()
         self.tokenizer = bundle.tokenizer
@@ -177,7 +178,7 @@ class HybridEvalLM(TemplateLM):
             h = self.model.hidden_states(ids)  # (b, l, d); right padding leaves earlier positions unchanged
             picked = torch.cat([h[i, len(r) - k: len(r)] for i, (r, k) in enumerate(zip(rows, n_scored))])
             # the head of HybridLM.forward, applied only to the scored positions: (sum k, vocab)
-            logits = F.linear(picked, self.model.head_weight)[:, : self.model.cfg.vocab_size]
+            logits = self.model.logits(picked)
             return list(torch.log_softmax(logits.float(), dim=-1).split(n_scored))
 
     def _loglikelihood_tokens(self, requests: list[TokenRequest], disable_tqdm: bool = False,

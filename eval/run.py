@@ -37,7 +37,9 @@ from config.sections import EvalConfig  # noqa: E402
 from eval import sandbox  # noqa: E402
 from eval.errors import EvalError  # noqa: E402
 from model.bundle import TOKENIZER_JSON  # noqa: E402
-from model.weights import WEIGHTS_NAME, CheckpointError, load_config  # noqa: E402
+from export import ExportError  # noqa: E402
+from export.loading import checkpoint_model_config, is_hf_folder  # noqa: E402
+from model.weights import WEIGHTS_NAME, CheckpointError  # noqa: E402
 
 log = logging.getLogger("eval.run")
 RUN_CONFIG_NAME = "run_config.yaml"  # written beside a consolidated checkpoint by the trainer
@@ -45,7 +47,8 @@ RUN_CONFIG_NAME = "run_config.yaml"  # written beside a consolidated checkpoint 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="Consolidated checkpoint folder (model.safetensors, ...).")
+    p.add_argument("--checkpoint", required=True, help="Consolidated checkpoint folder (model.safetensors, ...), "
+                   "or a Hugging Face Bamba / Granite 4.0-H folder.")
     p.add_argument("--benchmarks", help="Comma-separated lm-eval tasks/groups, 'standard' and/or 'val_ppl'.")
     p.add_argument("--num-fewshot", type=int, help="Few-shot examples for every task.")
     p.add_argument("--limit", type=int, help="Examples per task / val_ppl windows (debugging).")
@@ -72,7 +75,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     elif saved.is_file():  # the checkpoint's own config: never where to write or whether to run code
         cfg = load(RunConfig, None, args.set, defaults=without_user_only(read_yaml(saved)))
     else:
-        cfg = load(RunConfig, None, args.set, defaults={"model": load_config(args.checkpoint).model_dump(mode="json")})
+        cfg = load(RunConfig, None, args.set, defaults={"model": checkpoint_model_config(args.checkpoint).model_dump(mode="json")})
     flags = {
         "benchmarks": [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else None,
         "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size, "device": args.device,
@@ -85,11 +88,12 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
 
 def check_checkpoint(folder: Path) -> None:
-    """Fail before any heavy work when the folder cannot be a consolidated checkpoint."""
+    """Fail before any heavy work when the folder cannot be a consolidated checkpoint or a Hugging Face
+    folder export/loading.py imports (Bamba, dense Granite 4.0-H; their weights may be sharded)."""
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} does not exist (pass the consolidated checkpoint folder)")
-    load_config(folder)
-    for name in (WEIGHTS_NAME, TOKENIZER_JSON):
+    checkpoint_model_config(folder)
+    for name in (TOKENIZER_JSON,) if is_hf_folder(folder) else (WEIGHTS_NAME, TOKENIZER_JSON):
         if not (folder / name).is_file():
             raise CheckpointError(f"no {name} in {folder}: pass a consolidated checkpoint folder (the trainer's export)")
 
@@ -144,7 +148,7 @@ def run(cfg: RunConfig, command: list[str], checkpoint: Path) -> None:
         if (ev.manifest or cfg.data.manifest) is None:
             raise EvalError(f"{' and '.join(needing)} needs a curation manifest: pass --manifest PATH or set data.manifest")
         manifest = read_manifest(ev.manifest or cfg.data.manifest)
-        verify(manifest, load_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
+        verify(manifest, checkpoint_model_config(checkpoint).vocab_size, checkpoint / TOKENIZER_JSON)
     manager = build_task_manager(task_names, ev.tasks_dir) if task_names else None
     tasks = load_tasks(manager, task_names, ev.allow_code_execution) if task_names else []
 
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.eval.allow_code_execution and not sandbox.inside():  # model-written code: no network (eval/sandbox.py)
             return sandbox.rerun_sandboxed([str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)])
         run(cfg, sys.argv if argv is None else ["eval/run.py", *argv], checkpoint)
-    except (ConfigError, CheckpointError, EvalError, sandbox.SandboxError) as exc:
+    except (ConfigError, CheckpointError, ExportError, EvalError, sandbox.SandboxError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,4 +1,5 @@
-"""Our checkpoint <-> a transformers `BambaForCausalLM` folder (no custom code needed to load it).
+"""Our checkpoint <-> a transformers `BambaForCausalLM` folder (no custom code needed to load it); import
+also of `GraniteMoeHybridForCausalLM` folders (dense Granite 4.0-H, export/granite.py).
 
 Why Bamba (transformers 5.23; the other hybrids read and rejected):
   - Bamba: every decoder layer = pre-norm mixer (Mamba2 or GQA attention, chosen per layer by
@@ -8,7 +9,8 @@ Why Bamba (transformers 5.23; the other hybrids read and rejected):
     tied or untied embeddings. That is our block exactly.
   - NemotronH: mixer and MLP are separate layers and its MLP is a non-gated relu^2 (no SwiGLU).
   - FalconH1: attention and Mamba2 run in parallel inside every layer, with muP multipliers.
-  - GraniteMoeHybrid: MoE/shared-MLP blocks and embedding/residual/logit multipliers.
+  - GraniteMoeHybrid: MoE/shared-MLP blocks and embedding/residual/logit multipliers (imported when dense:
+    export/granite.py; a model with model.scales or without RoPE is refused by the Bamba export).
   - Zamba2: shared attention blocks re-applied with LoRA adapters.
   None of them has per-head QK-norm, so a `qk_norm` model is refused (ExportError).
 
@@ -49,6 +51,8 @@ import torch
 
 from config.atomic import atomic_write_json
 from export import ExportError
+from export.granite import MODEL_TYPE as GRANITE_TYPE
+from export.granite import granite_to_bamba_names, model_config_from_granite
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.hybrid import HybridLM
 from model.mixers import block_type
@@ -93,6 +97,11 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(
             "cannot export a qk_norm model to Hugging Face: BambaAttention (the closest transformers "
             "hybrid) has no per-head q/k RMSNorm; use --format onnx or a quantized format instead"
+        )
+    if not cfg.scales.is_default or not cfg.attention.rope:
+        raise ExportError(
+            "cannot export a model with model.scales multipliers or attention.rope=false (e.g. imported from "
+            "Granite 4.0-H) to Hugging Face: Bamba has neither; use --format onnx or a quantized format instead"
         )
 
 
@@ -203,17 +212,24 @@ def bamba_config(cfg: ModelConfig, dtype: torch.dtype, special_ids: dict[str, in
     )
 
 
-def read_bamba_config(folder: str | Path) -> Any:
-    """The folder's BambaConfig (ExportError for another model_type or no config.json)."""
-    from transformers import BambaConfig
+def read_hf_config(folder: str | Path) -> Any:
+    """The folder's BambaConfig or GraniteMoeHybridConfig (ExportError for another model_type or no config.json)."""
+    from transformers import BambaConfig, GraniteMoeHybridConfig
 
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ExportError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model_type = json.loads(path.read_text()).get("model_type")
-    if model_type != "bamba":
-        raise ExportError(f"only Bamba checkpoints can be imported, {folder} holds model_type={model_type!r}")
-    return BambaConfig.from_pretrained(str(folder))
+    classes = {"bamba": BambaConfig, GRANITE_TYPE: GraniteMoeHybridConfig}
+    if model_type not in classes:
+        raise ExportError(f"only Bamba and GraniteMoeHybrid checkpoints can be imported, {folder} holds "
+                          f"model_type={model_type!r}")
+    return classes[model_type].from_pretrained(str(folder))
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """Our ModelConfig of a config `read_hf_config` returned (ExportError where ours cannot represent it)."""
+    return model_config_from_granite(hf) if hf.model_type == GRANITE_TYPE else model_config_from_bamba(hf)
 
 
 def model_config_from_bamba(hf: Any) -> ModelConfig:
@@ -308,26 +324,28 @@ def export_hf(model: HybridLM, tokenizer: Any, out_dir: str | Path) -> Path:
     return out
 
 
-# transformers' Bamba module functions that call causal_conv1d / mamba_ssm whenever those import
-BAMBA_KERNEL_FUNCS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_split_conv1d_scan_combined",
-                      "mamba2_selective_state_update", "mamba2_chunk_scan")
+# transformers' Bamba / GraniteMoeHybrid module functions that call causal_conv1d / mamba_ssm whenever those import
+HF_KERNEL_FUNCS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_split_conv1d_scan_combined",
+                   "mamba2_selective_state_update", "mamba2_chunk_scan")
 
 
 @contextlib.contextmanager
-def bamba_torch_ops() -> Iterator[None]:
-    """Run transformers' Bamba on its PyTorch code inside the block. It picks causal_conv1d / mamba_ssm
-    by what imports, not by the tensors' device, so on the CPU of a machine that has them (a GPU node,
-    the Docker image) their CUDA-only kernels raise `Expected x.is_cuda() to be true`."""
+def hf_torch_ops() -> Iterator[None]:
+    """Run transformers' Bamba and GraniteMoeHybrid on their PyTorch code inside the block. They pick
+    causal_conv1d / mamba_ssm by what imports, not by the tensors' device, so on the CPU of a machine that
+    has them (a GPU node, the Docker image) their CUDA-only kernels raise `Expected x.is_cuda() to be true`."""
     from transformers.models.bamba import modeling_bamba
+    from transformers.models.granitemoehybrid import modeling_granitemoehybrid
 
-    saved = {name: getattr(modeling_bamba, name) for name in BAMBA_KERNEL_FUNCS if hasattr(modeling_bamba, name)}
+    saved = [(module, name, getattr(module, name)) for module in (modeling_bamba, modeling_granitemoehybrid)
+             for name in HF_KERNEL_FUNCS if hasattr(module, name)]
     try:
-        for name, fn in saved.items():
-            setattr(modeling_bamba, name, inspect.unwrap(fn))  # the torch function transformers wrapped
+        for module, name, fn in saved:
+            setattr(module, name, inspect.unwrap(fn))  # the torch function transformers wrapped
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(modeling_bamba, name, fn)
+        for module, name, fn in saved:
+            setattr(module, name, fn)
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -347,14 +365,18 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(folder: str | Path) -> HybridLM:
-    """Load a Bamba folder into our HybridLM (exact for folders written by `export_hf`)."""
+    """Load a Bamba or GraniteMoeHybrid folder into our HybridLM (exact for folders written by `export_hf`)."""
     folder = Path(folder)
-    derived = model_config_from_bamba(read_bamba_config(folder))
+    hf = read_hf_config(folder)
+    derived = model_config_from_hf(hf)
     ours_path = folder / OUR_CONFIG_NAME
     cfg = ModelConfig.model_validate(json.loads(ours_path.read_text())) if ours_path.is_file() else derived
     if cfg.padded_vocab_size != derived.padded_vocab_size:
         raise ExportError(f"{OUR_CONFIG_NAME} vocab_size {cfg.vocab_size} does not fit config.json's {derived.vocab_size}")
-    state = from_hf_state_dict(_read_hf_tensors(folder), cfg)
+    tensors = _read_hf_tensors(folder)
+    if hf.model_type == GRANITE_TYPE:
+        tensors = granite_to_bamba_names(tensors)
+    state = from_hf_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = HybridLM(cfg)
     try:

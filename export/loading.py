@@ -3,7 +3,8 @@
 A checkpoint is one of
     a bundle          model.safetensors + config.json (+ tokenizer.json, meta.json, run_config.yaml)
     a quantized export  the same plus quantization.json (export.quantize)
-    a Hugging Face folder  a Bamba config.json (model_type) + safetensors, imported on load (export.hf)
+    a Hugging Face folder  a Bamba or GraniteMoeHybrid config.json (model_type) + safetensors, imported on
+                       load (export.hf, export.granite)
 The run config is the checkpoint's run_config.yaml (when present; never its USER_ONLY_KEYS: where
 files go, whether code runs) <- --config <- the checkpoint's model section (the weights define the
 model) <- --set overrides. Overriding architecture keys of
@@ -48,13 +49,13 @@ def checkpoint_model_config(folder: str | Path) -> ModelConfig:
         if (folder / ONNX_CONFIG).is_file():
             raise ExportError(f"{folder} is an ONNX export: run it with export.onnx_runtime.OnnxLM, not as a checkpoint")
         raise ExportError(f"no {CONFIG_NAME} in {folder}: pass a consolidated checkpoint, a quantized export "
-                          "or a Hugging Face (Bamba) folder")
+                          "or a Hugging Face (Bamba, GraniteMoeHybrid) folder")
     if is_hf_folder(folder):
-        from export.hf import OUR_CONFIG_NAME, model_config_from_bamba, read_bamba_config
+        from export.hf import OUR_CONFIG_NAME, model_config_from_hf, read_hf_config
 
         ours = folder / OUR_CONFIG_NAME
         return ModelConfig.model_validate(json.loads(ours.read_text())) if ours.is_file() else \
-            model_config_from_bamba(read_bamba_config(folder))
+            model_config_from_hf(read_hf_config(folder))
     return validate(ModelConfig, json.loads(path.read_text()), prefix=f"{path}: model.")
 
 

@@ -40,7 +40,6 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from config.atomic import atomic_write_json
 from export import ExportError
@@ -94,7 +93,7 @@ class _Graph(nn.Module):
 
     def _last_logits(self, h: torch.Tensor) -> torch.Tensor:
         """LM head on the last position only (HybridLM.forward would project every position)."""
-        return F.linear(h[:, -1], self.model.head_weight)[..., : self.model.cfg.vocab_size]
+        return self.model.logits(h[:, -1])
 
 
 class PrefillGraph(_Graph):

@@ -19,7 +19,7 @@ import torch
 from config.schema import RunConfig
 from export import ExportError
 from export.card import onnx_usage, write_card
-from export.hf import bamba_torch_ops, export_hf, import_hf, write_hf_tokenizer
+from export.hf import hf_torch_ops, export_hf, import_hf, write_hf_tokenizer
 from export.measure import (
     decode_tokens_per_s,
     file_bytes,
@@ -66,7 +66,7 @@ def hf_parity_prompts(model: HybridLM, tokens: int) -> list[list[int]]:
 @torch.inference_mode()
 def hf_parity(model: HybridLM, hf_dir: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """Float32 CPU comparison of our model and transformers' load of `hf_dir`: logits and greedy tokens.
-    Both run their PyTorch code (`set_impl("reference")`, `bamba_torch_ops`), even where kernels import."""
+    Both run their PyTorch code (`set_impl("reference")`, `hf_torch_ops`), even where kernels import."""
     from transformers import AutoModelForCausalLM
 
     ours = copy.deepcopy(model).float().cpu().eval()
@@ -74,7 +74,7 @@ def hf_parity(model: HybridLM, hf_dir: Path, prompts: list[list[int]], new_token
     theirs = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     ids, mask = left_pad(prompts, pad_id=0, device=torch.device("cpu"))
     full = torch.tensor([prompts[0], prompts[0][::-1]])  # two unpadded rows: every position compared, batched
-    with bamba_torch_ops():
+    with hf_torch_ops():
         ref = ours(full)
         got = theirs(full).logits[..., : ours.cfg.vocab_size]
         greedy = generate(ours, prompts, SamplingParams(max_new_tokens=new_tokens))

@@ -4,6 +4,8 @@
     hybrid-lm pretrain = python launch/pretrain.py      hybrid-lm generate = python launch/generate.py
     hybrid-lm eval     = python eval/run.py             hybrid-lm list     = python -m model list
     hybrid-lm finetune = python launch/finetune.py
+    hybrid-lm convert HF_DIR ... = python launch/export.py --import-hf HF_DIR ...
+    hybrid-lm adapt    = python launch/adapt.py
 
 ARGS go to that entrypoint's `main` unchanged, so each subcommand has the same flags, help, output
 and exit codes as the script. `hybrid-lm pretrain` and `hybrid-lm finetune` are a world of one process; for
@@ -22,6 +24,8 @@ SUBCOMMANDS = {  # name -> (module, function, what it does)
     "finetune": ("launch.finetune", "main", "fine-tune a checkpoint, full or LoRA (a world of one process)"),
     "eval": ("eval.run", "main", "evaluate a checkpoint: lm-eval benchmarks, validation perplexity"),
     "export": ("launch.export", "main", "export a checkpoint: hf, onnx, int8, nf4, int4"),
+    "convert": ("launch.export", "convert", "import a Bamba / dense Granite 4.0-H HF folder into a bundle"),
+    "adapt": ("launch.adapt", "main", "train the hybrid wrapper of a pretrained HF transformer, or generate"),
     "generate": ("launch.generate", "main", "generate text from a checkpoint"),
     "list": ("model.__main__", "list_presets", "print the model presets"),
 }

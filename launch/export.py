@@ -1,9 +1,11 @@
-"""Export a checkpoint: Hugging Face (Bamba), ONNX, or weight-quantized; or import a Bamba folder.
+"""Export a checkpoint: Hugging Face (Bamba), ONNX, or weight-quantized; or import a Hugging Face folder
+(Bamba, or a dense Granite 4.0-H GraniteMoeHybridForCausalLM) into a bundle.
 
     python launch/export.py --checkpoint CKPT --format hf --output exports/hf
     python launch/export.py --checkpoint CKPT --format onnx --output exports/onnx
     python launch/export.py --checkpoint CKPT --format nf4 --output exports/nf4 --manifest M.json
     python launch/export.py --import-hf exports/hf --output checkpoints/imported
+    hybrid-lm convert granite-4.0-h-micro --output checkpoints/granite   (the same import)
     (--config RUN.yaml and --set section.key=value as every entrypoint; export.* in config/sections.py)
 
 Several formats in one call (`--format hf,onnx` or export.formats) go to OUTPUT/<format>.
@@ -41,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="consolidated checkpoint folder (model.safetensors + config.json)")
-    src.add_argument("--import-hf", type=Path, help="a Bamba folder to import into a bundle at --output")
+    src.add_argument("--import-hf", type=Path, help="a Bamba or dense GraniteMoeHybrid folder to import into a "
+                     "bundle at --output")
     p.add_argument("--format", help=f"comma-separated, from {', '.join(FORMATS)} (default: export.formats)")
     p.add_argument("--output", type=Path, help="output folder (default: export.output_dir)")
     p.add_argument("--force", action="store_true", help="replace an OUTPUT folder that holds files")
@@ -116,6 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             logging.info("%s export done (%s)", fmt, final)
     print(json.dumps({"output": str(out), "numbers": report}, indent=2, default=str))
     return 0
+
+
+def convert(argv: list[str] | None = None) -> int:
+    """`hybrid-lm convert HF_DIR --output DIR [...]`: the import (`--import-hf HF_DIR`) under its own name."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print("usage: hybrid-lm convert HF_DIR --output DIR [--force] [--config RUN.yaml] [--set KEY=VALUE]",
+              file=sys.stderr)
+        return 2
+    return main(["--import-hf", *argv])
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ _FLAGS = {  # flag dest -> export.sampling key
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="bundle, quantized export or Bamba folder")
+    p.add_argument("--checkpoint", type=Path, required=True, help="bundle, quantized export, or Bamba / Granite 4.0-H folder")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--prompt", help="one prompt; the completion streams to stdout")
     mode.add_argument("--input", type=Path, help="prompts file, one per non-empty line (needs --output)")

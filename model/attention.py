@@ -1,4 +1,5 @@
-"""Grouped-query attention with RoPE (and optional QK-norm); the backend is chosen here, once.
+"""Grouped-query attention with RoPE (or none: attention.rope), optional QK-norm and softmax scale
+(model.scales.attention); the backend is chosen here, once.
 
 Shape legend: b batch, l query length, t key length, d d_model, h query heads, j kv heads, k head dim.
 
@@ -80,6 +81,8 @@ class Attention(Mixer):
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if a.qk_norm else None
         self.impl = "reference"
         self.backend = cfg.attn_backend
+        self.rope = a.rope
+        self.scale = cfg.scales.attention  # softmax scale; None: 1 / sqrt(head_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -151,9 +154,10 @@ class Attention(Mixer):
         v = self.v_proj(x).view(*lead, l, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q = apply_rope(q.transpose(-3, -2), cos, sin)
-        k = apply_rope(k.transpose(-3, -2), cos, sin)
+        q, k = q.transpose(-3, -2), k.transpose(-3, -2)
+        if self.rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v.transpose(-3, -2)
 
     def output(self, out: torch.Tensor) -> torch.Tensor:
@@ -169,9 +173,9 @@ class Attention(Mixer):
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if seq_idx is None and key_valid is None and l == t:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         mask = attention_mask(seq_idx, l, t, key_valid, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
     def _kernel_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentLayout | None
@@ -181,21 +185,23 @@ class Attention(Mixer):
         if docs is None:
             if fa is not None and self.backend == "flash":
                 out = fa.dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                               deterministic=deterministic())
+                               softmax_scale=self.scale, deterministic=deterministic())
                 return out.transpose(1, 2)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=self.scale)
         if self.backend == "flex":
             flex = flex_ops()
-            return flex.attention(q, k, v, block_mask=docs.flex_block_mask(flex.create_block_mask), enable_gqa=True)
+            return flex.attention(q, k, v, block_mask=docs.flex_block_mask(flex.create_block_mask), enable_gqa=True,
+                                  scale=self.scale)
         if fa is not None and self.backend in ("auto", "flash"):
             b, h, l, kd = q.shape
             flat = lambda t: t.transpose(1, 2).reshape(b * l, t.size(1), kd)  # noqa: E731
             cu, n = docs.cu_seqlens, docs.max_seqlen
-            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True, deterministic=deterministic())
+            out = fa.varlen(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True, softmax_scale=self.scale,
+                             deterministic=deterministic())
             return out.view(b, l, h, kd).transpose(1, 2)
         if not getattr(self, "_warned_dense_mask", False):
             log.warning("packed documents without flash-attn: dense-mask SDPA (slower); install flash-attn "
                         "or set model.attn_backend=flex")
             self._warned_dense_mask = True
         mask = attention_mask(docs.seq_idx, q.size(2), k.size(2), None, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=self.scale)

@@ -104,6 +104,23 @@ class AttentionConfig(StrictModel):
         "trained without it loads with it (train.init_from).",
     )
     qk_norm: bool = Field(False, description="RMSNorm on per-head queries and keys.")
+    rope: bool = Field(True, description="Rotary position embedding on queries and keys; false: none (NoPE, "
+                       "as Granite 4.0-H's position_embedding_type 'nope'), order comes from the Mamba2 layers.")
+
+
+class ScalesConfig(StrictModel):
+    """Constant multipliers of the forward (muP-style; Granite 4.0-H's). The defaults are the plain math."""
+
+    embedding: float = Field(1.0, gt=0, description="Token embeddings are multiplied by this.")
+    residual: float = Field(1.0, gt=0, description="Every mixer and MLP output is multiplied by this before "
+                            "it is added to the residual stream.")
+    attention: float | None = Field(None, gt=0, description="Softmax scale of attention (q.k multiplier); "
+                                    "None: 1 / sqrt(head_dim).")
+    logits_divisor: float = Field(1.0, gt=0, description="Logits are divided by this (Granite's logits_scaling).")
+
+    @property
+    def is_default(self) -> bool:
+        return self == ScalesConfig()
 
 
 class RoutedConfig(StrictModel):
@@ -148,6 +165,7 @@ class ModelConfig(StrictModel):
                           "block's input receives a projection of the nearest preceding Mamba2 block's output, and "
                           "each Mamba2 block right after an attention block one of that block's output; the gates "
                           "start closed.")
+    scales: ScalesConfig = ScalesConfig()
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
     max_seq_len: int = Field(8192, ge=1, description="Longest sequence the model is trained/served at.")

@@ -6,6 +6,10 @@ and the MLP the config's kind (`model.mlp`, model/mlps.py: SwiGLU by default). B
 pair (branch output, residual stream) so that each residual add is fused into the following norm on
 the kernel path (`model.layers.ResidualRMSNorm`); the arithmetic is the same on both paths.
 
+Multipliers (model.scales, default 1: Granite 4.0-H's muP-style constants): the embedding times
+scales.embedding, each branch output times scales.residual before its residual add, the logits divided
+by scales.logits_divisor (the attention's softmax scale is in model/attention.py).
+
 Shape legend: b batch, l sequence, d d_model, v vocabulary.
 
 Packed documents: pass `seq_idx` (b, l), the document index of every token (non-decreasing per row),
@@ -59,6 +63,7 @@ class Block(nn.Module):
         self.mlp_norm = ResidualRMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = mlp_type(cfg.mlp)(cfg.d_model, cfg.ffn_hidden)
         self.mlp.reset(cfg.resolved_init_std, residual_std(cfg.resolved_init_std, cfg.n_layers))
+        self.residual_scale = cfg.scales.residual
 
     def forward(
         self,
@@ -73,8 +78,12 @@ class Block(nn.Module):
         if inflow is not None:
             x = x + inflow
         mixed = self.mixer(x, ctx, state)
-        x, residual = self.mlp_norm(mixed, residual, fused)
-        return self.mlp(x), residual, mixed
+        x, residual = self.mlp_norm(self.scaled(mixed), residual, fused)
+        return self.scaled(self.mlp(x)), residual, mixed
+
+    def scaled(self, branch: torch.Tensor) -> torch.Tensor:
+        """A branch's output as it enters the residual stream (model.scales.residual; 1.0 costs nothing)."""
+        return branch if self.residual_scale == 1.0 else branch * self.residual_scale
 
 
 class HybridLM(nn.Module):
@@ -141,6 +150,8 @@ class HybridLM(nn.Module):
         caller already worked the boundaries out (and keeps them, e.g. as fixed buffers across calls)."""
         b, l = input_ids.shape
         h = self.embed(input_ids)
+        if self.cfg.scales.embedding != 1.0:
+            h = h * self.cfg.scales.embedding
         kernels = self.impl == "kernels"
         docs = seq_idx
         if isinstance(seq_idx, torch.Tensor):
@@ -193,8 +204,17 @@ class HybridLM(nn.Module):
         a wrapper running it (DeepSpeed's engine) runs the head too."""
         h = self.hidden_states(input_ids, position_ids, seq_idx, cache)
         if labels is not None and loss_chunk_tokens:
-            return chunked_token_nll(h, self.head_weight, labels, self.cfg.vocab_size, loss_chunk_tokens, self.impl)
-        return linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+            divisor = self.cfg.scales.logits_divisor  # linear(h / s, W) = linear(h, W) / s
+            return chunked_token_nll(h if divisor == 1.0 else h / divisor, self.head_weight, labels,
+                                     self.cfg.vocab_size, loss_chunk_tokens, self.impl)
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head: final hidden states (..., d) -> logits (..., vocab_size), padding columns dropped,
+        divided by model.scales.logits_divisor."""
+        logits = linear(h, self.head_weight)[..., : self.cfg.vocab_size]
+        divisor = self.cfg.scales.logits_divisor
+        return logits if divisor == 1.0 else logits / divisor
 
     def loss(
         self,

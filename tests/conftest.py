@@ -52,3 +52,34 @@ def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory, test_tokenizer_dir
                       mamba={"d_state": 16, "headdim": 16, "chunk_size": 16})
     model = HybridLM(cfg)
     return save_bundle(model, test_tokenizer_dir, tmp_path_factory.mktemp("bundle"), meta={"step": 0})
+
+
+def write_granite(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A random GraniteMoeHybridForCausalLM folder + tokenizer: the dense Granite 4.0-H structure
+    (granite-4.0-h-micro's config: shared MLP only, num_local_experts 0, position_embedding_type "nope",
+    tied embeddings, its four multipliers, GQA 4:1, one SSM group) at tiny widths. The weights are redrawn
+    with std 0.1 (transformers' init leaves norms at 1 and A/D/dt_bias at constants) so every tensor counts."""
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    values = dict(vocab_size=512, hidden_size=64, num_hidden_layers=5, layer_types=["mamba", "mamba", "attention",
+                  "mamba", "attention"], num_attention_heads=4, num_key_value_heads=1, shared_intermediate_size=96,
+                  intermediate_size=96, num_local_experts=0, num_experts_per_tok=0, position_embedding_type="nope",
+                  embedding_multiplier=12.0, residual_multiplier=0.246, attention_multiplier=0.0078125,
+                  logits_scaling=8.0, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1,
+                  mamba_expand=2, mamba_chunk_size=16, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                  max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = GraniteMoeHybridConfig(**{**values, **overrides})
+    torch.manual_seed(seed)
+    model = GraniteMoeHybridForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(str(folder))
+    (folder / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def granite_factory():
+    """`write_granite` for the test areas that import Granite 4.0-H folders (export, train)."""
+    return write_granite

@@ -33,6 +33,15 @@ from model.mixers.base import Mixer, MixerContext
 from model.wgrad import Linear
 
 
+def memory_read(
+    x: torch.Tensor, query: nn.Module, keys: torch.Tensor, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every token reads from a learned memory bank: softmax(query(x) . keys^T / sqrt(d)) values.
+    x: (b, l, d); keys, values: (slots, d) -> read (b, l, d), weights (b, l, slots)."""
+    weights = (query(x) @ keys.t() / math.sqrt(x.size(-1))).softmax(-1)
+    return weights @ values, weights
+
+
 @dataclass
 class GatedState:
     """Decoding state: the Mamba2 state and the attention KV cache (the memory bank holds no state)."""
@@ -114,9 +123,8 @@ class GatedMemoryMixer(Mixer):
         g = torch.sigmoid(self.gate(x))
         stats = {"gate": g.detach()}
         if self.memory_query is not None:
-            scores = self.memory_query(x) @ self.memory_keys.t() / math.sqrt(x.size(-1))  # (b, l, slots)
-            weights = scores.softmax(-1)
-            glob = glob + weights @ self.memory_values
+            read, weights = memory_read(x, self.memory_query, self.memory_keys, self.memory_values)
+            glob = glob + read
             stats["memory"] = weights.detach()
         self._stats = stats
         return (1 - g) * glob + g * ssm

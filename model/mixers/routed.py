@@ -203,7 +203,7 @@ class RoutedMixer(Mixer):
         mask = attention_mask(ctx.seq_idx, l, l, None, x.device) & keys.unsqueeze(1)  # (b, 1, l, l)
         rep = self.attn.n_heads // self.attn.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return self.attn.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self.attn.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn.scale))
 
     def _gathered_attention(
         self, x: torch.Tensor, ctx: MixerContext, routed: torch.Tensor, varlen: Callable[..., torch.Tensor]
@@ -243,7 +243,7 @@ class RoutedMixer(Mixer):
         mask = attention_mask(seq_idx, l, t, ctx.key_valid, x.device) & (keys.unsqueeze(1) | own).unsqueeze(1)
         rep = self.attn.n_heads // self.attn.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return self.attn.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self.attn.output(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.attn.scale))
 
     def statistics(self) -> dict[str, float]:
         """The last forward's fraction of tokens routed to attention and mean router score."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from export import ExportError
-from export.hf import bamba_torch_ops, import_hf, model_config_from_bamba, read_bamba_config
+from export.hf import hf_torch_ops, import_hf, model_config_from_bamba, read_hf_config
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate, left_pad
 
@@ -33,7 +33,7 @@ def test_transformers_loads_with_matching_logits(exported):
     assert type(theirs).__name__ == "BambaForCausalLM"
     assert theirs.config.rope_parameters["partial_rotary_factor"] == 1.0
     ids = torch.randint(4, ours.cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), bamba_torch_ops():  # Bamba's PyTorch code on CPU, whatever kernels import here
+    with torch.no_grad(), hf_torch_ops():  # Bamba's PyTorch code on CPU, whatever kernels import here
         ref, got = ours(ids), theirs(ids).logits
     assert got.shape[-1] == ours.cfg.padded_vocab_size
     diff = float((ref - got[..., : ours.cfg.vocab_size]).abs().max())
@@ -48,7 +48,7 @@ def test_transformers_loads_with_matching_logits(exported):
     # Left-padded batch through transformers' own generate() == our cached generation.
     prompts = [ids[0, :30].tolist(), ids[1, :11].tolist()]
     padded, mask = left_pad(prompts, 0, torch.device("cpu"))
-    with bamba_torch_ops():
+    with hf_torch_ops():
         hf_tokens = theirs.generate(padded, attention_mask=mask, max_new_tokens=12, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)[:, padded.size(1):].tolist()
     assert hf_tokens == generate(ours, prompts, SamplingParams(max_new_tokens=12))
@@ -98,7 +98,7 @@ def test_import_without_our_config_derives_it(exported, tmp_path):
 
 def test_partial_rotary_bamba_is_refused(exported):
     _, out = exported
-    hf = read_bamba_config(out)
+    hf = read_hf_config(out)
     hf.rope_parameters = {**hf.rope_parameters, "partial_rotary_factor": 0.5}
     with pytest.raises(ExportError, match="partial_rotary_factor"):
         model_config_from_bamba(hf)
@@ -125,7 +125,7 @@ def test_cpu_work_never_calls_cuda_kernels_that_import(exported, monkeypatch):
     import model.kernels as kernels
     import model.layers
     import model.mamba2
-    from export.hf import BAMBA_KERNEL_FUNCS
+    from export.hf import HF_KERNEL_FUNCS
     from export.runner import hf_parity, hf_parity_prompts
 
     called = []
@@ -136,7 +136,7 @@ def test_cpu_work_never_calls_cuda_kernels_that_import(exported, monkeypatch):
             raise RuntimeError("Expected x.is_cuda() to be true")
         return functools.wraps(torch_fn)(kernel) if torch_fn else kernel
 
-    for name in BAMBA_KERNEL_FUNCS:  # as transformers wires them when the packages import
+    for name in HF_KERNEL_FUNCS:  # as transformers wires them when the packages import
         monkeypatch.setattr(modeling_bamba, name, cuda_only(name, inspect.unwrap(getattr(modeling_bamba, name))))
     fake = SimpleNamespace(**{op: cuda_only(op) for op in (
         "chunk_scan", "split_conv1d_scan", "split_conv1d_scan_saved", "state_update", "rmsnorm_gated",
@@ -177,11 +177,11 @@ def test_rope_scaling_exports_with_matching_logits(kind, tiny_bundle_dir, tmp_pa
     out = export_hf(ours, load_bundle(tiny_bundle_dir).tokenizer, tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     ids = torch.randint(4, ours.cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), bamba_torch_ops():
+    with torch.no_grad(), hf_torch_ops():
         diff = float((ours(ids) - theirs(ids).logits[..., : ours.cfg.vocab_size]).abs().max())
     assert diff < LOGIT_TOL, diff
     (out / "hybrid_lm_config.json").unlink()
-    derived = model_config_from_bamba(read_bamba_config(out))
+    derived = model_config_from_bamba(read_hf_config(out))
     back = HybridLM(derived).eval()
     back.load_state_dict(ours.state_dict())
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_rope_scaling_exports_with_matching_logits(kind, tiny_bundle_dir, tmp_pa
 
 def test_unsupported_rope_type_is_refused(exported):
     _, out = exported
-    hf = read_bamba_config(out)
+    hf = read_hf_config(out)
     hf.rope_parameters = {**hf.rope_parameters, "rope_type": "longrope"}
     with pytest.raises(ExportError, match="rope_type longrope"):
         model_config_from_bamba(hf)

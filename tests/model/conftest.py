@@ -126,10 +126,11 @@ def grads_then_bind_main_grads() -> Callable[[HybridLM, int], tuple[list[torch.T
     return _grads_then_bind_main_grads
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(b, l, h, k) causal GQA attention through SDPA."""
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+          scale: float | None = None) -> torch.Tensor:
+    """(b, l, h, k) causal GQA attention through SDPA (scale: softmax scale, default 1/sqrt(k))."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, enable_gqa=True)
+                                         is_causal=causal, enable_gqa=True, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -137,14 +138,14 @@ def _flash_standins_of(calls: list[tuple[str, bool]]) -> types.SimpleNamespace:
     """flash-attn's dense ((b, l, h, k)) and varlen ((n, h, k) + cu_seqlens) contracts on SDPA, recording
     each call's `deterministic` flag."""
 
-    def dense(q, k, v, causal, deterministic=False):
+    def dense(q, k, v, causal, softmax_scale=None, deterministic=False):
         calls.append(("dense", deterministic))
-        return _sdpa(q, k, v, causal)
+        return _sdpa(q, k, v, causal, softmax_scale)
 
-    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, deterministic=False):
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale=None, deterministic=False):
         calls.append(("varlen", deterministic))
         bounds = cu_q.tolist()
-        return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+        return torch.cat([_sdpa(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
                           for a, b in zip(bounds[:-1], bounds[1:])])
 
     return types.SimpleNamespace(dense=dense, varlen=varlen)

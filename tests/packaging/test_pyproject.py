@@ -15,7 +15,7 @@ import pytest
 from launch import cli
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ["model", "config", "pipeline", "train", "eval", "export", "launch"]
+PACKAGES = ["model", "config", "pipeline", "train", "eval", "export", "launch", "adapt"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def test_dependencies_are_the_pinned_requirements(wheel: zipfile.ZipFile) -> Non
 def test_console_script_dispatches_to_each_entrypoint(wheel: zipfile.ZipFile) -> None:
     assert "hybrid-lm = launch.cli:main" in dist_info(wheel, "entry_points.txt")
     import eval.run
+    import launch.adapt
     import launch.export
     import launch.finetune
     import launch.generate
@@ -58,7 +59,8 @@ def test_console_script_dispatches_to_each_entrypoint(wheel: zipfile.ZipFile) ->
     import pipeline.curate
 
     mains = {"curate": pipeline.curate.main, "pretrain": launch.pretrain.main, "eval": eval.run.main,
-             "export": launch.export.main, "generate": launch.generate.main, "finetune": launch.finetune.main}
+             "export": launch.export.main, "generate": launch.generate.main, "finetune": launch.finetune.main,
+             "convert": launch.export.convert, "adapt": launch.adapt.main}
     assert set(cli.SUBCOMMANDS) == {*mains, "list"}
     for name, main in mains.items():
         assert cli.entrypoint(name) is main

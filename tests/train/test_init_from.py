@@ -68,3 +68,26 @@ def test_run_starts_from_the_checkpoint(run_a: Path, corpus: Path, tmp_path: Pat
     first = read_metrics(tmp_path / "cont")[1]
     assert abs(first["loss"] - trained_last) < 0.5 * (fresh_first - trained_last), (first, trained_last, fresh_first)
     assert first["lr"] < load_run_config(run_a / "final" / "run_config.yaml").train.lr  # the warm-up restarted
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_an_imported_granite(corpus: Path, tmp_path: Path, granite_factory) -> None:
+    """train.init_from reads a GraniteMoeHybrid folder directly (export/loading.py); the run's model
+    section is the imported config (multipliers, NoPE), and two steps move the weights only a little."""
+    import yaml
+
+    from export.hf import import_hf
+    from model.bundle import load_bundle
+
+    granite = granite_factory(tmp_path / "granite", corpus.parent / "tokenizer")
+    imported = import_hf(granite)
+    run_yaml = tmp_path / "granite_run.yaml"
+    data = yaml.safe_load((Path(__file__).parents[2] / "config" / "runs" / "tiny.yaml").read_text())
+    run_yaml.write_text(yaml.safe_dump({**data, "model": imported.cfg.model_dump(mode="json", exclude={"impl"})}))
+    proc = single_process(corpus, tmp_path / "cont", "--config", str(run_yaml), "--set", f"train.init_from={granite}",
+                          "--set", "train.max_steps=2", "--set", "train.warmup_steps=2", "--set", "train.save_every=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = load_bundle(tmp_path / "cont" / "final").model
+    assert trained.cfg.scales == imported.cfg.scales and not trained.cfg.attention.rope
+    moved = {k: float((v - trained.state_dict()[k]).abs().max()) for k, v in imported.state_dict().items()}
+    assert max(moved.values()) < 0.05 and any(m > 0 for m in moved.values()), moved  # weights std 0.1
