@@ -7,6 +7,7 @@ markdown table beside it; scripts that plot add a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import platform
@@ -68,6 +69,14 @@ def add_run_options(ap: argparse.ArgumentParser, iters: int) -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--name", default=None)
+
+
+def hf_torch_path(device: torch.device) -> contextlib.AbstractContextManager:
+    """transformers' Bamba and Granite pick causal_conv1d / mamba_ssm by what imports, not by the tensors'
+    device: on the CPU (of a machine that has them) run their PyTorch code (export.hf.hf_torch_ops)."""
+    from export.hf import hf_torch_ops
+
+    return hf_torch_ops() if device.type == "cpu" else contextlib.nullcontext()
 
 
 def sync(device: torch.device) -> None:

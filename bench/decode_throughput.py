@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
-from bench.common import RESULTS, environment, pyplot, save_figure, sync, write_results  # noqa: E402
+from bench.common import RESULTS, environment, hf_torch_path, pyplot, save_figure, sync, write_results  # noqa: E402
 from bench.peers import attention_twin  # noqa: E402
 from model import HybridLM, ModelConfig  # noqa: E402
 from model.sizing import count_params  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset = "tiny"
         args.contexts = args.contexts if args.contexts != DEFAULT_CONTEXTS else "64,128,256"
         args.new_tokens = args.new_tokens if args.new_tokens != DEFAULT_NEW_TOKENS else 8
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if args.checkpoint:
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         ids = ids.to(device)
         for name, (runner, params, impl) in models.items():
             try:
-                row, tokens = measure(name, runner, ids, args.new_tokens, device)
+                with hf_torch_path(device):
+                    row, tokens = measure(name, runner, ids, args.new_tokens, device)
             except torch.OutOfMemoryError:
                 row, tokens = {"model": name, "context": ctx, "decode_tokens_per_s": None, "state_mb": None,
                                "prefill_s": "OOM"}, None

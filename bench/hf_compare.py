@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
-from bench.common import bench_model, environment, sync, time_fn, write_results
+from bench.common import bench_model, environment, hf_torch_path, sync, time_fn, write_results
 from bench.peers import run_guarded
 from model import ModelConfig, count_params
 from model.variants import VARIANTS, match_ffn
@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device(args.device)
     try:
-        rows = compare(folders, args.preset, variants, args.match_hf, args.seq_len, args.batch, args.warmup,
-                       args.iters, device)
+        with hf_torch_path(device):
+            rows = compare(folders, args.preset, variants, args.match_hf, args.seq_len, args.batch, args.warmup,
+                           args.iters, device)
     except ValueError as exc:  # an unknown preset, a parameter count match_ffn cannot reach
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

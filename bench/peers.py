@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.common import hf_torch_path
 from model import ModelConfig
 from model.attention import Attention
 from model.kernels import kernel_report
@@ -149,7 +150,8 @@ def train_loss(name: str, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     inputs, labels = ids[:, :-1], ids[:, 1:]
     if name in OURS:
         return model.loss(inputs, labels)
-    logits = model(input_ids=inputs, use_cache=False).logits
+    with hf_torch_path(ids.device):
+        logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 

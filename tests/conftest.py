@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import torch
 
 from model import HybridLM, ModelConfig
 from model.bundle import save_bundle
+
+
+def repo_first_pythonpath() -> str:
+    """PYTHONPATH for a child process: the repository first, then what this process was given (a GPU
+    machine's packages may live in a PYTHONPATH folder, e.g. scripts/test_gpu.sh's)."""
+    repo = str(Path(__file__).resolve().parents[1])
+    return os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
 
 
 def stdlib_texts(limit: int = 200) -> list[str]:

@@ -142,6 +142,7 @@ def test_decode_throughput_smoke(tmp_path):
 
 
 def test_eval_throughput_smoke(monkeypatch, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (lm_eval) is not installed here")
     import bench.common
     from bench import eval_throughput
 

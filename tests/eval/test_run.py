@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import repo_first_pythonpath
+
+from .conftest import need_lm_eval
+
 DATA = Path(__file__).resolve().parent / "data"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,8 +147,9 @@ def test_code_execution_reruns_the_evaluation_in_the_sandbox(tiny_bundle_dir, mo
 def test_lm_eval_cli_runs_the_shipped_tasks_from_another_folder(tiny_bundle_dir, tmp_path):
     """lm-eval's own CLI through the wrapper, started outside the repository: the backend is registered
     and the shipped tasks' data files resolve against their YAML's folder, not the working directory."""
+    need_lm_eval()
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": repo_first_pythonpath(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf_home")}
     proc = subprocess.run(
         [sys.executable, "-m", "eval.lm_eval_cli", "--model", "hybrid", "--model_args",

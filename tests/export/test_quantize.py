@@ -85,7 +85,7 @@ def test_quantized_folder_loads_in_plain_transformers(method, tolerance, tiny_bu
     """AutoModelForCausalLM reads the folder through transformers' own quantizer (TorchAoConfig /
     BitsAndBytesConfig in config.json) and matches our reload: tolerance relative to the largest logit
     (NF4: the two libraries' CPU kernels round the dequantized matmul differently)."""
-    import bitsandbytes as bnb
+    need_package(method)
     from transformers import AutoModelForCausalLM
 
     from export.quantize import _cpu_packing_guard
@@ -100,12 +100,14 @@ def test_quantized_folder_loads_in_plain_transformers(method, tolerance, tiny_bu
     mamba = theirs.model.layers[0].mamba
     assert type(mamba.out_proj) is torch.nn.Linear and type(mamba.out_proj.weight) is torch.nn.Parameter
     if library == "bitsandbytes":
+        import bitsandbytes as bnb
+
         assert isinstance(mamba.in_proj, bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit)
+        for module in theirs.modules():  # bitsandbytes' AVX512 CPU repacking needs out_features % 32 (see docs)
+            if isinstance(module, bnb.nn.Linear4bit):
+                _cpu_packing_guard(module)
     else:
         assert type(mamba.in_proj.weight).__name__ == "Int8Tensor"
-    for module in theirs.modules():  # bitsandbytes' AVX512 CPU repacking needs out_features % 32 (see docs)
-        if isinstance(module, bnb.nn.Linear4bit):
-            _cpu_packing_guard(module)
     ids = torch.randint(4, bundle.model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = load_quantized(tmp_path, CPU)(ids).float()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import repo_first_pythonpath
+
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-10
@@ -29,7 +31,7 @@ def _free_port() -> int:
 def test_split_rows_match_whole_rows(tmp_path: Path) -> None:
     """One launch of 4 processes checks groups of 2 (two of them, side by side) and the group of 4."""
     world, out, port = 4, tmp_path / "errors.json", _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": repo_first_pythonpath(), "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(port), str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate(timeout=240)[0] for p in procs]

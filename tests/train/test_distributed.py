@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import repo_first_pythonpath
+
 REPO = Path(__file__).resolve().parents[2]
 
 ENTRY = """
@@ -33,7 +35,7 @@ def run_entry(body: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, P
     script.write_text(textwrap.dedent(ENTRY).replace("{body}", body))
     marker = tmp_path / "marker"
     proc = subprocess.run([sys.executable, str(script), str(marker)], cwd=REPO, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+                          env={"PYTHONPATH": repo_first_pythonpath(), "PATH": "/usr/bin:/bin"}, timeout=120)
     return proc, marker
 
 

@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from tests.conftest import repo_first_pythonpath
+
 REPO = Path(__file__).resolve().parents[2]
 
 # One process, a world of one (gloo): bf16 ZeRO-1 engines from ds_configs/zero1.json on the same
@@ -89,7 +91,7 @@ WORKER = textwrap.dedent("""
 def test_folds_against_deepspeeds() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-c", WORKER], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=env | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                          env=env | {"PYTHONPATH": repo_first_pythonpath(), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["installed"] == ["deepspeed", "copy_free", "fused_wgrad"], r

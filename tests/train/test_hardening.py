@@ -22,6 +22,8 @@ from train.errors import TrainingError
 from train.run_lock import RunLock
 from train.trainer import check_fresh_start, check_model_matches
 
+from tests.conftest import repo_first_pythonpath
+
 from .conftest import PRETRAIN, REPO, run_env
 
 STATE = {"step": 0, "consumed_samples": 0, "consumed_tokens": 0, "seq_len": 64, "world_size": 2, "zero_stage": 2,
@@ -65,7 +67,7 @@ def test_second_run_on_a_folder_is_refused_naming_host_and_pid(tmp_path: Path) -
 def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.run_lock import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
-                               str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": repo_first_pythonpath()},
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(TrainingError, match=f"pid {holder.pid}"):
@@ -212,6 +214,6 @@ def test_fatal_error_path_releases_the_segment(tmp_path: Path) -> None:
     port = f"i29{os.getpid()}"
     segment = Path(f"/dev/shm/{'deepspeed_allreduce_buffer_'}{os.getuid()}_127.0.0.1_{port}_0")
     proc = subprocess.run([sys.executable, "-c", script, port], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                          env={**os.environ, "PYTHONPATH": repo_first_pythonpath()}, timeout=120)
     assert proc.returncode == 2 and "bad input" in proc.stderr, proc.stderr
     assert not segment.exists()
