@@ -32,6 +32,7 @@ if [ ${#found[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "${found[@]}"
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$site/bin:$PATH"  # console scripts of the installed wheels (the deepspeed launcher)
 export TORCH_CUDA_ARCH_LIST=9.0  # the device sets 9.0a, which DeepSpeed's op builder cannot parse
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: fail fast instead of retrying
 if ! python3 -c "import pytest" 2>/dev/null; then
