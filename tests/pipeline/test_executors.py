@@ -20,6 +20,7 @@ from .conftest import run_cli
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("datasets", reason="the production recipe's Hugging Face sources need datasets, not installed here")
     recipe, base = load_recipe("production_100b")
     layout = Layout(tmp_path_factory.mktemp("out"))
     return recipe, layout, build_stages(recipe, base, layout, data_root=None, tokenizer_path=None)
