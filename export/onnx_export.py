@@ -17,9 +17,10 @@ given positions, so plain onnxruntime takes any prompt. The model treats left pa
 document (no state, conv tap or attention crosses into the prompt, RoPE starts at the first real
 token), so the padding changes nothing but rounding.
 
-Torch range: torch 2.11 and 2.13 (tests/export/test_onnx.py passes on both, on the CPU); the test checks
-that batch, prompt and cache axes are symbolic in the saved graphs, so a torch that bakes one in fails
-there, not in a user's onnxruntime. The export always traces a CPU copy (see export_onnx).
+Torch range: tests/export/test_onnx.py passes with torch 2.11 and 2.13 on a CPU machine. On the H200 test
+machine (torch 2.11, Python 3.12, a CPU trace too) the saved prefill graph had a fixed batch size:
+`check_symbolic` refuses such a graph with one line at export instead of leaving it to fail in a user's
+onnxruntime. The export traces a CPU copy of the model: the graphs are device-free and run in onnxruntime.
 
 Cache as flat tensors (the model's HybridCache preallocates KV capacity, which does not export):
 per Mamba2 layer i  `past.i.conv` (b, conv_dim, d_conv), `past.i.ssm` (b, heads, headdim, d_state)
@@ -143,6 +144,21 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def check_symbolic(path: Path, axes: dict[str, tuple[int, ...]]) -> None:
+    """ExportError unless every named graph input keeps the given axes symbolic (dim_param). torch.onnx's
+    capture may relax a declared dynamic axis to a fixed size instead of failing (it did for the prefill's
+    batch on an H200 with torch 2.11); such a graph would reject every other batch size in onnxruntime."""
+    import onnx
+
+    dims = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path), load_external_data=False).graph.input}
+    fixed = [f"{name}[{d}]={dims[name][d].dim_value}" for name, want in axes.items() for d in want
+             if not dims[name][d].dim_param]
+    if fixed:
+        raise ExportError(f"torch {torch.__version__} exported {path.name} with fixed sizes where batch and length must "
+                          f"be symbolic ({', '.join(fixed[:4])}): export with torch 2.13 on the CPU, or leave onnx out "
+                          "of export.formats")
+
+
 def _min_chunks(cfg: ModelConfig) -> int:
     """Shortest prompt (in chunks) the graph accepts: the conv state needs >= d_conv tokens."""
     return -(-cfg.mamba.d_conv // cfg.mamba.chunk_size)
@@ -163,10 +179,7 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model.embed.weight.device.type != "cpu":
-        # Traced on the CPU whatever device the model is on: the graphs are device-free and run in onnxruntime,
-        # and a trace of CUDA tensors (torch 2.11, an H100) baked in the example's batch size where the CPU
-        # trace of the same torch keeps it symbolic.
-        model = copy.deepcopy(model).cpu()
+        model = copy.deepcopy(model).cpu()  # the graphs are device-free; onnxruntime runs them on the CPU
     previous_impl = model.impl
     model = model.eval()
     model.set_impl("reference")  # the kernel path's Triton/CUDA ops do not export
@@ -189,6 +202,7 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
             dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
         )
         program.save(str(out / PREFILL_FILE), external_data=big)
+        check_symbolic(out / PREFILL_FILE, {"input_ids": (0, 1), "attention_mask": (0, 1)})
         attention = [name for name, kind in zip(present_names, kinds, strict=True) if kind != MAMBA]
         pad_inside(out / PREFILL_FILE, q, q * _min_chunks(cfg), attention, big)
         states = prefill(ids, mask)[1:]
@@ -204,6 +218,9 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
             },
         )
         program.save(str(out / DECODE_FILE), external_data=big)
+        check_symbolic(out / DECODE_FILE, {"input_ids": (0,), "attention_mask": (0, 1),
+                                           **{name: (0,) if kind == MAMBA else (0, 2)
+                                              for name, kind in zip(past_names, kinds, strict=True)}})
     model.set_impl(previous_impl)
     info = {
         "prefill": PREFILL_FILE,

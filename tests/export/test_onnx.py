@@ -103,3 +103,25 @@ def test_card_example_samples_in_plain_onnxruntime(onnx_dir):
     assert "OnnxLM" not in code and "rng.choice" in code
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_graph_with_a_fixed_batch_is_refused(tmp_path):
+    """check_symbolic: a saved graph whose batch axis is a number (what one torch's capture produced) is an
+    ExportError naming the axis; symbolic axes pass."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export import ExportError
+    from export.onnx_export import check_symbolic
+
+    def save(batch) -> object:
+        x = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, "length"])
+        y = helper.make_tensor_value_info("out", TensorProto.INT64, [batch, "length"])
+        graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g", [x], [y])
+        path = tmp_path / f"{batch}.onnx"
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    check_symbolic(save("batch"), {"input_ids": (0, 1)})
+    with pytest.raises(ExportError, match=r"fixed sizes where batch and length must be symbolic \(input_ids\[0\]=2\)"):
+        check_symbolic(save(2), {"input_ids": (0, 1)})

@@ -29,6 +29,7 @@ gradients fused vs torch, bound 1e-3 (observed 0.0).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import sys
 import types
@@ -46,6 +47,7 @@ from model.mixers import MixerContext
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
+INTERPRETER_TRITON = (3, 9)  # the interpreter these tests run on (scripts/setup.sh's triton==3.9.0)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,12 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
     with pytest.MonkeyPatch.context() as mp:
         if kernels_cpu.is_dir():
             mp.syspath_prepend(str(kernels_cpu))
+        version = importlib.metadata.version("triton")  # not imported yet: TRITON_INTERPRET must come first
+        if tuple(int(x) for x in version.split(".")[:2]) < INTERPRETER_TRITON:
+            pytest.skip(f"Triton {version}'s interpreter raises TypeError('only 0-dimensional arrays can be "
+                        "converted to Python scalars') at every launch (the GPU image's 3.6: bench/results/"
+                        "test_suite_gpu_h200_interpreted_log.txt); scripts/setup.sh gives CPU machines 3.9, and on a "
+                        "GPU the compiled kernels run in the other tests")
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("MAMBA_DETERMINISTIC", "1")
         for extension in ("selective_scan_cuda", "flash_attn_2_cuda"):

@@ -18,7 +18,10 @@ def test_docs_link_nothing_outside_the_repository() -> None:
 
 
 def test_example_checkpoints_are_folders_a_run_config_writes() -> None:
+    """Every `--checkpoint X/final` in the docs is the final folder of a shipped run config's output_dir or
+    of a `--set train.output_dir=X` that the docs' own commands pass."""
     finals = {f"{yaml.safe_load(p.read_text())['train']['output_dir']}/final"
               for p in (REPO / "config" / "runs").glob("*.yaml")}
+    finals |= {f"{m}/final" for d in DOCS for m in re.findall(r"train\.output_dir=(\S+?)/?\s", d.read_text())}
     used = {m for d in DOCS for m in re.findall(r"--checkpoint (\S+/(?:final|consolidated))\b", d.read_text())}
     assert used and used <= finals, sorted(used - finals)
