@@ -51,6 +51,7 @@ def test_kernel_parity_smoke(monkeypatch, tmp_path):
     assert json.loads((tmp_path / "kernel_parity_smoke_per_tensor.json").read_text())
 
 
+@pytest.mark.slow
 def test_block_types_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, block_types, ["--smoke", "--out", str(tmp_path)])
     rows = _load(tmp_path / "block_types_smoke.json")["rows"]
@@ -71,6 +72,7 @@ def test_context_parallel_overhead_smoke(monkeypatch, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_fwd_bwd_throughput_smoke(monkeypatch, tmp_path):
     _run(monkeypatch, fwd_bwd_throughput, ["--smoke", "--out", str(tmp_path)])
     rows = _load(tmp_path / "fwd_bwd_throughput_smoke.json")["rows"]
@@ -113,6 +115,7 @@ def test_profile_decode_smoke(monkeypatch, tmp_path):
     assert not any("backward" in r["op"].lower() for r in data["rows"])  # a decode step has no backward
 
 
+@pytest.mark.slow
 def test_packing_throughput_smoke(monkeypatch, tmp_path):
     shard = tmp_path / "tokens" / "train" / "src"
     shard.mkdir(parents=True)
@@ -130,6 +133,7 @@ def test_packing_throughput_smoke(monkeypatch, tmp_path):
     assert data["meta"]["packed_vs_alone_logits_rel_err"] < 1e-5  # float32 reference path on CPU
 
 
+@pytest.mark.slow
 def test_decode_throughput_smoke(tmp_path):
     from bench import decode_throughput
 
@@ -141,6 +145,7 @@ def test_decode_throughput_smoke(tmp_path):
     assert all(a == b for a, b in (r["tokens_agree_with_ours"].split("/") for r in rows if r["model"] == "hf"))
 
 
+@pytest.mark.slow
 def test_eval_throughput_smoke(monkeypatch, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness (lm_eval) is not installed here")
     import bench.common
@@ -271,6 +276,7 @@ def test_state_memory_smoke(monkeypatch, tmp_path):
     assert ssm["compression2"] == ssm["strategic"] / 2 and ssm["compression4"] == ssm["strategic"] / 4
 
 
+@pytest.mark.slow
 def test_long_context_smoke(monkeypatch, tmp_path):
     """Ours and the twin at 64 and 128 tokens, the first mode that fits (none, on CPU) chosen per length."""
     from bench import long_context
@@ -283,6 +289,7 @@ def test_long_context_smoke(monkeypatch, tmp_path):
     assert data["meta"]["measured_peak_tflops"] > 0
 
 
+@pytest.mark.slow
 def test_finetune_lora_vs_full_smoke(monkeypatch, tmp_path):
     from bench import finetune_lora_vs_full
 

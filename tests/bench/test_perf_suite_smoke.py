@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from bench import hw_ceilings, memory_scaling, peers, step_overhead, train_step_throughput
 from model import ModelConfig, count_params
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 REPO = Path(__file__).resolve().parents[2]
 
 

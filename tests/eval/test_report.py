@@ -9,6 +9,7 @@ from eval.errors import EvalError
 from eval.report import Row, attach_references, format_table, lm_eval_rows, load_references, val_ppl_rows
 
 
+@pytest.mark.slow
 def test_standard_suite_names_exist_in_lm_eval(builtin_tasks):
     index = builtin_tasks.task_index
     for name in [*STANDARD_SUITE.values(), *CODE_SUITE.values()]:

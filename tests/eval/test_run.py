@@ -42,6 +42,7 @@ def test_simple_evaluate_runs_local_tasks_and_group(lm, tasks_dir):
     assert results["config"]["step"] == 0  # get_model_info of the backend
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_results_json(run_cli, tiny_bundle_dir, tasks_dir, manifest_path, tmp_path):
     out = tmp_path / "results" / "eval.json"
     args = ("--checkpoint", str(tiny_bundle_dir), "--benchmarks", "local_mc,local_gen,val_ppl",
@@ -91,6 +92,7 @@ def _one_line_error(proc) -> str:
         ("broken_local", "broken_local (dataset json"),
     ],
 )
+@pytest.mark.slow
 def test_cli_errors_are_one_line(run_cli, tiny_bundle_dir, tmp_path, benchmark, expected):
     proc = run_cli("--checkpoint", str(tiny_bundle_dir), "--benchmarks", benchmark,
                    "--tasks-dir", str(DATA / "broken_task"), "--output", str(tmp_path / "r.json"))
@@ -101,6 +103,7 @@ def test_cli_errors_are_one_line(run_cli, tiny_bundle_dir, tmp_path, benchmark, 
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_fail_before_any_work(run_cli, tiny_bundle_dir, tmp_path):
     assert "does not exist" in _one_line_error(run_cli("--checkpoint", str(tmp_path / "nope"), "--benchmarks", "x"))
     assert "eval.limit" in _one_line_error(run_cli("--checkpoint", str(tiny_bundle_dir), "--limit", "0"))
@@ -144,6 +147,7 @@ def test_code_execution_reruns_the_evaluation_in_the_sandbox(tiny_bundle_dir, mo
         run.main(args)
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_the_shipped_tasks_from_another_folder(tiny_bundle_dir, tmp_path):
     """lm-eval's own CLI through the wrapper, started outside the repository: the backend is registered
     and the shipped tasks' data files resolve against their YAML's folder, not the working directory."""

@@ -16,6 +16,8 @@ from export.onnx_runtime import OnnxLM
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 REL_TOL = 1e-4  # max |ort - torch| / max |torch|, float32
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import DocumentLayout, positions_from_seq_idx
@@ -48,6 +49,7 @@ def test_residual_norm_is_residual_add_then_norm() -> None:
 
 
 @torch.no_grad()  # FlexAttention has no CPU backward; the forward checks the document mask itself
+@pytest.mark.slow
 def test_flex_document_mask_matches_the_reference_mask() -> None:
     """attn_backend=flex (kernel path) against the reference boolean mask, float32, same weights."""
     from model import ModelConfig

@@ -45,6 +45,8 @@ from model import HybridLM, ModelConfig
 from model.mamba2 import causal_conv1d_ref
 from model.mixers import MixerContext
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
 INTERPRETER_TRITON = (3, 9)  # the interpreter these tests run on (scripts/setup.sh's triton==3.9.0)

@@ -8,6 +8,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -17,6 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_runs_pytest_and_writes_results(tmp_path: Path) -> None:
     wheels, out = tmp_path / "wheels", tmp_path / "out"
     wheels.mkdir()

@@ -22,6 +22,8 @@ from pipeline.spm_tokenizer import load_hf_tokenizer
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 
 def curated_ids(out: Path, source: str) -> set[str]:
     return {json.loads(line)["id"] for f in (out / "work" / "curated").glob(f"*/{source}/*.jsonl")

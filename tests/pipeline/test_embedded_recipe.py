@@ -14,6 +14,7 @@ from .conftest import run_cli
 pytest.importorskip("datatrove", reason="datatrove is not installed here (curation runs on it)")
 
 
+@pytest.mark.slow
 def test_embedded_recipe_runs_offline(tmp_path: Path) -> None:
     out = tmp_path / "embedded"
     proc = run_cli("--recipe", "embedded", "--output", str(out), "--limit-docs", "40")

@@ -71,6 +71,7 @@ def test_ray_and_local_executors(stages) -> None:
 
 
 @pytest.mark.parametrize("kind, message", [("slurm", "sbatch not found"), ("ray", "needs its client library")])
+@pytest.mark.slow
 def test_cluster_executor_without_its_client_fails_in_one_line(small_recipe: dict, tmp_path: Path, kind: str,
                                                                message: str) -> None:
     proc = run_cli("--recipe", str(small_recipe["path"]), "--output", str(tmp_path / "out"), "--executor", kind,

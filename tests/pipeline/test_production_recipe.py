@@ -33,6 +33,7 @@ def test_missing_mirror_names_the_source(tmp_path: Path) -> None:
     assert f"source dclm: no local mirror of mlfoundations/dclm-baseline-1.0-parquet at {tmp_path}" in proc.stderr
 
 
+@pytest.mark.slow
 def test_runs_from_local_mirrors(tmp_path: Path) -> None:
     """The real recipe on a fake mirror of all 8 sources (shrunk with --set/--limit-docs to stay fast)."""
     recipe, _ = load_recipe("production_100b")

@@ -38,6 +38,7 @@ def ablate(corpus: Path, variants: Path, out: Path, *extra: str) -> subprocess.C
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_ablation_runs_reports_skips_and_resumes(corpus: Path, tmp_path: Path) -> None:
     variants = tmp_path / "variants.yaml"
     variants.write_text(VARIANTS)

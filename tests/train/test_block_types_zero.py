@@ -15,6 +15,8 @@ from model.hybrid import HybridLM
 
 from .conftest import read_metrics, train_run
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 PATTERN = ["model.pattern=MRAGMG", "model.gated.slots=4", "model.routed.capacity=0.3", "train.max_steps=8",
            "train.save_every=8", "train.eval_every=8"]
 

@@ -100,6 +100,7 @@ def test_watch_shows_progress_loss_and_gpus(tmp_path: Path) -> None:
     assert gpu_lines == [[r, "87", "30.0", "/", "80.0", "61", "250"] for r in "01"]
 
 
+@pytest.mark.slow
 def test_watch_follow_on_a_finished_run_returns_and_plot_cli(tmp_path: Path) -> None:
     log_run(tmp_path, steps=4)
     (tmp_path / "loss.png").unlink()

@@ -33,6 +33,8 @@ from train.trainer import check_finite
 
 from .conftest import BASE_SETS, PRETRAIN, REPO, read_metrics, run_env, run_until_signalled, train_run
 
+pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
+
 ZERO3_BF16 = ["train.ds_config=ds_configs/zero3.json", "train.precision=bf16", "train.max_steps=12"]
 
 

@@ -17,6 +17,7 @@ from bench import scale_runs
 from .conftest import REPO, VOCAB
 
 
+@pytest.mark.slow
 def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path) -> None:
     """Reference run, SIGTERM mid-run, resume on 1 process (universal) and on 2 (--resume auto): both
     continue the reference's losses (float32 on CPU: same world bitwise, other world within 1e-5)."""
@@ -49,6 +50,7 @@ def test_launch_tail_reads_only_the_last_launch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stage", ["determinism", "x2", "x4", "x8", "fp8",
                                    pytest.param("fp8_2.7b", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_gpu_stages_launch_valid_run_configs(stage: str, corpus: Path, tmp_path: Path) -> None:
     """bench/gpu_runs.sh's stages that drive scale_runs or fp8_train, with CHECK_ONLY=1: every run they would
     launch has a valid config and batch split at its GPU counts. (Before the driver shortened the warm-up,

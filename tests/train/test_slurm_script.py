@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from .conftest import BASE_SETS, REPO, read_metrics, run_env
 
@@ -62,6 +63,7 @@ def _args(corpus: Path, out: Path) -> list[str]:
     return ["--config", "tiny", *[a for s in sets for a in ("--set", s)]]
 
 
+@pytest.mark.slow
 def test_preempted_job_saves_and_the_requeued_job_resumes(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = _slurm_env(tmp_path)
