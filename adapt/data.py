@@ -8,30 +8,23 @@ and cut into windows (the tail shorter than a window is dropped).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from config.loader import ConfigError
+from train.finetune_data import read_records
 
 
 def jsonl_windows(path: Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
     """(n, seq_len + 1) long windows of the records' text; ConfigError (one line) for bad records."""
     ids: list[int] = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ConfigError(f'{path}:{n}: each line must be an object with a "text" string')
-            ids += tokenizer(record["text"], add_special_tokens=False).input_ids + eos
+    for n, record in read_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ConfigError(f'{path}:{n}: each line must be an object with a "text" string')
+        ids += tokenizer(record["text"], add_special_tokens=False).input_ids + eos
     n_windows = len(ids) // (seq_len + 1)
     if n_windows == 0:
         raise ConfigError(f"{path} holds {len(ids)} tokens, fewer than one window of train.seq_len + 1 = "
