@@ -92,8 +92,3 @@ def granite_factory():
     """`write_granite` for the test areas that import Granite 4.0-H folders (export, train)."""
     return write_granite
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first (a stable sort: each group keeps its order). With the README's two xdist workers
-    the long launched runs then overlap the ~600 short tests instead of running alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
