@@ -91,4 +91,3 @@ def write_granite(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides)
 def granite_factory():
     """`write_granite` for the test areas that import Granite 4.0-H folders (export, train)."""
     return write_granite
-
