@@ -6,7 +6,8 @@ of --preset (speed and memory do not depend on trained weights):
   - records: prompt/response pairs cut from Python standard-library sources (on every machine), long
     enough that every row is cut at seq_len + 1 tokens (no padding: the tokens counted are real ones);
   - tokenizer: sentencepiece trained here on the same text by the pipeline's own trainer (the data
-    contract's special ids), copied into the checkpoint;
+    contract's special ids), or --tokenizer's folder (tokenizer.model + tokenizer.json, e.g. a curated
+    run's: no datatrove needed), copied into the checkpoint;
   - checkpoint: HybridLM(--preset), bf16 safetensors bundle (half the bytes to write and read).
 Columns (from each run's metrics.jsonl):
   tokens_per_s   median of tokens_per_s over the steps after the first --warmup (compile, autotune)
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -40,7 +42,6 @@ from config.recipe import TokenizerConfig  # noqa: E402
 from config.schema import load_run_config  # noqa: E402
 from model import HybridLM  # noqa: E402
 from model.bundle import save_bundle  # noqa: E402
-from pipeline.spm_tokenizer import JSON_NAME, spm_to_hf, train_sentencepiece  # noqa: E402
 from train.lora import target_modules, trainable_fraction  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,14 +67,29 @@ def write_records(texts: list[str], seq_len: int, path: Path) -> int:
     return len(chunks)
 
 
-def make_checkpoint(preset: str, texts: list[str], folder: Path, device: torch.device) -> HybridLM:
-    """A random-init bf16 bundle of `preset` with a 4096-piece tokenizer trained on `texts`; the model is
-    initialised on `device` (a 1.3B init is minutes on CPU) and returned on the CPU."""
+def make_tokenizer(texts: list[str], folder: Path, given: Path | None) -> None:
+    """tokenizer.model + tokenizer.json in `folder`: copied from `given`, or a 4096-piece sentencepiece trained
+    on `texts` (the pipeline's trainer, which imports datatrove)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if given is not None:
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if not (given / name).is_file():
+                raise SystemExit(f"error: --tokenizer {given} has no {name}: pass a curated run's tokenizer folder")
+            shutil.copyfile(given / name, folder / name)
+        return
+    from pipeline.spm_tokenizer import JSON_NAME, spm_to_hf, train_sentencepiece
+
     sample = folder / "tokenizer_text.txt"
-    sample.parent.mkdir(parents=True, exist_ok=True)
     sample.write_text("\n".join(line for t in texts for line in t.splitlines() if line.strip()))
     model_file = train_sentencepiece(sample, folder / "tokenizer", TokenizerConfig(vocab_size=4096))
     spm_to_hf(model_file).save(str(folder / JSON_NAME))
+
+
+def make_checkpoint(preset: str, texts: list[str], folder: Path, device: torch.device,
+                    tokenizer: Path | None) -> HybridLM:
+    """A random-init bf16 bundle of `preset` with make_tokenizer's tokenizer; the model is initialised on
+    `device` (a 1.3B init is minutes on CPU) and returned on the CPU."""
+    make_tokenizer(texts, folder, tokenizer)
     cfg = load_run_config(None, [f"model.preset={preset}"]).model
     torch.manual_seed(0)
     with device:
@@ -107,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ds-config", default="ds_configs/zero2.json")
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--targets", default="attention,mamba_in,mlp", help="finetune.lora.targets, comma-separated")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="folder with tokenizer.model + tokenizer.json (default: train one on the records' text)")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, short rows, 3 steps")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     ap.add_argument("--name", default=None)
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="ft_bench_") as tmp:
         tmp = Path(tmp)
         texts = stdlib_text(60 if args.smoke else 200)
-        model = make_checkpoint(args.preset, texts, tmp, device)
+        model = make_checkpoint(args.preset, texts, tmp, device, args.tokenizer)
         n_records = write_records(texts, args.seq_len, tmp / "records.jsonl")
         base = trainable_fraction(model)[1]
         adapters = sum(args.lora_r * (lin.in_features + lin.out_features)

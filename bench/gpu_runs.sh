@@ -91,6 +91,14 @@
 #              (per-layer cost and memory for python -m train.plan). The preset_* stages write
 #              pretrain_<name>_<gpu>.md (device, date, the command) + _metrics.jsonl + _host_mem.txt (host memory
 #              used, sampled every 5 s), the files `python -m train.plan --check` reads
+#   variants2  the hybrid variants of part 2 (H blocks, bridges, state compression 2/4) vs the strategic hybrid,
+#              small preset: training tokens/s and memory at 4 x 4096, decode state and tokens/s at 1K-32K
+#              (bench/state_memory.py)
+#   finetune   LoRA vs full fine-tuning of the 1.3B (launch/finetune.py, ZeRO-2, 4 x 2048): tokens/s, peak memory,
+#              trainable parameters (bench/finetune_lora_vs_full.py, with the curated run's tokenizer)
+#   long_context  the 1.3B and its all-attention twin at 32K, 64K, 128K tokens per sequence, the first
+#              activation-checkpointing mode that fits (bench/long_context.py); context parallelism's overhead
+#              on one rank (bench/context_parallel_overhead.py, small preset, 2 x 8192, 4 documents per row)
 #   fp8        launch/pretrain.py, 1.3B at 4096 (graphed ZeRO-1, fused_wgrad, micro-batch 2 x 4096, no accumulation):
 #              bf16 then float8 tensorwise, 300 optimizer steps each on the curated shards (tokens/s, peak memory,
 #              smoothed loss, both curves in one PNG), and float8 rowwise for 30 steps (throughput only)
@@ -107,7 +115,7 @@
 # x8) and bench/fp8_train.py (fp8, fp8_2.7b) validate every run config and batch split they would launch,
 # and launch nothing.
 set -uo pipefail
-stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200|fp8|fp8_2.7b|determinism|determinism_on|inference|x2|x4|x8"
+stages="core|train|peers|graph|parts|overhead|overhead2|grad_norm|grad_norm_fused_wgrad|peers_fused_ce|peers_saved|peers_zero1|peers_zero1_16k|docs_graph|peers_graph|peers_16k|eval_graph|train_graph|train_docs_graph|train_zero1_graph|train_zero1_fold_graph|train_zero1_fused_wgrad_graph|train_zero1_cb_grad_graph|mixer|fold|profile8k|gaps|graph_gaps|engine_gaps|peers_fold|peers_fold_bamba|peers_fused_wgrad|peers_bamba_16k|fused_wgrad_ab|tiles|ssd_backends|wgrad|cb_grad|cb_grad_ab|peers_cb_grad|mixer_kernels|docs_single|block_types|train_zero1_registry_graph|train_zero1_docs_graph|preset_2.7b_h100|preset_6.7b_h200|preset_13b_reduced_h200|variants2|finetune|long_context|fp8|fp8_2.7b|determinism|determinism_on|inference|x2|x4|x8"
 stage=${1:?usage: gpu_runs.sh $stages OUT_DIR}
 out=${2:?usage: gpu_runs.sh STAGE OUT_DIR}
 data=${DATA:-outputs/embedded/manifest.json}
@@ -265,6 +273,18 @@ train_zero1_docs_graph|train_zero1_registry_graph)
         --variants "zero2,zero1 deepspeed_fold" --name step_overhead_zero1_1.3b_h100 --out "$res"
     [ "$stage" = train_zero1_fused_wgrad_graph ] && step 200 python3 bench/step_overhead.py --preset 1.3b --seq-len 8192 \
         --variants "zero1,zero1 copy_free_fold" --name step_overhead_fused_wgrad_1.3b_h100 --out "$res"
+    ;;
+variants2)
+    step 300 python3 bench/state_memory.py --preset small --name "state_memory_small_$(gpu_tag)" --out "$res"
+    ;;
+finetune)
+    step 400 python3 bench/finetune_lora_vs_full.py --preset 1.3b --tokenizer "$(dirname "$data")/tokenizer" \
+        --name "finetune_lora_vs_full_1.3b_$(gpu_tag)" --out "$res"
+    ;;
+long_context)
+    step 360 python3 bench/long_context.py --preset 1.3b --name "long_context_1.3b_$(gpu_tag)" --out "$res"
+    step 150 python3 bench/context_parallel_overhead.py --preset small --seq-len 8192 --batch 2 --docs 4 \
+        --name "context_parallel_overhead_small_$(gpu_tag)" --out "$res"
     ;;
 fp8|fp8_2.7b)
     peak=$(matmul_peak)
