@@ -101,8 +101,9 @@
 #              on one rank (bench/context_parallel_overhead.py, small preset, 2 x 8192, 4 documents per row)
 #   fp8        launch/pretrain.py, 1.3B at 4096 (graphed ZeRO-1, fused_wgrad, micro-batch 2 x 4096, no accumulation):
 #              bf16 then float8 tensorwise, 300 optimizer steps each on the curated shards (tokens/s, peak memory,
-#              smoothed loss, both curves in one PNG), and float8 rowwise for 30 steps (throughput only)
-#              (bench/fp8_train.py); fp8_2.7b: the 2.7B at 4096 (micro-batch 1, 4 accumulation), 20 steps each
+#              smoothed loss, both curves in one PNG) (bench/fp8_train.py; `--variants bf16,fp8,fp8_rowwise:30` adds
+#              rowwise's throughput); fp8_2.7b: the 2.7B at 4096 (micro-batch 1, 4 accumulation), 20 steps each;
+#              the two stages fit one 10-minute call
 # Multi-GPU stages (bench/scale_runs.py: the real launch command, summarised; run folders in /dev/shm):
 #   x2         1.3B ZeRO-2 on 1 and 2 GPUs (scaling); SIGTERM + resume on 2 and, universal, on 1 (default
 #              kernels, then train.deterministic=true); 13B ZeRO-3 with activation checkpointing on 2 GPUs
@@ -292,11 +293,11 @@ fp8|fp8_2.7b)
     common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
             --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
     if [ "$stage" = fp8 ]; then
-        step 580 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:30 --steps 300 \
+        step 360 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
             --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "fp8_train_1.3b_$(gpu_tag)" \
             "${common[@]}"
     else
-        step 400 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
+        step 230 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
             --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "fp8_train_2.7b_$(gpu_tag)" \
             "${common[@]}"
     fi
