@@ -76,6 +76,7 @@ def main() -> None:
         args.preset, args.seq_len, args.batch, args.contexts, args.new_tokens, args.iters = "tiny", 128, 1, "64", 2, 1
     base = ModelConfig(preset=args.preset)
     contexts = [int(c) for c in args.contexts.split(",")]
+    out_name = (args.name or f"state_memory_{args.preset}") + ("_smoke" if args.smoke else "")
     rows = []
     for name, cfg in variants(base).items():
         head = {"variant": name, "pattern": cfg.layer_pattern, "params": count_params(cfg)}
@@ -103,9 +104,9 @@ def main() -> None:
         del model, runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    name = (args.name or f"state_memory_{args.preset}") + ("_smoke" if args.smoke else "")
-    write_results(name, rows, environment(device) | {"preset": args.preset}, COLUMNS, args.out,
-                  title=f"Hybrid variants part 2: training and decoding memory and speed ({args.preset})")
+        # after every variant: a run cut short by its time limit keeps the variants it finished
+        write_results(out_name, rows, environment(device) | {"preset": args.preset}, COLUMNS, args.out,
+                      title=f"Hybrid variants part 2: training and decoding memory and speed ({args.preset})")
 
 
 if __name__ == "__main__":
