@@ -276,10 +276,10 @@ train_zero1_docs_graph|train_zero1_registry_graph)
         --variants "zero1,zero1 copy_free_fold" --name step_overhead_fused_wgrad_1.3b_h100 --out "$res"
     ;;
 variants2)
-    step 330 python3 bench/state_memory.py --preset small --contexts 1024,4096,16384,32768 --name "state_memory_small_$(gpu_tag)" --out "$res"
+    step 250 python3 bench/state_memory.py --preset small --contexts 1024,8192,32768 --iters 5 --new-tokens 32 --name "state_memory_small_$(gpu_tag)" --out "$res"
     ;;
 finetune)
-    step 200 python3 bench/finetune_lora_vs_full.py --preset 1.3b --tokenizer "$(dirname "$data")/tokenizer" \
+    step 190 python3 bench/finetune_lora_vs_full.py --preset 1.3b --tokenizer "$(dirname "$data")/tokenizer" \
         --name "finetune_lora_vs_full_1.3b_$(gpu_tag)" --out "$res"
     ;;
 long_context)
