@@ -39,7 +39,7 @@ class RunConfig(StrictModel):
             adapt_run_problem(self)
             return self
         if self.model is None:
-            raise ValueError("model: the section is missing (every run but a launch/adapt.py one, which sets "
+            raise ValueError("model: required key is missing (every run but a launch/adapt.py one, which sets "
                              "adapt.base, needs the architecture): add a model section or --set model.preset=NAME")
         if self.train.cuda_graph and self.data.packing == "document" and self.model.attn_backend not in ("auto", "flash"):
             raise ValueError(f"train.cuda_graph with data.packing=document needs model.attn_backend auto or flash "

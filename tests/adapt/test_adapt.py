@@ -134,7 +134,7 @@ def test_adapt_is_a_section_of_the_run_config():
     (["adapt.base=/b", "train.cuda_graph=true"], "train.cuda_graph: not supported for a wrapped transformer"),
     (["adapt.base=/b", "train.precision=fp8"], "train.precision=fp8: not supported"),
     (["adapt.base=/b", "adapt.layers=0"], "adapt.layers"),
-    (["train.lr=1e-3"], "model: the section is missing"),  # every other run still needs its architecture
+    (["train.lr=1e-3"], "model: required key is missing"),  # every other run still needs its architecture
 ])
 def test_config_errors_name_the_key(sets, key):
     with pytest.raises(ConfigError, match=re.escape(key)) as info:
