@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from adapt.data import open_adapt_data
+from adapt.data import WindowData, open_adapt_data
 from adapt.wrapper import AdaptedLM, decoder_layers, load_base, load_tokenizer, mamba_config
 from config.atomic import atomic_write_json, staged_dir
 from config.loader import ConfigError
@@ -29,6 +29,7 @@ from config.sections import AdaptConfig
 from model.loss import token_nll
 from train.checkpoint import RUN_CONFIG, read_run_config, seed_everything
 from train.consolidate import gather_fp32_state_dict
+from train.data import TrainData
 from train.distributed import barrier
 from train.ds_config import read_ds_json, zero_stage
 from train.metrics import MetricsLogger
@@ -87,7 +88,7 @@ class AdaptTrainer(Trainer):
         super().__init__(cfg, resume, dry_run, force)
 
     # ---- data ---------------------------------------------------------------------------------------
-    def open_data(self):  # noqa: ANN201 - TrainData or WindowData
+    def open_data(self) -> TrainData | WindowData:
         self.manifest, data = open_adapt_data(self.cfg, self.tokenizer)
         return data
 
@@ -140,7 +141,8 @@ class AdaptTrainer(Trainer):
         if full is None:
             return None
         name_of = {id(p): name for name, p in self.model.named_parameters()}
-        return {k: full[name_of[id(p)]] for k, p in self.model.added.named_parameters()}
+        buffers = {k: b.detach().cpu() for k, b in self.model.added.named_buffers()}
+        return {**buffers, **{k: full[name_of[id(p)]] for k, p in self.model.added.named_parameters()}}
 
     def export_final(self, metrics: MetricsLogger) -> None:
         """final/: the added weights, adapter_config.json, run_config.yaml, adapt_report.json, meta.json."""

@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
@@ -32,6 +32,9 @@ from config.console import quiet_libraries  # noqa: E402
 from config.loader import ConfigError  # noqa: E402
 from export.loading import cli_errors  # noqa: E402
 from launch.pretrain import add_run_flags  # noqa: E402
+
+if TYPE_CHECKING:
+    from config.schema import RunConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(args: argparse.Namespace):  # noqa: ANN201 - config.schema.RunConfig (imported lazily)
+def run_config(args: argparse.Namespace) -> RunConfig:
     """--config <- adapt.base, adapt.data and train.output_dir from --base, --data and --output <- --set."""
     from config.schema import load_run_config
 
