@@ -104,10 +104,11 @@ class AdaptTrainer(Trainer):
 
     # ---- model ----------------------------------------------------------------------------------------
     def create_model(self, resume_dir: Path | None) -> AdaptedLM:
-        """The base (float32; DeepSpeed casts it for train.precision=bf16) wrapped with added paths initialised
-        from train.seed; a resumed run's added weights are then loaded by the engine."""
+        """The base, read in the training dtype (DeepSpeed would cast it to it anyway), wrapped with added paths
+        initialised from train.seed; a resumed run's added weights are then loaded by the engine."""
         seed_everything(self.cfg.train.seed)
-        model = AdaptedLM(load_base(self.base_folder, torch.float32), self.cfg.adapt, self.base_folder)
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        model = AdaptedLM(load_base(self.base_folder, dtype), self.cfg.adapt, self.base_folder)
         return model.to(self.env.device).train()
 
     def check_resumable(self, folder: Path) -> None:
