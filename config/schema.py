@@ -92,15 +92,18 @@ def adapt_run_problem(cfg: "RunConfig") -> None:
         raise ValueError("model: adapt.base is set, so the architecture is the base transformer's and the model "
                          "section would change nothing: remove it (the added paths' sizes are adapt.*)")
     t = cfg.train
-    unsupported = {
-        "train.cuda_graph": t.cuda_graph, "train.context_parallel": t.context_parallel > 1,
-        "train.loss_chunk_tokens": t.loss_chunk_tokens > 0, "train.precision=fp8": t.precision == "fp8",
-        "train.activation_checkpointing": t.activation_checkpointing != "none",
-        "train.init_from": t.init_from is not None,
+    unsupported = {  # key: (set, what to do)
+        "train.cuda_graph": (t.cuda_graph, "set it false"),
+        "train.context_parallel": (t.context_parallel > 1, "set it 1"),
+        "train.loss_chunk_tokens": (t.loss_chunk_tokens > 0, "set it 0"),
+        "train.precision=fp8": (t.precision == "fp8", "use bf16 or fp32"),
+        "train.activation_checkpointing": (t.activation_checkpointing != "none", "set it none"),
+        "train.init_from": (t.init_from is not None, "remove it (adapt.base is the starting point)"),
     }
-    if named := [key for key, on in unsupported.items() if on]:
-        raise ValueError(f"{named[0]}: not supported for a wrapped transformer (adapt.base set; these options act on "
-                         "our HybridLM): turn it off (train.precision: bf16 or fp32)")
+    for key, (on, fix) in unsupported.items():
+        if on:
+            raise ValueError(f"{key}: not supported for a wrapped transformer (adapt.base set; the option acts on our "
+                             f"HybridLM): {fix}")
 
 
 # Settings that choose where files are written or whether code runs. A run_config.yaml inside a
