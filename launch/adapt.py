@@ -53,12 +53,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     """--config <- adapt.base, adapt.data and train.output_dir from --base, --data and --output <- --set."""
-    from config.schema import load_run_config
+    from config.loader import apply_overrides, read_yaml, validate
+    from config.schema import RunConfig, resolve_run_path
 
     flags = [f"adapt.base={args.base}"] if args.base else []
     flags += [f"adapt.data={args.data}"] if args.data else []
     flags += [f"train.output_dir={args.output}"] if args.output else []
-    return load_run_config(args.config, [*flags, *args.overrides])
+    data = apply_overrides(read_yaml(resolve_run_path(args.config)) if args.config else {}, [*flags, *args.overrides])
+    adapt = data.get("adapt")
+    if not (isinstance(adapt, dict) and adapt.get("base")):  # else the schema would ask for a model section
+        raise ConfigError("adapt.base is not set: pass --base HF_DIR (a local Hugging Face model folder)")
+    return validate(RunConfig, data)
 
 
 def train(args: argparse.Namespace) -> NoReturn:

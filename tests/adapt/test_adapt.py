@@ -142,6 +142,14 @@ def test_config_errors_name_the_key(sets, key):
     assert len(str(info.value).splitlines()) == 1
 
 
+def test_cli_config_needs_the_base_and_takes_the_flags(adapt_cli, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("adapt.base is not set: pass --base HF_DIR")):
+        adapt_cli.run_config(adapt_cli.parse_args(["--data", "d.jsonl"]))
+    cfg = adapt_cli.run_config(adapt_cli.parse_args(["--base", "/b", "--data", "d.jsonl", "--output", str(tmp_path),
+                                                     "--set", "adapt.layers=3"]))
+    assert (cfg.adapt.base, cfg.adapt.data, cfg.train.output_dir, cfg.adapt.layers) == ("/b", "d.jsonl", str(tmp_path), 3)
+
+
 @pytest.mark.parametrize("base_dir", ["llama"], indirect=True)  # the wrapper code is family-agnostic
 @pytest.mark.parametrize("sets, message", [
     (["adapt.layers=9"], "adapt.layers (9) is more than the base's 4 decoder layers"),
