@@ -43,7 +43,10 @@ def check_sizes(base_folder: Path, adapt: AdaptConfig) -> None:
     """ConfigError naming the key unless the base's config takes adapt.layers and adapt.mamba's sizes."""
     from transformers import AutoConfig
 
-    base = AutoConfig.from_pretrained(str(base_folder))
+    try:
+        base = AutoConfig.from_pretrained(str(base_folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"adapt.base: transformers cannot read {base_folder}/config.json ({str(exc).splitlines()[0]})") from None
     text = base.get_text_config() if hasattr(base, "get_text_config") else base
     if adapt.layers > text.num_hidden_layers:
         raise ConfigError(f"adapt.layers ({adapt.layers}) is more than the base's {text.num_hidden_layers} decoder layers")
@@ -51,23 +54,23 @@ def check_sizes(base_folder: Path, adapt: AdaptConfig) -> None:
 
 
 def adapt_flops_per_token(model: AdaptedLM) -> float:
-    """Training FLOPs per token of the weight matmuls (attention's sequence-length term left out): the forward
-    through every frozen matrix but the input embedding (a lookup; a tied head counts once as the head) and
-    through the added paths (2 per weight); the backward's input gradients from the head down to the lowest
-    adapted layer (2 per frozen weight there: nothing below it needs a gradient) and both gradients of the
-    added weights (4 per weight)."""
+    """Training FLOPs per token of the weight matmuls (attention's and the SSD's sequence terms left out), 2 per
+    weight per pass: the forward through every matrix but the input embedding (a lookup; a tied head counts once,
+    as the head); the added weights' gradients; the input gradients from the head down to the lowest adapted
+    layer (its frozen weights counted whole, an upper bound: below its added path nothing needs a gradient),
+    through the added paths above that layer too."""
     def frozen(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters() if not p.requires_grad)
 
     head = model.base.get_output_embeddings()
     embed = model.base.get_input_embeddings()
-    tied = head is not None and head.weight is embed.weight
     head_params = head.weight.numel() if head is not None else 0
-    forward_frozen = frozen(model.base) - embed.weight.numel() + (head_params if tied else 0)
+    tied = head is not None and head.weight is embed.weight
+    added = [sum(p.numel() for p in paths.parameters()) for paths in model.added]
+    forward = frozen(model.base) - embed.weight.numel() + (head_params if tied else 0) + sum(added)
     layers = decoder_layers(model.base)
-    upper = sum(frozen(layers[i]) for i in model.layer_indices) + head_params
-    added = model.trainable_fraction()[0]
-    return float(2 * forward_frozen + 2 * added + 2 * upper + 4 * added)
+    input_grads = sum(frozen(layers[i]) for i in model.layer_indices) + head_params + sum(added[1:])
+    return float(2 * (forward + sum(added) + input_grads))
 
 
 class AdaptTrainer(Trainer):

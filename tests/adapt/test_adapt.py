@@ -122,6 +122,23 @@ def adapt_cli():
     return module
 
 
+@pytest.mark.parametrize("base_dir", ["llama"], indirect=True)  # the wrapper code is family-agnostic
+def test_flops_per_token_counts_the_weight_matmuls(base_dir):
+    """Against torch's FLOP counter over one forward + backward: its matrix products (the weights'; the
+    attention scores and the SSD are other ops) are at most the formula, which also counts the lowest adapted
+    layer's attention input gradients that autograd skips, conv and elementwise weights: within 6%."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adapt.training import adapt_flops_per_token
+
+    model = wrap(base_dir, ADAPT).train()
+    ids = torch.randint(4, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    with FlopCounterMode(display=False) as counter:
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    matmuls = sum(c for op, c in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    assert 1.0 <= adapt_flops_per_token(model) / (matmuls / ids[:, :-1].numel()) <= 1.06
+
+
 # ---- the run config ---------------------------------------------------------------------------------------------
 def test_adapt_is_a_section_of_the_run_config():
     cfg = load_run_config(None, ["adapt.base=/models/qwen", "adapt.layers=2", "adapt.mamba.d_state=16"])
