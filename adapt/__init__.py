@@ -7,7 +7,7 @@ learned memory bank. Only the added parameters train, and only they are saved.
 
     adapt.wrapper   AdaptedLM: wrap, forward, prefill/step decoding, save/load of the added weights
     adapt.data      token windows from a manifest or a .jsonl of {"text"} records
-    adapt.training  the training loop over the added parameters
+    adapt.training  AdaptTrainer: the pretraining Trainer and its DeepSpeed engine over the added parameters
 
 Entry point: `python launch/adapt.py` (docs/adapt.md).
 """

@@ -1,20 +1,27 @@
-"""Training windows for the wrapper: (n, seq_len + 1) token rows from a curation manifest or a .jsonl file.
+"""Training data of the wrapper, in the shape the pretraining Trainer takes (train/data.py's TrainData).
 
-A manifest's shards were tokenized by the curation pipeline: their ids must mean the base's, so the
-manifest's tokenizer must map every piece to the same id as the base folder's tokenizer.json. A .jsonl file
-holds {"text": ...} records, tokenized here with the base's tokenizer, each followed by its EOS, concatenated
-and cut into windows (the tail shorter than a window is dropped).
+adapt.data is a curation manifest or a .jsonl file:
+  - a manifest's shards were tokenized by the curation pipeline: their ids must mean the base's, so the
+    manifest's tokenizer must map every piece to the same id as the base folder's tokenizer.json. Its train
+    and validation splits are read as continuous windows (train/data.py's TrainData, blended as pretraining
+    blends them);
+  - a .jsonl file holds {"text": ...} records, tokenized here with the base's tokenizer, each followed by its
+    EOS, concatenated and cut into windows of train.seq_len + 1 tokens (the tail shorter than a window is
+    dropped); a seeded adapt.val_fraction of the windows is held out for the eval loss.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from config.loader import ConfigError
-from train.finetune_data import read_records
+from config.manifest import Manifest
+from config.schema import RunConfig
+from train.data import TrainData
+from train.finetune_data import Example, ExampleData, file_identity, hold_out, read_records
 
 
 def jsonl_windows(path: Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
@@ -32,33 +39,47 @@ def jsonl_windows(path: Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_windows * (seq_len + 1)], dtype=torch.long).view(n_windows, seq_len + 1)
 
 
-def manifest_windows(path: Path, base_folder: Path, seq_len: int) -> Callable[[int], torch.Tensor]:
-    """Global sample i -> its (seq_len + 1,) window of the manifest's train split, blended as pretraining
-    blends it (train/data.py); the manifest's tokenizer must be the base's."""
-    from config.manifest import ManifestError, load_manifest
-    from train.data import BlendedWindows
-    from train.errors import TrainingError
+class WindowData(ExampleData):
+    """The windows of a .jsonl file as train and held-out validation examples (full rows: no padding)."""
+
+    def __init__(self, path: Path, tokenizer: Any, seq_len: int, val_fraction: float, seed: int,
+                 num_workers: int = 0) -> None:
+        self.path = path
+        windows = jsonl_windows(path, tokenizer, seq_len)
+        examples = [Example(w[:-1], w[1:]) for w in windows]
+        train, val = hold_out(examples, val_fraction, seed, f"{path} (adapt.val_fraction)")
+        super().__init__(train, val, seq_len, tokenizer.pad_token_id or 0, seed, num_workers,
+                         "no validation windows (adapt.val_fraction=0): set train.eval_every=0 or adapt.val_fraction")
+
+    def identity(self) -> str:
+        return file_identity([self.path])
+
+    def describe(self) -> str:
+        return (f"data: {self.path}: {len(self.train)} train / {len(self._validation)} validation windows of "
+                f"{self.seq_len + 1} tokens")
+
+
+def open_manifest_data(path: Path, base_folder: Path, cfg: RunConfig) -> tuple[Manifest, TrainData]:
+    """The manifest (its files' sizes checked) and its continuous windows; ConfigError unless its tokenizer is
+    the base's."""
+    from config.manifest import load_manifest
     from train.init_from import tokenizer_vocab
 
-    try:
-        manifest = load_manifest(path)
-        ours, theirs = manifest.resolve(manifest.tokenizer.json_path), base_folder / "tokenizer.json"
-        if not theirs.is_file() or tokenizer_vocab(theirs) != tokenizer_vocab(ours):
-            raise ConfigError(f"adapt.data: the manifest's tokenizer ({ours}) is not the base's ({theirs}): "
-                              "curate the data with the base's tokenizer, or pass a .jsonl file of text")
-        windows = BlendedWindows(manifest, "train", seq_len)
-    except (ManifestError, TrainingError) as exc:
-        raise ConfigError(f"adapt.data: {exc}") from None
-    return lambda i: windows[i]["tokens"].long()
+    manifest = load_manifest(path)
+    manifest.verify(checksums=False)
+    ours, theirs = manifest.resolve(manifest.tokenizer.json_path), base_folder / "tokenizer.json"
+    if not theirs.is_file() or tokenizer_vocab(theirs) != tokenizer_vocab(ours):
+        raise ConfigError(f"adapt.data: the manifest's tokenizer ({ours}) is not the base's ({theirs}): "
+                          "curate the data with the base's tokenizer, or pass a .jsonl file of text")
+    return manifest, TrainData(manifest, cfg.train.seq_len, "continuous", cfg.data.num_workers, cfg.data.weights)
 
 
-def training_windows(data: str, base_folder: Path, tokenizer: Any, seq_len: int) -> Callable[[int], torch.Tensor]:
-    """adapt.data (a manifest.json or a .jsonl file) -> global sample index -> (seq_len + 1,) long window
-    (the data repeats once it runs out)."""
-    path = Path(data)
+def open_adapt_data(cfg: RunConfig, tokenizer: Any) -> tuple[Manifest | None, TrainData | WindowData]:
+    """adapt.data -> (the manifest or None, the data the Trainer reads)."""
+    path = Path(cfg.adapt.data)
     if not path.exists():
         raise ConfigError(f"adapt.data: {path} does not exist")
     if path.suffix == ".jsonl":
-        rows = jsonl_windows(path, tokenizer, seq_len)
-        return lambda i: rows[i % rows.size(0)]
-    return manifest_windows(path, base_folder, seq_len)
+        t = cfg.train
+        return None, WindowData(path, tokenizer, t.seq_len, cfg.adapt.val_fraction, t.seed, cfg.data.num_workers)
+    return open_manifest_data(path, Path(cfg.adapt.base), cfg)

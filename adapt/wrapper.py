@@ -148,6 +148,12 @@ class AdaptedLM(nn.Module):
         """The base's input embedding (model/generation.py reads the device from it)."""
         return self.base.get_input_embeddings()
 
+    def block_statistics(self) -> dict[str, float]:
+        """Mean |gate| of each adapted layer (how far its added paths have opened), keyed
+        `layers.{i}.gate_abs_mean` as HybridLM.block_statistics keys its blocks' (metrics.jsonl's blocks/*)."""
+        return {f"layers.{i}.gate_abs_mean": float(added.gate.detach().abs().mean())
+                for i, added in zip(self.layer_indices, self.added)}
+
     def trainable_fraction(self) -> tuple[int, int]:
         """(added parameters, all parameters)."""
         added = sum(p.numel() for p in self.added.parameters())
@@ -216,12 +222,13 @@ class AdaptedLM(nn.Module):
         return self.forward(token.unsqueeze(1), cache=cache)[:, -1]
 
     # ---- files ------------------------------------------------------------------------------------
-    def save_added(self, folder: str | Path) -> Path:
-        """Write only the added weights and the config that rebuilds the wrapper around the base."""
+    def save_added(self, folder: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write only the added weights (`state`, keyed as `self.added.state_dict()`, e.g. a trainer's fp32
+        master copies; default the module's own) and the config that rebuilds the wrapper around the base."""
         from safetensors.torch import save
 
         folder = Path(folder)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.added.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (state or self.added.state_dict()).items()}
         atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
         atomic_write_json(folder / ADAPTER_CONFIG, {
             "base": str(Path(self.base_folder).resolve()) if self.base_folder is not None else None,
@@ -232,13 +239,29 @@ class AdaptedLM(nn.Module):
         return folder
 
 
+def require_model_folder(folder: Path) -> None:
+    """ConfigError (one line) unless `folder` looks like a Hugging Face model folder."""
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"adapt.base: {folder} is not a Hugging Face model folder (no config.json)")
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The base folder's transformers tokenizer; ConfigError (one line) when it has none."""
+    from transformers import AutoTokenizer
+
+    require_model_folder(Path(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"adapt.base: transformers finds no tokenizer in {folder} ({str(exc).splitlines()[0]})") from None
+
+
 def load_base(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A local transformers causal LM, eval mode; ConfigError (one line) when the folder is not one."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"adapt.base: {folder} is not a Hugging Face model folder (no config.json)")
+    require_model_folder(folder)
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     except (OSError, ValueError, KeyError) as exc:
@@ -253,10 +276,13 @@ def wrap(base_folder: str | Path, adapt: AdaptConfig, dtype: torch.dtype = torch
 
 def load_adapted(folder: str | Path, base_folder: str | Path | None = None,
                  dtype: torch.dtype = torch.float32) -> AdaptedLM:
-    """Rebuild a saved wrapper: the base (from adapter_config.json, or `base_folder`) + the added weights."""
+    """Rebuild a saved wrapper: the base (from adapter_config.json, or `base_folder`) + the added weights.
+    `folder` holds adapter_config.json, or is a training run's output folder (its final/ is read)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "final" / ADAPTER_CONFIG).is_file():
+        folder = folder / "final"
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ConfigError(f"{folder} holds no {ADAPTER_CONFIG}: pass the output folder of launch/adapt.py")
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())

@@ -1,4 +1,5 @@
-"""RunConfig: the one typed schema every entrypoint loads (sections model, data, train, eval, export, finetune).
+"""RunConfig: the one typed schema every entrypoint loads (sections model, data, train, eval, export, finetune,
+adapt).
 
     cfg = load_run_config("config/runs/tiny.yaml", ["model.n_layers=12", "train.lr=1e-3"])
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from config.base import StrictModel
 from config.loader import ConfigError, dump_yaml, load, resolve_named_yaml
@@ -22,15 +23,24 @@ RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
 
 class RunConfig(StrictModel):
-    model: ModelConfig
+    model: ModelConfig | None = Field(
+        None, description="The architecture. Required, except in a launch/adapt.py run (adapt.base set), where the "
+        "architecture is the base transformer's and a model section is refused (it would change nothing).")
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    adapt: AdaptConfig = AdaptConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
+        if self.adapt.base is not None:
+            adapt_run_problem(self)
+            return self
+        if self.model is None:
+            raise ValueError("model: required key is missing (every run but a launch/adapt.py one, which sets "
+                             "adapt.base, needs the architecture): add a model section or --set model.preset=NAME")
         if self.train.cuda_graph and self.data.packing == "document" and self.model.attn_backend not in ("auto", "flash"):
             raise ValueError(f"train.cuda_graph with data.packing=document needs model.attn_backend auto or flash "
                              f"(flash-attn's varlen kernel; {self.model.attn_backend} builds its document mask per "
@@ -75,12 +85,25 @@ def context_parallel_problem(cfg: "RunConfig") -> None:
                          "ranks is not captured): set one of them off")
 
 
-class AdaptRunConfig(StrictModel):
-    """The run config of launch/adapt.py: the same train section (optimizer, schedule, batch, steps, output)
-    with `adapt` in place of `model` (the architecture is the base transformer's, plus adapt.*)."""
-
-    adapt: AdaptConfig = AdaptConfig()
-    train: TrainConfig = TrainConfig()
+def adapt_run_problem(cfg: "RunConfig") -> None:
+    """ValueError naming the key when a launch/adapt.py run (adapt.base set) sets what it cannot use: the
+    model section (the architecture is the base's), or a train.* option that exists for our HybridLM only."""
+    if cfg.model is not None:
+        raise ValueError("model: adapt.base is set, so the architecture is the base transformer's and the model "
+                         "section would change nothing: remove it (the added paths' sizes are adapt.*)")
+    t = cfg.train
+    unsupported = {  # key: (set, what to do)
+        "train.cuda_graph": (t.cuda_graph, "set it false"),
+        "train.context_parallel": (t.context_parallel > 1, "set it 1"),
+        "train.loss_chunk_tokens": (t.loss_chunk_tokens > 0, "set it 0"),
+        "train.precision=fp8": (t.precision == "fp8", "use bf16 or fp32"),
+        "train.activation_checkpointing": (t.activation_checkpointing != "none", "set it none"),
+        "train.init_from": (t.init_from is not None, "remove it (adapt.base is the starting point)"),
+    }
+    for key, (on, fix) in unsupported.items():
+        if on:
+            raise ValueError(f"{key}: not supported for a wrapped transformer (adapt.base set; the option acts on our "
+                             f"HybridLM): {fix}")
 
 
 # Settings that choose where files are written or whether code runs. A run_config.yaml inside a
@@ -120,5 +143,5 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_bytes(Path(path), dump_yaml(cfg).encode())
 
 
-__all__ = ["USER_ONLY_KEYS", "AdaptRunConfig", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
+__all__ = ["USER_ONLY_KEYS", "ConfigError", "RunConfig", "load_run_config", "resolve_run_path", "save_run_config",
            "without_user_only"]

@@ -283,12 +283,17 @@ class AdaptMambaConfig(MambaConfig):
 class AdaptConfig(SectionModel):
     """The hybrid wrapper of a pretrained transformer (adapt/, launch/adapt.py): its top `layers` decoder
     layers each gain a Mamba2 path, a per-channel gate (zero at init) and an optional memory bank beside
-    the frozen attention; only those are trained."""
+    the frozen attention; only those are trained, through the pretraining Trainer (train.*). With `base`
+    set the architecture is the base's: a run config with a model section is refused; a manifest is read
+    as continuous windows (data.packing is not read: the base's attention has no per-document mask)."""
 
     base: str | None = Field(None, description="Local Hugging Face folder of the decoder-only transformer "
                              "(Llama, Qwen2/3, Gemma families); --base sets it.")
     data: str | None = Field(None, description="Training text: a curation manifest.json (tokenized with the "
                              "base's tokenizer) or a .jsonl file of {\"text\": ...} records; --data sets it.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Share of a .jsonl `data`'s windows held out for the eval loss (a manifest "
+        "has its own validation split).")
     layers: int = Field(4, ge=1, description="How many of the top decoder layers gain the added paths.")
     memory_slots: int = Field(0, ge=0, description="Learned memory slots read by every token of an adapted "
                               "layer (0 = no memory bank).")

@@ -1,16 +1,20 @@
 """The hybrid wrapper of a pretrained transformer: train the added Mamba2 paths, or generate with them.
 
     python launch/adapt.py --base HF_DIR --data DATA --output OUT [--config RUN.yaml] [--set adapt.layers=4 ...]
+    deepspeed --num_gpus 8 launch/adapt.py --base HF_DIR --data DATA --output OUT [--resume auto|PATH|none]
     python launch/adapt.py --adapter OUT --prompt "def main():" [--max-new-tokens 64] [--base HF_DIR]
 
 Training: the base (a local Llama / Qwen2/3 / Gemma folder) is frozen; its top adapt.layers decoder layers
-each gain a Mamba2 path, a per-channel gate (zero at init) and an optional memory bank (adapt.* and train.*
-in config/sections.py; DATA is a curation manifest.json or a .jsonl file of {"text": ...} records). OUT gets
-only the added weights (adapter.safetensors), adapter_config.json (naming the base folder),
-run_config.yaml, metrics.jsonl and adapt_report.json (the trainable fraction, first and last loss). OUT is
-written into a temporary folder and renamed into place at the end; an OUT that holds files is replaced only
-with --force. Generation: greedy (or --temperature) continuation of each --prompt with the saved wrapper,
-decoded with the base's KV cache plus the Mamba2 states. Errors are one line on stderr with exit code 2.
+each gain a Mamba2 path, a per-channel gate (zero at init) and an optional memory bank (adapt.* in
+config/sections.py; DATA is a curation manifest.json or a .jsonl file of {"text": ...} records). The run is
+the pretraining Trainer's (adapt/training.py): the DeepSpeed engine over the added parameters only, train.*
+settings (run config: the schema's defaults <- --config <- the flags <- --set; no model section: the
+architecture is the base's), checkpoints and --resume, metrics.jsonl and the eval loss. OUT
+(train.output_dir) gets checkpoints/, metrics.jsonl and final/: only the added weights
+(adapter.safetensors), adapter_config.json (naming the base folder), run_config.yaml and adapt_report.json
+(the trainable fraction, first and last loss). Generation: greedy (or --temperature) continuation of each
+--prompt with the saved wrapper (OUT or OUT/final), decoded with the base's KV cache plus the Mamba2 states.
+Errors are one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -20,80 +24,71 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
 from config.console import quiet_libraries  # noqa: E402
 from config.loader import ConfigError  # noqa: E402
 from export.loading import cli_errors  # noqa: E402
+from launch.pretrain import add_run_flags  # noqa: E402
+
+if TYPE_CHECKING:
+    from config.schema import RunConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", help="Hugging Face folder of the base transformer (sets adapt.base)")
     p.add_argument("--data", help="manifest.json or a .jsonl file of {\"text\": ...} records (sets adapt.data)")
-    p.add_argument("--output", type=Path, help="output folder (default: train.output_dir)")
-    p.add_argument("--force", action="store_true", help="replace an OUTPUT folder that holds files")
+    p.add_argument("--output", help="output folder (sets train.output_dir)")
+    p.add_argument("--config", help="run config (train.*, adapt.*): a YAML path or a name in config/runs/")
     p.add_argument("--adapter", type=Path, help="instead of training: generate with this saved wrapper")
     p.add_argument("--prompt", action="append", default=[], help="prompt text for --adapter (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--config", help="run config YAML with adapt and train sections")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--verbose", action="store_true", help="print the libraries' notices too")
+    add_run_flags(p)
     return p.parse_args(argv)
 
 
-def train(args: argparse.Namespace) -> dict:
-    from adapt.data import training_windows
-    from adapt.training import train_added
-    from adapt.wrapper import wrap
-    from config.atomic import atomic_write_bytes, atomic_write_json, staged_dir
-    from config.loader import dump_yaml, load
-    from config.schema import AdaptRunConfig
-    from train.errors import TrainingError
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """--config <- adapt.base, adapt.data and train.output_dir from --base, --data and --output <- --set."""
+    from config.loader import apply_overrides, read_yaml, validate
+    from config.schema import RunConfig, resolve_run_path
 
-    overrides = list(args.overrides)
-    overrides += [f"adapt.base={args.base}"] if args.base else []
-    overrides += [f"adapt.data={args.data}"] if args.data else []
-    cfg = load(AdaptRunConfig, args.config, overrides)
-    if cfg.adapt.base is None or cfg.adapt.data is None:
-        raise ConfigError("adapt.base and adapt.data are required: pass --base HF_DIR and --data DATA")
-    out = args.output or Path(cfg.train.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-        raise ConfigError(f"output {out} exists and is not empty: pass --force to replace it, or another --output")
-    from transformers import AutoTokenizer
+    flags = [f"adapt.base={args.base}"] if args.base else []
+    flags += [f"adapt.data={args.data}"] if args.data else []
+    flags += [f"train.output_dir={args.output}"] if args.output else []
+    data = apply_overrides(read_yaml(resolve_run_path(args.config)) if args.config else {}, [*flags, *args.overrides])
+    adapt = data.get("adapt")
+    if not (isinstance(adapt, dict) and adapt.get("base")):  # else the schema would ask for a model section
+        raise ConfigError("adapt.base is not set: pass --base HF_DIR (a local Hugging Face model folder)")
+    return validate(RunConfig, data)
 
-    base = Path(cfg.adapt.base)
-    model = wrap(base, cfg.adapt)
-    sample = training_windows(cfg.adapt.data, base, AutoTokenizer.from_pretrained(str(base)), cfg.train.seq_len)
-    added, total = model.trainable_fraction()
-    logging.info("trainable: %d of %d parameters (%.3f%%)", added, total, 100 * added / total)
-    try:
-        records = train_added(model, sample, cfg.train)
-    except TrainingError as exc:
-        raise ConfigError(str(exc)) from None
-    report = {"trainable parameters": added, "all parameters": total, "trainable fraction": added / total,
-              "adapted layers": model.layer_indices, "steps": len(records),
-              "first loss": records[0]["loss"], "last loss": records[-1]["loss"]}
-    with staged_dir(out) as tmp:
-        model.save_added(tmp)
-        atomic_write_bytes(tmp / "run_config.yaml", dump_yaml(cfg).encode())
-        atomic_write_bytes(tmp / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
-        atomic_write_json(tmp / "adapt_report.json", report)
-    return {"output": str(out), **report}
+
+def train(args: argparse.Namespace) -> NoReturn:
+    from train.distributed import env_rank, fail_loudly
+    from train.errors import user_errors
+
+    quiet_libraries(args.verbose, env_rank()[0])
+
+    def adapt() -> None:
+        from adapt.training import AdaptTrainer
+        from train.trainer import run
+
+        run(run_config(args), args.resume, args.dry_run, args.force, make=AdaptTrainer)
+
+    fail_loudly(adapt, user_errors())
 
 
 def generate_text(args: argparse.Namespace) -> dict:
-    from transformers import AutoTokenizer
-
-    from adapt.wrapper import load_adapted
+    from adapt.wrapper import load_adapted, load_tokenizer
     from model.generation import SamplingParams, generate
 
     if not args.prompt:
         raise ConfigError("--adapter generates from --prompt TEXT: pass at least one")
     model = load_adapted(args.adapter, args.base)
-    tok = AutoTokenizer.from_pretrained(str(model.base_folder))
+    tok = load_tokenizer(model.base_folder)
     prompts = [tok(p, add_special_tokens=False).input_ids for p in args.prompt]
     if not all(prompts):
         raise ConfigError("a --prompt is empty after tokenization: pass some text")
@@ -103,13 +98,20 @@ def generate_text(args: argparse.Namespace) -> dict:
 
 
 @cli_errors
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def generate_main(args: argparse.Namespace) -> int:
     quiet_libraries(args.verbose)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = generate_text(args) if args.adapter else train(args)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(generate_text(args), indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Generation returns its exit code; training ends the process (train.distributed.fail_loudly)."""
+    args = parse_args(argv)
+    if args.adapter:
+        return generate_main(args)
+    train(args)
+    return None
 
 
 if __name__ == "__main__":

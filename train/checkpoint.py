@@ -207,9 +207,11 @@ def _replace_file_atomic(path: Path, payload: Any) -> None:
 class Checkpointer:
     """Saves, rotates and loads the step checkpoints of one run (all ranks call every method)."""
 
-    def __init__(self, out_dir: Path, keep_last: int, env: DistEnv) -> None:
+    def __init__(self, out_dir: Path, keep_last: int, env: DistEnv, exclude_frozen: bool = False) -> None:
+        """exclude_frozen: leave parameters without requires_grad out of the saved module state (a frozen
+        base that the run rebuilds from its own files, adapt/training.py); loading then accepts their absence."""
         self.root = Path(out_dir) / "checkpoints"
-        self.keep_last, self.env = keep_last, env
+        self.keep_last, self.env, self.exclude_frozen = keep_last, env, exclude_frozen
 
     def save(self, engine: Any, state: TrainerState, cfg: RunConfig,
              extra: Callable[[Path], None] | None = None) -> Path:
@@ -228,7 +230,8 @@ class Checkpointer:
         barrier()
         # the universal-checkpoint info lets ds_to_universal convert this checkpoint later
         client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False,
+                               exclude_frozen_parameters=self.exclude_frozen)
         (folder / RNG_DIR).mkdir(parents=True, exist_ok=True)
         rng_file = folder / RNG_DIR / f"rank_{self.env.rank:05d}.pt"
         _replace_file_atomic(rng_file, _rng_state())
@@ -282,7 +285,7 @@ class Checkpointer:
         load_dir, tag = (folder, UNIVERSAL) if universal else (folder.parent, folder.name)
         with reading(folder):
             path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+                                             load_lr_scheduler_states=True, load_module_strict=not self.exclude_frozen)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {load_dir / tag}: pass another --resume")
         state = read_state(folder)

@@ -161,50 +161,40 @@ def collate_padded(samples: list[dict], seq_len: int, pad: int) -> dict[str, tor
             "index": torch.tensor([s["index"] for s in samples])}
 
 
-class FinetuneData:
-    """Train and validation examples of a fine-tuning run (what the trainer asks of train/data.py's TrainData)."""
+def hold_out(examples: list[Example], fraction: float, seed: int, what: str) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a seeded `fraction` of `examples` (at least one when > 0) held out. `what` names
+    the data and the key in the error when too few examples remain."""
+    n_val = max(1, round(fraction * len(examples))) if fraction > 0 else 0
+    if n_val >= len(examples):
+        raise ConfigError(f"{what}: {len(examples)} example(s) are too few to hold out {fraction:g} of them for the "
+                          "eval loss: add data, or lower the fraction")
+    held = set(torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
 
-    def __init__(self, cfg: FinetuneConfig, tokenizer_json: Path, seq_len: int, seed: int,
-                 num_workers: int = 0) -> None:
-        if cfg.data is None:
-            raise ConfigError("finetune.data is not set: pass --data FILE.jsonl")
-        self.paths = [Path(cfg.data)] + ([Path(cfg.val_data)] if cfg.val_data else [])
-        encode = RecordEncoder(tokenizer_json, cfg, seq_len)
-        train = [encode(self.paths[0], n, r) for n, r in read_records(self.paths[0])]
-        if cfg.val_data:
-            val = [encode(self.paths[1], n, r) for n, r in read_records(self.paths[1])]
-        else:
-            n_val = max(1, round(cfg.val_fraction * len(train))) if cfg.val_fraction > 0 else 0
-            if n_val >= len(train):
-                raise ConfigError(f"{self.paths[0]} holds {len(train)} record(s): too few to hold out "
-                                  f"finetune.val_fraction={cfg.val_fraction}; add records, set finetune.val_data or 0")
-            held = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
-            val = [ex for i, ex in enumerate(train) if i in held]
-            train = [ex for i, ex in enumerate(train) if i not in held]
-        if encode.truncated:
-            log.warning("%d record(s) longer than train.seq_len + 1 = %d tokens: cut there", encode.truncated, seq_len + 1)
-        self.seq_len, self.pad, self.num_workers = seq_len, encode.pad, num_workers
-        self.prompted = encode.prompted
+
+def file_identity(paths: list[Path]) -> str:
+    """sha256 over data files (a resumed run warns when they changed)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class ExampleData:
+    """Train and validation Examples, rows right-padded to seq_len with `pad`: what the trainer asks of
+    train/data.py's TrainData. `no_validation` is the error when the eval loss is asked of an empty split."""
+
+    def __init__(self, train: list[Example], val: list[Example], seq_len: int, pad: int, seed: int,
+                 num_workers: int, no_validation: str) -> None:
+        self.seq_len, self.pad, self.num_workers, self.no_validation = seq_len, pad, num_workers, no_validation
         self.train = ExampleSet(train, "train", seed)
         self._validation = ExampleSet(val, "validation", seed)
 
     @property
     def validation(self) -> ExampleSet:
         if not self._validation.examples:
-            raise ConfigError("no validation records (finetune.val_fraction=0 and no finetune.val_data): "
-                              "set train.eval_every=0, finetune.val_fraction or finetune.val_data")
+            raise ConfigError(self.no_validation)
         return self._validation
-
-    def identity(self) -> str:
-        """sha256 over the data files (a resumed run warns when they changed)."""
-        digest = hashlib.sha256()
-        for path in self.paths:
-            digest.update(path.read_bytes())
-        return digest.hexdigest()
-
-    def describe(self) -> str:
-        return (f"data: {', '.join(map(str, self.paths))}: {len(self.train)} train / {len(self._validation)} "
-                f"validation records ({self.prompted} prompt/response), rows padded to {self.seq_len}")
 
     def _collate(self) -> Any:
         return partial(collate_padded, seq_len=self.seq_len, pad=self.pad)
@@ -224,3 +214,33 @@ class FinetuneData:
         index_batches, n_forward = eval_index_batches(n, rank, world, micro_batch)
         collate = self._collate()
         return [collate([self._validation[i] for i in idx]) for idx in index_batches], n_forward
+
+
+class FinetuneData(ExampleData):
+    """Train and validation examples of a fine-tuning run."""
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer_json: Path, seq_len: int, seed: int,
+                 num_workers: int = 0) -> None:
+        if cfg.data is None:
+            raise ConfigError("finetune.data is not set: pass --data FILE.jsonl")
+        self.paths = [Path(cfg.data)] + ([Path(cfg.val_data)] if cfg.val_data else [])
+        encode = RecordEncoder(tokenizer_json, cfg, seq_len)
+        train = [encode(self.paths[0], n, r) for n, r in read_records(self.paths[0])]
+        if cfg.val_data:
+            val = [encode(self.paths[1], n, r) for n, r in read_records(self.paths[1])]
+        else:
+            train, val = hold_out(train, cfg.val_fraction, seed, f"{self.paths[0]} (finetune.val_fraction; or set "
+                                  "finetune.val_data)")
+        if encode.truncated:
+            log.warning("%d record(s) longer than train.seq_len + 1 = %d tokens: cut there", encode.truncated, seq_len + 1)
+        self.prompted = encode.prompted
+        super().__init__(train, val, seq_len, encode.pad, seed, num_workers,
+                         "no validation records (finetune.val_fraction=0 and no finetune.val_data): "
+                         "set train.eval_every=0, finetune.val_fraction or finetune.val_data")
+
+    def identity(self) -> str:
+        return file_identity(self.paths)
+
+    def describe(self) -> str:
+        return (f"data: {', '.join(map(str, self.paths))}: {len(self.train)} train / {len(self._validation)} "
+                f"validation records ({self.prompted} prompt/response), rows padded to {self.seq_len}")

@@ -88,6 +88,8 @@ MODEL_INPUTS = ("input_ids", "labels", "position_ids", "seq_idx")
 # ---- set-up ------------------------------------------------------------------------------------------
 def open_manifest(cfg: RunConfig) -> Manifest:
     """Load the manifest, check its files (sizes), and check it fits the model and sequence length."""
+    if cfg.model is None:
+        raise ConfigError("adapt.base is set: a wrapped transformer trains with launch/adapt.py (docs/adapt.md)")
     if cfg.data.manifest is None:
         raise ConfigError("data.manifest is not set: pass --set data.manifest=PATH/manifest.json")
     manifest = load_manifest(cfg.data.manifest)
@@ -200,6 +202,8 @@ def check_fresh_start(out: Path, root: Path) -> None:
 
 
 class Trainer:
+    frozen_base = False  # True: the frozen parameters are left out of step checkpoints (adapt/training.py)
+
     def __init__(self, cfg: RunConfig, resume: str, dry_run: bool = False, force: bool = False) -> None:
         """Build data, processes, model and engine and restore the resumed checkpoint. A dry run writes
         nothing: it takes no lock and converts or loads no checkpoint (it names the one it would resume)."""
@@ -217,7 +221,7 @@ class Trainer:
         self.verify_data()
         self.stop = StopSignal()
         self.out = Path(t.output_dir)
-        self.ckpt = Checkpointer(self.out, t.keep_last, self.env)
+        self.ckpt = Checkpointer(self.out, t.keep_last, self.env, exclude_frozen=self.frozen_base)
         self.accumulation = accumulation_steps(t, self.cp.replicas)
         self.lock = RunLock(self.out)
         if not dry_run:
@@ -226,7 +230,7 @@ class Trainer:
             check_fresh_start(self.out, self.ckpt.root)
         self.resume_dir = resume_dir = resolve_resume(resume, self.ckpt.root)
         if resume_dir is not None:
-            check_model_matches(cfg, resume_dir)
+            self.check_resumable(resume_dir)
         if dry_run:
             resume_dir = None
         universal = resume_dir is not None and self.ckpt.needs_universal(resume_dir, stage)
@@ -258,7 +262,8 @@ class Trainer:
             follow_current_config(self.engine.lr_scheduler, t)
             self.state = replace(loaded, world_size=fresh.world_size, zero_stage=stage)
 
-    # ---- what a kind of run changes (train/finetune.py's FinetuneTrainer overrides these) -----------
+    # ---- what a kind of run changes (FinetuneTrainer in train/finetune.py and AdaptTrainer in
+    # adapt/training.py override these) ---------------------------------------------------------------
     def open_data(self) -> TrainData:
         """The run's sequences, opened before the processes start (bad data stops with one line)."""
         cfg = self.cfg
@@ -284,6 +289,27 @@ class Trainer:
     def tokenizer_dir(self) -> Path:
         """The tokenizer files the consolidated export carries."""
         return self.manifest.resolve(self.manifest.tokenizer.json_path).parent
+
+    def check_resumable(self, folder: Path) -> None:
+        """The run's model must be the one `folder` was trained with (ConfigError naming the keys)."""
+        check_model_matches(self.cfg, folder)
+
+    def describe_model(self) -> str:
+        """The summary's model line."""
+        t, m = self.cfg.train, self.cfg.model
+        return (f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
+                f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}"
+                f"{f' ({t.checkpoint_block_types} blocks)' if t.checkpoint_block_types else ''}, "
+                f"{f'loss in chunks of {t.loss_chunk_tokens} tokens, ' if t.loss_chunk_tokens else ''}"
+                f"CUDA graph {t.cuda_graph}, deterministic {t.deterministic}")
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), for MFU in metrics.jsonl."""
+        return train_flops_per_token(self.cfg.model, self.cfg.train.seq_len)
+
+    def nll(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-target NLL (b, l) of one micro-batch through the engine."""
+        return forward_nll(self.engine, batch, self.cfg.train.loss_chunk_tokens)
 
     def create_model(self, resume_dir: Path | None) -> torch.nn.Module:
         """The model to train: initialised from train.seed, or from train.init_from's weights on a fresh start."""
@@ -322,13 +348,9 @@ class Trainer:
 
     # ---- reporting ---------------------------------------------------------------------------------
     def summary(self) -> str:
-        t, m = self.cfg.train, self.cfg.model
+        t = self.cfg.train
         return "\n".join([
-            f"model: {m.preset or 'custom'} {count_params(m) / 1e6:.1f}M params, pattern {m.layer_pattern}, "
-            f"impl {self.model.impl}, activation checkpointing {t.activation_checkpointing}"
-            f"{f' ({t.checkpoint_block_types} blocks)' if t.checkpoint_block_types else ''}, "
-            f"{f'loss in chunks of {t.loss_chunk_tokens} tokens, ' if t.loss_chunk_tokens else ''}"
-            f"CUDA graph {t.cuda_graph}, deterministic {t.deterministic}",
+            self.describe_model(),
             f"world {self.env.world_size} x {self.env.device.type}, ZeRO-{zero_stage(self.ds_config)}"
             f"{' (optimizer state in CPU memory)' if self.engine.zero_cpu_offload() else ''}, {t.precision}, "
             f"{type(self.engine.optimizer.optimizer).__name__}, micro-batch {t.micro_batch_size} x {t.seq_len}, "
@@ -351,7 +373,7 @@ class Trainer:
                     self.engine(self._slice({"input_ids": ids})["input_ids"].to(self.env.device))
                     continue
                 batch = to_device(self._slice(batches[i]), self.env.device)
-                nll = forward_nll(self.engine, batch, self.cfg.train.loss_chunk_tokens).double()
+                nll = self.nll(batch).double()
                 scored = (batch["labels"] != IGNORE_INDEX).double()
                 source = batches[i]["source"].to(self.env.device)
                 sums[0] += nll.sum()
@@ -383,7 +405,7 @@ class Trainer:
             for m in micro:  # capture what these micro-batches replay outside DeepSpeed's forward
                 self.graph.prepare(m["input_ids"], m.get("position_ids"), m.get("seq_idx"))
         for m in micro:
-            nll = forward_nll(self.engine, m, self.cfg.train.loss_chunk_tokens).sum()
+            nll = self.nll(m).sum()
             nll_local += nll.detach().double()
             self.engine.backward(nll * scale)
             self.engine.step()
@@ -406,7 +428,7 @@ class Trainer:
                 log.warning("validation sources with no window of %d tokens, left out: %s",
                             t.seq_len + 1, ", ".join(self.data.validation.skipped))
         metrics = MetricsLogger(self.cfg, self.out, env.is_main, state.step,
-                                train_flops_per_token(self.cfg.model, t.seq_len),
+                                self.flops_per_token(),
                                 device_peak_flops(env.device, t.peak_tflops), env.world_size)
         metrics.print(self.summary())
         gpu_stats = open_gpu_stats(env.device)
