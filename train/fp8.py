@@ -16,8 +16,8 @@ Which Linears train in float8 (`fp8_plan`), all of the following:
   3. a shape float8 serves and where torchao's filter expects it to beat bf16: both dimensions multiples of 16
      (the float8 GEMM's requirement) and, by torchao's `_auto_filter_for_recipe` (weight (N, K) = (out, in)),
      tensorwise: not (K <= 4096 and N <= 1024); rowwise: N > 2048, K > 1024 and not (N <= 4096 and K <= 2048).
-For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj, attention q and o, SwiGLU gate, up and down of blocks 1-22;
-attention k and v (2048 -> 512) stay bf16.
+For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj, attention q and o, SwiGLU
+gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
 
 The converted SwiGLU's gate and up run as two float8 GEMMs and an unfused silu(gate) * up (the fused
 concatenated GEMM of model/layers.py applies to plain Linears only). Float8Linear hands its weight gradient
