@@ -152,7 +152,7 @@ class TrainConfig(SectionModel):
         description="Replay each micro-batch's forward and backward as CUDA graphs (train/graph_step.py): "
         "removes the per-launch host cost that bounds small micro-batches. CUDA only; needs ZeRO "
         "stage 2, or stage 1 with bf16 and bf16.immediate_grad_update (ds_configs/zero1.json): their gradient "
-        "hooks consume each backward's gradients before the next replay (bench/grad_norm_check.py); and no "
+        "hooks consume each backward's gradients before the next replay; and no "
         "activation checkpointing; with data.packing=document, flash-attn's varlen kernel "
         "(model.attn_backend auto or flash) and at most 512 documents per micro-batch (more: that "
         "micro-batch runs eagerly).",
@@ -385,8 +385,8 @@ class ExportConfig(SectionModel):
     eval_text: str | None = Field(None, description="Text file for perplexity when no manifest is given.")
     cuda_graph: bool | Literal["auto"] = Field(
         "auto", description="Generation decodes through a static cache replayed as one CUDA graph per token "
-        "(model/decode_graph.py): auto = on for CUDA devices (measured 20-40x faster per token, the same "
-        "greedy tokens), true = CUDA only, false = eager steps."
+        "(model/decode_graph.py): auto = on for CUDA devices (the same greedy tokens, many times faster per "
+        "token: see docs/performance.md), true = CUDA only, false = eager steps."
     )
     eval_tokens: int = Field(8192, ge=2, description="Validation tokens scored for perplexity at most.")
     eval_seq_len: int = Field(256, ge=2, description="Tokens per perplexity window.")

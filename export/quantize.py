@@ -5,7 +5,7 @@ gate/up/down) except the Mamba2 `out_proj`, whose weight the fused mamba_ssm ker
 directly (`mamba_split_conv1d_scan_combined(outproj_weight=...)`), so it stays a plain tensor. The
 embedding, the (untied) LM head, norms, conv and dt/A/D stay in the checkpoint's dtype.
 
-Methods (what runs where, measured with bitsandbytes 0.50.2 and torchao 0.18 on this CPU):
+Methods (what runs where with bitsandbytes 0.50.2 and torchao 0.18):
     bnb-int8      bitsandbytes LLM.int8 (Linear8bitLt, threshold 0: pure int8 weights, per-row
                   scales)                                   CPU and CUDA
     bnb-nf4       bitsandbytes NF4 (Linear4bit, double-quantized absmax per `group_size` block)

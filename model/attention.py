@@ -7,7 +7,8 @@ Backends (same weights):
   reference  torch SDPA with an explicit boolean mask when documents are packed, rows are
              left-padded or a KV cache offsets the queries; kv heads repeated (ONNX-safe).
   kernels    plain causal training (and batches whose rows are single documents): SDPA (is_causal,
-             enable_gqa), measured faster than flash-attn 2 on H100 (shared/device/README.md);
+             enable_gqa), which runs cuDNN/flash kernels and outpaces flash-attn 2 on Hopper (see
+             docs/performance.md);
              packed documents, by `attn_backend`: flash-attn's varlen kernel over the batch's
              cu_seqlens (auto/flash, when installed), FlexAttention with a document-causal block mask
              (flex), else SDPA with the dense document mask. The boundaries come from the batch's

@@ -41,9 +41,8 @@ class MambaConfig(StrictModel):
     recompute_in_backward: bool = Field(
         False,
         description="Kernel path, training: recompute the conv output and chunk states in the backward "
-        "(mamba_ssm's fused function) instead of keeping them from the forward (model.ssd_saved: "
-        "~150 MB more per Mamba2 layer per 8,192 tokens at d_model 2048 by the kept tensors' sizes, five "
-        "fewer kernels per layer).",
+        "(mamba_ssm's fused function) instead of keeping them from the forward (model/ssd_saved.py, "
+        "which gives the kept tensors' sizes per layer and token; keeping them runs five fewer kernels per layer).",
     )
     state_compression: int = Field(
         1, ge=1,

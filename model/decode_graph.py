@@ -1,9 +1,9 @@
-"""One decode step as a CUDA graph: the host launches a token's ~1,000 kernels once, then replays.
+"""One decode step as a CUDA graph: the host launches a token's kernels once, then replays.
 
 A decode step of the hybrid is a few milliseconds of GPU work behind hundreds of small launches
-(projections, conv and state updates, norms, Triton kernels with a Python launcher): measured on an
-H100 it ran ~100 ms per token at batch 1, independent of model size and context, i.e. bound by the
-host (bench/NOTES.md). A CUDA graph records the step once and replays it with one launch. It needs
+(projections, conv and state updates, norms, Triton kernels with a Python launcher): at batch 1 its
+time is set by the host's launches, not by model size or context (see docs/performance.md). A CUDA
+graph records the step once and replays it with one launch. It needs
 fixed shapes and no host-side state, which the static cache provides (`HybridCache.make_static`):
 the token goes in through a fixed input buffer, the logits come out in a fixed output buffer, and
 every state (KV columns, filled count, RoPE positions, conv/SSM states) is updated in place by the
@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 def decode_graph_enabled(setting: bool | str, device: torch.device) -> bool:
     """Whether generation on `device` decodes through a CUDA graph. `setting`: "auto" (every
-    entrypoint's default: on for CUDA devices, where it measured 20-40x faster per token, the same
-    greedy tokens), true / false (also as strings). True on another device raises ValueError."""
+    entrypoint's default: on for CUDA devices, where it decodes the same greedy tokens many times
+    faster, see docs/performance.md), true / false (also as strings). True on another device raises ValueError."""
     text = str(setting).lower()
     if text == "auto":
         return device.type == "cuda"

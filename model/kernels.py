@@ -100,8 +100,7 @@ def make_deterministic() -> None:
     mamba_ssm's SSD reads the same switch (per-program partial sums instead of atomics, and one
     fixed tile config instead of autotuning, whose timing-based pick can differ between runs). That
     last part needs TRITON_CACHE_AUTOTUNING off: with it on, mamba_ssm autotunes once and replays
-    the cached pick, and on an H100 a run's first launch then differed from its later launches
-    (bench/results/determinism_on_cached_autotune_run2_small_h100.md);
+    the cached pick, and a run's first launch can then differ from its later launches;
     `deterministic()` makes the model pass flash-attn `deterministic=True` and take the Mamba2 conv
     off causal_conv1d, whose backward adds weight gradients with atomics. Call before the first
     CUDA matmul (cuBLAS reads CUBLAS_WORKSPACE_CONFIG once) and before mamba_ssm is imported.

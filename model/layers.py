@@ -44,7 +44,7 @@ class ResidualRMSNorm(RMSNorm):
     A module (not a function reading `.weight`) so that ZeRO-3 gathers the weight when it is called.
     fused: mamba_ssm's Triton kernel does the add and the RMSNorm in one pass (float32 statistics, the
     sum rounded to x's dtype as the unfused add does), forward and backward; otherwise plain PyTorch,
-    which costs ~15 float32 elementwise launches per norm on a GPU.
+    which costs a dozen or more float32 elementwise launches per norm on a GPU.
     """
 
     def forward(  # type: ignore[override]

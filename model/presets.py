@@ -1,21 +1,21 @@
 """Named model sizes. `ModelConfig(preset=NAME, **overrides)` starts from these values.
 
-Why the numbers are what they are (counts from `model.sizing.count_params`, checked by the tests and
-printed by `python -m model list`):
+Why the numbers are what they are (counts from `model.sizing.count_params`, printed by
+`python -m model list`; every count and ratio stated here is checked by tests/model/test_stated_numbers.py):
 
 - Attention share 1/6 for every size (`attn_ratio`), placed by the strategic-placement rule: enough
   global mixing for retrieval/in-context copying (early, middle and top), while 5/6 of the blocks
   are Mamba2 so that training and prefill cost grow ~linearly with sequence length and decoding
   memory stays flat for most layers.
 - Attention: head_dim 128 at 1.3B and up (the widest head flash-attn 2 and SDPA run at full speed on
-  Hopper), 4:1 grouped-query ratio for 1.3B/2.7B and 4-5:1 above (the KV cache shrinks 4-5x, quality
-  is within noise of MHA at these sizes per the Llama-2/3 ablations).
+  Hopper), grouped-query ratio 4:1 for 1.3B and 6.7B, 5:1 for 2.7B and 13B (the KV cache shrinks 4-5x,
+  quality is within noise of MHA at these sizes per the Llama-2/3 ablations).
 - Mamba2: d_state 128, headdim 64, expand 2, n_groups 1, conv 4, chunk 256: the Mamba2 paper's
   defaults for these scales (and mamba_ssm's), with chunk 256 the Triton SSD kernel's sweet spot.
 - SwiGLU width: every block (Mamba2 or attention) carries an MLP. A Mamba2 mixer already holds
-  ~6.2 d_model^2 weights, so the MLP width is chosen to land the totals on the published table
-  (1.44B, 2.56B, 5.96B, 10.66B) rather than at the usual 8/3 d_model. Widths are multiples of 256
-  for tensor-core-friendly GEMMs: 1.3B 5120 (2.5x) -> 1.445B, 2.7B 5120 (2.0x) -> 2.587B,
+  6.1-6.2 d_model^2 weights at the production sizes, so the MLP width is chosen to land the totals on
+  the published table (1.44B, 2.56B, 5.96B, 10.66B) rather than at the usual 8/3 d_model. Widths are
+  multiples of 256 for tensor-core-friendly GEMMs: 1.3B 5120 (2.5x) -> 1.445B, 2.7B 5120 (2.0x) -> 2.587B,
   6.7B 6912 (1.69x) -> 5.952B, 13B 7424 (1.45x) -> 10.593B.
 - Embeddings: untied for the production sizes (the head is < 5% of the weights there and untied
   heads train slightly better), tied for `tiny`/`small` where the embedding would otherwise be a
@@ -31,7 +31,7 @@ from typing import Any
 _PRODUCTION_MAMBA = {"d_state": 128, "headdim": 64, "expand": 2, "n_groups": 1, "d_conv": 4, "chunk_size": 256}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and the embedded default run: ~4.9M params, both block types, chunked SSD with
+    # CPU tests and the embedded default run: ~6.5M params, both block types, chunked SSD with
     # several chunks per 256-token sequence.
     "tiny": {
         "vocab_size": 8192,
@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_embeddings": True,
         "max_seq_len": 1024,
     },
-    # GPT-2-small scale (~126M) for quick GPU experiments and kernel-parity checks.
+    # GPT-2-small scale (~122M params) for quick GPU experiments and kernel-parity checks.
     "small": {
         "vocab_size": 32000,
         "d_model": 768,

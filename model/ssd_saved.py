@@ -7,15 +7,14 @@ products: five kernels per layer per micro-step. This function runs the same mam
 kernels in the same order on the same inputs, but keeps those five results (per token the conv
 output in the activations' dtype, per chunk the float32 states and C.B, per head and token the float32
 dt and decay sums). One step of its backward differs: model/ssd_cb_grad.py forms the C.B gradient and
-the intra-chunk decay gradient in one kernel where mamba_ssm runs two (the mixer 3.51 -> 3.34 ms at
-8,192 tokens, 6.84 -> 6.50 ms at 16,384 on an H100: bench/results/block_costs_cb_grad_1.3b_h100.md). So
+the intra-chunk decay gradient in one kernel where mamba_ssm runs two. So
 its output equals mamba_ssm's bitwise and its gradients to float32 rounding (those through dt: dt's bias,
-A, in_proj, the input; tests/model/test_kernels_interpreted.py). The memory cost, per layer
-and 8,192 tokens at the 1.3B widths: ~71 MB of conv output, 67 MB of states, 8 MB of C.B and 4 MB of
-dt sums (`model.mamba.recompute_in_backward` turns it off; activation checkpointing makes it moot).
+A, in_proj, the input; tests/model/test_kernels_interpreted.py). The memory cost, per layer and token:
+conv_dim values of conv output in the activations' dtype, n_heads * headdim * d_state / chunk_size
+float32 of states, n_groups * chunk_size float32 of C.B and 2 * n_heads float32 of dt sums
+(`model.mamba.recompute_in_backward` turns it off; activation checkpointing makes it moot).
 mamba_ssm's backward also runs its state passing in float32; its forward hands the scan bf16 states,
-which the scan kernel rounds to the same values. Measured on an H100 (1.3B widths, 8,192 tokens): the
-mixer's forward+backward 3.55 -> 3.40 ms (bench/results/block_costs_mixer_saved_1.3b_h100.md).
+which the scan kernel rounds to the same values. Its time against mamba_ssm's: see docs/performance.md.
 
 It mirrors `MambaSplitConv1dScanCombinedFn` (mamba_ssm 2.3) for the configuration the model uses:
 no extra SwiGLU channels (d_nonssm = 0), the gated norm applied after the gate (norm_before_gate

@@ -13,7 +13,7 @@ zeroing the buffer after each optimizer step and noting that those weights have 
 (train/grad_fold.py, fold `fused_wgrad`). A weight without `main_grad` takes plain `F.linear`:
 evaluation, export and every optimizer but ZeRO-1's bf16 one see no change.
 
-Measured on an H100 at the 1.3B widths: bench/results/wgrad_accumulate_1.3b_h100.md.
+Its cost against the unfused backward and fold: see docs/performance.md.
 """
 
 from __future__ import annotations

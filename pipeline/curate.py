@@ -1,6 +1,6 @@
 """Curate a recipe into token shards + manifest.json (the format pretraining reads).
 
-    python pipeline/curate.py --recipe embedded                       # local, ~35 s on 2 cores
+    python pipeline/curate.py --recipe embedded                       # local, small, CPU
     python pipeline/curate.py --recipe production_100b --executor slurm
     python pipeline/curate.py --recipe production_100b --data-root /mirrors   # hub sources from local mirrors
 

@@ -25,7 +25,7 @@ class OfflineWordTokenizer(WhitespaceTokenizer):
         self._treebank = None
 
     def word_tokenize(self, text: str) -> list[str]:
-        if self._treebank is None:  # nltk takes ~2 s to import: only when words are needed
+        if self._treebank is None:  # nltk is slow to import: only when words are needed
             from nltk.tokenize import NLTKWordTokenizer
 
             self._treebank = NLTKWordTokenizer()

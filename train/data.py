@@ -250,7 +250,7 @@ def shield_worker_from_termination(worker_id: int) -> None:
 
     On preemption the scheduler (or Ctrl-C) signals every process of the job. A worker that dies of it
     makes the main process raise `DataLoader worker ... killed by signal` in the middle of the
-    emergency checkpoint the main process is writing (seen on an H100: inside save_checkpoint). The
+    emergency checkpoint the main process is writing (inside save_checkpoint). The
     main process handles the signal (train/checkpoint.py), saves, and then shuts its workers down;
     a worker whose main process is gone exits by itself (torch's worker watchdog).
     """

@@ -13,11 +13,11 @@ Which Linears train in float8 (`fp8_plan`), all of the following:
      the embedding and LM head are outside the blocks and always stay bf16;
   2. not a Linear whose weight a fused kernel reads directly (the mixer's `unquantized_linears`: Mamba2's
      out_proj runs inside the fused scan on the kernel path; a Float8Linear there would never be called);
-  3. a shape float8 serves and where torchao measured it faster on an H100: both dimensions multiples of 16
+  3. a shape float8 serves and where torchao's filter expects it to beat bf16: both dimensions multiples of 16
      (the float8 GEMM's requirement) and, by torchao's `_auto_filter_for_recipe` (weight (N, K) = (out, in)),
      tensorwise: not (K <= 4096 and N <= 1024); rowwise: N > 2048, K > 1024 and not (N <= 4096 and K <= 2048).
-For the 1.3B (tensorwise): Mamba2 in_proj, attention q and o, SwiGLU gate, up and down of blocks 1-22;
-attention k and v (2048 -> 512) stay bf16.
+For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj, attention q and o, SwiGLU
+gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
 
 The converted SwiGLU's gate and up run as two float8 GEMMs and an unfused silu(gate) * up (the fused
 concatenated GEMM of model/layers.py applies to plain Linears only). Float8Linear hands its weight gradient
@@ -74,7 +74,7 @@ def check_fp8_zero_stage(stage: int) -> None:
 
 
 def shape_filter(recipe: str) -> Callable[[nn.Module, str], bool]:
-    """torchao's rule for (module, name): whether float8 can serve its shape and measured faster (rule 3)."""
+    """torchao's rule for (module, name): whether float8 can serve its shape and pays off (rule 3)."""
     from torchao.float8 import _auto_filter_for_recipe
 
     return _auto_filter_for_recipe(recipe, filter_fqns=[])

@@ -5,21 +5,18 @@ With bf16 and `bf16.immediate_grad_update` (ds_configs/zero1.json), DeepSpeed's 
 each parameter's bf16 gradient into its float32 accumulation buffer in the gradient hook, as
 `hp_grad.add_(lp.grad.to(float32))`: the `.to` writes a float32 copy of every gradient and the add
 reads it back, 18 bytes of memory traffic per parameter and micro-batch where the add alone needs 10
-(float32 read + write, bf16 read): ~26 GB against ~14.5 GB per micro-batch at 1.3B.
+(float32 read + write, bf16 read).
 
 Two replacements, chosen by `install_fold`:
   copy_free    `hp_grad.add_(lp.grad)` promotes inside the one kernel; bf16 -> float32 is exact, so
-               the sums are bitwise DeepSpeed's (tests/train/test_grad_fold.py). Measured on an H100,
-               1.3B, 8,192-token micro-batches: the step's cost per micro-batch over forward+backward
-               with plain bf16 `.grad` accumulation 8.3 -> 3.4 ms, the step +2.7%
-               (bench/results/step_overhead_fold_1.3b_h100.md).
+               the sums are bitwise DeepSpeed's (tests/train/test_grad_fold.py).
   fused_wgrad  copy_free, and every parameter's float32 buffer bound as its `main_grad`: the model's
                linear layers (model/wgrad.py) add their weight gradients there in the GEMM itself
                (Megatron-LM's gradient-accumulation fusion), so those weights have neither a bf16
                gradient nor a fold; the rest (embedding, norms, conv, SSM scalars) fold as copy_free.
                The sums now skip the bf16 rounding of each weight gradient: close to DeepSpeed's, not
-               bitwise. bench/results/wgrad_accumulate_1.3b_h100.md: 5.9 ms of folds vs 1.8 ms of
-               float32 GEMM outputs per 1.3B micro-batch of 8,192 tokens.
+               bitwise.
+The time each saves per micro-batch: see docs/performance.md.
 This replaces the hook's method (and, for fused_wgrad, `clear_hp_grads`) on the one optimizer
 instance, and only where DeepSpeed's own body does nothing else (no AutoEP folding group); it checks
 the DeepSpeed version it was written against and leaves other versions alone.

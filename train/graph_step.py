@@ -1,9 +1,9 @@
 """The training forward and backward as CUDA graphs: one launch each instead of thousands.
 
-Why: a 1.3B kernel-path forward+backward is thousands of launches (each Mamba2 layer runs ~25
-Triton kernels through Triton's Python launcher, plus the GEMMs and norms). On an H100, one and two
-4096-token sequences took about the same time (bench/NOTES.md): at small micro-batches the host,
-not the GPU, sets the pace. Replaying both passes as CUDA graphs measured 2.1x faster at 1 x 4096.
+Why: a 1.3B kernel-path forward+backward is thousands of launches (each Mamba2 layer runs tens of
+Triton kernels through Triton's Python launcher, plus the GEMMs and norms). At small micro-batches the
+host, not the GPU, sets the pace: one and two sequences of a few thousand tokens take about the same
+time. Replaying both passes as CUDA graphs removes the launches (the gain: see docs/performance.md).
 
 What is captured: `HybridLM.forward` for one input shape, logits out, parameter gradients back.
 The model is a `GraphedLM` (a HybridLM whose forward consults its graphs; the trainer builds it when
@@ -30,7 +30,7 @@ stay referenced and are never handed out again.
 
 How, and why not `torch.cuda.make_graphed_callables`: that function captures the backward with
 `torch.autograd.grad` over the module's real parameters. Under a DeepSpeed ZeRO-2 engine that
-capture failed on an H100 (cudaErrorStreamCaptureImplicit: the default stream was made to wait on
+capture fails (cudaErrorStreamCaptureImplicit: the default stream was made to wait on
 the capture stream), after torch's warning that the parameters' gradient-accumulator nodes predate
 the capture and belong to another stream. Here the capture runs on stand-in leaves that share the parameters'
 storage (`torch.func.functional_call`), whose accumulators are created on the capture stream; the
@@ -49,8 +49,8 @@ DeepSpeed config; by `graph_training_forward` for the model):
     hooks do (each gradient is copied into the reduction bucket as it arrives), and so do ZeRO-1's
     with bf16 and `bf16.immediate_grad_update` (BF16_Optimizer folds each into its fp32 buffer and
     drops `.grad`). Without that flag BF16_Optimizer lets autograd accumulate into `.grad`, which then
-    is the graph's own buffer: each replay's gradients are added to themselves (bench/grad_norm_check.py:
-    norm 71.7 against 4.49 on an H100). Plain accumulation into `.grad` over several backwards is not
+    is the graph's own buffer: each replay's gradients are added to themselves (the gradient norm comes
+    out many times too large). Plain accumulation into `.grad` over several backwards is not
     supported for the same reason. Weights bound to a float32 `main_grad` (train/grad_fold.py's
     fused_wgrad, model/wgrad.py) are the exception that needs nothing consumed: the captured backward adds
     their gradients into those buffers (fixed addresses) and hands them no gradient at all.
@@ -86,7 +86,8 @@ log = logging.getLogger(__name__)
 
 # Document capacities of the packed-batch graphs: a micro-batch replays the smallest one that holds
 # its documents (more documents: eager). Each is captured on first use. flash-attn's varlen backward
-# allocates (total tokens + 128 x capacity) rows of float32 per head: at 512, 0.6 GB for 16 heads.
+# allocates (total tokens + 128 x capacity) x heads x head_dim float32 (its dq accumulator): a larger capacity
+# costs memory in every replay.
 DOC_CAPACITIES = (64, 512)
 
 
@@ -116,7 +117,7 @@ class EagerReplayGraphs(CudaGraphs):
     """CudaGraphs' interface without CUDA: a "replay" runs the captured function again and copies its
     results into the outputs of the capture, as a real replay refills its static buffers. Exercises
     everything around the graphs (static inputs, outputs and gradients, the hand-off of gradients to
-    the optimizer's hooks) on any device: the CPU tests and bench/step_overhead.py --smoke use it."""
+    the optimizer's hooks) on any device: the CPU tests and the benchmarks' --smoke runs use it."""
 
     def __init__(self) -> None:
         self.captures = self.replays = 0
@@ -420,7 +421,7 @@ def check_graphable(model: HybridLM, on_cuda: bool, documents: bool, ds_config: 
     if stage == 1 and not (bf16.get("enabled") and bf16.get("immediate_grad_update")):
         raise ConfigError("train.cuda_graph with ZeRO-1 needs train.precision=bf16 or fp8 and "
                           "bf16.immediate_grad_update=true in train.ds_config (otherwise each replay's gradients are "
-                          "added into a buffer the next replay overwrites: bench/grad_norm_check.py); use "
+                          "added into a buffer the next replay overwrites); use "
                           "ds_configs/zero1.json or zero2.json")
 
 

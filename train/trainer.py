@@ -239,8 +239,8 @@ class Trainer:
         self.ds_config = build_ds_config(t, self.cp.replicas, self.env.on_cuda, load_universal=universal)
         if stage == 2 and self.env.world_size == 1 and self.env.on_cuda:
             log.info("one GPU: ZeRO-2 partitions nothing here but still reduces every micro-batch's gradients; "
-                     "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
-                     "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
+                     "train.ds_config=ds_configs/zero1.json stores the same without those reductions "
+                     "(see docs/performance.md)")
         self.model = self.create_model(resume_dir)
         mpu = None
         if self.cp.size > 1:

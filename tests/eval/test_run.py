@@ -118,15 +118,12 @@ def test_sandbox_has_no_network_and_limits_file_size():
 
     from eval import sandbox
 
+    probe = Path(__file__).resolve().parents[1] / "helpers" / "sandbox_probe.py"
     try:
-        command = sandbox.sandboxed([sys.executable, "-c", "pass"])
+        command = sandbox.sandboxed([sys.executable, str(probe)])
     except sandbox.SandboxError as exc:
         pytest.skip(f"no user namespaces on this machine: {exc}")
-    probe = ("import resource, socket\n"
-             "print(resource.getrlimit(resource.RLIMIT_FSIZE)[0])\n"
-             "try:\n    socket.create_connection(('8.8.8.8', 53), timeout=2)\n    print('connected')\n"
-             "except OSError as exc:\n    print('no network', exc.errno)\n")
-    proc = subprocess.run([*command[:-2], "-c", probe], capture_output=True, text=True,
+    proc = subprocess.run(command, capture_output=True, text=True,
                           preexec_fn=sandbox._limits, timeout=60)
     assert proc.returncode == 0, proc.stderr
     limit, network = proc.stdout.splitlines()

@@ -94,8 +94,9 @@ def test_graph_axes_are_symbolic(onnx_dir):
             assert all(inputs[tensor][d].dim_param and not inputs[tensor][d].dim_value for d in dims), (name, tensor)
 
 
-def test_card_example_samples_in_plain_onnxruntime(onnx_dir):
-    """The card's usage block runs as written: onnxruntime + tokenizers only, a short prompt, sampling."""
+def test_card_example_samples_in_plain_onnxruntime(onnx_dir, tmp_path):
+    """The card's usage block runs as written (saved as a file and run): onnxruntime + tokenizers only, a short
+    prompt, sampling."""
     import re
     import subprocess
     import sys
@@ -103,7 +104,9 @@ def test_card_example_samples_in_plain_onnxruntime(onnx_dir):
     card = (onnx_dir / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert "OnnxLM" not in code and "rng.choice" in code
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    example = tmp_path / "card_example.py"
+    example.write_text(code)
+    proc = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from bench.scale_runs import deepspeed_cmd
-from bench.scale_runs import run as run_launch
 from train.metrics import read_metrics  # noqa: F401  (for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,14 +140,10 @@ def train_run(nprocs: int, manifest: Path, out: Path, sets: list[str] = (), resu
     return out
 
 
-def run_until_signalled(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str,
-                        signal_after_step: int) -> subprocess.CompletedProcess:
-    """Start a run, SIGTERM its rank processes once metrics.jsonl shows `signal_after_step`, and wait
-    for the launcher (bench/scale_runs.py does the signalling, as on a GPU machine)."""
-    cmd = launch_cmd(nprocs, manifest, out, sets, resume)
-    log = out.parent / f"{out.name}.launch.log"
-    rc = run_launch(cmd, log, LAUNCH_TIMEOUT, signal_after_step, out / "metrics.jsonl", env=run_env())
-    return subprocess.CompletedProcess(cmd, rc, log.read_text(), "")
+def copy_checkpoint(src_run: Path, step: int, out: Path) -> None:
+    """Copy run `src_run`'s step-`step` checkpoint into run folder `out` (which then resumes from it)."""
+    tag = f"step_{step:08d}"
+    shutil.copytree(src_run / "checkpoints" / tag, out / "checkpoints" / tag)
 
 
 @pytest.fixture(scope="session")

@@ -65,8 +65,7 @@ def test_second_run_on_a_folder_is_refused_naming_host_and_pid(tmp_path: Path) -
 
 
 def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.run_lock import RunLock; "
-                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+    holder = subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "hold_run_lock.py"),
                                str(tmp_path)], cwd=REPO, env={**os.environ, "PYTHONPATH": repo_first_pythonpath()},
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
@@ -206,14 +205,10 @@ def test_stale_shared_memory_segments_are_removed(tmp_path: Path) -> None:
 
 def test_fatal_error_path_releases_the_segment(tmp_path: Path) -> None:
     """fail_loudly's one-line exit (os._exit, no atexit) unlinks this rank's DeepSpeed segment too."""
-    script = ("import os, sys\nfrom pathlib import Path\nfrom train import distributed, shm\n"
-              "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[1])\n"
-              "Path(shm.shm_buffer_path(0)).write_bytes(b'x')\ndistributed._SHM_RANK.append(0)\n"
-              "def main():\n    raise ValueError('bad input')\n"
-              "distributed.fail_loudly(main, (ValueError,))\n")
+    script = REPO / "tests" / "helpers" / "fail_loudly_with_segment.py"
     port = f"i29{os.getpid()}"
     segment = Path(f"/dev/shm/{'deepspeed_allreduce_buffer_'}{os.getuid()}_127.0.0.1_{port}_0")
-    proc = subprocess.run([sys.executable, "-c", script, port], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(script), port], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": repo_first_pythonpath()}, timeout=120)
     assert proc.returncode == 2 and "bad input" in proc.stderr, proc.stderr
     assert not segment.exists()

@@ -1,7 +1,8 @@
 """Launched training runs of the tiny preset on CPU (the DeepSpeed launcher, gloo), sharing runs between
-assertions: one ZeRO-2 fp32 reference run of 16 steps (checkpoints at 6, 12, 16), a SIGTERM-stopped
-and resumed copy of it, a one-process universal resume of it, a ZeRO-1 run and a context-parallel run
-of its first 6 steps, a ZeRO-3 bf16 run with its export, and single-process runs for errors, NaN handling and --dry-run.
+assertions: one ZeRO-2 fp32 reference run of 16 steps (checkpoints at 6, 12, 16), a one-process
+universal resume of it, a ZeRO-1 run and a context-parallel run of its first 6 steps, a ZeRO-3 bf16 run
+with its export, and single-process runs for errors, NaN handling and --dry-run. Its SIGTERM-stopped and
+resumed copy runs as a Slurm job (tests/train/test_slurm_script.py).
 
 Tolerances: a resume on the same world size is bitwise (CPU fp32, same reduction order). The
 one-process resume differs by float32 summation order only (gradients accumulated over 4 micro-
@@ -31,16 +32,11 @@ from train.errors import TrainingError
 from train.run_lock import RunLock
 from train.trainer import check_finite
 
-from .conftest import BASE_SETS, PRETRAIN, REPO, read_metrics, run_env, run_until_signalled, train_run
+from .conftest import BASE_SETS, PRETRAIN, REPO, copy_checkpoint, read_metrics, run_env, train_run
 
 pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
 
 ZERO3_BF16 = ["train.ds_config=ds_configs/zero3.json", "train.precision=bf16", "train.max_steps=12"]
-
-
-def copy_checkpoint(src_run: Path, step: int, out: Path) -> None:
-    tag = f"step_{step:08d}"
-    shutil.copytree(src_run / "checkpoints" / tag, out / "checkpoints" / tag)
 
 
 def single_process(corpus: Path, out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -73,24 +69,6 @@ def test_zero2_run_learns_and_writes_complete_checkpoints(run_a: Path) -> None:
         assert key in state
     model = load_weights(run_a / "final")
     assert model.cfg.vocab_size == 512 and (run_a / "final" / "tokenizer.json").is_file()
-
-
-def test_sigterm_then_resume_continues_bitwise(run_a: Path, corpus: Path, tmp_path: Path) -> None:
-    out = tmp_path / "resumed"
-    copy_checkpoint(run_a, 6, out)
-    stopped = run_until_signalled(2, corpus, out, [], "auto", signal_after_step=8)
-    assert stopped.returncode == 0, stopped.stdout[-3000:]
-    assert "SIGTERM: saving a checkpoint" in stopped.stdout
-    stop_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
-    assert 8 <= stop_step < 16
-    train_run(2, corpus, out)  # --resume auto
-    ref, got = read_metrics(run_a), read_metrics(out)
-    assert sorted(got) == list(range(7, 17))
-    for step in range(7, 17):
-        for key in ("loss", "grad_norm", "lr", "val_loss"):
-            assert got[step].get(key) == ref[step].get(key), (step, key)
-    complete = sorted({6, stop_step, 12, 16})[-3:]  # keep_last=3
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in complete]
 
 
 def test_two_process_checkpoint_resumes_on_one_process(run_a: Path, corpus: Path, tmp_path: Path) -> None:

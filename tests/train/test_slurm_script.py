@@ -1,6 +1,11 @@
 """launch/slurm_pretrain.sbatch run on this machine with stand-ins for Slurm's two commands: the script's
 rendezvous and rank variables make a working 2-process run, and a SIGTERM to every task (what Slurm
-sends before the time limit) saves a checkpoint that the requeued job resumes from.
+sends before the time limit) saves a checkpoint that the requeued job resumes from, bitwise.
+
+The job is a copy of the shared reference run (tests/train/conftest.py `run_a`: 16 steps, checkpoints at
+6, 12, 16) resumed from its step-6 checkpoint: stopped by the SIGTERM after step 8, requeued, and compared
+with the reference step by step (CPU float32, same world: equal losses, gradient norms, learning rates and
+validation losses), with keep_last pruning across the signal-time checkpoint.
 
 The stand-ins: `scontrol show hostnames` prints this host; `srun [options] CMD...` starts SLURM_NTASKS
 copies of CMD, each with its SLURM_PROCID / SLURM_LOCALID, and exits with the first non-zero code."""
@@ -17,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import BASE_SETS, REPO, read_metrics, run_env
+from .conftest import BASE_SETS, REPO, copy_checkpoint, read_metrics, run_env
 
 SBATCH = REPO / "launch" / "slurm_pretrain.sbatch"
 SRUN = """#!/bin/bash
@@ -58,19 +63,20 @@ def _slurm_env(tmp_path: Path) -> dict[str, str]:
 
 
 def _args(corpus: Path, out: Path) -> list[str]:
-    sets = [*BASE_SETS, f"data.manifest={corpus}", f"train.output_dir={out}", "train.max_steps=12",
-            "train.save_every=0", "train.eval_every=0", "train.log_every=1"]
+    """run_a's settings (BASE_SETS) with `out` as the output folder."""
+    sets = [*BASE_SETS, f"data.manifest={corpus}", f"train.output_dir={out}"]
     return ["--config", "tiny", *[a for s in sets for a in ("--set", s)]]
 
 
 @pytest.mark.slow
-def test_preempted_job_saves_and_the_requeued_job_resumes(corpus: Path, tmp_path: Path) -> None:
+def test_preempted_job_saves_and_the_requeued_job_resumes_bitwise(run_a: Path, corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
+    copy_checkpoint(run_a, 6, out)
     env = _slurm_env(tmp_path)
     job = subprocess.Popen(["bash", str(SBATCH), *_args(corpus, out)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while max(read_metrics(out), default=0) < 2 and job.poll() is None and time.monotonic() < deadline:
+    while max(read_metrics(out), default=0) < 8 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "launch/pretrain.py" in p.cmdline()]
     assert len(ranks) == 2, job.communicate()[0][-3000:] if job.poll() is not None else ranks
@@ -80,8 +86,14 @@ def test_preempted_job_saves_and_the_requeued_job_resumes(corpus: Path, tmp_path
     assert job.returncode == 0, log[-3000:]
     assert "world 2 x cpu" in log and "SIGTERM: saving a checkpoint" in log
     stop_step = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
-    assert 2 <= stop_step < 12
+    assert 8 <= stop_step < 16
     requeued = subprocess.run(["bash", str(SBATCH), *_args(corpus, out)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
     assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
-    assert sorted(read_metrics(out)) == list(range(1, 13))  # the requeued job went on from the checkpoint
+    ref, got = read_metrics(run_a), read_metrics(out)
+    assert sorted(got) == list(range(7, 17))  # the requeued job went on from the signal-time checkpoint
+    for step in range(7, 17):
+        for key in ("loss", "grad_norm", "lr", "val_loss"):
+            assert got[step].get(key) == ref[step].get(key), (step, key)
+    complete = sorted({6, stop_step, 12, 16})[-3:]  # keep_last=3
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{s:08d}" for s in complete]
