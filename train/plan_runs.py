@@ -107,13 +107,13 @@ def compare(run: Run) -> dict[str, float]:
 
 
 def activation_runs(results: Path = RESULTS) -> list[dict[str, float]]:
-    """bench/memory_scaling.py's training rows of our model (one forward + backward, batch 1, no optimizer):
-    measured activation_gb (peak minus weights and gradients) vs the planner's activations."""
+    """bench/memory_scaling.py's training rows (memory_vs_length_*.json) of our model (one forward + backward,
+    batch 1, no optimizer): measured activation_gb (peak minus weights and gradients) vs the planner's activations."""
     from model.config import ModelConfig
     from train.plan_memory import activations
 
     out = []
-    for path in sorted(results.glob("memory_scaling_*.json")):
+    for path in sorted(results.glob("memory_vs_length_*.json")):
         data = json.loads(path.read_text())
         cfg = ModelConfig(preset=data["meta"]["preset"])
         for row in data["rows"]:

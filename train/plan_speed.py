@@ -34,7 +34,7 @@ from model.sizing import count_params, mlp_params
 from train.plan_memory import ZeroSetup
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-BLOCK_COSTS = "block_costs_1.3b_h100.json"
+BLOCK_COSTS = "block_costs_1.3b_h100_2026-11-24.json"
 # Not measured here (stated in every plan that offloads): DeepSpeedCPUAdam's rate on a 16-32 core host
 # (the ZeRO-Offload paper's range) and effective PCIe 5 x16 host<->device bandwidth.
 CPU_ADAM_PARAMS_PER_S = 1.0e9
