@@ -4,7 +4,7 @@ A run is its trainer metrics file `pretrain_<name>_metrics.jsonl` and the markdo
 (`pretrain_<name>.md`, or the family's .md listing it): that file's `launch/pretrain.py` command line
 gives the run config (re-loaded with its --set overrides) and its `Device:` line the GPU. Measured:
 steady tokens/s = median of steps >= 3; peak memory = max mem_gb (torch.cuda.max_memory_allocated) of
-steps >= 2; first-step memory = step 1's. New runs named this way (bench/gpu_runs.sh stages preset_*)
+steps >= 2; first-step memory = step 1's. New runs named this way (`bash bench/run.sh presets OUT`)
 join the table as soon as they are committed.
 
 Under CUDA graphs torch.cuda.max_memory_allocated stops counting the activations once captured (they

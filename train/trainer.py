@@ -236,7 +236,7 @@ class Trainer:
         if stage == 2 and self.env.world_size == 1 and self.env.on_cuda:
             log.info("one GPU: ZeRO-2 partitions nothing here but still reduces every micro-batch's gradients; "
                      "train.ds_config=ds_configs/zero1.json stores the same and ran 8%% faster on an H100 "
-                     "(bench/results/pretrain_1.3b_zero1_graph_h100.md)")
+                     "(bench/results/pretrain_1.3b_zero1_graph_h100_2026-11-24.md)")
         self.model = self.create_model(resume_dir)
         mpu = None
         if self.cp.size > 1:

@@ -65,7 +65,7 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
         if tuple(int(x) for x in version.split(".")[:2]) < INTERPRETER_TRITON:
             pytest.skip(f"Triton {version}'s interpreter raises TypeError('only 0-dimensional arrays can be "
                         "converted to Python scalars') at every launch (the GPU image's 3.6: bench/results/"
-                        "test_suite_gpu_h200_interpreted_log.txt); scripts/setup.sh gives CPU machines 3.9, and on a "
+                        "test_suite_gpu_h200_2026-12-06_interpreted_log.txt); scripts/setup.sh gives CPU machines 3.9, and on a "
                         "GPU the compiled kernels run in the other tests")
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("MAMBA_DETERMINISTIC", "1")
