@@ -5,8 +5,10 @@ training table is bench/performance.py's output."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,14 @@ def test_performance_page_holds_the_computed_training_table() -> None:
     row = next(r for r in json.loads(path.read_text())["rows"] if r["status"] == "ok")
     nominal = row["tokens_per_s"] * row["flops_per_token"] / 989e12
     assert f"| {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | {nominal:.1%} |" in table
+
+
+@pytest.mark.slow  # a python process importing torch
+def test_scripts_without_out_write_to_bench_results_env(tmp_path: Path) -> None:
+    """bench/run.sh sets BENCH_RESULTS to its output folder: a script's default results folder follows it,
+    so nothing lands in the checkout's bench/results/."""
+    env = {**os.environ, "BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "bench/hw_ceilings.py", "--smoke"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert json.loads((tmp_path / "hw_ceilings_smoke.json").read_text())["rows"]
+    assert not (REPO / "bench" / "results" / "hw_ceilings_smoke.json").exists()
