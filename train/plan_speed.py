@@ -1,7 +1,7 @@
 """Predicted training tokens/s per GPU from measured per-layer costs (bench/results/).
 
 Inputs, all read from committed result files (their device, date and command are in each file):
-  block_costs_<preset>_h100.json   forward+backward ms of each block part (Mamba2 mixer, attention
+  BLOCK_COSTS (block_costs_1.3b_h100_<date>.json)  forward+backward ms of each block part (Mamba2 mixer, attention
       mixer, MLP, norm, LM head + loss) at one preset's widths (bench/block_costs.py)
   step_overhead_*.json            what DeepSpeed adds per micro-batch (overhead_ms) and per optimizer
       step (boundary_ms - micro_ms) for ZeRO-1 and ZeRO-2 (bench/step_overhead.py); the newest file
