@@ -26,7 +26,8 @@ NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (NVIDIA's datasheet f
 STEP_QUESTIONS = ("train_step_vs_twin_1.3b", "train_step_vs_bamba_1.3b", "train_step_vs_bamba_16k_1.3b")
 # launch/pretrain.py with the fastest settings, the newest run on each card (bench/run.sh train:pretrain
 # writes the next ones as pretrain_1.3b_zero1_graph_<gpu>_<date>)
-PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24", "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06")
+PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24",
+                 "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06")
 MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours", "attention_graph": "all-attention twin (CUDA graphs)",
                "attention": "all-attention twin", "hf_bamba": "HF Bamba (eager)", "hf_llama": "HF Llama"}
 DATE = re.compile(r"_(\d{4}-\d{2}-\d{2})$")
@@ -81,8 +82,9 @@ def step_rows(path: Path) -> list[str]:
 
 
 def table(results: Path = RESULTS) -> str:
-    lines = ["| what (1.3B preset, one GPU, ZeRO-1, bf16) | tokens/s | MFU (measured GEMM peak) | MFU (989 TFLOP/s) "
-             "| peak memory GB | result |", "|---|---|---|---|---|---|"]
+    header = ("| what (1.3B preset, one GPU, ZeRO-1, bf16) | tokens/s | MFU (measured GEMM peak) | MFU (989 TFLOP/s) "
+              "| peak memory GB | result |")
+    lines = [header, "|---|---|---|---|---|---|"]
     lines += [pretrain_row(stem, results) for stem in PRETRAIN_RUNS]
     for question in STEP_QUESTIONS:
         lines += step_rows(newest(question, results))
