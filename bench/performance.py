@@ -25,7 +25,7 @@ NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (NVIDIA's datasheet f
 # the step bench: ours (graphed ZeRO-1) against each peer; the newest file of each question is read
 STEP_QUESTIONS = ("train_step_vs_twin_1.3b", "train_step_vs_bamba_1.3b", "train_step_vs_bamba_16k_1.3b")
 # launch/pretrain.py with the fastest settings, the newest run on each card (bench/run.sh train:pretrain
-# writes the next ones as pretrain_1.3b_zero1_graph_<gpu>_<date>)
+# writes the next ones as pretrain_1.3b_<gpu>_<date>: list them here)
 PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24",
                  "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06")
 MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours", "attention_graph": "all-attention twin (CUDA graphs)",

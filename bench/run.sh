@@ -126,9 +126,10 @@ run_part() {  # run_part SUITE PART
     train:pretrain)  # the real launch: graphed ZeRO-1, fused_wgrad, 2 x 4096 x 8 micro-batches, 25 steps
         local peak vocab
         peak=$(matmul_peak) vocab=$(manifest_vocab)
-        pretrain_run 420 "$(name pretrain_1.3b_zero1_graph)" --config 1.3b --set data.manifest="$data" \
-            --set data.weights.planted=0 --set model.vocab_size="$vocab" --set train.cuda_graph=true \
-            --set train.ds_config=ds_configs/zero1.json --set train.micro_batch_size=2 \
+        pretrain_run 420 "$(name pretrain_1.3b)" --config 1.3b --set data.manifest="$data" \
+            --set data.weights.planted=0 --set model.vocab_size="$vocab" --set data.packing=continuous \
+            --set train.cuda_graph=true --set train.ds_config=ds_configs/zero1.json --set train.grad_fold=fused_wgrad \
+            --set train.micro_batch_size=2 \
             --set train.global_batch_tokens=65536 --set train.max_steps=25 --set train.warmup_steps=5 \
             --set train.eval_every=25 --set train.eval_sequences=16 --set train.peak_tflops="$peak" ;;
     inference:decode)  # batch 1: ours (eager and graphed) vs its HF export and the all-attention twin
