@@ -37,8 +37,11 @@ if [ "${1:-}" = list ]; then
     for s in $SUITES; do echo "$s: ${PARTS[$s]}"; done
     exit 0
 fi
-target=${1:?usage: bash bench/run.sh SUITE[:PART] OUT_DIR (bash bench/run.sh list: the suites)}
-out=${2:?usage: bash bench/run.sh SUITE[:PART] OUT_DIR}
+if [ $# -ne 2 ]; then
+    echo "usage: bash bench/run.sh SUITE[:PART] OUT_DIR (bash bench/run.sh list: the suites and parts)" >&2
+    exit 2
+fi
+target=$1 out=$2
 suite=${target%%:*}
 part=${target#"$suite"}; part=${part#:}
 if [ -z "${PARTS[$suite]:-}" ]; then

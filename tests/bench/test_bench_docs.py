@@ -47,10 +47,11 @@ def test_every_suite_and_part_is_in_the_readme() -> None:
 
 
 @pytest.mark.parametrize("target, message", [("nosuch", "unknown suite 'nosuch'"),
-                                             ("train:nosuch", "unknown part 'nosuch' of suite train")])
+                                             ("train:nosuch", "unknown part 'nosuch' of suite train"),
+                                             ("", "usage: bash bench/run.sh SUITE[:PART] OUT_DIR")])
 def test_run_refuses_an_unknown_suite_or_part(target: str, message: str, tmp_path: Path) -> None:
-    proc = subprocess.run(["bash", "bench/run.sh", target, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          check=False)
+    args = [target, str(tmp_path)] if target else [str(tmp_path)]
+    proc = subprocess.run(["bash", "bench/run.sh", *args], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "results").exists()  # refused before any work
 
