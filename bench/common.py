@@ -1,7 +1,8 @@
 """Shared helpers of the benchmark scripts: device facts, timing, the matmul ceiling, result files.
 
-Every script writes `bench/results/<name>.json` (rows + device, date, versions, exact command) and a
-markdown table beside it; scripts that plot add a PNG.
+Every script writes `<results>/<name>.json` (rows + device, date, versions, exact command) and a
+markdown table beside it; scripts that plot add a PNG. <results> is --out where a script has it, else
+$BENCH_RESULTS (bench/run.sh sets it to its output folder), else bench/results.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import os
 import platform
 import shlex
 import sys
@@ -22,7 +24,7 @@ import torch
 if TYPE_CHECKING:
     from model import HybridLM, ModelConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def bench_model(cfg: "ModelConfig", device: torch.device) -> "HybridLM":

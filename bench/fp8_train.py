@@ -8,12 +8,12 @@ settings and data: tokens/s, peak memory and the smoothed training loss of each 
 Each variant is one fresh launch (`name` or `name:steps`, the variant's own step count: a throughput-only
 row): bf16; fp8 (tensorwise); fp8_rowwise; fp32 (the CPU smoke). The settings besides the precision are
 FAST_SETS (ZeRO-1 with the fused weight-gradient fold and CUDA graphs: the fastest bf16 setting,
-bench/results/pretrain_1.3b_zero1_registry_graph_h200.md) plus --set. Per run: steady tokens/s (median over
+bench/results/pretrain_1.3b_zero1_registry_graph_h200_2026-12-06.md) plus --set. Per run: steady tokens/s (median over
 the steps after STEADY_AFTER: start-up, torch.compile and the graph capture apart), peak memory over the steps
 after the first (the capture's) and of the first, and the training loss smoothed over the last SMOOTH steps;
 each run of the first variant's length is compared with it (tokens/s ratio, smoothed-loss difference in %).
 Writes <name>.json (with every step's loss), <name>.md, <name>.png, <name>_launch.log and each run's
-metrics.jsonl to --out; `bench/gpu_runs.sh fp8` and `fp8_2.7b` are the GPU commands.
+metrics.jsonl to --out; `bash bench/run.sh fp8:1.3b` and `fp8:2.7b` are the GPU commands.
 """
 
 from __future__ import annotations

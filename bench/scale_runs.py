@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: kept, under <out>/<name>_runs)")
     ap.add_argument("--name", help="results file name (default scale_<mode>_<config>)")
     args = ap.parse_args(argv)
-    # a SIGTERM (gpu_runs.sh's time limit) ends the driver through its `finally`: the launch log is kept
+    # a SIGTERM (bench/run.sh's time limit) ends the driver through its `finally`: the launch log is kept
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.smoke:
         args.config, args.steps, args.signal_after = "tiny", 12, 2  # 10 steps of margin for the signal

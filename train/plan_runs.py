@@ -4,7 +4,7 @@ A run is its trainer metrics file `pretrain_<name>_metrics.jsonl` and the markdo
 (`pretrain_<name>.md`, or the family's .md listing it): that file's `launch/pretrain.py` command line
 gives the run config (re-loaded with its --set overrides) and its `Device:` line the GPU. Measured:
 steady tokens/s = median of steps >= 3; peak memory = max mem_gb (torch.cuda.max_memory_allocated) of
-steps >= 2; first-step memory = step 1's. New runs named this way (bench/gpu_runs.sh stages preset_*)
+steps >= 2; first-step memory = step 1's. New runs named this way (`bash bench/run.sh presets OUT`)
 join the table as soon as they are committed.
 
 Under CUDA graphs torch.cuda.max_memory_allocated stops counting the activations once captured (they
@@ -107,13 +107,13 @@ def compare(run: Run) -> dict[str, float]:
 
 
 def activation_runs(results: Path = RESULTS) -> list[dict[str, float]]:
-    """bench/memory_scaling.py's training rows of our model (one forward + backward, batch 1, no optimizer):
-    measured activation_gb (peak minus weights and gradients) vs the planner's activations."""
+    """bench/memory_scaling.py's training rows (memory_vs_length_*.json) of our model (one forward + backward,
+    batch 1, no optimizer): measured activation_gb (peak minus weights and gradients) vs the planner's activations."""
     from model.config import ModelConfig
     from train.plan_memory import activations
 
     out = []
-    for path in sorted(results.glob("memory_scaling_*.json")):
+    for path in sorted(results.glob("memory_vs_length_*.json")):
         data = json.loads(path.read_text())
         cfg = ModelConfig(preset=data["meta"]["preset"])
         for row in data["rows"]:

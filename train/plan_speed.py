@@ -1,7 +1,7 @@
 """Predicted training tokens/s per GPU from measured per-layer costs (bench/results/).
 
 Inputs, all read from committed result files (their device, date and command are in each file):
-  block_costs_<preset>_h100.json   forward+backward ms of each block part (Mamba2 mixer, attention
+  BLOCK_COSTS (block_costs_1.3b_h100_<date>.json)  forward+backward ms of each block part (Mamba2 mixer, attention
       mixer, MLP, norm, LM head + loss) at one preset's widths (bench/block_costs.py)
   step_overhead_*.json            what DeepSpeed adds per micro-batch (overhead_ms) and per optimizer
       step (boundary_ms - micro_ms) for ZeRO-1 and ZeRO-2 (bench/step_overhead.py); the newest file
@@ -34,7 +34,7 @@ from model.sizing import count_params, mlp_params
 from train.plan_memory import ZeroSetup
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
-BLOCK_COSTS = "block_costs_1.3b_h100.json"
+BLOCK_COSTS = "block_costs_1.3b_h100_2026-11-24.json"
 # Not measured here (stated in every plan that offloads): DeepSpeedCPUAdam's rate on a 16-32 core host
 # (the ZeRO-Offload paper's range) and effective PCIe 5 x16 host<->device bandwidth.
 CPU_ADAM_PARAMS_PER_S = 1.0e9

@@ -202,11 +202,11 @@ def test_block_costs_parts_filter(tmp_path):
 
 
 def test_ssd_tiles_widen_keeps_hooks_and_adds_no_repeats(tmp_path):
-    """bench/ssd_tiles.py's wider autotune lists: the original configs first and unchanged, then every block
+    """experiments/kernels/ssd_tiles.py's wider autotune lists: the original configs first and unchanged, then every block
     shape at every warps x stages once, each with its shape's pre-hook; the smoke run writes its files."""
     from types import SimpleNamespace as Cfg
 
-    from bench import ssd_tiles
+    from experiments.kernels import ssd_tiles
 
     def make(kw, w, s, hook):
         return Cfg(kwargs=kw, num_warps=w, num_stages=s, pre_hook=hook)
@@ -224,9 +224,9 @@ def test_ssd_tiles_widen_keeps_hooks_and_adds_no_repeats(tmp_path):
 
 
 def test_ssd_backends_smoke(tmp_path):
-    """bench/ssd_backends.py on CPU: the pure-PyTorch SSD in float32 against its float64 run (errors at
+    """experiments/kernels/ssd_backends.py on CPU: the pure-PyTorch SSD in float32 against its float64 run (errors at
     float32 rounding), both timings; an unknown backend is refused."""
-    from bench import ssd_backends
+    from experiments.kernels import ssd_backends
 
     assert ssd_backends.main(["--smoke", "--out", str(tmp_path)]) == 0
     rows = _load(tmp_path / "ssd_backends_tiny_smoke.json")["rows"]
@@ -239,10 +239,10 @@ def test_ssd_backends_smoke(tmp_path):
 
 
 def test_wgrad_accumulate_smoke(tmp_path):
-    """bench/wgrad_accumulate.py on CPU: one row per distinct linear weight shape of the tiny preset (gate and
+    """experiments/kernels/wgrad_accumulate.py on CPU: one row per distinct linear weight shape of the tiny preset (gate and
     up merged), weighted by how many layers have it, and a total; the float32 accumulation is closer to
     float64 than the bf16 gradient folded into float32."""
-    from bench import wgrad_accumulate
+    from experiments.kernels import wgrad_accumulate
     from model import HybridLM, ModelConfig
 
     assert wgrad_accumulate.main(["--smoke", "--out", str(tmp_path)]) == 0

@@ -1,7 +1,7 @@
 """train.deterministic's kernel choices (model/kernels.py make_deterministic), on CPU with Python stand-ins
 for the CUDA kernels: which kernel each path calls and with what flag, and that the deterministic
 Mamba2 path computes the reference's outputs and gradients (float64, tolerance 1e-10). Whether the GPU
-kernels then repeat bitwise is the question of bench/gpu_runs.sh`s `determinism` stage (a GPU run)."""
+kernels then repeat bitwise is the question of `bash bench/run.sh checks:determinism` (a GPU run)."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_mamba_ssm_keeps_one_tile_config_under_cached_autotuning(deterministic_m
                                                                  kernels_cpu: Path) -> None:
     """mamba_ssm's own config choice (mamba_ssm/utils/determinism.py, loaded from its file without
     importing the package) after make_deterministic, in a shell that exported TRITON_CACHE_AUTOTUNING=1
-    (bench/gpu_runs.sh does, for the default kernels): one config per kernel, not a cached timing pick."""
+    (bench/run.sh does, for the default kernels): one config per kernel, not a cached timing pick."""
     monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "1")
     kernels.make_deterministic()
     spec = importlib.util.find_spec("mamba_ssm")  # locates the package without importing it

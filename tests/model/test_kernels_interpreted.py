@@ -65,7 +65,7 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
         if tuple(int(x) for x in version.split(".")[:2]) < INTERPRETER_TRITON:
             pytest.skip(f"Triton {version}'s interpreter raises TypeError('only 0-dimensional arrays can be "
                         "converted to Python scalars') at every launch (the GPU image's 3.6: bench/results/"
-                        "test_suite_gpu_h200_interpreted_log.txt); scripts/setup.sh gives CPU machines 3.9, and on a "
+                        "test_suite_gpu_h200_2026-12-06_interpreted_log.txt); scripts/setup.sh gives CPU machines 3.9, and on a "
                         "GPU the compiled kernels run in the other tests")
         mp.setenv("TRITON_INTERPRET", "1")
         mp.setenv("MAMBA_DETERMINISTIC", "1")
@@ -410,11 +410,11 @@ def test_cb_grad_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> N
 
 
 def test_ssd_cb_grad_bench_smoke(interpreted_kernels, tmp_path) -> None:
-    """bench/ssd_cb_grad.py --smoke (its kernels are Triton: on CPU only here, interpreted): both paths and
+    """experiments/kernels/ssd_cb_grad.py --smoke (its kernels are Triton: on CPU only here, interpreted): both paths and
     both tile sizes write rows, each within float32 rounding of the float64 definition."""
     import json
 
-    from bench import ssd_cb_grad
+    from experiments.kernels import ssd_cb_grad
 
     assert ssd_cb_grad.main(["--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "ssd_cb_grad_tiny_smoke.json").read_text())["rows"]

@@ -3,6 +3,7 @@ measured CPU optimizer step, its predictions against every committed GPU run, th
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -108,11 +109,12 @@ def test_checkpointing_modes_order_the_activations() -> None:
 
 
 # Runs whose memory the planner is not expected to match: they ran ZeRO-1 with DeepSpeed's or the
-# copy-free gradient fold before train.grad_fold existed (bench/gpu_runs.sh: fold=deepspeed / copy_free;
+# copy-free gradient fold before train.grad_fold existed (the former bench/gpu_runs.sh: fold=deepspeed / copy_free;
 # their commands carry no grad_fold), which keeps the bf16 weight gradients: 2.8 GB more
 # (docs/pretraining.md). The planner models today's default, fused_wgrad.
-OLDER_FOLD = {"pretrain_1.3b_zero1_graph_h100", "pretrain_1.3b_zero1_graph_WRONG_GRADIENTS_h100",
-              "pretrain_1.3b_zero1_fold_graph_h100"}
+OLDER_FOLD = {"pretrain_1.3b_zero1_graph_h100_2026-11-24",
+              "pretrain_1.3b_zero1_graph_before_immediate_grad_update_h100_2026-11-24",
+              "pretrain_1.3b_zero1_fold_graph_h100_2026-11-24"}
 
 
 def test_planner_matches_every_committed_run() -> None:
@@ -228,7 +230,7 @@ exit 0
 
 
 def test_preset_stages_write_runs_the_planner_reads(tmp_path: Path) -> None:
-    """bench/gpu_runs.sh's preset_* stages (with stand-ins for deepspeed and nvidia-smi): each writes the
+    """bench/run.sh's presets suite (with stand-ins for deepspeed and nvidia-smi): each part writes the
     .md + metrics that train.plan_runs ingests; the 2.7B stage falls back to micro-batch 1 when 2 fails,
     and the failed attempt is left out."""
     import json
@@ -245,11 +247,11 @@ def test_preset_stages_write_runs_the_planner_reads(tmp_path: Path) -> None:
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"tokenizer": {"vocab_size": 8192}}))
     env = {**os.environ, "PATH": f"{bins}:{os.environ['PATH']}", "CHECK_ONLY": "1", "DATA": str(manifest)}
-    for stage in ("preset_2.7b_h100", "preset_6.7b_h200", "preset_13b_reduced_h200"):
-        proc = subprocess.run(["bash", "bench/gpu_runs.sh", stage, str(tmp_path / "out")], cwd=REPO, env=env,
-                              check=False, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-    runs = {r.name: r for r in committed_runs(tmp_path / "out" / "results")}
+    proc = subprocess.run(["bash", "bench/run.sh", "presets", str(tmp_path / "out")], cwd=REPO, env=env,
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # result names are <question>_<hardware>_<date> (bench/README.md)
+    runs = {re.sub(r"_\d{4}-\d{2}-\d{2}$", "", r.name): r for r in committed_runs(tmp_path / "out" / "results")}
     assert set(runs) == {"pretrain_2.7b_mb1_h200", "pretrain_6.7b_offload_h200", "pretrain_13b_reduced_h200"}
     assert runs["pretrain_13b_reduced_h200"].device == "NVIDIA H200"
     assert "model.n_layers=18" in runs["pretrain_13b_reduced_h200"].overrides

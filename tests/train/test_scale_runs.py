@@ -48,16 +48,16 @@ def test_launch_tail_reads_only_the_last_launch(tmp_path: Path) -> None:
     assert tail == ["line 48", "line 49", "[rank 1] error: boom"]
 
 
-@pytest.mark.parametrize("stage", ["determinism", "x2", "x4", "x8", "fp8",
-                                   pytest.param("fp8_2.7b", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", ["checks:determinism", "scale", "fp8:1.3b",
+                                   pytest.param("fp8:2.7b", marks=pytest.mark.slow)])
 @pytest.mark.slow
 def test_gpu_stages_launch_valid_run_configs(stage: str, corpus: Path, tmp_path: Path) -> None:
-    """bench/gpu_runs.sh's stages that drive scale_runs or fp8_train, with CHECK_ONLY=1: every run they would
+    """bench/run.sh's parts that drive scale_runs or fp8_train, with CHECK_ONLY=1: every run they would
     launch has a valid config and batch split at its GPU counts. (Before the driver shortened the warm-up,
     each would have stopped at once on the presets' 2000 warm-up steps, on a lent multi-GPU machine.)"""
     env = {**os.environ, "CHECK_ONLY": "1", "DATA": str(corpus),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run(["bash", "bench/gpu_runs.sh", stage, str(tmp_path)], cwd=REPO, env=env, timeout=300, check=True)
+    subprocess.run(["bash", "bench/run.sh", stage, str(tmp_path)], cwd=REPO, env=env, timeout=300, check=True)
     log = (tmp_path / "log.txt").read_text()
     exits = re.findall(r"=== exit (\d+)", log)
     assert exits and set(exits) == {"0"}, log
