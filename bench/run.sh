@@ -219,7 +219,8 @@ run_part() {  # run_part SUITE PART
                 --name "$(name "readme_${p#x8_}" x8)" "${common[@]}" ;;
         esac ;;
     variants:state_memory)  # the hybrid variants: training tokens/s and memory, decode state and tokens/s
-        step 300 python3 bench/state_memory.py --preset small --name "$(name state_memory_small)" --out "$res" ;;
+        step 300 python3 bench/state_memory.py --preset small --contexts 1024,8192,32768 --iters 5 --new-tokens 32 \
+            --name "$(name state_memory_small)" --out "$res" ;;
     finetune:lora_vs_full)
         step 400 python3 bench/finetune_lora_vs_full.py --preset 1.3b --tokenizer "$(dirname "$data")/tokenizer" \
             --name "$(name finetune_lora_vs_full_1.3b)" --out "$res" ;;
@@ -234,11 +235,12 @@ run_part() {  # run_part SUITE PART
         common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
                 --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
         if [ "$p" = 1.3b ]; then
-            step 580 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_rowwise:30 --steps 300 \
+            # rowwise's throughput too: --variants bf16,fp8,fp8_rowwise:30 (about 90 s more)
+            step 360 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
                 --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b)" \
                 "${common[@]}"
         else
-            step 400 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
+            step 230 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
                 --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b)" \
                 "${common[@]}"
         fi ;;

@@ -44,12 +44,12 @@ COLUMNS = ["part", "variant", "pattern", "params", "batch", "seq_len", "context"
 def variants(base: ModelConfig) -> dict[str, ModelConfig]:
     """The five configs, each matched to the base's parameter count."""
     strategic = VARIANTS["strategic"].apply(base)
-    raw = {
+    raw = {  # the baseline first, then the variant whose claim is a memory factor (a run cut short keeps them)
         "strategic": strategic,
+        **{f"compression{f}": strategic.model_copy(
+            update={"mamba": strategic.mamba.model_copy(update={"state_compression": f})}) for f in (4, 2)},
         "hierarchical": VARIANTS["hierarchical"].apply(base),
         "bridges": strategic.model_copy(update={"bridges": True}),
-        **{f"compression{f}": strategic.model_copy(
-            update={"mamba": strategic.mamba.model_copy(update={"state_compression": f})}) for f in (2, 4)},
     }
     target = count_params(base)
     return {name: match_ffn(ModelConfig.model_validate(cfg.model_dump()), target) for name, cfg in raw.items()}

@@ -267,7 +267,7 @@ def test_state_memory_smoke(monkeypatch, tmp_path):
     finally:
         torch.set_num_threads(threads)
     rows = _load(tmp_path / "state_memory_tiny_smoke.json")["rows"]
-    names = ["strategic", "hierarchical", "bridges", "compression2", "compression4"]
+    names = ["strategic", "compression4", "compression2", "hierarchical", "bridges"]
     train = {r["variant"]: r for r in rows if r["part"] == "training"}
     decode = {r["variant"]: r for r in rows if r["part"] == "decode"}
     assert list(train) == names and list(decode) == names
