@@ -385,7 +385,7 @@ def test_cb_grad_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> N
 
     import model.ssd_saved as ssd_saved
     from bench.block_costs import mamba_ssm_cb_and_decay_grads, mamba_ssm_cb_grad
-    from bench.ssd_cb_grad import decay_grad_float64
+    from experiments.kernels.ssd_cb_grad import decay_grad_float64
     from model.ssd_cb_grad import cb_and_decay_grads
 
     gen = torch.Generator().manual_seed(3)

@@ -68,13 +68,13 @@ def _args(corpus: Path, out: Path) -> list[str]:
     return ["--config", "tiny", *[a for s in sets for a in ("--set", s)]]
 
 
-def _cmdline(process: psutil.Process) -> str:
-    """The process's command line, or "" for one that ended after it was listed (a short-lived helper of
-    the launcher exits between `children()` and this call on a fast machine)."""
+def _cmdline(process: psutil.Process) -> list[str]:
+    """The process's arguments, or [] for one that ended after it was listed (a short-lived helper of the
+    launcher exits between `children()` and this call on a fast machine)."""
     try:
-        return " ".join(process.cmdline())
+        return process.cmdline()
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return ""
+        return []
 
 
 @pytest.mark.slow
