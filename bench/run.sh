@@ -32,6 +32,24 @@ declare -A PARTS=(
     [tests]="gpu"
 )
 SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests"
+# The Python packages a suite imports beyond torch (requirements.txt, requirements-cuda.txt), checked before
+# any work: on an offline GPU machine a missing wheel is one line at start, not a failure minutes in.
+# (Training reads the curated shards through datatrove; finetune needs peft; fp8 needs torchao.)
+kernels="mamba_ssm causal_conv1d flash_attn"
+declare -A NEEDS=(
+    [train]="$kernels deepspeed datatrove transformers"
+    [inference]="$kernels transformers"
+    [parts]="$kernels"
+    [data]="datatrove lm_eval transformers"
+    [checks]="$kernels deepspeed datatrove"
+    [scale]="$kernels deepspeed datatrove"
+    [variants]="$kernels"
+    [finetune]="$kernels deepspeed peft"
+    [long_context]="$kernels"
+    [fp8]="$kernels deepspeed datatrove torchao"
+    [presets]="$kernels deepspeed datatrove"
+    [tests]=""
+)
 
 if [ "${1:-}" = list ]; then
     for s in $SUITES; do echo "$s: ${PARTS[$s]}"; done
@@ -53,6 +71,13 @@ if [ -n "$part" ] && [[ " ${PARTS[$suite]} " != *" $part "* ]]; then
     exit 2
 fi
 
+if [ -z "${CHECK_ONLY:-}" ] && [ -n "${NEEDS[$suite]}" ]; then
+    missing=$(python3 -c 'import importlib.util, sys; print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))' ${NEEDS[$suite]})
+    if [ -n "$missing" ]; then
+        echo "suite $suite needs $missing: install them (requirements.txt, requirements-cuda.txt) or put their wheels on PYTHONPATH" >&2
+        exit 2
+    fi
+fi
 data=${DATA:-outputs/embedded/manifest.json}
 res="$out/results"
 work=${WORK:-/dev/shm/scale}

@@ -4,6 +4,7 @@ training table is bench/performance.py's output."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -54,6 +55,18 @@ def test_run_refuses_an_unknown_suite_or_part(target: str, message: str, tmp_pat
     proc = subprocess.run(["bash", "bench/run.sh", *args], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "results").exists()  # refused before any work
+
+
+def test_run_refuses_a_suite_whose_packages_are_missing(tmp_path: Path) -> None:
+    """`variants` imports mamba_ssm and causal_conv1d: without them (a CPU machine, or a GPU machine short of a
+    wheel) the runner stops in one line naming them, before any work."""
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        pytest.skip("mamba_ssm is installed here: nothing is missing")
+    proc = subprocess.run(["bash", "bench/run.sh", "variants", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "suite variants needs mamba_ssm causal_conv1d" in proc.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_results_follow_the_naming_scheme() -> None:
