@@ -15,7 +15,6 @@ What changes against pretraining (the Trainer's hooks):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from train.consolidate import gather_fp32_state_dict
 from train.data import TrainData
 from train.distributed import barrier
 from train.ds_config import read_ds_json, zero_stage
-from train.metrics import MetricsLogger
+from train.metrics import MetricsLogger, read_metrics
 from train.provenance import provenance
 from train.trainer import Trainer
 
@@ -154,7 +153,7 @@ class AdaptTrainer(Trainer):
         state = self._added_state()
         if self.env.is_main:
             added, total = self.model.trainable_fraction()
-            losses = [r["loss"] for r in read_losses(self.out / "metrics.jsonl")]
+            losses = [r["loss"] for _, r in sorted(read_metrics(self.out).items()) if "loss" in r]
             report = {"trainable parameters": added, "all parameters": total, "trainable fraction": added / total,
                       "adapted layers": self.model.layer_indices, "steps": self.state.step,
                       "first loss": losses[0] if losses else None, "last loss": losses[-1] if losses else None}
@@ -168,10 +167,3 @@ class AdaptTrainer(Trainer):
                           f"{folder} --prompt TEXT")
         barrier()
 
-
-def read_losses(path: Path) -> list[dict]:
-    """The training-loss records of a metrics.jsonl, in step order."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted((r for r in records if "loss" in r), key=lambda r: r["step"])

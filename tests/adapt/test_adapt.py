@@ -20,6 +20,7 @@ from config.schema import RunConfig, load_run_config
 from config.sections import AdaptConfig
 from model.bundle import load_tokenizer
 from tests.train.conftest import run_env
+from train.metrics import read_metrics
 from train.optim import param_groups
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,14 +208,6 @@ def adapt_cmd(base: Path, data: Path, out: Path, resume: str, processes: int) ->
             *[a for s in RUN_SETS for a in ("--set", s)]]
 
 
-def metrics_by_step(out: Path) -> dict[int, dict]:
-    by_step: dict[int, dict] = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        by_step.setdefault(record["step"], {}).update(record)
-    return by_step
-
-
 @pytest.mark.parametrize("base_dir", ["llama"], indirect=True)  # the wrapper code is family-agnostic
 @pytest.mark.slow
 def test_launched_run_trains_only_added_resumes_on_one_process_and_generates(base_dir, tmp_path, adapt_cli, capsys):
@@ -228,7 +221,7 @@ def test_launched_run_trains_only_added_resumes_on_one_process_and_generates(bas
         proc = subprocess.run(adapt_cmd(base_dir, data, out, resume, processes), cwd=REPO, env=run_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    m, again = metrics_by_step(first), metrics_by_step(second)
+    m, again = read_metrics(first), read_metrics(second)
     assert sorted(s for s in m if "loss" in m[s]) == [1, 2, 3, 4] and "val_loss" in m[2] and m[4]["tokens_per_s"] > 0
     assert "blocks/layers.3.gate_abs_mean" in m[4]
     for step in (3, 4):  # the same optimisation up to float summation order (2 ranks -> 1)
@@ -241,6 +234,7 @@ def test_launched_run_trains_only_added_resumes_on_one_process_and_generates(bas
                                                  "adapt_report.json", "meta.json"}
     report = json.loads((final / "adapt_report.json").read_text())
     assert report["steps"] == 4 and report["adapted layers"] == [2, 3] and 0 < report["trainable fraction"] < 0.2
+    assert (report["first loss"], report["last loss"]) == (m[1]["loss"], m[4]["loss"])
     trained = load_adapted(first)  # the run folder: its final/ is read
     assert all(bool(added.gate.abs().max() > 0) for added in trained.added)  # the gates opened from zero
     capsys.readouterr()
