@@ -39,13 +39,21 @@ from model import ModelConfig  # noqa: E402
 from model.context_parallel import ContextParallel  # noqa: E402
 
 
+def cuda_with_index(device: torch.device) -> torch.device | None:
+    """NCCL's `device_id` names the GPU with its index (torch refuses a bare "cuda"); None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
 def one_rank_group(device: torch.device) -> ContextParallel:
     """A process group of this process alone (NCCL on CUDA, gloo on CPU) as a context-parallel group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+                            rank=0, world_size=1,
+                            device_id=cuda_with_index(device))
     return ContextParallel(dist.group.WORLD, 0, 1)
 
 

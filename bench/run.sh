@@ -244,8 +244,8 @@ run_part() {  # run_part SUITE PART
                 --name "$(name "readme_${p#x8_}" x8)" "${common[@]}" ;;
         esac ;;
     variants:state_memory)  # the hybrid variants: training tokens/s and memory, decode state and tokens/s
-        step 300 python3 bench/state_memory.py --preset small --contexts 1024,8192,32768 --iters 5 --new-tokens 32 \
-            --name "$(name state_memory_small)" --out "$res" ;;
+        step 420 python3 bench/state_memory.py --preset small --contexts 1024,8192,32768 --iters 5 --new-tokens 32 \
+            --rounds 3 --name "$(name state_memory_small)" --out "$res" ;;
     finetune:lora_vs_full)
         step 400 python3 bench/finetune_lora_vs_full.py --preset 1.3b --tokenizer "$(dirname "$data")/tokenizer" \
             --name "$(name finetune_lora_vs_full_1.3b)" --out "$res" ;;

@@ -274,6 +274,18 @@ def test_state_memory_smoke(monkeypatch, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in train.values()) and all(r["decode_tokens_per_s"] > 0 for r in decode.values())
     ssm = {name: r["ssm_state_mb"] for name, r in decode.items()}
     assert ssm["compression2"] == ssm["strategic"] / 2 and ssm["compression4"] == ssm["strategic"] / 4
+    assert all(r["rounds"] == 2 for r in rows)  # every variant measured in both round-robin rounds
+    assert all(r["tokens_per_s_spread"] >= 0 for r in train.values())
+
+
+def test_state_memory_reports_the_median_round():
+    from bench.state_memory import summarize
+
+    runs = {("training", "a", None): [{"tokens_per_s": 90.0}, {"tokens_per_s": 120.0}, {"tokens_per_s": 100.0}],
+            ("training", "b", None): [{"impl": "OutOfMemoryError"}]}
+    median_row, failed = summarize(runs, "tokens_per_s")
+    assert median_row == {"tokens_per_s": 100.0, "rounds": 3, "tokens_per_s_spread": pytest.approx(0.3)}
+    assert failed == {"impl": "OutOfMemoryError"}
 
 
 @pytest.mark.slow
