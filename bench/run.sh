@@ -30,8 +30,9 @@ declare -A PARTS=(
     [fp8]="1.3b 2.7b"
     [presets]="2.7b_h100 6.7b_h200 13b_reduced_h200"
     [tests]="gpu"
+    [tutorial]="small"
 )
-SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests"
+SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests tutorial"
 # The Python packages a suite imports beyond torch (requirements.txt, requirements-cuda.txt), checked before
 # any work: on an offline GPU machine a missing wheel is one line at start, not a failure minutes in.
 # (Training reads the curated shards through datatrove; finetune needs peft; fp8 needs torchao.)
@@ -49,6 +50,7 @@ declare -A NEEDS=(
     [fp8]="$kernels deepspeed datatrove torchao"
     [presets]="$kernels deepspeed datatrove"
     [tests]=""
+    [tutorial]="$kernels deepspeed datatrove lm_eval transformers"
 )
 
 if [ "${1:-}" = list ]; then
@@ -290,6 +292,30 @@ run_part() {  # run_part SUITE PART
                 --set train.ds_config=ds_configs/zero3_offload.json --set train.micro_batch_size=1 \
                 --set train.global_batch_tokens=32768 --set train.max_steps=10 ;;
         esac ;;
+    tutorial:small)  # docs/tutorial.md's one-GPU path, its commands as written; their console output in one file
+        local run=outputs/small_run tlog
+        tlog="$res/$(name tutorial_small)_log.txt"
+        if [ -e "$run" ]; then
+            echo "$run exists: the tutorial starts from nothing (move it away)" | tee -a "$log"
+            return 2
+        fi
+        tstep() {  # tstep LIMIT CMD...: step, then the command line and its output appended to tlog
+            local before
+            before=$(wc -l <"$log")
+            step "$@"
+            { shift; echo "\$ $*"; tail -n +"$((before + 2))" "$log" | sed '$d'; } >>"$tlog"
+        }
+        tstep 330 deepspeed --num_gpus 1 launch/pretrain.py --config small --resume auto --set data.manifest="$data" \
+            --set model.vocab_size="$(manifest_vocab)" --set train.max_steps=100 --set train.eval_every=25
+        tstep 30 python3 -m train.plot "$run"
+        tstep 120 python3 eval/run.py --checkpoint "$run/final" --benchmarks local_mc,local_gen,val_ppl \
+            --tasks-dir eval/tasks --manifest "$data" --output "$run/eval_results.json"
+        tstep 60 python3 launch/export.py --checkpoint "$run/final" --format hf --output "$run/exports"
+        tstep 45 python3 launch/generate.py --checkpoint "$run/final" --prompt "def read_config(path):" \
+            --max-new-tokens 60 --temperature 0.7 --top-p 0.9 --seed 0
+        cp "$run/loss.png" "$res/$(name tutorial_small_loss).png"
+        cp "$run/metrics.jsonl" "$res/$(name tutorial_small)_metrics.jsonl"
+        cp "$run/eval_results.json" "$res/$(name tutorial_small)_eval.json" ;;
     tests:gpu)  # the whole test suite on the GPU machine (WHEELS: a folder of wheels to install first)
         mkdir -p "${WHEELS:-/tmp/no_wheels}"
         step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" "$res/$(name test_suite_gpu)" ;;
