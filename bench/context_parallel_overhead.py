@@ -99,25 +99,26 @@ def main() -> None:
     preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
     warmup, iters = (1, 1) if args.smoke else (2, args.iters)
     cfg = ModelConfig(preset=preset, **({"vocab_size": 512} if args.smoke else {}))
+    name = (args.name or "context_parallel_overhead") + ("_smoke" if args.smoke else "")
+    print(f"process group up ({device}); measuring {preset} at {batch} x {seq}", flush=True)
     group = one_rank_group(device)
     rows = []
     try:
         for impl in (None, "reference"):  # None: the fastest path on the device
             plain, plain_loss = measure(cfg, impl, None, batch, seq, args.docs, device, warmup, iters)
+            print({"case": "plain", **plain}, flush=True)  # a run cut by its time limit still says how far it got
             split, split_loss = measure(cfg, impl, group, batch, seq, args.docs, device, warmup, iters)
             split |= {"vs_plain": split["step_ms"] / plain["step_ms"],
                       "loss_rel_err": abs(split_loss - plain_loss) / abs(plain_loss)}
             rows += [{"case": "plain", **plain}, {"case": "context parallel 1", **split}]
-            print(rows[-2:], flush=True)
+            print(rows[-1], flush=True)
+            write_results(name, rows, environment(device) | {"preset": preset}, ["case", "impl", "batch", "seq_len",
+                          "docs", "step_ms", "tokens_per_s", "vs_plain", "peak_mem_gb", "loss_rel_err"], args.out,
+                          title=f"Context parallelism on one rank: overhead ({preset})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         dist.destroy_process_group()
-    name = (args.name or "context_parallel_overhead") + ("_smoke" if args.smoke else "")
-    write_results(name, rows, environment(device) | {"preset": preset}, ["case", "impl", "batch", "seq_len", "docs",
-                  "step_ms", "tokens_per_s", "vs_plain", "peak_mem_gb", "loss_rel_err"], args.out,
-                  title=f"Context parallelism on one rank: overhead ({preset})")
-
 
 if __name__ == "__main__":
     main()

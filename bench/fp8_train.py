@@ -13,7 +13,7 @@ the steps after STEADY_AFTER: start-up, torch.compile and the graph capture apar
 after the first (the capture's) and of the first, and the training loss smoothed over the last SMOOTH steps;
 each run of the first variant's length is compared with it (tokens/s ratio, smoothed-loss difference in %).
 Writes <name>.json (with every step's loss), <name>.md, <name>.png, <name>_launch.log and each run's
-metrics.jsonl to --out; `bash bench/run.sh fp8:1.3b` and `fp8:2.7b` are the GPU commands.
+metrics.jsonl (<name>_<variant>_metrics.jsonl) to --out; `bash bench/run.sh fp8:1.3b` and `fp8:2.7b` are the GPU commands.
 """
 
 from __future__ import annotations
@@ -156,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         for label, (variant, sets) in runs.items():
             rc = launch_logged(label, deepspeed_cmd(1, args.config, sets, "none", work / label), log, args.timeout)
             rows.append(summarise(variant, work / label, rc))
-            if (work / label / "metrics.jsonl").is_file():  # every step's record beside the results
-                shutil.copy(work / label / "metrics.jsonl", args.out / f"{name}_{label}_metrics.jsonl")
+            if (work / label / "metrics.jsonl").is_file():  # every step's record beside the results, named
+                # <name>_<variant>[_throughput]_metrics.jsonl (bench/README.md, "Result names")
+                again = "_throughput" if any(r["variant"] == variant for r in rows[:-1]) else ""
+                shutil.copy(work / label / "metrics.jsonl", args.out / f"{name}_{variant}{again}_metrics.jsonl")
             compare(rows)
             write_results(name, rows, meta, COLUMNS, args.out, title=title)  # the JSON keeps each step's loss
             plot(rows, args.out / f"{name}.png", title)

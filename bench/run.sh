@@ -254,7 +254,7 @@ run_part() {  # run_part SUITE PART
     long_context:lengths)  # 32K-128K tokens per sequence, the first activation-checkpointing mode that fits
         step 360 python3 bench/long_context.py --preset 1.3b --name "$(name long_context_1.3b)" --out "$res" ;;
     long_context:context_parallel)  # context parallelism's overhead on one rank
-        step 150 python3 bench/context_parallel_overhead.py --preset small --seq-len 8192 --batch 2 --docs 4 \
+        step 300 python3 bench/context_parallel_overhead.py --preset small --seq-len 8192 --batch 2 --docs 4 \
             --name "$(name context_parallel_overhead_small)" --out "$res" ;;
     fp8:1.3b|fp8:2.7b)  # launch/pretrain.py in bf16 vs float8 (bench/fp8_train.py)
         local peak vocab common
@@ -263,7 +263,7 @@ run_part() {  # run_part SUITE PART
                 --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
         if [ "$p" = 1.3b ]; then
             # rowwise's throughput too: --variants bf16,fp8,fp8_rowwise:30 (about 90 s more)
-            step 360 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
+            step 560 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
                 --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b)" \
                 "${common[@]}"
         else

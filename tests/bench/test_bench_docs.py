@@ -19,7 +19,7 @@ from bench import performance
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "bench" / "README.md", REPO / "docs" / "performance.md"]
 RESULT_NAME = re.compile(  # <question>_<hardware>_<date>[_companion][.ext] (bench/README.md)
-    r"^[a-z0-9_.]+_(h100|h200|cpu|x[248])_\d{4}-\d{2}-\d{2}(_[a-z_]+)?(\.(json|md|png|jsonl|txt|log))?$")
+    r"^[a-z0-9_.]+_(h100|h200|cpu|x[248])_\d{4}-\d{2}-\d{2}(_[a-z][a-z0-9_]*)?(\.(json|md|png|jsonl|txt|log))?$")
 
 
 def _suites() -> dict[str, list[str]]:
