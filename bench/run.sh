@@ -31,8 +31,9 @@ declare -A PARTS=(
     [presets]="2.7b_h100 6.7b_h200 13b_reduced_h200"
     [tests]="gpu"
     [tutorial]="small"
+    [ablation]="patterns variants2"
 )
-SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests tutorial"
+SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests tutorial ablation"
 # The Python packages a suite imports beyond torch (requirements.txt, requirements-cuda.txt), checked before
 # any work: on an offline GPU machine a missing wheel is one line at start, not a failure minutes in.
 # (Training reads the curated shards through datatrove; finetune needs peft; fp8 needs torchao.)
@@ -51,6 +52,7 @@ declare -A NEEDS=(
     [presets]="$kernels deepspeed datatrove"
     [tests]=""
     [tutorial]="$kernels deepspeed datatrove lm_eval transformers"
+    [ablation]="$kernels deepspeed datatrove sentencepiece py3langid"
 )
 
 if [ "${1:-}" = list ]; then
@@ -111,8 +113,8 @@ matmul_peak() {  # bf16 GEMM TFLOP/s of this GPU: the MFU denominator handed to 
     [ -n "${CHECK_ONLY:-}" ] && { echo 1; return; }
     python3 -c "import torch; from bench.common import matmul_peak_tflops as p; print(round(p(torch.device('cuda')), 1))"
 }
-manifest_vocab() {  # the curated tokenizer's vocabulary: the model's vocab_size for these shards
-    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "$data"
+manifest_vocab() {  # manifest_vocab [MANIFEST]: the curated tokenizer's vocabulary, the model's vocab_size for its shards
+    python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" "${1:-$data}"
 }
 pretrain_run() {  # pretrain_run LIMIT NAME ARGS...: launch/pretrain.py on one GPU, its .md, metrics, host memory
     local limit=$1 name=$2; shift 2
@@ -316,6 +318,25 @@ run_part() {  # run_part SUITE PART
         cp "$run/loss.png" "$res/$(name tutorial_small_loss).png"
         cp "$run/metrics.jsonl" "$res/$(name tutorial_small)_metrics.jsonl"
         cp "$run/eval_results.json" "$res/$(name tutorial_small)_eval.json" ;;
+    ablation:*)  # launch/ablate.py at 125M scale on the python_packages corpus (docs/experiments.md). The first
+        # call curates the corpus into ABLATION_DIR (default /tmp/ablation); every later call trains until its
+        # limit and stops with a checkpoint, and the next call of the part continues: run it again until the
+        # report has no "(unfinished)" row. Run folders stay on the machine, so one machine must do all calls.
+        local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder
+        corpus=$dir/python_packages
+        if [ ! -f "$corpus/manifest.json" ]; then
+            step 570 python3 pipeline/curate.py --recipe python_packages --output "$corpus"
+            cp "$corpus/report.json" "$res/$(name ablation_corpus_python_packages).json"
+            return
+        fi
+        vocab=$(manifest_vocab "$corpus/manifest.json")
+        step 570 python3 launch/ablate.py --config small --variants "config/ablations/$p.yaml" \
+            --tokens "${TOKENS:-50000000}" --seeds "${SEEDS:-1}" --output "$dir/$p" \
+            --set data.manifest="$corpus/manifest.json" --set model.vocab_size="$vocab" \
+            --set train.peak_tflops="$(matmul_peak)"
+        folder="$res/$(name "ablation_${p}_small")"
+        mkdir -p "$folder"
+        cp "$dir/$p"/report.md "$dir/$p"/report.json "$dir/$p"/*.png "$folder/" ;;
     tests:gpu)  # the whole test suite on the GPU machine (WHEELS: a folder of wheels to install first)
         mkdir -p "${WHEELS:-/tmp/no_wheels}"
         step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" "$res/$(name test_suite_gpu)" ;;

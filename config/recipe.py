@@ -24,7 +24,7 @@ from config.loader import load, resolve_named_yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "data_recipes"
 FilterName = Literal["language", "gopher_repetition", "gopher_quality", "c4", "fineweb"]
-SourceType = Literal["jsonl", "parquet", "folder", "hf", "stdlib_source", "pydoc"]
+SourceType = Literal["jsonl", "parquet", "folder", "hf", "stdlib_source", "python_packages", "pydoc"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -36,13 +36,15 @@ class SourceConfig(StrictModel):
         ...,
         description="jsonl / parquet: files under `path`; folder: one document per text file under `path`; "
         "hf: a Hugging Face hub dataset, streamed; stdlib_source: this interpreter's standard-library "
-        ".py files; pydoc: pydoc plain-text documentation of the standard-library modules.",
+        ".py files; python_packages: the .py files of this interpreter's installed packages (site-packages); "
+        "pydoc: pydoc plain-text documentation of the standard-library modules.",
     )
     path: str | None = Field(None, description="Local file or folder (jsonl, parquet, folder).")
     glob: str | None = Field(None, description="File pattern under `path`; default by type (e.g. **/*.jsonl*).")
     exclude: list[str] = Field(
         default_factory=list,
-        description="folder/stdlib_source: path parts to skip (e.g. test, site-packages); pydoc: module names.",
+        description="folder/stdlib_source/python_packages: path parts to skip (e.g. test, site-packages); "
+        "pydoc: module names.",
     )
     hub_id: str | None = Field(None, description="hf: dataset repository id, e.g. HuggingFaceFW/fineweb-edu.")
     hub_config: str | None = Field(None, description="hf: dataset configuration (subset) name.")

@@ -5,8 +5,9 @@
 
 Each variant x seed trains through launch/pretrain.py (experiments/ablation.py); a finished one is
 skipped, an interrupted one resumes. OUTPUT/report.md, report.json, loss.png and throughput_memory.png
-are rewritten after the runs (experiments/report.py). Every run config is validated first: bad input
-(the variants file, a key, the token budget) ends with one line and exit code 2, before any training.
+are rewritten after the runs, and when a run stops early (experiments/report.py). Every run config is
+validated first: bad input (the variants file, a key, the token budget) ends with one line and exit code 2,
+before any training.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "launch/ablate.py", *(sys.argv[1:] if argv is None else argv)])
+    budget = runs[0].cfg.train.max_steps * runs[0].cfg.train.global_batch_tokens
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed} ({run.out})"
         if run.finished:
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = train(args.config, args.overrides, run, args.gpus)
             if rc != 0 or not run.finished:
                 why = f"failed (exit code {rc})" if rc else "stopped before its last step"
+                # the report so far (unfinished runs marked): a job cut by its time limit still leaves one
+                write_report(runs, budget, args.output, command)
                 print(f"error: {run.variant} seed {run.seed} {why}: see {run.out}/launch.log; rerun the same "
                       "command to resume", file=sys.stderr)
                 return rc or 1
@@ -75,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             rc = evaluate(["--checkpoint", str(run.out / "final")])
             if rc:
                 return rc
-    budget = runs[0].cfg.train.max_steps * runs[0].cfg.train.global_batch_tokens
     print(f"report: {write_report(runs, budget, args.output, command)}")
     return 0
 

@@ -36,7 +36,8 @@ from datatrove.utils.logging import logger
 from config.recipe import SourceConfig
 from pipeline.errors import CurationError
 
-DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "folder": "**/*.txt", "stdlib_source": "**/*.py"}
+DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "folder": "**/*.txt", "stdlib_source": "**/*.py",
+                 "python_packages": "**/*.py"}
 # Modules whose import opens a browser/GUI, prints, or is platform-specific: never rendered by pydoc.
 PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip",
                         "msilib", "msvcrt", "nt", "winreg", "winsound"})
@@ -44,6 +45,17 @@ PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+def source_root(source: SourceConfig, base_dir: Path) -> Path:
+    """The folder a file-per-document source reads: the interpreter's own for `stdlib_source` and
+    `python_packages` (purelib: where pip puts pure-Python packages; a platlib that differs, as on some
+    distributions' lib64, holds compiled extensions and little Python source, and is not read), else `path`."""
+    if source.type == "stdlib_source":
+        return stdlib_dir()
+    if source.type == "python_packages":
+        return Path(sysconfig.get_paths()["purelib"])
+    return local_path(source, base_dir)
 
 
 def _adapt(reader: BaseReader, data: dict, path: str, id_in_file: int | str, mapping: dict[str, str]) -> dict:
@@ -214,7 +226,7 @@ def build_reader(source: SourceConfig, base_dir: Path, tasks: int, data_root: st
         reader = PydocReader(exclude=source.exclude, **common)
         files = tasks
     else:
-        root = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
+        root = source_root(source, base_dir)
         reader = TextFileReader(str(root), source.glob or DEFAULT_GLOBS[source.type], source.exclude, **common)
         reader.adapter = MethodType(adapter, reader)
         files = len(reader.list_files())
@@ -305,7 +317,7 @@ def check_source(source: SourceConfig, base_dir: Path, data_root: str | None) ->
         return
     if source.type == "pydoc":
         return
-    path = stdlib_dir() if source.type == "stdlib_source" else local_path(source, base_dir)
+    path = source_root(source, base_dir)
     if not path.exists():
         raise CurationError(f"source {source.name}: input path {path} does not exist (check its `path` in the recipe)")
     if path.is_dir() and source.type in ("jsonl", "parquet", "folder"):

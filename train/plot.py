@@ -42,7 +42,7 @@ def draw_loss(ax: Any, runs: dict[str, dict[int, dict]]) -> None:
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    if runs:
+    if ax.get_legend_handles_labels()[0]:  # runs with no logged step yet draw nothing to label
         ax.legend(fontsize=8)
 
 

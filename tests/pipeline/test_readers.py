@@ -44,3 +44,28 @@ def test_a_missing_text_key_warns_once_naming_the_key(tmp_path: Path, warnings_s
     assert read_all(SourceConfig(name="rows", type="jsonl", path="rows.jsonl"), tmp_path) == ([], 0)
     assert warnings_seen == ["source rows: a row has no 'text' field (its keys: ['body', 'id']); set the source's "
                              "text_key in the recipe"]
+
+
+def test_python_packages_reads_the_installed_packages_sources(tmp_path: Path, monkeypatch) -> None:
+    """`python_packages` is one document per .py file under the interpreter's purelib, `exclude` pruning."""
+    import sysconfig
+
+    site = tmp_path / "site-packages"
+    for rel, text in {"pkg/__init__.py": "", "pkg/core.py": "def f():\n    return 1\n",
+                      "pkg/tests/test_core.py": "assert True\n", "pkg/data.json": "{}", "top.py": "x = 2\n"}.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: real(*a, **k) | {"purelib": str(site)})
+    source = SourceConfig(name="packages", type="python_packages", exclude=["tests"])
+    assert read_all(source, tmp_path / "elsewhere") == (["pkg/core.py", "top.py"], 1)  # __init__.py: empty
+
+
+def test_the_python_packages_recipe_reads_this_interpreters_packages() -> None:
+    from config.recipe import load_recipe
+    from pipeline.sources import source_root
+
+    recipe, _ = load_recipe("python_packages")
+    packages = next(s for s in recipe.sources if s.type == "python_packages")
+    root = source_root(packages, Path("."))
+    assert (root / "pytest" / "__init__.py").is_file()  # the running interpreter's site-packages

@@ -170,3 +170,21 @@ def test_variants2_plan_matches_the_base_size_with_each_option(corpus: Path, tmp
     assert all(abs(count_params(m) / target - 1) <= 0.03 for m in runs.values())
     assert runs["hierarchical"].layer_pattern == "HAHHAH" and runs["bridges"].bridges
     assert [runs[f"compression{f}"].mamba.state_compression for f in (2, 4)] == [2, 4]
+
+
+def test_a_stopped_run_leaves_the_report_so_far(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run that stops (its job's time limit, a failure) ends the call with the report of every run so far,
+    the unfinished ones marked, and says how to resume."""
+    import experiments.ablation
+    from launch.ablate import main
+
+    monkeypatch.setattr(experiments.ablation, "train", lambda *args: 1)
+    variants = write_variants(tmp_path, VARIANTS)
+    out = tmp_path / "ablation"
+    sets = [*BASE_SETS, f"data.manifest={corpus}", *SHORT]
+    argv = ["--config", "tiny", "--variants", str(variants), "--tokens", str(4 * STEP_TOKENS), "--output", str(out),
+            *[a for s in sets for a in ("--set", s)]]
+    assert main(argv) == 1
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    assert "| strategic (unfinished) | `MAMMAM` |" in report and "| alt (unfinished) | `AMAMAM` |" in report
