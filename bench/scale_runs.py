@@ -27,6 +27,7 @@ count's accumulation, is validated before the first launch, so a bad setting cos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import socket
@@ -100,8 +101,31 @@ def run(cmd: list[str], log: Path, timeout: float, signal_after_step: int | None
                 time.sleep(0.1)
             return proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            stop_tree(proc)
             return 124
+        except BaseException:  # this driver's own SIGTERM or Ctrl-C: the launch must not outlive it
+            stop_tree(proc)
+            raise
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the launcher and every process under it (the ranks: a killed launcher cannot forward a
+    signal to them, and an orphaned rank would go on using the GPU), then SIGKILL what is left after
+    `grace_s` (the ranks save a checkpoint on SIGTERM)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
 
 
 def fresh_work(root: Path, name: str) -> tuple[Path, Path]:

@@ -72,3 +72,18 @@ def test_check_stops_a_bad_run_before_launch(sets: list[str], gpus: str, key: st
     args = ["scaling", "--config", "1.3b", "--gpus", gpus, "--steps", "30", "--check", "--set", "data.manifest=unused"]
     with pytest.raises(SystemExit, match=re.escape(key)):
         scale_runs.main([*args, *[a for s in sets for a in ("--set", s)]])
+
+
+def test_a_timed_out_launch_leaves_no_process_behind(tmp_path: Path) -> None:
+    """`run` past its timeout stops the launcher and the processes under it (a rank left running would go
+    on using the GPU while the next measurement starts)."""
+    import psutil
+
+    spawn = ("import subprocess, sys, time\n"
+             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+             "print(child.pid, flush=True)\n"
+             "time.sleep(120)\n")
+    log = tmp_path / "launch.log"
+    assert scale_runs.run([sys.executable, "-c", spawn], log, timeout=3) == 124
+    child = int(log.read_text().split()[0])
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
