@@ -5,11 +5,12 @@
 #
 # Installs every wheel in WHEEL_DIR (no index, no dependency resolution) into $SITE (default /tmp/site,
 # so consecutive calls on one warm machine add up: a device call carries at most 64 MiB of wheels), puts
-# it first on PYTHONPATH, then runs `python -m pytest -q tests/` from the repository root (the
-# interpreted-kernel tests first, in a process of their own). OUT_DIR gets junit.xml and pytest.log (with the
-# reason of every skip: -rs), junit_interpreted.xml and pytest_interpreted.log, and environment.txt (torch/CUDA and which
-# optional packages are installed). Tests whose package is missing skip with that reason; the exit code is
-# pytest's. An empty WHEEL_DIR installs nothing (the suite runs on what the machine has).
+# it first on PYTHONPATH, then runs `python -m pytest -q tests/` from the repository root on WORKERS
+# pytest-xdist workers (default 8; 0: one process), the interpreted-kernel tests first, in a process of their
+# own. OUT_DIR gets junit.xml and pytest.log (with the reason of every skip: -rs), junit_interpreted.xml and
+# pytest_interpreted.log, and environment.txt (torch/CUDA and which optional packages are installed). Tests
+# whose package is missing skip with that reason; the exit code is pytest's. An empty WHEEL_DIR installs
+# nothing (the suite runs on what the machine has).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/test_gpu.sh WHEEL_DIR OUT_DIR [PYTEST_ARGS...]" >&2
@@ -66,7 +67,13 @@ for t in "${targets[@]}"; do  # only when a target holds that module
     break ;;
   esac
 done
-python3 -m pytest -q -rs "${targets[@]}" --ignore="$interpreted" --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
+# pytest-xdist workers (WORKERS, default 8 where xdist imports): the serial suite would not fit a 10-minute call
+workers=()
+if [ "${WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+  workers=(-n "${WORKERS:-8}")
+fi
+python3 -m pytest -q -rs "${workers[@]}" "${targets[@]}" --ignore="$interpreted" --junitxml="$out/junit.xml" 2>&1 |
+  tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] && exit "$status"
 exit "$first"
