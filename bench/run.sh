@@ -269,7 +269,7 @@ run_part() {  # run_part SUITE PART
                 --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b)" \
                 "${common[@]}"
         else
-            step 230 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
+            step 500 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
                 --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b)" \
                 "${common[@]}"
         fi ;;
