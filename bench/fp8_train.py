@@ -13,7 +13,8 @@ the steps after STEADY_AFTER: start-up, torch.compile and the graph capture apar
 after the first (the capture's) and of the first, and the training loss smoothed over the last SMOOTH steps;
 each run of the first variant's length is compared with it (tokens/s ratio, smoothed-loss difference in %).
 Writes <name>.json (with every step's loss), <name>.md, <name>.png, <name>_launch.log and each run's
-metrics.jsonl (<name>_<variant>_metrics.jsonl) to --out; `bash bench/run.sh fp8:1.3b` and `fp8:2.7b` are the GPU commands.
+metrics.jsonl (<name>_<variant>_metrics.jsonl) to --out; `bash bench/run.sh fp8:1.3b` and `fp8:2.7b` are the
+GPU commands.
 """
 
 from __future__ import annotations
