@@ -321,7 +321,8 @@ run_part() {  # run_part SUITE PART
     ablation:*)  # launch/ablate.py at 125M scale on the python_packages corpus (docs/experiments.md). The first
         # call curates the corpus into ABLATION_DIR (default /tmp/ablation); every later call trains until its
         # limit and stops with a checkpoint, and the next call of the part continues: run it again until the
-        # report has no "(unfinished)" row. Run folders stay on the machine, so one machine must do all calls.
+        # report has no "(unfinished)" row. Run folders stay on the machine; ONLY=NAME[,NAME] trains some variants
+        # here and leaves the others to another machine (the runs' files come back in runs.tgz).
         local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder
         corpus=$dir/python_packages
         if [ ! -f "$corpus/manifest.json" ]; then
@@ -331,12 +332,16 @@ run_part() {  # run_part SUITE PART
         fi
         vocab=$(manifest_vocab "$corpus/manifest.json")
         step 570 python3 launch/ablate.py --config small --variants "config/ablations/$p.yaml" \
-            --tokens "${TOKENS:-50000000}" --seeds "${SEEDS:-1}" --output "$dir/$p" \
+            --tokens "${TOKENS:-50000000}" --seeds "${SEEDS:-1}" --output "$dir/$p" ${ONLY:+--only "$ONLY"} \
             --set data.manifest="$corpus/manifest.json" --set model.vocab_size="$vocab" \
             --set train.peak_tflops="$(matmul_peak)"
         folder="$res/$(name "ablation_${p}_small")"
         mkdir -p "$folder"
-        cp "$dir/$p"/report.md "$dir/$p"/report.json "$dir/$p"/*.png "$folder/" ;;
+        cp "$dir/$p"/report.md "$dir/$p"/report.json "$dir/$p"/*.png "$folder/"
+        # what the report is made of, small enough to bring back: another machine's runs (ONLY=...) merge with
+        # these under one folder into one report (launch/ablate.py --report-only, docs/experiments.md)
+        (cd "$dir/$p" && find . \( -name metrics.jsonl -o -path '*/final/meta.json' -o -path '*/final/eval_results.json' \) \
+            -print0 | tar --null -czf "$folder/runs.tgz" -T -) ;;
     tests:gpu)  # the whole test suite on the GPU machine (WHEELS: a folder of wheels to install first)
         mkdir -p "${WHEELS:-/tmp/no_wheels}"
         step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" "$res/$(name test_suite_gpu)" ;;

@@ -164,6 +164,14 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a manifest.json without its creation time: it lists every shard's and the tokenizer's
+    hash, so two curations of the same recipe on the same inputs (another machine of one image) agree."""
+    data = json.loads(Path(path).read_text())
+    data.pop("created", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Parse and validate manifest.json (a folder holding one is accepted too)."""
     path = Path(path)

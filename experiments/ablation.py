@@ -18,6 +18,11 @@ may not override data.* or the keys in FIXED. Every run config is validated befo
 Resuming: a run whose final export (OUTPUT/<variant>/seed_<seed>/final/meta.json) is at its last step is
 finished and skipped; any other is launched with --resume auto, so an interrupted one continues from its
 newest complete checkpoint.
+
+Across machines: `--only` trains some variants now, the rest elsewhere; the report needs only each run's
+metrics.jsonl and final/meta.json (and final/eval_results.json), so those files, gathered into one OUTPUT,
+make the report with `--report-only`. final/meta.json holds the curated data's content hash, and runs of
+different corpora are refused (`check_same_data`).
 """
 
 from __future__ import annotations
@@ -104,13 +109,14 @@ def load_variants(path: Path) -> list[VariantSpec]:
 
 
 def plan(config: str, base_sets: list[str], specs: list[VariantSpec], seeds: list[int] | None, tokens: int,
-         output: Path) -> list[PlannedRun]:
-    """Every variant x seed's run config, validated (and the shared manifest opened: ManifestError);
-    ConfigError names the variant and key."""
+         output: Path, check_data: bool = True) -> list[PlannedRun]:
+    """Every variant x seed's run config, validated (and, with `check_data`, the shared manifest opened:
+    ManifestError); ConfigError names the variant and key."""
     from train.trainer import open_manifest
 
     base = load_run_config(config, base_sets)
-    open_manifest(base)  # the trainer's own checks of the shared data, before any run
+    if check_data:
+        open_manifest(base)  # the trainer's own checks of the shared data, before any run
     per_step = base.train.global_batch_tokens
     if tokens < per_step:
         raise ConfigError(f"--tokens {tokens} is less than one step ({per_step} tokens, train.global_batch_tokens)")
@@ -138,6 +144,23 @@ def plan(config: str, base_sets: list[str], specs: list[VariantSpec], seeds: lis
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return runs
+
+
+def check_same_data(runs: list[PlannedRun]) -> None:
+    """ConfigError unless every finished run trained on the same curated data (`data_sha256` in its
+    final/meta.json, config.manifest.content_sha256): runs of several machines compare only on one corpus."""
+    import json
+
+    seen: dict[str, str] = {}
+    for run in runs:
+        meta = run.out / "final" / "meta.json"
+        digest = json.loads(meta.read_text()).get("data_sha256") if run.finished else None
+        if digest:
+            seen.setdefault(digest, f"{run.variant} seed {run.seed}")
+    if len(seen) > 1:
+        (a, first), (b, second) = list(seen.items())[:2]
+        raise ConfigError(f"{first} and {second} trained on different data ({a[:12]} vs {b[:12]}): "
+                          "an ablation compares runs of one corpus; train them again on the same manifest")
 
 
 def launch_command(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> list[str]:

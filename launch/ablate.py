@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override a base config key for every variant (repeatable)")
     p.add_argument("--gpus", type=int, default=1,
                    help="processes per run: 1 = one process; N > 1 = the DeepSpeed launcher with N GPUs")
+    p.add_argument("--only", type=lambda t: t.split(","), metavar="NAME[,NAME]",
+                   help="train only these variants now; the report still covers every variant (those not run yet "
+                   "are marked unfinished): split an ablation over several machines or sessions")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing, only write the report from the run folders under --output (restored from "
+                   "the files `bench/run.sh ablation:*` brings back); the curated data need not be here")
     p.add_argument("--eval", action="store_true",
                    help="evaluate each final export with eval/run.py (the run config's eval section, --set eval.*)")
     return p.parse_args(argv)
@@ -46,21 +52,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from config.loader import ConfigError
     from config.manifest import ManifestError
-    from experiments.ablation import load_variants, plan, train
+    from experiments.ablation import check_same_data, load_variants, plan, train
     from experiments.report import write_report
 
     args = parse_args(argv)
     try:
         if args.gpus < 1:
             raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
-        runs = plan(args.config, args.overrides, load_variants(args.variants), args.seeds, args.tokens, args.output)
+        specs = load_variants(args.variants)
+        unknown = sorted(set(args.only or []) - {v.name for v in specs})
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: no such variant in {args.variants} "
+                              f"({', '.join(v.name for v in specs)})")
+        runs = plan(args.config, args.overrides, specs, args.seeds, args.tokens, args.output,
+                    check_data=not args.report_only)
+        check_same_data(runs)
     except (ConfigError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = shlex.join(["python", "launch/ablate.py", *(sys.argv[1:] if argv is None else argv)])
     budget = runs[0].cfg.train.max_steps * runs[0].cfg.train.global_batch_tokens
+    if args.report_only:
+        print(f"report: {write_report(runs, budget, args.output, command)}")
+        return 0
     for i, run in enumerate(runs, 1):
         head = f"[{i}/{len(runs)}] {run.variant} seed {run.seed} ({run.out})"
+        if args.only and run.variant not in args.only:
+            print(f"{head}: not in --only, left for another call", flush=True)
+            continue
         if run.finished:
             print(f"{head}: finished, skipped", flush=True)
         else:

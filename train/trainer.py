@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from config.loader import ConfigError
-from config.manifest import Manifest, load_manifest, sha256_of
+from config.manifest import Manifest, content_sha256, load_manifest, sha256_of
 from config.schema import RunConfig
 from model.hybrid import HybridLM
 from model.kernels import make_deterministic
@@ -480,6 +480,8 @@ class Trainer:
         if self.env.is_main:
             meta = {"step": self.state.step, "tokens": self.state.consumed_tokens,
                     "consumed_samples": self.state.consumed_samples, "source": "final training state"}
+            if self.manifest is not None:  # which corpus, by content: ablations compare runs of one
+                meta["data_sha256"] = content_sha256(self.manifest.root / "manifest.json")
             write_bundle(state_dict, self.cfg, self.tokenizer_dir(), folder, meta)
             metrics.print(f"exported {folder}")
         barrier()

@@ -50,7 +50,11 @@ def test_ablation_runs_reports_skips_and_resumes(corpus: Path, tmp_path: Path) -
     assert [r["pattern"] for r in runs.values()] == ["MAMMAM", "AMAMAM"]
     target = count_params(ModelConfig(preset="tiny", vocab_size=512))
     assert runs["strategic"]["params"] == target and abs(runs["alt"]["params"] / target - 1) <= 0.03
+    from config.manifest import content_sha256
+
     for name, row in runs.items():
+        meta = json.loads((out / name / "seed_1234" / "final" / "meta.json").read_text())
+        assert meta["data_sha256"] == content_sha256(corpus)  # which data, for runs merged across machines
         m = read_metrics(out / name / "seed_1234")
         assert row["finished"] and row["steps"] == 4 and row["val_loss"] == m[4]["val_loss"]
         assert row["final_loss"] == pytest.approx(m[4]["loss"])  # the last tenth of 4 steps: step 4 alone
@@ -188,3 +192,69 @@ def test_a_stopped_run_leaves_the_report_so_far(corpus: Path, tmp_path: Path, mo
     assert "rerun the same command to resume" in capsys.readouterr().err
     report = (out / "report.md").read_text()
     assert "| strategic (unfinished) | `MAMMAM` |" in report and "| alt (unfinished) | `AMAMAM` |" in report
+
+
+def _argv(corpus: Path, variants: Path, out: Path, *extra: str) -> list[str]:
+    sets = [*BASE_SETS, f"data.manifest={corpus}", *SHORT]
+    return ["--config", "tiny", "--variants", str(variants), "--tokens", str(4 * STEP_TOKENS), "--output", str(out),
+            *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def _finish(run, data: str = "d" * 64, loss: float = 3.0) -> None:
+    """What a finished run leaves for the report: its metrics and its final export's meta.json."""
+    steps = run.cfg.train.max_steps
+    (run.out / "final").mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "loss": loss, "tokens": s * STEP_TOKENS, "tokens_per_s": 100.0, "mem_gb": 1.0}
+            for s in range(1, steps + 1)]
+    (run.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run.out / "final" / "meta.json").write_text(json.dumps({"step": steps, "data_sha256": data}))
+
+
+def test_only_trains_the_named_variants_and_reports_all(corpus: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import experiments.ablation
+    from launch.ablate import main
+
+    trained = []
+    monkeypatch.setattr(experiments.ablation, "train",
+                        lambda config, sets, run, gpus: trained.append(run.variant) or _finish(run) or 0)
+    out = tmp_path / "ablation"
+    assert main(_argv(corpus, write_variants(tmp_path, VARIANTS), out, "--only", "alt")) == 0
+    assert trained == ["alt"] and "strategic seed 1234" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert "| strategic (unfinished) |" in report and "| alt | `AMAMAM` | 1 |" in report
+    assert main(_argv(corpus, write_variants(tmp_path, VARIANTS), out, "--only", "alt,zigzag")) == 2
+    assert capsys.readouterr().err.startswith("error: --only zigzag: no such variant")
+
+
+def test_report_only_merges_runs_of_one_corpus_without_the_data(tmp_path: Path, capsys) -> None:
+    """Runs trained elsewhere (their metrics and final meta.json, unpacked under one folder) make one report
+    with no manifest here; runs of different data are refused in one line."""
+    from experiments.ablation import load_variants, plan
+    from launch.ablate import main
+
+    out, absent = tmp_path / "merged", tmp_path / "absent" / "manifest.json"
+    variants = write_variants(tmp_path, VARIANTS)
+    sets = [*BASE_SETS, f"data.manifest={absent}", *SHORT]
+    strategic, alt = plan("tiny", sets, load_variants(variants), None, 4 * STEP_TOKENS, out, check_data=False)
+    _finish(strategic, loss=3.0)
+    _finish(alt, loss=2.5)
+    argv = _argv(absent, variants, out, "--report-only")
+    assert main(argv) == 0
+    runs = {r["variant"]: r for r in json.loads((out / "report.json").read_text())["runs"]}
+    assert runs["strategic"]["finished"] and runs["alt"]["final_loss"] == 2.5
+    _finish(alt, data="e" * 64)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "strategic seed 1234 and alt seed 1234 trained on different data" in err
+
+
+def test_content_hash_ignores_the_curation_time_only(tmp_path: Path) -> None:
+    from config.manifest import content_sha256
+
+    base = {"created": "2026-12-07T00:00:00Z", "splits": {"train": {"sources": [{"shards": [{"sha256": "a"}]}]}}}
+    paths = [tmp_path / f"{i}.json" for i in range(3)]
+    paths[0].write_text(json.dumps(base))
+    paths[1].write_text(json.dumps(base | {"created": "2026-12-08T09:30:00Z"}))
+    paths[2].write_text(json.dumps(base | {"splits": {"train": {"sources": [{"shards": [{"sha256": "b"}]}]}}}))
+    first, again, other = (content_sha256(p) for p in paths)
+    assert first == again != other
