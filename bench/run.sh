@@ -97,7 +97,8 @@ step() {  # step SECONDS CMD...: run with a time limit, log it, never stop the p
     timeout "$limit" "$@" >>"$log" 2>&1
     echo "=== exit $? at $(date -u +%H:%M:%S)" | tee -a "$log"
 }
-gpu_tag() {  # h100 / h200 ...: the hardware part of a result name
+gpu_tag() {  # h100 / h200 ... (cpu without a GPU): the hardware part of a result name
+    command -v nvidia-smi >/dev/null || { echo cpu; return; }
     nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]\{3\}' | tr 'H' 'h' || echo gpu
 }
 name() {  # name QUESTION [HARDWARE]: the result name <question>_<hardware>_<date>
@@ -322,7 +323,8 @@ run_part() {  # run_part SUITE PART
         # call curates the corpus into ABLATION_DIR (default /tmp/ablation); every later call trains until its
         # limit and stops with a checkpoint, and the next call of the part continues: run it again until the
         # report has no "(unfinished)" row. Run folders stay on the machine; ONLY=NAME[,NAME] trains some variants
-        # here and leaves the others to another machine (the runs' files come back in runs.tgz).
+        # here and leaves the others to another machine (the runs' files come back in runs.tgz). CONFIG: the run
+        # config (default small), TOKENS (default 50M) and SEEDS (default 1) per run.
         local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder
         corpus=$dir/python_packages
         if [ ! -f "$corpus/manifest.json" ]; then
@@ -331,11 +333,12 @@ run_part() {  # run_part SUITE PART
             return
         fi
         vocab=$(manifest_vocab "$corpus/manifest.json")
-        step 570 python3 launch/ablate.py --config small --variants "config/ablations/$p.yaml" \
+        step 570 python3 launch/ablate.py --config "${CONFIG:-small}" --variants "config/ablations/$p.yaml" \
             --tokens "${TOKENS:-50000000}" --seeds "${SEEDS:-1}" --output "$dir/$p" ${ONLY:+--only "$ONLY"} \
             --set data.manifest="$corpus/manifest.json" --set model.vocab_size="$vocab" \
             --set train.peak_tflops="$(matmul_peak)"
-        folder="$res/$(name "ablation_${p}_small")"
+        [ -f "$dir/$p/report.md" ] || return 1  # refused before any run: the log says why
+        folder="$res/$(name "ablation_${p}_${CONFIG:-small}")"
         mkdir -p "$folder"
         cp "$dir/$p"/report.md "$dir/$p"/report.json "$dir/$p"/*.png "$folder/"
         # what the report is made of, small enough to bring back: another machine's runs (ONLY=...) merge with
