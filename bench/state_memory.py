@@ -68,7 +68,8 @@ def spread(values: list[float]) -> float:
 
 
 def summarize(runs: dict[tuple, list[dict]], key: str) -> list[dict]:
-    """One row per (part, variant, context): the round whose `key` is the median, with the spread over rounds."""
+    """One row per (part, variant, context): the round whose `key` is the median (the upper middle one for an
+    even count), with the spread over rounds."""
     rows = []
     for round_rows in runs.values():
         ok = [r for r in round_rows if key in r]
