@@ -138,6 +138,14 @@ def render_pydoc(name: str) -> str | None:
         return None
 
 
+def render_env() -> dict[str, str]:
+    """The renderer's environment: only what imports need. pydoc prints module data such as `os.environ`,
+    so the caller's variables (tokens, hostnames, session paths) would otherwise enter the corpus, and the
+    same recipe would curate differently from one shell to the next."""
+    keep = {k: os.environ[k] for k in ("PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
+    return {**keep, "PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
+
+
 class PydocReader(BaseReader):
     """pydoc plain-text documentation of the standard-library modules and their public submodules,
     one document per module (id: pydoc/<module>)."""
@@ -171,9 +179,8 @@ class PydocReader(BaseReader):
         names = self.module_names()[rank::world_size]
         if self.limit != -1:
             names = names[: self.limit]
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        proc = subprocess.run([sys.executable, "-c", _RENDER, *names], env=env, capture_output=True, text=True,
-                              check=True, cwd=stdlib_dir())
+        proc = subprocess.run([sys.executable, "-c", _RENDER, *names], env=render_env(), capture_output=True,
+                              text=True, check=True, cwd=stdlib_dir())
         for line in proc.stdout.splitlines():
             name, text = json.loads(line)
             if text is None:

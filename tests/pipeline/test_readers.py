@@ -69,3 +69,17 @@ def test_the_python_packages_recipe_reads_this_interpreters_packages() -> None:
     packages = next(s for s in recipe.sources if s.type == "python_packages")
     root = source_root(packages, Path("."))
     assert (root / "pytest" / "__init__.py").is_file()  # the running interpreter's site-packages
+
+
+def test_pydoc_renders_without_the_callers_environment(monkeypatch) -> None:
+    """pydoc prints `os.environ` (its first entries): the caller's variables must not reach the corpus."""
+    import os
+
+    from pipeline.sources import PydocReader
+
+    caller = {"HF_TOKEN": "hf_secret_value", **{k: os.environ[k] for k in ("PATH", "PYTHONPATH") if k in os.environ}}
+    monkeypatch.setattr(os, "environ", caller)  # the secret first: inside pydoc's truncated repr
+    reader = PydocReader(text_key="text", id_key="id", default_metadata={"source": "pydoc"})
+    reader.module_names = lambda: ["os"]
+    (doc,) = list(reader.run())
+    assert "environ = environ({" in doc.text and "HF_TOKEN" not in doc.text and "hf_secret" not in doc.text
