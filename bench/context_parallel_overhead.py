@@ -39,21 +39,13 @@ from model import ModelConfig  # noqa: E402
 from model.context_parallel import ContextParallel  # noqa: E402
 
 
-def cuda_with_index(device: torch.device) -> torch.device | None:
-    """NCCL's `device_id` names the GPU with its index (torch refuses a bare "cuda"); None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
-
-
 def one_rank_group(device: torch.device) -> ContextParallel:
     """A process group of this process alone (NCCL on CUDA, gloo on CPU) as a context-parallel group."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1,
-                            device_id=cuda_with_index(device))
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
     return ContextParallel(dist.group.WORLD, 0, 1)
 
 
@@ -95,13 +87,14 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=4, help="documents per row (packed, equal lengths)")
     add_run_options(ap, iters=5)
     args = ap.parse_args()
-    device = torch.device("cpu" if args.smoke else "cuda")
+    # with its index: NCCL's device_id refuses a bare "cuda"
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     preset, seq, batch = ("tiny", 64, 1) if args.smoke else (args.preset, args.seq_len, args.batch)
     warmup, iters = (1, 1) if args.smoke else (2, args.iters)
     cfg = ModelConfig(preset=preset, **({"vocab_size": 512} if args.smoke else {}))
     name = (args.name or "context_parallel_overhead") + ("_smoke" if args.smoke else "")
-    print(f"process group up ({device}); measuring {preset} at {batch} x {seq}", flush=True)
     group = one_rank_group(device)
+    print(f"process group up ({device}); measuring {preset} at {batch} x {seq}", flush=True)
     rows = []
     try:
         for impl in (None, "reference"):  # None: the fastest path on the device
