@@ -3,10 +3,10 @@
 DeepSpeed's CPU shared-memory allreduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates one segment of
 tens of MB per rank, named from the uid, MASTER_ADDR, MASTER_PORT and the rank, and never unlinks it,
 so every multi-process CPU run left them in RAM-backed /dev/shm, which many runs fill. A rank unlinks
-its own at a normal exit (atexit) and on the fatal-error path (train.distributed._die); the peers mapped it at initialisation and keep their mappings. A rank
-killed with SIGKILL cannot: at the next start, segments of this user that no live process maps
-and that are older than a minute (not one that a run starting at this moment created but has not
-mapped yet) are removed (`remove_stale_segments`).
+its own at a normal exit (atexit) and on the fatal-error path (train.distributed._die); the peers mapped
+it at initialisation and keep their mappings. A rank killed with SIGKILL cannot: at the next start,
+segments of this user that no live process maps and that are older than a minute (not one that a run
+starting at this moment created but has not mapped yet) are removed (`remove_stale_segments`).
 """
 
 from __future__ import annotations

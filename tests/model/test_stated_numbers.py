@@ -17,7 +17,6 @@ import pytest
 from config.recipe import MinhashSettings
 from config.schema import load_run_config
 from model.config import ATTENTION, MAMBA, ModelConfig
-from model.presets import PRESETS
 from model.sizing import count_params, mixer_params
 from model.variants import FFN_MULTIPLE
 
