@@ -19,7 +19,8 @@ token), so the padding changes nothing but rounding.
 
 Torch range: tests/export/test_onnx.py passes with torch 2.11 and 2.13. With torch 2.11 and Python 3.12 the
 saved prefill graph can come out with a fixed batch size: `check_symbolic` refuses such a graph with one
-line at export instead of leaving it to fail in a user's onnxruntime. The export traces a CPU copy of the model: the graphs are device-free and run in onnxruntime.
+line at export instead of leaving it to fail in a user's onnxruntime. The export traces a CPU copy of the
+model: the graphs are device-free and run in onnxruntime.
 
 Cache as flat tensors (the model's HybridCache preallocates KV capacity, which does not export):
 per Mamba2 layer i  `past.i.conv` (b, conv_dim, d_conv), `past.i.ssm` (b, heads, headdim, d_state)

@@ -5,7 +5,8 @@ layer needs the same facts in a different form: Mamba2 kernels take `seq_idx` as
 flash-attn's varlen kernel takes `cu_seqlens` (flattened starts) and the longest document, and
 FlexAttention takes a block mask. Working them out per layer costs a host sync per attention layer
 (`nonzero`, `max`) that stalls the launch queue (its cost: see docs/performance.md), so
-`DocumentLayout.build(..., boundaries=True)` (the kernel path) does it once, with one device-to-host copy of the boundary flags (none when `seq_idx` is already on the CPU).
+`DocumentLayout.build(..., boundaries=True)` (the kernel path) does it once, with one device-to-host
+copy of the boundary flags (none when `seq_idx` is already on the CPU).
 There, rows that hold a single document need no boundaries at all: when every row is one document
 `build` returns None and the model runs its plain causal path (SDPA, no seq_idx in the kernels).
 The reference path (`boundaries=False`) only wraps `seq_idx`: no host work, so it traces for ONNX.
