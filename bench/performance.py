@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,8 +27,9 @@ STEP_QUESTIONS = ("train_step_vs_twin_1.3b", "train_step_vs_bamba_1.3b", "train_
 # writes the next ones as pretrain_1.3b_<gpu>_<date>: list them here)
 PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24",
                  "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06")
-MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours", "attention_graph": "all-attention twin (CUDA graphs)",
-               "attention": "all-attention twin", "hf_bamba": "HF Bamba (eager)", "hf_llama": "HF Llama"}
+MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours",
+               "attention_graph": "all-attention twin (CUDA graphs)", "attention": "all-attention twin",
+               "hf_bamba": "HF Bamba (eager)", "hf_llama": "HF Llama"}
 DATE = re.compile(r"_(\d{4}-\d{2}-\d{2})$")
 
 
@@ -48,8 +48,8 @@ def _row(what: str, tokens_per_s: float, mfu: float, flops_per_token: float, mem
 
 
 def pretrain_row(stem: str, results: Path = RESULTS) -> str:
-    """One launch/pretrain.py run as the planner reads it (train/plan_runs.py: median tokens/s of steps >= 3,
-    peak memory of steps >= 2), with the median MFU the trainer logged over the same steps."""
+    """One launch/pretrain.py run as the planner reads it (train/plan_runs.py: median tokens/s and MFU of
+    steps >= 3, peak memory of steps >= 2)."""
     from config.schema import load_run_config
     from model.sizing import train_flops_per_token
     from train.plan_runs import committed_runs
@@ -58,12 +58,10 @@ def pretrain_row(stem: str, results: Path = RESULTS) -> str:
     if run is None:
         raise FileNotFoundError(f"{results}/{stem}_metrics.jsonl with its .md is not a finished run")
     cfg = load_run_config(run.config, run.overrides)
-    rows = [json.loads(line) for line in (results / f"{stem}_metrics.jsonl").read_text().splitlines() if line.strip()]
-    mfu = statistics.median(r["mfu"] for r in rows if "tokens_per_s" in r and r["step"] >= 3)
     t = cfg.train
     what = (f"`launch/pretrain.py` {cfg.model.preset}, {t.micro_batch_size} x {t.seq_len} x "
             f"{t.global_batch_tokens // (t.micro_batch_size * t.seq_len)}, {run.device}")
-    return _row(what, run.tokens_per_s, mfu, train_flops_per_token(cfg.model, t.seq_len), run.mem_gb,
+    return _row(what, run.tokens_per_s, run.mfu, train_flops_per_token(cfg.model, t.seq_len), run.mem_gb,
                 f"[{stem}](../bench/results/{run.md})")
 
 

@@ -38,6 +38,7 @@ class Run:
     tokens_per_s: float
     mem_gb: float
     first_mem_gb: float
+    mfu: float | None  # the median the trainer logged over the steps of tokens_per_s (None: not logged)
 
 
 def _command(text: str) -> list[str] | None:
@@ -69,20 +70,24 @@ def committed_runs(results: Path = RESULTS) -> list[Run]:
     runs = []
     for metrics in sorted(results.glob("pretrain_*_metrics.jsonl")):
         md = _md_for(metrics)
-        argv = _command(md.read_text()) if md else None
+        text = md.read_text() if md else ""
+        argv = _command(text) if md else None
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "tokens_per_s" in r]  # step rows (the file also holds validation rows)
-        failed = re.search(r"^# .*, exit (\d+)$", md.read_text(), re.MULTILINE) if md else None
+        failed = re.search(r"^# .*, exit (\d+)$", text, re.MULTILINE)
         if argv is None or len(rows) < 3 or (failed and failed.group(1) != "0"):  # a run that did not finish
             continue
-        device = re.search(r"Device: ([^;(\n]+)", md.read_text())
+        device = re.search(r"Device: ([^;(\n]+)", text)
         gpus = int(argv[argv.index("--num_gpus") + 1]) if "--num_gpus" in argv else 1
         sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        steady = [r for r in rows if r["step"] >= 3]
+        mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
         runs.append(Run(
             name=metrics.name[: -len("_metrics.jsonl")], md=md.name, device=device.group(1).strip() if device else "?",
             overrides=sets, config=argv[argv.index("--config") + 1], gpus=gpus,
-            tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows if r["step"] >= 3),
-            mem_gb=max(r["mem_gb"] for r in rows if r["step"] >= 2), first_mem_gb=rows[0]["mem_gb"]))
+            tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+            mem_gb=max(r["mem_gb"] for r in rows if r["step"] >= 2), first_mem_gb=rows[0]["mem_gb"],
+            mfu=statistics.median(mfus) if mfus else None))
     return runs
 
 
