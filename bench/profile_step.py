@@ -8,6 +8,7 @@ what the Python side launches; a step whose wall time exceeds its kernel time is
 
     python bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2
     python bench/profile_step.py --preset 1.3b --decode --seq-len 1024 --sort cpu
+    python bench/profile_step.py --preset 1.3b --kernels --cuda-graph --fp8 tensorwise   # float8 (train/fp8.py)
     python bench/profile_step.py --smoke
 """
 
@@ -27,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from bench.common import RESULTS, bench_model, environment, sync, write_results  # noqa: E402
 from bench.peers import attention_twin  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from config.sections import FP8Config  # noqa: E402
 from train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from train.fp8 import convert_to_fp8  # noqa: E402
 from train.graph_step import graph_training_forward  # noqa: E402
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
@@ -77,6 +80,9 @@ def main() -> None:
     ap.add_argument("--cuda-graph", action="store_true",
                     help="replay the training forward and backward as CUDA graphs (train/graph_step.py), and "
                          "measure the GPU's idle time between kernels (JSON `gaps`)")
+    ap.add_argument("--fp8", choices=("tensorwise", "rowwise"), default=None,
+                    help="the linear layers train.precision=fp8 converts, in float8 with this recipe (train/fp8.py, "
+                         "its defaults: compiled, first and last block bf16); --smoke emulates the float8 GEMMs")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -88,6 +94,7 @@ def main() -> None:
     if args.twin:
         cfg = attention_twin(cfg)
     model = bench_model(cfg, device)
+    converted = convert_to_fp8(model, FP8Config(recipe=args.fp8), emulate=args.smoke) if args.fp8 else []
     apply_activation_checkpointing(model, "full" if args.act_ckpt else "none")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
@@ -134,7 +141,7 @@ def main() -> None:
                                   "seq_len": seq, "act_ckpt": args.act_ckpt, "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
                                   "timer": key, "kernels_only": args.kernels and on_device,
-                                  "cuda_graph": args.cuda_graph}
+                                  "cuda_graph": args.cuda_graph, "fp8": args.fp8, "fp8_linears": len(converted)}
     if device.type == "cuda":
         meta["gaps"] = kernel_gaps(prof.events(), PROFILED_STEPS)
     kind = "decode" if args.decode else "step"
@@ -143,7 +150,7 @@ def main() -> None:
     name = args.name or default
     write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
                   title=(f"One decode step of {preset}, batch {batch}, context {seq}" if args.decode else
-                         f"One fwd+bwd step of {preset}, {batch}x{seq}") +
+                         f"One fwd+bwd step of {preset}, {batch}x{seq}" + (f", float8 {args.fp8}" if args.fp8 else "")) +
                   f": wall {wall * 1e3:.1f} ms, profiled {'kernels' if on_device else 'host ops'} {total / 1e3:.1f} ms"
                   + (f", GPU idle between kernels {meta['gaps']['idle_ms_per_step']:.1f} ms"
                      if meta.get("gaps") else ""))

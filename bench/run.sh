@@ -27,7 +27,7 @@ declare -A PARTS=(
     [variants]="state_memory"
     [finetune]="lora_vs_full"
     [long_context]="lengths context_parallel"
-    [fp8]="1.3b 2.7b"
+    [fp8]="1.3b 2.7b profile"
     [presets]="2.7b_h100 6.7b_h200 13b_reduced_h200"
     [tests]="gpu"
     [tutorial]="small"
@@ -274,6 +274,11 @@ run_part() {  # run_part SUITE PART
                 --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b)" \
                 "${common[@]}"
         fi ;;
+    fp8:profile)  # every GPU kernel of one graphed 1.3B forward+backward, 2 x 4096, bf16 and float8
+        step 200 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --kernels --cuda-graph --top 80 \
+            --name "$(name profile_step_kernels_4096_bf16_1.3b)" --out "$res"
+        step 260 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --kernels --cuda-graph --top 80 \
+            --fp8 tensorwise --name "$(name profile_step_kernels_4096_fp8_1.3b)" --out "$res" ;;
     presets:*)  # the larger presets on one GPU (the runs python -m train.plan --check reads)
         local peak vocab data_sets graph
         peak=$(matmul_peak) vocab=$(manifest_vocab)

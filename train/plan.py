@@ -253,7 +253,8 @@ def report(p: Plan, tokens: float | None) -> str:
     lines.append(f"  {'total':<14}{gb(p.total)}" + (f"  of {gb(p.device_bytes).strip()}: "
                                                       f"{'fits' if p.fits else 'does NOT fit'}" if p.device_bytes else ""))
     lines.append(f"  host (offload) {gb(p.host)} per GPU")
-    lines.append("  (allowance: CUDA context 0.6 GB + 5% fragmentation, assumed; see train/plan_memory.py)")
+    lines.append(f"  (allowance: CUDA context {CONTEXT_BYTES / GIB:.2f} GiB + {FRAGMENTATION:.0%} fragmentation; "
+                 "see train/plan_memory.py)")
     if p.speed is None:
         lines.append(f"speed: not predicted: {p.speed_error}")
     else:

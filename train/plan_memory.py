@@ -5,7 +5,8 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
 
   stage 1 (bf16: DeepSpeed's BF16_Optimizer)  params 2P; gradients: a float32 accumulation buffer of
       every parameter (4P, not partitioned) + the bf16 .grad of each parameter (2P, CUDA graphs keep them
-      as static tensors); optimizer: float32 master + Adam moments of this rank's share (12P/D)
+      as static tensors); optimizer: float32 master + Adam moments of this rank's share (12P/D); comm
+      buffers, on more than one rank: the bf16 cast of the float32 sums for the boundary all-reduce (2P)
   stage 2  params 2P; gradients: the float32 partition (4P/D) + the bf16 reduce bucket
       (reduce_bucket_size elements, two with overlap_comm) or, under CUDA graphs, the static bf16 .grad (2P)
   stage 3  params 2P/D + the gathered live parameters (the largest ZeRO-3 leaf twice: in use and
@@ -31,11 +32,12 @@ from model.sizing import count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
 FP32 = 4
-# Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces (assumed 0.6 GB,
-# typical for CUDA 12-13 on Hopper) and the caching allocator's fragmentation (reserved beyond allocated,
-# assumed 5% of the allocated peak). Assumptions, not calibrations: no committed run records reserved
-# memory or nvidia-smi's figure to calibrate them against.
-CONTEXT_BYTES = 0.6e9
+# Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces, and the caching
+# allocator's fragmentation (reserved beyond allocated). The context is what an H100's out-of-memory report
+# gives as non-PyTorch memory in a one-GPU DeepSpeed run with NCCL (train.plan_runs.oom_context_bytes reads it
+# from the committed log; tests/train/test_plan.py checks the two agree); the fragmentation is assumed, 5% of the
+# allocated peak (that report and nvidia-smi's figure in the runs' metrics put it at 3-7%).
+CONTEXT_BYTES = 2.46 * 2**30
 FRAGMENTATION = 0.05
 
 
@@ -103,6 +105,10 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:
         out["gradients"] = FP32 * p + (e * p if precision == "bf16" else 0)
+        if precision == "bf16" and gpus > 1:
+            # BF16_Optimizer's boundary all-reduce casts each group's float32 sums to bf16 (train/reduction.py;
+            # skipped on one rank)
+            out["comm_buffers"] += e * p
     elif not zero.offload_optimizer:
         out["gradients"] = FP32 * p / gpus
         if cuda_graph:

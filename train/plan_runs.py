@@ -146,3 +146,17 @@ def check_table(results: Path = RESULTS) -> str:
     lines += [f"| {a['file']} | {a['device']} | {a['seq_len']} | {a['mode']} | {a['pred']:.2f} / {a['meas']:.2f} "
               f"({a['err']:+.1%}) |" for a in activation_runs(results)]
     return "\n".join(lines)
+
+
+OOM_REPORT = re.compile(r"this process has ([\d.]+) GiB memory in use\. Of the allocated memory ([\d.]+) GiB is "
+                        r"allocated by PyTorch.*? and ([\d.]+) GiB is reserved by PyTorch but unallocated")
+
+
+def oom_context_bytes(log: Path) -> float:
+    """Memory outside torch's allocator (CUDA context, cuBLAS and NCCL workspaces) in the first out-of-memory
+    report of a launch log: in use minus allocated minus reserved-but-unallocated. ValueError without one."""
+    found = OOM_REPORT.search(log.read_text())
+    if found is None:
+        raise ValueError(f"{log}: no CUDA out-of-memory report")
+    in_use, allocated, unallocated = (float(g) for g in found.groups())
+    return (in_use - allocated - unallocated) * 2**30

@@ -79,6 +79,7 @@ from train.graph_step import (
 )
 from train.metrics import MetricsLogger, device_peak_flops, memory_gb
 from train.optim import follow_current_config, lr_multiplier, param_groups
+from train.reduction import skip_lone_reduction
 from train.run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ def build_engine(model: HybridLM, cfg: RunConfig, ds_config: dict, mpu: Any = No
     fold = install_fold(engine, cfg.train.grad_fold)
     if fold != "deepspeed":
         log.info("ZeRO-1 bf16 gradient fold: %s (train/grad_fold.py)", fold)
+    if skip_lone_reduction(engine):
+        log.info("one rank in the gradient reduction group: no boundary all-reduce (train/reduction.py)")
     return engine
 
 

@@ -1,6 +1,7 @@
 """One process of tests/train/test_grad_fold.py: `python tests/helpers/grad_fold_worker.py` (repo as cwd and on
 PYTHONPATH). A world of one (gloo): bf16 ZeRO-1 engines from ds_configs/zero1.json on the same weights, one per
-fold (deepspeed, copy_free, fused_wgrad), 2 optimizer steps of 3 micro-batches of different data. The model: two
+fold (deepspeed, copy_free, fused_wgrad, and copy_free without the boundary all-reduce that a world of one
+does not need: train/reduction.py), 2 optimizer steps of 3 micro-batches of different data. The model: two
 bias-free model.wgrad.Linear layers (main_grad takers) and a LayerNorm (its parameters fold in the hooks).
 Prints one JSON line: the folds' float32 sums, gradient norms and master weights compared with DeepSpeed's.
 """
@@ -18,6 +19,7 @@ from model.wgrad import Linear
 from train.distributed import init_distributed
 from train.ds_config import read_ds_json
 from train.grad_fold import install_fold
+from train.reduction import skip_lone_reduction
 
 
 def model() -> nn.Sequential:
@@ -26,12 +28,17 @@ def model() -> nn.Sequential:
     return nn.Sequential(Linear(16, 64, bias=False), nn.GELU(), nn.LayerNorm(64), Linear(64, 16, bias=False))
 
 
-def run(fold: str, config: dict, batches: list[torch.Tensor]) -> dict:
-    """Train the model under `fold`: the fold installed, each step's float32 sums and gradient norm, the
-    final float32 master weights, how many matrices/vectors reached the hook with a gradient."""
+def run(fold: str, config: dict, batches: list[torch.Tensor], alone: bool = False) -> dict:
+    """Train the model under `fold` (`alone`: without the boundary all-reduce): the fold installed, each
+    step's float32 sums and gradient norm, the final float32 master weights, how many matrices/vectors
+    reached the hook with a gradient, how many boundary all-reduces ran."""
     net = model()
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
     installed = install_fold(engine, fold)
+    skipped = skip_lone_reduction(engine) if alone else False
+    reduces = []
+    allreduce = engine.allreduce_gradients
+    engine.allreduce_gradients = lambda *a, **k: (reduces.append(1), allreduce(*a, **k))[1]
     opt, hooked = engine.optimizer, []
     hook = opt.accumulate_hp_grads_and_remove_lp
 
@@ -56,7 +63,7 @@ def run(fold: str, config: dict, batches: list[torch.Tensor]) -> dict:
     engine.destroy()
     return {"installed": installed, "sums": sums, "norms": norms, "weights": weights,
             "hooked_matrices": sum(d == 2 for d in hooked), "hooked_vectors": sum(d == 1 for d in hooked),
-            "marked": marked}
+            "marked": marked, "skipped": skipped, "reduces": len(reduces)}
 
 
 def main() -> None:
@@ -69,6 +76,7 @@ def main() -> None:
     torch.manual_seed(0)
     batches = [torch.randn(2, 16) * (i + 1) for i in range(6)]
     ds, free, fused = (run(f, config, batches) for f in ("deepspeed", "copy_free", "fused_wgrad"))
+    alone = run("copy_free", config, batches, alone=True)
     start = torch.cat([p.detach().bfloat16().float().flatten() for p in model().parameters()])
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,6 +93,13 @@ def main() -> None:
         "moved_median": float((ds["weights"] - start).abs().median()),
         "hooked": {k: [r[k] for r in (ds, free, fused)] for k in ("hooked_matrices", "hooked_vectors")},
         "fused_marked": fused["marked"],
+        "reduces": [ds["reduces"], alone["reduces"]],
+        "alone_skipped": alone["skipped"],
+        # DeepSpeed's reduce casts the float32 sums to its bf16 communication dtype and back, even alone
+        "alone_sums_rounded_equal": all(torch.equal(a.bfloat16().float(), b)
+                                        for a, b in zip(alone["sums"], free["sums"])),
+        "alone_sums_unrounded": any(not torch.equal(a.bfloat16().float(), a) for a in alone["sums"]),
+        "alone_weights_median": float((alone["weights"] - free["weights"]).abs().median()),
     }))
 
 

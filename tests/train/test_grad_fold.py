@@ -40,6 +40,12 @@ def test_folds_against_deepspeeds() -> None:
     assert r["fused_marked"], r
     assert r["fused_sums_rel"] < 1e-2 and r["fused_norms_rel"] < 1e-2, r
     assert r["fused_weights_median"] < 1e-2 * r["moved_median"], r
+    # alone in the reduction group: the engine's reduce (called after each of the 6 backwards, reducing at the
+    # 2 boundaries) is never called. Its only effect on one rank was to round the float32 sums to bf16 (the
+    # communication dtype): the sums are DeepSpeed's before that rounding; the weights move as DeepSpeed's
+    assert r["alone_skipped"] and r["reduces"] == [6, 0], r
+    assert r["alone_sums_rounded_equal"] and r["alone_sums_unrounded"], r
+    assert r["alone_weights_median"] < 1e-2 * r["moved_median"], r
 
 
 def test_the_config_offers_every_fold_and_the_same_default() -> None:

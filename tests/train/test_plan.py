@@ -17,13 +17,14 @@ from config.schema import load_run_config
 from model.config import ModelConfig
 from model.sizing import count_params
 from train.plan import fitting_settings, parse_args, plan, plan_from_args, preflight
-from train.plan_memory import ZeroSetup, activations, largest_leaf_params, model_states
+from train.plan_memory import CONTEXT_BYTES, ZeroSetup, activations, largest_leaf_params, model_states
 from train.plan_runs import (
     MEMORY_BOUND,
     SPEED_BOUND,
     activation_runs,
     committed_runs,
     compare,
+    oom_context_bytes,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +135,23 @@ def test_planner_matches_every_committed_run() -> None:
             assert abs(c["first_err"]) <= MEMORY_BOUND, (run.name, c)
     acts = activation_runs()
     assert acts and all(abs(a["err"]) <= MEMORY_BOUND for a in acts), acts
+
+
+def test_context_allowance_is_the_measured_one(tmp_path: Path) -> None:
+    """CONTEXT_BYTES is the non-PyTorch memory of the committed out-of-memory report (to its 0.01 GiB)."""
+    log = REPO / "bench" / "results" / "pretrain_2.7b_h100_2026-12-07_log.txt"
+    assert oom_context_bytes(log) == pytest.approx(CONTEXT_BYTES, abs=0.01 * GIB)
+    (tmp_path / "ok.txt").write_text("step 1/20 | loss 9.19\n")
+    with pytest.raises(ValueError, match="no CUDA out-of-memory report"):
+        oom_context_bytes(tmp_path / "ok.txt")
+
+
+def test_zero1_bf16_reduce_cast_only_with_company() -> None:
+    """ZeRO-1 bf16: the boundary all-reduce's bf16 cast of the float32 sums (2P) on more than one rank only."""
+    cfg = ModelConfig(preset="1.3b")
+    zero = ZeroSetup(stage=1)
+    one, two = (model_states(cfg, zero, g)["comm_buffers"] for g in (1, 2))
+    assert one == 0 and two == 2 * count_params(cfg)
 
 
 def test_speed_needs_the_measurements(tmp_path: Path) -> None:
