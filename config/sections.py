@@ -249,8 +249,7 @@ class LoraConfig(SectionModel):
     targets: list[str] = Field(
         default_factory=lambda: ["attention", "mamba_in", "mlp"], min_length=1,
         description="Which Linears get adapters, by kind (train/lora.py asks each block type and the MLP): "
-        "attention (q/k/v/o), mamba_in, mamba_out (Mamba2 in_proj/out_proj), mlp (every MLP Linear). "
-        "mamba_out only on the reference path: the fused scan reads out_proj.weight itself.",
+        "attention (q/k/v/o), mamba_in, mamba_out (Mamba2 in_proj/out_proj), mlp (every MLP Linear).",
     )
 
 

@@ -1,8 +1,8 @@
 """Weight-only quantization of the block Linears: int8 / NF4 (bitsandbytes), int8 / int4 (torchao).
 
-What is quantized: every nn.Linear inside `model.layers` (Mamba2 in_proj, attention q/k/v/o, SwiGLU
-gate/up/down) except the Mamba2 `out_proj`, whose weight the fused mamba_ssm kernel path reads
-directly (`mamba_split_conv1d_scan_combined(outproj_weight=...)`), so it stays a plain tensor. The
+What is quantized: every nn.Linear inside `model.layers` (Mamba2 in_proj and out_proj, attention q/k/v/o,
+SwiGLU gate/up/down) except those a mixer names in `unquantized_linears` (the routed block's router).
+A quantized Mamba2 out_proj runs its own forward on the fused scan's output (model/mamba2.py). The
 embedding, the (untied) LM head, norms, conv and dt/A/D stay in the checkpoint's dtype.
 
 Methods (what runs where with bitsandbytes 0.50.2 and torchao 0.18):
@@ -100,7 +100,7 @@ def quantizable_linears(model: HybridLM) -> list[str]:
 
 
 def _unquantized_linears(model: HybridLM) -> set[str]:
-    """Linears each mixer keeps unquantized (e.g. Mamba2's out_proj, whose weight the fused kernel reads)."""
+    """Linears each mixer keeps unquantized (`Mixer.unquantized_linears`, e.g. the routed block's router)."""
     return {f"layers.{i}.mixer.{n}" for i, layer in enumerate(model.layers) for n in layer.mixer.unquantized_linears}
 
 
@@ -167,7 +167,7 @@ def quantize_model(model: HybridLM, method: QuantMethod, group_size: int, device
 
 def hf_quantization_config(model: HybridLM, method: QuantMethod, group_size: int) -> dict:
     """transformers' own quantization config of `method` (config.json's quantization_config); its skip
-    list names the Linears left in float (Mamba2 out_proj, the head) under Bamba's names."""
+    list names the Linears left in float (the head, any a mixer keeps) under Bamba's names."""
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
     quantized = set(quantizable_linears(model))

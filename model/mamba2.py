@@ -90,7 +90,6 @@ class Mamba2Mixer(Mixer):
     hf_layer_type = "mamba"
     pathway = "ssm"
     onnx = True
-    unquantized_linears = ("out_proj",)  # the fused scan reads out_proj.weight itself
     context_parallel = True
     adapter_targets = {"mamba_in": ("in_proj",), "mamba_out": ("out_proj",)}
 
@@ -149,6 +148,12 @@ class Mamba2Mixer(Mixer):
         mixer input u (..., d) (model/state_compression.py)."""
         B, C = B.unflatten(-1, (self.n_groups, self.d_state)), C.unflatten(-1, (self.n_groups, self.d_state))
         return (B, C) if self.compress is None else self.compress(u, B, C)
+
+    def _fused_out_proj(self) -> bool:
+        """Whether the fused scan applies out_proj itself: out_proj is the model's own Linear over a plain
+        weight (quantization and adapters swap in other modules or tensor subclasses, which run their own
+        forward on the scan's output)."""
+        return type(self.out_proj) is Linear and type(self.out_proj.weight) in (nn.Parameter, torch.Tensor)
 
     def _decay_rates(self) -> torch.Tensor:
         """A = -exp(A_log): (h,) in float32 or wider (A_log in bf16 would lose the decay)."""
@@ -274,12 +279,17 @@ class Mamba2Mixer(Mixer):
         continuing = state is not None and state.filled
         # the fused kernels compute B and C themselves and read the conv from zxbcdt alone
         fused = cops is not None and self.compress is None and cp is None
+        # they take out_proj's weight too, unless another module stands in for out_proj (float8 training,
+        # a LoRA wrapper): then its own forward runs on their output
+        own_out = self._fused_out_proj()
+        outproj_weight = self.out_proj.weight if own_out else None
         if fused and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
-            return ops.split_conv1d_scan_saved(
+            out = ops.split_conv1d_scan_saved(
                 zxbcdt, self.conv_weight, self.conv1d.bias, self.dt_bias, A, self.D, chunk_size=self.chunk_size,
                 seq_idx=sid, dt_limit=self.dt_limit, rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
-                outproj_weight=self.out_proj.weight, headdim=self.headdim, ngroups=self.n_groups,
+                outproj_weight=outproj_weight, headdim=self.headdim, ngroups=self.n_groups,
             )
+            return out if own_out else self.out_proj(out)
         if fused and not continuing:
             if state is not None:
                 self._store_conv_state(state, self._split(zxbcdt)[1], seq_idx)
@@ -288,14 +298,14 @@ class Mamba2Mixer(Mixer):
                 chunk_size=self.chunk_size, seq_idx=sid, dt_limit=self.dt_limit,
                 return_final_states=state is not None, activation="silu",
                 rmsnorm_weight=self.norm.weight, rmsnorm_eps=self.norm.eps,
-                outproj_weight=self.out_proj.weight, outproj_bias=None,
+                outproj_weight=outproj_weight, outproj_bias=None,
                 headdim=self.headdim, ngroups=self.n_groups, norm_before_gate=False,
             )
             if state is not None:
                 out, final = out
                 state.ssm.copy_(final)
                 state.filled = True
-            return out
+            return out if own_out else self.out_proj(out)
         z, xbc, dt = self._split(zxbcdt)
         prefix = state.conv[..., 1:].clone() if continuing else None  # copy: overwritten just below
         if cp is not None:

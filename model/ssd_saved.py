@@ -54,13 +54,14 @@ def _heads(xbc: torch.Tensor, dim: int, nheads: int, ngroups: int,
 
 
 class SplitConvScanSavedFn(torch.autograd.Function):
-    """zxbcdt (b, l, e + c + h) -> out_proj(gated_rmsnorm(ssd(conv(xBC)), z)) (b, l, d_out)."""
+    """zxbcdt (b, l, e + c + h) -> out_proj(gated_rmsnorm(ssd(conv(xBC)), z)) (b, l, d_out); without an
+    out_proj weight, gated_rmsnorm(...) (b, l, e), for a caller that applies its own out_proj module."""
 
     @staticmethod
     def forward(ctx, zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                 dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, chunk_size: int,
                 seq_idx: torch.Tensor | None, dt_limit: tuple[float, float], norm_weight: torch.Tensor,
-                norm_eps: float, outproj_weight: torch.Tensor, headdim: int, ngroups: int) -> torch.Tensor:
+                norm_eps: float, outproj_weight: torch.Tensor | None, headdim: int, ngroups: int) -> torch.Tensor:
         nheads = D.shape[0]
         dim = nheads * headdim
         dstate = (conv_weight.shape[0] - dim) // ngroups // 2
@@ -83,7 +84,9 @@ class SplitConvScanSavedFn(torch.autograd.Function):
             rearrange(y, "b s h p -> (b s) (h p)"), norm_weight.contiguous(), None, norm_eps,
             rearrange(z, "b s d -> (b s) d"), group_size=dim // ngroups, norm_before_gate=False, is_rms_norm=True,
         )
-        out = F.linear(rearrange(normed, "(b s) d -> b s d", b=batch), outproj_weight)
+        out = rearrange(normed, "(b s) d -> b s d", b=batch)
+        if outproj_weight is not None:
+            out = F.linear(out, outproj_weight)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xbc_conv, y, dt_out, dA_cumsum, states, CB,
                               A, D, dt_bias, seq_idx, norm_weight, rstd, outproj_weight)
         ctx.cfg = (chunk_size, dt_limit, norm_eps, headdim, ngroups, dstate)
@@ -106,16 +109,19 @@ class SplitConvScanSavedFn(torch.autograd.Function):
         dx, dB_given, dC_given = _heads(dxbc, dim, nheads, ngroups, dstate)
 
         # out_proj and the gated norm (the norm's output recomputed for out_proj's weight gradient)
-        dnormed = F.linear(dout_og, outproj_weight.t())
-        normed = torch.empty(*y.shape[:2], dim, device=y.device, dtype=y.dtype)
+        fused_out = outproj_weight is not None
+        dnormed = F.linear(dout_og, outproj_weight.t()) if fused_out else dout_og
+        normed = torch.empty(*y.shape[:2], dim, device=y.device, dtype=y.dtype) if fused_out else None
         dy, dnorm_weight, _, dz, *_ = _layer_norm_bwd(
             rearrange(dnormed, "b s d -> (b s) d"), rearrange(y, "b s h p -> (b s) (h p)"), norm_weight, None,
             norm_eps, None, rstd, rearrange(z, "b s d -> (b s) d"), group_size=dim // ngroups,
-            norm_before_gate=False, is_rms_norm=True, recompute_output=True,
-            dz=rearrange(dz, "b l d -> (b l) d"), out=rearrange(normed, "b s d -> (b s) d"),
+            norm_before_gate=False, is_rms_norm=True, recompute_output=fused_out,
+            dz=rearrange(dz, "b l d -> (b l) d"), out=rearrange(normed, "b s d -> (b s) d") if fused_out else None,
         )
-        doutproj_weight = weight_grad(outproj_weight, rearrange(dout_og, "b s o -> (b s) o"),
-                                      rearrange(normed, "b s d -> (b s) d"))  # None: added into its main_grad
+        doutproj_weight = None  # also None when weight_grad added it into the weight's main_grad
+        if fused_out:
+            doutproj_weight = weight_grad(outproj_weight, rearrange(dout_og, "b s o -> (b s) o"),
+                                          rearrange(normed, "b s d -> (b s) d"))
         dout = rearrange(dy, "(b s) (h p) -> b s h p", b=batch, p=headdim)
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
@@ -159,9 +165,10 @@ class SplitConvScanSavedFn(torch.autograd.Function):
 def split_conv1d_scan_saved(zxbcdt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
                             dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor, *, chunk_size: int,
                             seq_idx: torch.Tensor | None, dt_limit: tuple[float, float], rmsnorm_weight: torch.Tensor,
-                            rmsnorm_eps: float, outproj_weight: torch.Tensor, headdim: int,
+                            rmsnorm_eps: float, outproj_weight: torch.Tensor | None, headdim: int,
                             ngroups: int) -> torch.Tensor:
     """`mamba_split_conv1d_scan_combined(..., activation="silu", norm_before_gate=False)` for training:
-    zxbcdt (b, l, e + c + h), seq_idx (b, l) int32 or None -> (b, l, d_out)."""
+    zxbcdt (b, l, e + c + h), seq_idx (b, l) int32 or None -> (b, l, d_out), or (b, l, e) without
+    outproj_weight."""
     return SplitConvScanSavedFn.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, chunk_size, seq_idx,
                                       tuple(dt_limit), rmsnorm_weight, rmsnorm_eps, outproj_weight, headdim, ngroups)

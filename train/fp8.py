@@ -11,13 +11,14 @@ Which Linears train in float8 (`fp8_plan`), all of the following:
      `bf16_last_blocks` (Nemotron-H's recipe, arXiv:2504.03624 sec. 2.4, keeps the first and last GEMMs of
      the network in BF16; Megatron-LM's --first-last-layers-bf16 default is one layer at each end);
      the embedding and LM head are outside the blocks and always stay bf16;
-  2. not a Linear whose weight a fused kernel reads directly (the mixer's `unquantized_linears`: Mamba2's
-     out_proj runs inside the fused scan on the kernel path; a Float8Linear there would never be called);
+  2. not among the mixer's `unquantized_linears` (a fused kernel reads the weight directly, or it is too small
+     to gain); Mamba2's out_proj is converted: its fused scan then returns the normed output for the
+     Float8Linear to project (model/mamba2.py);
   3. a shape float8 serves and where torchao's filter expects it to beat bf16: both dimensions multiples of 16
      (the float8 GEMM's requirement) and, by torchao's `_auto_filter_for_recipe` (weight (N, K) = (out, in)),
      tensorwise: not (K <= 4096 and N <= 1024); rowwise: N > 2048, K > 1024 and not (N <= 4096 and K <= 2048).
-For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj, attention q and o, SwiGLU
-gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
+For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj and out_proj, attention q and
+o, SwiGLU gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
 
 The converted SwiGLU's gate and up run as two float8 GEMMs and an unfused silu(gate) * up (the fused
 concatenated GEMM of model/layers.py applies to plain Linears only). Float8Linear hands its weight gradient

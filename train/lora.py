@@ -8,9 +8,10 @@ each block's MLP, whatever its kind. peft receives the full module names, so not
 peft wraps our `model.wgrad.Linear`: its LoRA dispatch (peft/tuners/lora/layer.py `dispatch_default`)
 takes any `isinstance(base, nn.Linear)`, and the wrapper calls the base module's own forward.
 
-The kernel path. A Linear whose `.weight` a fused kernel reads directly (a mixer's
-`unquantized_linears`: Mamba2's out_proj inside the fused scan) would run without its adapter there,
-so such a target is refused on the kernel path (one line) rather than silently not adapted. The fused
+The kernel path. A Linear whose `.weight` a fused kernel reads directly (listed in its mixer's
+`unquantized_linears`) would run without its adapter there, so such a target is refused on the kernel
+path (one line) rather than silently not adapted. Mamba2's fused scan hands an adapted out_proj its
+output (model/mamba2.py), so `mamba_out` is adapted on both paths. The fused
 SwiGLU concatenates gate and up only while both are plain Linears (`SwiGLU.fused_gate_up`): adapted,
 they run as two GEMMs, so `mlp` is adapted on both paths.
 
@@ -62,7 +63,7 @@ def target_modules(model: HybridLM, kinds: list[str]) -> list[str]:
                           f"{model.cfg.layer_pattern}): choose among {', '.join(known)}")
     if model.impl == "kernels" and (clash := sorted(fused.intersection(names))):
         raise ConfigError(f"finetune.lora.targets: {clash[0]} is read directly by a fused kernel on the kernel path, "
-                          "so its adapter would be ignored: drop that target (mamba_out) or set model.impl=reference")
+                          "so its adapter would be ignored: drop that target or set model.impl=reference")
     return names
 
 

@@ -18,9 +18,9 @@ A mixer class carries, beside its forward:
     `context_parallel` (whether its forward handles `ctx.cp`, one rank's slice of a row split over a group
     of ranks: model/context_parallel.py), `cuda_graphs` (whether its training forward has fixed shapes, so
     that train.cuda_graph can capture it), `zero3_leaves()` (modules ZeRO-3 must gather whole: the kernel
-    path reads their weights outside their own forward), `unquantized_linears` (Linears whose `.weight` a
-    fused kernel reads directly, which quantization must leave as plain Linears and LoRA must not target
-    there), `statistics()` (what the last forward measured, logged by the trainer).
+    path reads their weights outside their own forward), `unquantized_linears` (Linears that quantization must
+    leave as plain Linears and LoRA must not target: a fused kernel reads their `.weight` directly, or they
+    are too small to gain), `statistics()` (what the last forward measured, logged by the trainer).
 """
 
 from __future__ import annotations

@@ -67,7 +67,6 @@ class GatedMemoryMixer(Mixer):
     description = ("attention and Mamba2 in parallel, blended per channel by a learned sigmoid gate, plus an "
                    "optional learned memory bank (`gated.slots`) read through the gate")
     design = "adaptive-hybrid-ssm (gated SSM/attention blend with an external memory bank)"
-    unquantized_linears = ("ssm.out_proj",)
     context_parallel = True  # its Mamba2 and attention paths split as M and A do
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:

@@ -79,7 +79,6 @@ class HierarchicalMixer(Mixer):
     design = "HYDRA v3 hierarchical state organisation (multi-level state for very long sequences)"
     pathway = "ssm"
     cuda_graphs = False
-    unquantized_linears = ("ssm.out_proj",)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

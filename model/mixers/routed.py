@@ -133,7 +133,7 @@ class RoutedMixer(Mixer):
                    "document's tokens through attention, scaled by the router score")
     design = "DynamicHybridModel / HYDRA v2 token routing (Mixture-of-Depths)"
     cuda_graphs = False
-    unquantized_linears = ("ssm.out_proj", "router")  # the router: one output row, nothing to gain
+    unquantized_linears = ("router",)  # the router: one output row, nothing to gain
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__(cfg, layer_idx)

@@ -375,6 +375,44 @@ def test_fused_split_conv_training_matches_reference(fused_split_conv, dt_limit:
         assert _rel(got, want) < TOL, name
 
 
+class _DoubledLinear(torch.nn.Linear):
+    """A stand-in for what float8 training or a LoRA adapter puts in out_proj's place: another module class,
+    whose forward (twice the plain projection) must run on the fused scan's output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.nn.functional.linear(x, self.weight)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "prefill"])
+def test_fused_split_conv_runs_a_swapped_out_proj(fused_split_conv, grad: bool) -> None:
+    """With out_proj swapped for another module, the fused scans (model/ssd_saved.py in training,
+    mamba_ssm's in a gradient-free prefill) return the normed output and the module projects it: output and
+    every gradient (the swapped weight's too) equal the reference path's, and twice the unswapped output."""
+    model = _model()
+    mixer = next(layer.mixer for layer in model.layers if layer.kind == "M")
+    u = torch.randn(2, 32, model.cfg.d_model)
+    ctx = MixerContext.of_documents(torch.tensor([[0] * 10 + [1] * 22, [0] * 32]))
+    mixer.impl = "kernels"
+    with torch.no_grad():
+        plain = mixer(u, ctx)
+    swapped = _DoubledLinear(mixer.d_inner, model.cfg.d_model, bias=False)
+    swapped.weight = mixer.out_proj.weight
+    mixer.out_proj = swapped
+    results = {}
+    for impl in ("reference", "kernels"):
+        mixer.impl = impl
+        mixer.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            out = mixer(u, ctx)
+        if grad:
+            out.pow(2).mean().backward()
+        results[impl] = [("out", out.detach())] + [(n, p.grad.clone()) for n, p in mixer.named_parameters() if grad]
+    assert _rel(results["kernels"][0][1], 2 * plain) < TOL
+    assert len(results["kernels"]) == (1 + len(list(mixer.parameters())) if grad else 1)
+    for (name, got), (_, want) in zip(results["kernels"], results["reference"]):
+        assert _rel(got, want) < TOL, name
+
+
 def test_cb_grad_kernel_matches_mamba_ssms_two_kernels(interpreted_kernels) -> None:
     """model/ssd_cb_grad.py: one kernel for the C.B gradient and the intra-chunk decay gradient against
     mamba_ssm's `_chunk_scan_bwd_dcb` and `_chunk_scan_bwd_ddAcs_stable` (called as bench/block_costs.py's

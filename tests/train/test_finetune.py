@@ -106,10 +106,13 @@ def test_tokenizer_must_be_the_checkpoints(tiny_bundle_dir: Path, tmp_path: Path
         checkpoint_tokenizer(bare)
 
 
-def test_unknown_or_fused_targets_are_refused(model) -> None:
+def test_unknown_or_fused_targets_are_refused(model, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="unknown target 'ffn': choose among mamba_in, mamba_out, attention, mlp"):
         target_modules(model, ["ffn"])
-    model.impl = "kernels"  # the fused Mamba2 scan reads out_proj.weight itself: its adapter would be ignored
+    model.impl = "kernels"  # Mamba2's fused scan hands an adapted out_proj its output: accepted on both paths
+    assert "layers.0.mixer.out_proj" in target_modules(model, ["mamba_out"])
+    # a block type whose fused kernel read out_proj.weight itself would have its adapter ignored: refused
+    monkeypatch.setattr(type(model.layers[0].mixer), "unquantized_linears", ("out_proj",))
     with pytest.raises(ConfigError, match="layers.0.mixer.out_proj is read directly by a fused kernel"):
         target_modules(model, ["mamba_out"])
     assert target_modules(model, ["mlp", "mamba_in"])

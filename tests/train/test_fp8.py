@@ -70,14 +70,14 @@ def test_config_fp8_runs_deepspeed_in_bf16_and_rejects_bad_settings() -> None:
 
 # ---- the conversion rule --------------------------------------------------------------------------------
 def test_plan_1_3b_tensorwise_and_rowwise() -> None:
-    """1.3B (24 blocks, 18 Mamba2 + 6 attention, SwiGLU 2048 -> 5120): blocks 1-22; Mamba2 out_proj (inside
-    the fused scan), attention k/v (2048 -> 512, too small for tensorwise), the embedding and the LM head stay
-    bf16; rowwise also keeps the N = 2048 outputs (q, o, down) in bf16."""
+    """1.3B (24 blocks, 18 Mamba2 + 6 attention, SwiGLU 2048 -> 5120): blocks 1-22; attention k/v (2048 -> 512,
+    too small for tensorwise), the embedding and the LM head stay bf16; rowwise also keeps the N = 2048
+    outputs (q, o, down, Mamba2 out_proj) in bf16."""
     model = meta_model("1.3b")
     tensorwise = fp8_plan(model, FP8Config())
     assert sorted({int(n.split(".")[1]) for n in tensorwise}) == list(range(1, 23))
     assert kinds(tensorwise) == {"mlp.gate_proj": 22, "mlp.up_proj": 22, "mlp.down_proj": 22,
-                                 "mixer.in_proj": 18, "mixer.q_proj": 4, "mixer.o_proj": 4}
+                                 "mixer.in_proj": 18, "mixer.out_proj": 18, "mixer.q_proj": 4, "mixer.o_proj": 4}
     assert kinds(fp8_plan(model, FP8Config(recipe="rowwise"))) == {"mlp.gate_proj": 22, "mlp.up_proj": 22,
                                                                    "mixer.in_proj": 18}
 
@@ -86,7 +86,7 @@ def test_plan_follows_the_bf16_blocks_settings() -> None:
     model = meta_model("2.7b")
     names = fp8_plan(model, FP8Config(bf16_first_blocks=0, bf16_last_blocks=3))
     assert sorted({int(n.split(".")[1]) for n in names}) == list(range(29))
-    assert not any("lm_head" in n or "out_proj" in n for n in names)
+    assert not any("lm_head" in n for n in names)
 
 
 def test_a_model_with_nothing_to_convert_is_refused() -> None:
