@@ -91,3 +91,13 @@ def write_granite(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides)
 def granite_factory():
     """`write_granite` for the test areas that import Granite 4.0-H folders (export, train)."""
     return write_granite
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist: the tests marked slow first (a stable sort: the order within each group stays).
+    Its load scheduling hands tests out in collection order, so the launched runs of tests/train (last
+    alphabetically) used to start at the end, and the last of them ran on one worker while the other had
+    nothing left; started first, they overlap each other and the many short tests fill both workers' ends.
+    Every worker collects the same order (xdist requires it); a run without xdist keeps pytest's order."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)

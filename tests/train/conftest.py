@@ -9,12 +9,14 @@ Two train sources (weights 0.75 / 0.25, two shards each) and a validation split.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -109,10 +111,29 @@ def make_corpus(root: Path) -> Path:
     return path
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` of a session fixture once per test run: under pytest-xdist every worker is its own
+    session, so the first worker to ask builds it in the folder the workers share (the parent of their base
+    temp folders) while the others wait on a lock, then read the same result (an xdist worker would otherwise
+    repeat a launched run that another already made). Without xdist: a fresh folder of this session."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    done = shared / f"{name}.done"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # a failed earlier attempt's leftovers
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+        return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """manifest.json of the test corpus."""
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+    """manifest.json of the test corpus (one per test run, also with xdist: run_a's manifest)."""
+    return built_once(tmp_path_factory, "corpus", make_corpus)
 
 
 # ---- launching runs -----------------------------------------------------------------------------------
@@ -148,5 +169,6 @@ def copy_checkpoint(src_run: Path, step: int, out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def run_a(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared reference run: ZeRO-2 fp32, 2 ranks, 16 steps, checkpoints at 6, 12, 16, final export."""
-    return train_run(2, corpus, tmp_path_factory.mktemp("run_a"))
+    """The shared reference run: ZeRO-2 fp32, 2 ranks, 16 steps, checkpoints at 6, 12, 16, final export (one
+    per test run, also with xdist: the tests only read it or copy its checkpoints)."""
+    return built_once(tmp_path_factory, "run_a", lambda folder: train_run(2, corpus, folder))
