@@ -128,10 +128,10 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
-    e = 2 if t.precision == "bf16" else 4
+    e = 4 if t.precision == "fp32" else 2
     states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph)
     try:
-        acts = activations(cfg.model, micro_batch * seq_len, mode, e)
+        acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     by_kind = {k: v for k, v in acts.items() if k not in ("host",)}

@@ -96,16 +96,17 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
                  cuda_graph: bool = False) -> dict[str, float]:
     """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank."""
     p = count_params(cfg)
-    e = 2 if precision == "bf16" else FP32
-    master = FP32 * p if precision == "bf16" else 0  # float32 copy the optimizer updates
+    mixed = precision != "fp32"  # fp8 keeps bf16 weights, DeepSpeed's bf16 optimizer and float32 masters
+    e = 2 if mixed else FP32
+    master = FP32 * p if mixed else 0  # float32 copy the optimizer updates
     moments = 2 * FP32 * p
     bucket = zero.reduce_bucket * e * (2 if zero.overlap_comm else 1)
     out = {"params": e * p / (gpus if zero.stage == 3 else 1), "gradients": 0.0, "optimizer": 0.0,
            "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:
-        out["gradients"] = FP32 * p + (e * p if precision == "bf16" else 0)
-        if precision == "bf16" and gpus > 1:
+        out["gradients"] = FP32 * p + (e * p if mixed else 0)
+        if mixed and gpus > 1:
             # BF16_Optimizer's boundary all-reduce casts each group's float32 sums to bf16 (train/reduction.py;
             # skipped on one rank)
             out["comm_buffers"] += e * p
@@ -169,15 +170,19 @@ def head_activation_bytes(cfg: ModelConfig, e: int = 2) -> float:
     return 2 * cfg.d_model * e + cfg.padded_vocab_size * e
 
 
-def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2) -> dict[str, float]:
+def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool = False) -> dict[str, float]:
     """GPU bytes of one micro-batch's saved activations (`tokens` = micro-batch x sequence length) by
     block type ("M", "A", ...), plus "head" and "recompute" (the one block part rebuilt at a time in
-    the backward), and "host" (block inputs offloaded by mode offload)."""
+    the backward), and "host" (block inputs offloaded by mode offload). `fp8` (train.precision=fp8): a
+    Mamba2 block also keeps its scan's normed output (d_inner) for the float8 out_proj's backward, which
+    the fused scan would recompute (every block counted; the bf16 first and last ones do not keep it)."""
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
     per_kind: dict[str, float] = {}
     recompute = 0.0
     for kind in cfg.layer_pattern:
         parts = block_activation_bytes(cfg, kind, e)
+        if fp8 and kind == MAMBA:
+            parts["mixer"] += cfg.d_inner * e
         whole = sum(parts.values())
         if mode == "none":
             kept = whole

@@ -154,6 +154,20 @@ def test_zero1_bf16_reduce_cast_only_with_company() -> None:
     assert one == 0 and two == 2 * count_params(cfg)
 
 
+def test_fp8_plans_bf16_states_and_the_out_proj_input() -> None:
+    """train.precision=fp8 keeps bf16 weights and DeepSpeed's bf16 optimizer: the states of a bf16 run; its
+    activations add each Mamba2 block's normed scan output (d_inner, bf16) that the float8 out_proj keeps."""
+    cfg = load_run_config("1.3b")
+    bf16 = plan(cfg, gpu="h100")
+    cfg.train.precision = "fp8"
+    fp8 = plan(cfg, gpu="h100")
+    for term in ("params", "gradients", "optimizer", "comm_buffers"):
+        assert fp8.memory[term] == bf16.memory[term], term
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+    n_mamba = cfg.model.layer_pattern.count("M")
+    assert fp8.memory["activations"] - bf16.memory["activations"] == 2 * cfg.model.d_inner * tokens * n_mamba
+
+
 def test_speed_needs_the_measurements(tmp_path: Path) -> None:
     """Without the committed per-layer costs there is no tokens/s (and a message naming the file)."""
     from train.plan_speed import MissingMeasurement, predict
