@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 
 from bench.common import RESULTS, bench_model, environment, sync, write_results  # noqa: E402
 from bench.peers import attention_twin  # noqa: E402
-from model import ModelConfig  # noqa: E402
 from config.sections import FP8Config  # noqa: E402
+from model import ModelConfig  # noqa: E402
 from train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 from train.fp8 import convert_to_fp8  # noqa: E402
 from train.graph_step import graph_training_forward  # noqa: E402

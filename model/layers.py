@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.kernels import mamba_ops
-from model.wgrad import Linear, linear
+from model.wgrad import Linear, is_plain_linear, linear
 
 if TYPE_CHECKING:
     from model.config import ModelConfig, RopeScalingConfig
@@ -106,10 +106,7 @@ class SwiGLU(nn.Module):
         """Whether the kernel path's concatenated GEMM applies: gate and up are plain Linears holding
         plain tensors (quantization swaps in other modules or tensor subclasses: those run unfused;
         train.graph_step's stand-in leaves are plain tensors: fused, as in eager training)."""
-        return self.impl == "kernels" and all(
-            type(lin) is Linear and type(lin.weight) in (nn.Parameter, torch.Tensor)
-            for lin in (self.gate_proj, self.up_proj)
-        )
+        return self.impl == "kernels" and all(is_plain_linear(lin) for lin in (self.gate_proj, self.up_proj))
 
     def swapped_gate_up(self) -> bool:
         """Whether gate and up are Linears of another class over plain weights (float8 training swaps in

@@ -38,7 +38,7 @@ from model.layers import init_linear, residual_std, rmsnorm_gated_ref
 from model.mixers.base import Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 from model.state_compression import StateCompression
-from model.wgrad import Linear
+from model.wgrad import Linear, is_plain_linear
 
 if TYPE_CHECKING:
     from model.context_parallel import ContextSlice
@@ -148,12 +148,6 @@ class Mamba2Mixer(Mixer):
         mixer input u (..., d) (model/state_compression.py)."""
         B, C = B.unflatten(-1, (self.n_groups, self.d_state)), C.unflatten(-1, (self.n_groups, self.d_state))
         return (B, C) if self.compress is None else self.compress(u, B, C)
-
-    def _fused_out_proj(self) -> bool:
-        """Whether the fused scan applies out_proj itself: out_proj is the model's own Linear over a plain
-        weight (quantization and adapters swap in other modules or tensor subclasses, which run their own
-        forward on the scan's output)."""
-        return type(self.out_proj) is Linear and type(self.out_proj.weight) in (nn.Parameter, torch.Tensor)
 
     def _decay_rates(self) -> torch.Tensor:
         """A = -exp(A_log): (h,) in float32 or wider (A_log in bf16 would lose the decay)."""
@@ -281,7 +275,7 @@ class Mamba2Mixer(Mixer):
         fused = cops is not None and self.compress is None and cp is None
         # they take out_proj's weight too, unless another module stands in for out_proj (float8 training,
         # a LoRA wrapper): then its own forward runs on their output
-        own_out = self._fused_out_proj()
+        own_out = is_plain_linear(self.out_proj)
         outproj_weight = self.out_proj.weight if own_out else None
         if fused and state is None and torch.is_grad_enabled() and not self.cfg.mamba.recompute_in_backward:
             out = ops.split_conv1d_scan_saved(

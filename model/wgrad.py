@@ -89,6 +89,13 @@ def _into_main_grad(main_grad: torch.Tensor | None, grad_out: torch.Tensor, inp:
     return None
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is this module's `Linear` over a plain weight: what a fused kernel may read the weight
+    of directly. Quantization and adapters swap in other module classes or tensor subclasses, which must run
+    their own forward; CUDA-graph capture's stand-in leaves are plain tensors."""
+    return type(module) is Linear and type(module.weight) in (nn.Parameter, torch.Tensor)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state_dict keys and isinstance checks) whose bias-free forward goes
     through `linear`, so that a bound `main_grad` takes its weight gradient."""

@@ -27,6 +27,7 @@ from train.plan_memory import (
     ZeroSetup,
     activations,
     checkpoint_mode,
+    compute_bytes,
     model_states,
 )
 from train.plan_speed import MissingMeasurement, Speed, predict
@@ -128,7 +129,7 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
-    e = 4 if t.precision == "fp32" else 2
+    e = compute_bytes(t.precision)
     states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph)
     try:
         acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8")

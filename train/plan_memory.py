@@ -92,12 +92,18 @@ def largest_leaf_params(cfg: ModelConfig) -> int:
     return max(mixers, mlp_params(cfg), cfg.padded_vocab_size * cfg.d_model)
 
 
+def compute_bytes(precision: str) -> int:
+    """Bytes per element of the weights and activations: fp8 training keeps bf16 weights (its float8 exists
+    only inside the GEMMs) and, like bf16, DeepSpeed's bf16 optimizer with float32 masters."""
+    return FP32 if precision == "fp32" else 2
+
+
 def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16",
                  cuda_graph: bool = False) -> dict[str, float]:
     """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank."""
     p = count_params(cfg)
-    mixed = precision != "fp32"  # fp8 keeps bf16 weights, DeepSpeed's bf16 optimizer and float32 masters
-    e = 2 if mixed else FP32
+    e = compute_bytes(precision)
+    mixed = e != FP32  # bf16 weights: float32 masters, bf16 gradients beside the float32 sums
     master = FP32 * p if mixed else 0  # float32 copy the optimizer updates
     moments = 2 * FP32 * p
     bucket = zero.reduce_bucket * e * (2 if zero.overlap_comm else 1)

@@ -21,7 +21,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.plan import Plan, plan
+from train.plan import GIB, Plan, plan
 from train.plan_speed import RESULTS
 
 MEMORY_BOUND, SPEED_BOUND = 0.10, 0.15
@@ -159,4 +159,4 @@ def oom_context_bytes(log: Path) -> float:
     if found is None:
         raise ValueError(f"{log}: no CUDA out-of-memory report")
     in_use, allocated, unallocated = (float(g) for g in found.groups())
-    return (in_use - allocated - unallocated) * 2**30
+    return (in_use - allocated - unallocated) * GIB
