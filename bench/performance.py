@@ -26,7 +26,8 @@ STEP_QUESTIONS = ("train_step_vs_twin_1.3b", "train_step_vs_bamba_1.3b", "train_
 # launch/pretrain.py with the fastest settings, the newest run on each card (bench/run.sh train:pretrain
 # writes the next ones as pretrain_1.3b_<gpu>_<date>: list them here)
 PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24",
-                 "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06")
+                 "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06",
+                 "pretrain_2.7b_mb1_h100_2026-12-07")
 MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours",
                "attention_graph": "all-attention twin (CUDA graphs)", "attention": "all-attention twin",
                "hf_bamba": "HF Bamba (eager)", "hf_llama": "HF Llama"}
@@ -80,7 +81,7 @@ def step_rows(path: Path) -> list[str]:
 
 
 def table(results: Path = RESULTS) -> str:
-    header = ("| what (1.3B preset, one GPU, ZeRO-1, bf16) | tokens/s | MFU (measured GEMM peak) | MFU (989 TFLOP/s) "
+    header = ("| what (one GPU, ZeRO-1, bf16; the step benches: 1.3B preset) | tokens/s | MFU (measured GEMM peak) | MFU (989 TFLOP/s) "
               "| peak memory GB | result |")
     lines = [header, "|---|---|---|---|---|---|"]
     lines += [pretrain_row(stem, results) for stem in PRETRAIN_RUNS]
