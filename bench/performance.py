@@ -27,7 +27,7 @@ STEP_QUESTIONS = ("train_step_vs_twin_1.3b", "train_step_vs_bamba_1.3b", "train_
 # writes the next ones as pretrain_1.3b_<gpu>_<date>: list them here)
 PRETRAIN_RUNS = ("pretrain_1.3b_zero1_cb_grad_graph_h100_2026-11-24",
                  "pretrain_1.3b_zero1_registry_graph_h200_2026-12-06",
-                 "pretrain_2.7b_mb1_h100_2026-12-07")
+                 "pretrain_2.7b_h100_2026-12-07")
 MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours",
                "attention_graph": "all-attention twin (CUDA graphs)", "attention": "all-attention twin",
                "hf_bamba": "HF Bamba (eager)", "hf_llama": "HF Llama"}

@@ -27,7 +27,7 @@ declare -A PARTS=(
     [variants]="state_memory"
     [finetune]="lora_vs_full"
     [long_context]="lengths context_parallel"
-    [fp8]="1.3b 2.7b profile"
+    [fp8]="1.3b 1.3b_loss 2.7b profile"
     [presets]="2.7b_h100 6.7b_h200 13b_reduced_h200"
     [tests]="gpu"
     [tutorial]="small"
@@ -259,13 +259,17 @@ run_part() {  # run_part SUITE PART
     long_context:context_parallel)  # context parallelism's overhead on one rank
         step 300 python3 bench/context_parallel_overhead.py --preset small --seq-len 8192 --batch 2 --docs 4 \
             --name "$(name context_parallel_overhead_small)" --out "$res" ;;
-    fp8:1.3b|fp8:2.7b)  # launch/pretrain.py in bf16 vs float8 (bench/fp8_train.py)
+    fp8:1.3b|fp8:1.3b_loss|fp8:2.7b)  # launch/pretrain.py in bf16 vs float8 (bench/fp8_train.py)
         local peak vocab common
         peak=$(matmul_peak) vocab=$(manifest_vocab)
         common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
                 --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
-        if [ "$p" = 1.3b ]; then
-            # rowwise's throughput too: --variants bf16,fp8,fp8_rowwise:30 (about 90 s more)
+        if [ "$p" = 1.3b ]; then  # throughput at the pretraining settings: 2 x 4096 x 8 micro-batches per step
+            # rowwise's throughput too: --variants bf16,fp8,fp8_rowwise (about 100 s more)
+            step 400 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 30 \
+                --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 \
+                --name "$(name fp8_train_1.3b_accum8)" "${common[@]}"
+        elif [ "$p" = 1.3b_loss ]; then  # loss parity: 300 optimizer steps of one micro-batch (2 x 4096) each
             step 560 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
                 --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b)" \
                 "${common[@]}"
@@ -314,7 +318,7 @@ run_part() {  # run_part SUITE PART
             { shift; echo "\$ $*"; tail -n +"$((before + 2))" "$log" | sed '$d'; } >>"$tlog"
         }
         tstep 330 deepspeed --num_gpus 1 launch/pretrain.py --config small --resume auto --set data.manifest="$data" \
-            --set model.vocab_size="$(manifest_vocab)" --set train.max_steps=100 --set train.eval_every=25
+            --set model.vocab_size="$(manifest_vocab)" --set train.max_steps=100 --set train.eval_every=25 --set train.wandb.mode=disabled
         tstep 30 python3 -m train.plot "$run"
         tstep 120 python3 eval/run.py --checkpoint "$run/final" --benchmarks local_mc,local_gen,val_ppl \
             --tasks-dir eval/tasks --manifest "$data" --output "$run/eval_results.json"

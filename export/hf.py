@@ -78,8 +78,22 @@ _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
+# transformers' BambaRMSNormGated normalizes each SSM group on its own (as mamba_ssm and our model do) from 5.23;
+# before, over all of d_inner at once: a different model whenever mamba.n_groups > 1
+GROUPED_GATED_NORM_SINCE = "5.23.0"
+
+
 def check_exportable(cfg: ModelConfig) -> None:
-    """Raise ExportError when Bamba cannot represent `cfg` exactly."""
+    """Raise ExportError when Bamba (of the installed transformers) cannot represent `cfg` exactly."""
+    import transformers
+    from packaging.version import Version
+
+    if cfg.mamba.n_groups > 1 and Version(transformers.__version__) < Version(GROUPED_GATED_NORM_SINCE):
+        raise ExportError(
+            f"cannot export mamba.n_groups={cfg.mamba.n_groups} with transformers {transformers.__version__}: its "
+            f"BambaForCausalLM normalizes the gated RMSNorm over all groups at once (per group from "
+            f"{GROUPED_GATED_NORM_SINCE}), so it would compute another model; install transformers>="
+            f"{GROUPED_GATED_NORM_SINCE} (requirements.txt pins it)")
     for letter in dict.fromkeys(cfg.layer_pattern):
         mixer = block_type(letter)
         if mixer.hf_layer_type is None:

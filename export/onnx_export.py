@@ -195,7 +195,9 @@ def export_onnx(model: HybridLM, out_dir: str | Path, opset: int | None = None) 
     past_names = state_names(cfg, "past")
     kinds = [kind for kind in cfg.layer_pattern for _ in range(2)]
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5 * 2**30  # protobuf's 2 GiB cap
-    with torch.no_grad(), _quiet_exporter():
+    # opt_einsum (when installed) picks a contraction path from the example's concrete sizes, which makes
+    # torch.export specialize batch and length to them; torch's own left-to-right order keeps them symbolic.
+    with torch.no_grad(), _quiet_exporter(), torch.backends.opt_einsum.flags(enabled=False):
         program = torch.onnx.export(
             prefill, (ids, mask), dynamo=True, opset_version=opset, external_data=big, verbose=False,
             input_names=["input_ids", "attention_mask"], output_names=["logits", *present_names],

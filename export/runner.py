@@ -91,6 +91,19 @@ def hf_parity(model: HybridLM, hf_dir: Path, prompts: list[list[int]], new_token
     }
 
 
+HF_PARITY_RTOL = 1e-3  # of the largest logit; both sides float32 on the CPU (the test models: 0 to 1.1e-6 absolute)
+
+
+def check_hf_parity(numbers: dict[str, Any]) -> None:
+    """ExportError when transformers' load computes another model than ours (the export is then not kept)."""
+    diff, largest = numbers["max abs logit diff (float32, CPU)"], numbers["max abs logit"]
+    if not diff <= HF_PARITY_RTOL * max(1.0, largest):
+        raise ExportError(
+            f"transformers' BambaForCausalLM disagrees with this model: max abs logit difference {diff:.3g} (largest "
+            f"logit {largest:.3g}, allowed {HF_PARITY_RTOL:g} of it), so the export was not kept; check that the "
+            "installed transformers is the version requirements.txt pins, or export --format onnx")
+
+
 def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = None) -> dict[str, Any]:
     """BambaForCausalLM folder + tokenizer; verified by logits parity and an exact import round trip."""
     exp = run_cfg.export
@@ -99,6 +112,7 @@ def run_hf(bundle: Bundle, run_cfg: RunConfig, out: Path, final: Path | None = N
     numbers: dict[str, Any] = {}
     if exp.verify:
         numbers = hf_parity(model, out, hf_parity_prompts(model, exp.parity_tokens), exp.parity_new_tokens)
+        check_hf_parity(numbers)
         back = import_hf(out).state_dict()
         numbers["import round trip bit-exact"] = all(
             torch.equal(v.cpu(), back[k].to(v.dtype)) for k, v in model.state_dict().items())

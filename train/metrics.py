@@ -19,6 +19,7 @@ them; the first steps' own times are in the JSON lines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import resource
@@ -29,6 +30,7 @@ from typing import Any, Callable
 
 import torch
 
+from config.loader import ConfigError
 from config.schema import RunConfig
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by GPU name substring; first match wins.
@@ -128,6 +130,14 @@ class MetricsLogger:
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total, completed=self.start_step, status="")
+
+    @staticmethod
+    def check_wandb(cfg: RunConfig) -> None:
+        """One-line ConfigError before any work when train.wandb.mode needs the wandb package and it is missing."""
+        mode = cfg.train.wandb.mode
+        if mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"train.wandb.mode={mode} needs the wandb package, which is not installed here: "
+                              "pip install wandb (requirements.txt lists it), or set train.wandb.mode=disabled")
 
     @staticmethod
     def _start_wandb(cfg: RunConfig, out_dir: Path) -> Any:

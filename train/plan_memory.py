@@ -4,9 +4,13 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
 (2 for bf16). What each ZeRO setting keeps on a GPU (DeepSpeed 0.19, bf16 with fp32 master weights):
 
   stage 1 (bf16: DeepSpeed's BF16_Optimizer)  params 2P; gradients: a float32 accumulation buffer of
-      every parameter (4P, not partitioned) + the bf16 .grad of each parameter (2P, CUDA graphs keep them
-      as static tensors); optimizer: float32 master + Adam moments of this rank's share (12P/D); comm
-      buffers, on more than one rank: the bf16 cast of the float32 sums for the boundary all-reduce (2P)
+      every parameter (4P, not partitioned) + the bf16 .grad of the parameters that have one (CUDA graphs
+      keep them as static tensors): every parameter with train.grad_fold deepspeed or copy_free, and with
+      fused_wgrad only those outside the linear layers (the input embedding; norms, conv and SSM scalars are
+      left out, < 0.1% of P), unless train.precision=fp8 (a Float8Linear hands autograd a bf16 weight
+      gradient: counted as every parameter); optimizer: float32 master + Adam moments of this rank's share
+      (12P/D); comm buffers, on more than one rank: the bf16 cast of the float32 sums for the boundary
+      all-reduce (2P)
   stage 2  params 2P; gradients: the float32 partition (4P/D) + the bf16 reduce bucket
       (reduce_bucket_size elements, two with overlap_comm) or, under CUDA graphs, the static bf16 .grad (2P)
   stage 3  params 2P/D + the gathered live parameters (the largest ZeRO-3 leaf twice: in use and
@@ -99,7 +103,7 @@ def compute_bytes(precision: str) -> int:
 
 
 def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16",
-                 cuda_graph: bool = False) -> dict[str, float]:
+                 cuda_graph: bool = False, grad_fold: str = "fused_wgrad") -> dict[str, float]:
     """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank."""
     p = count_params(cfg)
     e = compute_bytes(precision)
@@ -111,7 +115,9 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
            "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:
-        out["gradients"] = FP32 * p + (e * p if mixed else 0)
+        in_linears = grad_fold == "fused_wgrad" and precision != "fp8"  # weight gradients go to the float32 buffer
+        with_bf16_grad = cfg.padded_vocab_size * cfg.d_model if in_linears else p
+        out["gradients"] = FP32 * p + (e * with_bf16_grad if mixed else 0)
         if mixed and gpus > 1:
             # BF16_Optimizer's boundary all-reduce casts each group's float32 sums to bf16 (train/reduction.py;
             # skipped on one rank)

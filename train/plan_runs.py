@@ -10,6 +10,10 @@ join the table as soon as they are committed.
 Under CUDA graphs torch.cuda.max_memory_allocated stops counting the activations once captured (they
 live in the graphs' private pool), so a graphed run's steady memory is compared with the planner's
 `allocator_visible` and its first step (the capture) with `first_step`.
+
+One-GPU ZeRO-1 runs started before train/reduction.py (REDUCTION_SKIP_FROM, its commit) also ran
+BF16_Optimizer's boundary all-reduce alone, whose bf16 cast of the float32 sums (2P) the planner now
+counts on more than one GPU only: their predictions add it back, as the code they ran allocated it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import re
 import shlex
 import statistics
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from train.plan import GIB, Plan, plan
 from train.plan_speed import RESULTS
 
 MEMORY_BOUND, SPEED_BOUND = 0.10, 0.15
+REDUCTION_SKIP_FROM = datetime(2026, 12, 7, 7, 57)  # UTC: train/reduction.py's commit (88d5830)
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Run:
     mem_gb: float
     first_mem_gb: float
     mfu: float | None  # the median the trainer logged over the steps of tokens_per_s (None: not logged)
+    started: datetime  # the markdown's `date:` (UTC), else the date at the end of the run's name
 
 
 def _command(text: str) -> list[str] | None:
@@ -87,8 +94,15 @@ def committed_runs(results: Path = RESULTS) -> list[Run]:
             overrides=sets, config=argv[argv.index("--config") + 1], gpus=gpus,
             tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
             mem_gb=max(r["mem_gb"] for r in rows if r["step"] >= 2), first_mem_gb=rows[0]["mem_gb"],
-            mfu=statistics.median(mfus) if mfus else None))
+            mfu=statistics.median(mfus) if mfus else None, started=_started(text, metrics.name)))
     return runs
+
+
+def _started(md_text: str, name: str) -> datetime:
+    stamp = re.search(r"date: (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", md_text)
+    if stamp:
+        return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M")
+    return datetime.strptime(re.search(r"(\d{4}-\d\d-\d\d)_metrics", name).group(1), "%Y-%m-%d")
 
 
 def predicted(run: Run) -> Plan:
@@ -99,12 +113,19 @@ def predicted(run: Run) -> Plan:
     return plan(cfg, gpus=run.gpus, gpu=gpu)
 
 
+def lone_reduce_bytes(run: Run, p: Plan) -> float:
+    """The 2P bf16 cast a one-GPU bf16 ZeRO-1 run allocated before REDUCTION_SKIP_FROM (else 0)."""
+    before = run.gpus == 1 and p.zero.stage == 1 and not p.zero.offload_optimizer and run.started < REDUCTION_SKIP_FROM
+    return 2.0 * p.params if before and "train.precision=fp32" not in run.overrides else 0.0
+
+
 def compare(run: Run) -> dict[str, float]:
     """Predicted and measured numbers of one run, and their relative errors (predicted / measured - 1)."""
     p = predicted(run)
     graphed = "train.cuda_graph=true" in run.overrides
-    mem = (p.allocator_visible if graphed else p.allocated) / 1e9
-    first = p.first_step / 1e9
+    cast = lone_reduce_bytes(run, p)
+    mem = ((p.allocator_visible if graphed else p.allocated) + cast) / 1e9
+    first = (p.first_step + cast) / 1e9
     rate = p.speed.tokens_per_s if p.speed else float("nan")
     return {"mem_pred": mem, "mem_meas": run.mem_gb, "mem_err": mem / run.mem_gb - 1,
             "first_pred": first, "first_meas": run.first_mem_gb, "first_err": first / run.first_mem_gb - 1,

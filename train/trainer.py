@@ -212,6 +212,7 @@ class Trainer:
         nothing: it takes no lock and converts or loads no checkpoint (it names the one it would resume)."""
         self.cfg, t = cfg, cfg.train
         stage = zero_stage(read_ds_json(t.ds_config))  # a bad train.ds_config stops before data and processes
+        MetricsLogger.check_wandb(cfg)  # not ~30 s later, when the first step's logger starts
         enforce_data_only_loading()  # before DeepSpeed reads any checkpoint
         if t.deterministic:
             make_deterministic()  # before any CUDA matmul and before mamba_ssm is imported

@@ -22,6 +22,7 @@ from bench import (
     fwd_bwd_throughput,
     kernel_parity,
     packing_throughput,
+    profile_compare,
     profile_step,
 )
 
@@ -114,6 +115,25 @@ def test_profile_step_smoke(monkeypatch, tmp_path):
     assert data["meta"]["wall_ms_per_step"] > 0 and data["meta"]["fp8"] == "tensorwise"
     assert data["meta"]["fp8_linears"] == len(fp8_plan(HybridLM(ModelConfig(preset="tiny")), FP8Config())) > 0
     assert any("float8" in r["op"] or "_scaled_mm" in r["op"] or "amax" in r["op"] for r in data["rows"]), data["rows"]
+
+
+def test_profile_compare_groups_every_kernel(monkeypatch, tmp_path):
+    """The committed bf16 and float8 kernel profiles of the 1.3B: each column sums to its profile's kernel time,
+    no kernel falls outside the named groups, and the GEMMs land in the right precision."""
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    base, other = (results / f"profile_step_kernels_4096_{p}_1.3b_h100_2026-12-07.json" for p in ("bf16", "fp8"))
+    _run(monkeypatch, profile_compare, [str(base), str(other), "--name", "cmp", "--out", str(tmp_path)])
+    data = _load(tmp_path / "cmp.json")
+    rows = {r["group"]: r for r in data["rows"]}
+    for col, path in (("base_ms", base), ("other_ms", other)):
+        total = json.loads(path.read_text())["meta"]["profiled_ms_per_step"]
+        assert rows["all kernels"][col] == pytest.approx(total, abs=0.01)
+        assert sum(r[col] for g, r in rows.items() if g != "all kernels") == pytest.approx(total, abs=0.1)
+    assert profile_compare.OTHER not in rows
+    assert rows["GEMM float8"]["base_ms"] == 0 < rows["GEMM float8"]["other_ms"]
+    assert rows["float8 scale and cast (torch.compile)"]["base_ms"] == 0
+    with pytest.raises(SystemExit, match="cannot read a profile"):
+        _run(monkeypatch, profile_compare, [str(base), str(tmp_path / "missing.json")])
 
 
 def test_profile_decode_smoke(monkeypatch, tmp_path):

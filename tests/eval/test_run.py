@@ -85,7 +85,7 @@ def _one_line_error(proc) -> str:
 
 
 @pytest.mark.parametrize(
-    ("benchmark", "expected"),
+    ("names", "expected"),  # not `benchmark`: pytest-benchmark owns that fixture name
     [
         ("no_such_benchmark", "unknown benchmark no_such_benchmark"),
         ("hellaswag", "hellaswag (dataset Rowan/hellaswag): ConnectionError: Couldn't reach 'Rowan/hellaswag'"),
@@ -93,12 +93,12 @@ def _one_line_error(proc) -> str:
     ],
 )
 @pytest.mark.slow
-def test_cli_errors_are_one_line(run_cli, tiny_bundle_dir, tmp_path, benchmark, expected):
-    proc = run_cli("--checkpoint", str(tiny_bundle_dir), "--benchmarks", benchmark,
+def test_cli_errors_are_one_line(run_cli, tiny_bundle_dir, tmp_path, names, expected):
+    proc = run_cli("--checkpoint", str(tiny_bundle_dir), "--benchmarks", names,
                    "--tasks-dir", str(DATA / "broken_task"), "--output", str(tmp_path / "r.json"))
     last = _one_line_error(proc)
     assert expected in last
-    if benchmark == "broken_local":
+    if names == "broken_local":
         assert str(DATA / "broken_task" / "missing.jsonl") in last
     assert not (tmp_path / "r.json").exists()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from export import ExportError
+from export.hf import hf_torch_ops
 from export.loading import load_checkpoint
 from export.quantize import METHODS, check_runnable, load_quantized, quantize_model, save_quantized
 from model.bundle import load_bundle
@@ -110,7 +111,7 @@ def test_quantized_folder_loads_in_plain_transformers(method, tolerance, tiny_bu
     else:
         assert type(mamba.in_proj.weight).__name__ == "Int8Tensor"
     ids = torch.randint(4, bundle.model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), hf_torch_ops():  # Bamba's PyTorch code on the CPU, whatever CUDA kernels import here
         ours = load_quantized(tmp_path, CPU)(ids).float()
         hf = theirs(ids).logits.float()
     ours = ours[..., : hf.size(-1)]

@@ -114,3 +114,18 @@ def test_watch_follow_on_a_finished_run_returns_and_plot_cli(tmp_path: Path) -> 
         bad = subprocess.run([*env_cmd, module, str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True,
                              timeout=60)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "metrics.jsonl does not exist" in bad.stderr
+
+
+def test_missing_wandb_is_one_config_error_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.wandb.mode offline/online without the wandb package stops at the trainer's first check, not when
+    the first step's logger starts (after the engine is built); disabled passes."""
+    import importlib.util
+
+    from config.loader import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    for mode in ("offline", "online"):
+        with pytest.raises(ConfigError, match=f"train.wandb.mode={mode} needs the wandb package"):
+            MetricsLogger.check_wandb(load_run_config("tiny", [f"train.wandb.mode={mode}"]))
+    MetricsLogger.check_wandb(load_run_config("tiny", ["train.wandb.mode=disabled"]))

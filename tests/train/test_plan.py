@@ -139,7 +139,7 @@ def test_planner_matches_every_committed_run() -> None:
 
 def test_context_allowance_is_the_measured_one(tmp_path: Path) -> None:
     """CONTEXT_BYTES is the non-PyTorch memory of the committed out-of-memory report (to its 0.01 GiB)."""
-    log = REPO / "bench" / "results" / "pretrain_2.7b_h100_2026-12-07_log.txt"
+    log = REPO / "bench" / "results" / "pretrain_2.7b_mb2_oom_h100_2026-12-07_log.txt"
     assert oom_context_bytes(log) == pytest.approx(CONTEXT_BYTES, abs=0.01 * GIB)
     (tmp_path / "ok.txt").write_text("step 1/20 | loss 9.19\n")
     with pytest.raises(ValueError, match="no CUDA out-of-memory report"):
@@ -300,3 +300,27 @@ def test_docs_tables_are_the_planners_output() -> None:
     assert "python -m train.plan --cluster 1.3b,2.7b,6.7b,13b --gpus-list 8,32,64,128 --tokens 100e9" in cluster
     assert cluster_table(["1.3b", "2.7b", "6.7b", "13b"], [8, 32, 64, 128], 100e9, "h100") in cluster
     assert check_table() in (REPO / "docs" / "planner.md").read_text()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_wgrad_keeps_bf16_gradients_outside_the_linears_only(tie: bool) -> None:
+    """ZeRO-1 bf16 with train.grad_fold=fused_wgrad: every parameter bound to a float32 `main_grad` (as
+    train/grad_fold.py binds them), one backward of the tiny model, bf16 weights: the bf16 .grad autograd
+    still writes is the planner's embedding matrix plus the norms, conv and SSM scalars it leaves out
+    (0.4% of this 3-layer tiny model's parameters, less in the presets'); the deepspeed fold's is every parameter's."""
+    from model.hybrid import HybridLM
+
+    cfg = ModelConfig(preset="tiny", vocab_size=512, n_layers=3, tie_embeddings=tie)
+    model = HybridLM(cfg).to(torch.bfloat16)
+    for p in model.parameters():
+        p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :-1]).float().logsumexp(-1).sum().backward()
+    measured = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    p_total = count_params(cfg)
+    zero = ZeroSetup(stage=1)
+    fused = model_states(cfg, zero, 1, grad_fold="fused_wgrad")["gradients"] - 4 * p_total
+    assert fused == 2 * cfg.padded_vocab_size * cfg.d_model
+    assert fused <= measured <= fused + 2 * 0.005 * p_total
+    assert model_states(cfg, zero, 1, grad_fold="deepspeed")["gradients"] - 4 * p_total == 2 * p_total
+    assert model_states(cfg, zero, 1, precision="fp8")["gradients"] - 4 * p_total == 2 * p_total
