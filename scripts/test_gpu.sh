@@ -55,6 +55,11 @@ for name in ("mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed", "datatrove
         print(f"{name} (version unknown)")
 EOF
 cat "$out/environment.txt"
+# Only the pytest plugins the suite uses: an image's own (pytest-benchmark's `benchmark` fixture took over a test
+# parameter of that name) must not change what the tests see.
+export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+plugins=()
+python3 -c "import pytest_timeout" 2>/dev/null && plugins+=(-p pytest_timeout)
 # The interpreted-kernel tests import mamba_ssm / flash_attn under Triton's CPU interpreter: in a process
 # where other tests already imported the compiled packages they cannot, so they run in one of their own.
 interpreted=tests/model/test_kernels_interpreted.py
@@ -62,7 +67,7 @@ first=0
 set +e
 for t in "${targets[@]}"; do  # only when a target holds that module
   case "$interpreted" in "${t%/}" | "${t%/}"/*)
-    python3 -m pytest -q -rs "$interpreted" --junitxml="$out/junit_interpreted.xml" 2>&1 | tee "$out/pytest_interpreted.log"
+    python3 -m pytest -q -rs "${plugins[@]}" "$interpreted" --junitxml="$out/junit_interpreted.xml" 2>&1 | tee "$out/pytest_interpreted.log"
     first=${PIPESTATUS[0]}
     break ;;
   esac
@@ -70,9 +75,10 @@ done
 # pytest-xdist workers (WORKERS, default 8 where xdist imports): the serial suite would not fit a 10-minute call
 workers=()
 if [ "${WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+  plugins+=(-p xdist.plugin)
   workers=(-n "${WORKERS:-8}")
 fi
-python3 -m pytest -q -rs "${workers[@]}" "${targets[@]}" --ignore="$interpreted" --junitxml="$out/junit.xml" 2>&1 |
+python3 -m pytest -q -rs "${plugins[@]}" "${workers[@]}" "${targets[@]}" --ignore="$interpreted" --junitxml="$out/junit.xml" 2>&1 |
   tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] && exit "$status"
