@@ -85,15 +85,6 @@ GROUPED_GATED_NORM_SINCE = "5.23.0"
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ExportError when Bamba (of the installed transformers) cannot represent `cfg` exactly."""
-    import transformers
-    from packaging.version import Version
-
-    if cfg.mamba.n_groups > 1 and Version(transformers.__version__) < Version(GROUPED_GATED_NORM_SINCE):
-        raise ExportError(
-            f"cannot export mamba.n_groups={cfg.mamba.n_groups} with transformers {transformers.__version__}: its "
-            f"BambaForCausalLM normalizes the gated RMSNorm over all groups at once (per group from "
-            f"{GROUPED_GATED_NORM_SINCE}), so it would compute another model; install transformers>="
-            f"{GROUPED_GATED_NORM_SINCE} (requirements.txt pins it)")
     for letter in dict.fromkeys(cfg.layer_pattern):
         mixer = block_type(letter)
         if mixer.hf_layer_type is None:
@@ -117,6 +108,22 @@ def check_exportable(cfg: ModelConfig) -> None:
             "cannot export a model with model.scales multipliers or attention.rope=false (e.g. imported from "
             "Granite 4.0-H) to Hugging Face: Bamba has neither; use --format onnx or a quantized format instead"
         )
+    if cfg.mamba.n_groups > 1 and not bamba_norms_per_group():
+        import transformers
+
+        raise ExportError(
+            f"cannot export mamba.n_groups={cfg.mamba.n_groups} with transformers {transformers.__version__}: its "
+            f"BambaForCausalLM normalizes the gated RMSNorm over all groups at once (per group from "
+            f"{GROUPED_GATED_NORM_SINCE}), so it would compute another model; install transformers>="
+            f"{GROUPED_GATED_NORM_SINCE} (requirements.txt pins it)")
+
+
+def bamba_norms_per_group() -> bool:
+    """Whether the installed transformers' Bamba normalizes each SSM group on its own (GROUPED_GATED_NORM_SINCE)."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(GROUPED_GATED_NORM_SINCE)
 
 
 def hf_key(key: str, pattern: str) -> str:

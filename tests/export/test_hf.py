@@ -9,25 +9,24 @@ import pytest
 import torch
 
 from export import ExportError
-from export.hf import GROUPED_GATED_NORM_SINCE, hf_torch_ops, import_hf, model_config_from_bamba, read_hf_config
+from export.hf import (
+    GROUPED_GATED_NORM_SINCE,
+    bamba_norms_per_group,
+    hf_torch_ops,
+    import_hf,
+    model_config_from_bamba,
+    read_hf_config,
+)
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate, left_pad
 
 LOGIT_TOL = 1e-4  # float32, same op order up to SDPA/einsum blocking
 
 
-def _grouped_norm_missing() -> bool:
-    """Whether the installed transformers' Bamba normalizes all SSM groups at once (export.hf refuses n_groups > 1)."""
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__) < Version(GROUPED_GATED_NORM_SINCE)
-
-
 @pytest.fixture(scope="module", params=["tiny_bundle_dir", "padded_bundle_dir"])
 def exported(request, tmp_path_factory, export_cli):
     src = request.getfixturevalue(request.param)
-    if load_bundle(src).model.cfg.mamba.n_groups > 1 and _grouped_norm_missing():
+    if load_bundle(src).model.cfg.mamba.n_groups > 1 and not bamba_norms_per_group():
         pytest.skip(f"transformers < {GROUPED_GATED_NORM_SINCE} normalizes Bamba's gated RMSNorm over all SSM groups "
                     "(the export refuses n_groups > 1 there: test_old_transformers_refuses_grouped_norm)")
     out = tmp_path_factory.mktemp(f"hf_{request.param}")
@@ -229,7 +228,9 @@ def test_failed_parity_keeps_no_export(tiny_bundle_dir, tmp_path, export_cli, mo
     import export.runner as runner
 
     real = runner.hf_parity
-    monkeypatch.setattr(runner, "hf_parity", lambda *a, **k: {**real(*a, **k), "max abs logit diff (float32, CPU)": 0.5})
-    assert export_cli.main(["--checkpoint", str(tiny_bundle_dir), "--format", "hf", "--output", str(tmp_path / "o")]) == 2
+    off = {"max abs logit diff (float32, CPU)": 0.5}
+    monkeypatch.setattr(runner, "hf_parity", lambda *a, **k: {**real(*a, **k), **off})
+    args = ["--checkpoint", str(tiny_bundle_dir), "--format", "hf", "--output", str(tmp_path / "o")]
+    assert export_cli.main(args) == 2
     assert "disagrees with this model: max abs logit difference 0.5" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
