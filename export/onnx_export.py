@@ -17,8 +17,9 @@ given positions, so plain onnxruntime takes any prompt. The model treats left pa
 document (no state, conv tap or attention crosses into the prompt, RoPE starts at the first real
 token), so the padding changes nothing but rounding.
 
-Torch range: tests/export/test_onnx.py passes with torch 2.11 and 2.13. With torch 2.11 and Python 3.12 the
-saved prefill graph can come out with a fixed batch size: `check_symbolic` refuses such a graph with one
+Torch range: tests/export/test_onnx.py passes with torch 2.11 and 2.13. opt_einsum, where installed, makes
+`torch.einsum` pick its contraction order from the example's sizes, which fixes batch and length in the
+trace: the export turns it off. `check_symbolic` still refuses any saved graph with a fixed axis, with one
 line at export instead of leaving it to fail in a user's onnxruntime. The export traces a CPU copy of the
 model: the graphs are device-free and run in onnxruntime.
 
@@ -146,8 +147,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 def check_symbolic(path: Path, axes: dict[str, tuple[int, ...]]) -> None:
     """ExportError unless every named graph input keeps the given axes symbolic (dim_param). torch.onnx's
-    capture may relax a declared dynamic axis to a fixed size instead of failing (it can for the prefill's
-    batch with torch 2.11); such a graph would reject every other batch size in onnxruntime."""
+    capture may relax a declared dynamic axis to a fixed size instead of failing (it did for the prefill's
+    batch and length under opt_einsum); such a graph would reject every other size in onnxruntime."""
     import onnx
 
     dims = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path), load_external_data=False).graph.input}
