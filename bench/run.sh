@@ -28,7 +28,7 @@ declare -A PARTS=(
     [finetune]="lora_vs_full"
     [long_context]="lengths context_parallel"
     [fp8]="1.3b 1.3b_loss 2.7b profile"
-    [presets]="2.7b_h100 6.7b_h200 13b_reduced_h200"
+    [presets]="2.7b 6.7b_offload 13b_reduced"
     [tests]="gpu"
     [tutorial]="small"
     [ablation]="patterns variants2"
@@ -290,16 +290,16 @@ run_part() {  # run_part SUITE PART
                    --set data.packing=continuous --set train.seq_len=4096 --set train.warmup_steps=2
                    --set train.eval_every=0 --set train.peak_tflops="$peak" --set train.activation_checkpointing=false)
         case "$p" in
-        2.7b_h100)  # graphed ZeRO-1 (fused_wgrad); micro-batch 2, or 1 when the planner check (or the GPU) refuses 2
+        2.7b)  # graphed ZeRO-1 (fused_wgrad); micro-batch 2, or 1 when the planner check (or the GPU) refuses 2
             graph=(--config 2.7b "${data_sets[@]}" --set train.cuda_graph=true --set train.ds_config=ds_configs/zero1.json
                    --set train.grad_fold=fused_wgrad --set train.global_batch_tokens=65536 --set train.max_steps=20)
             pretrain_run 330 "$(name pretrain_2.7b)" "${graph[@]}" --set train.micro_batch_size=2 ||
                 pretrain_run 150 "$(name pretrain_2.7b_mb1)" "${graph[@]}" --set train.micro_batch_size=1 ;;
-        6.7b_h200)  # ZeRO-2 with the optimizer in CPU memory
+        6.7b_offload)  # ZeRO-2 with the optimizer in CPU memory (the planner: ~21 GiB of GPU, ~89 GiB of host)
             pretrain_run 470 "$(name pretrain_6.7b_offload)" --config 6.7b "${data_sets[@]}" \
                 --set train.ds_config=ds_configs/zero2_offload.json --set train.micro_batch_size=2 \
                 --set train.global_batch_tokens=32768 --set train.max_steps=10 ;;
-        13b_reduced_h200)  # the 13B widths at 18 layers: ZeRO-3 + optimizer offload (per-layer cost and memory)
+        13b_reduced)  # the 13B widths at 18 layers: ZeRO-3 + optimizer offload (per-layer cost and memory)
             pretrain_run 470 "$(name pretrain_13b_reduced)" --config 13b "${data_sets[@]}" --set model.n_layers=18 \
                 --set train.ds_config=ds_configs/zero3_offload.json --set train.micro_batch_size=1 \
                 --set train.global_batch_tokens=32768 --set train.max_steps=10 ;;
