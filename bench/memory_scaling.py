@@ -171,12 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     title = f"memory and time vs length, {args.preset}, batch 1: {meta['device']}"
     rows: list[dict] = []
 
-    def record(row: dict) -> None:
+    def record(row: dict) -> None:  # the tables after every row; the plot (slow to draw) after every series
         rows.append(row)
         add_growth(rows)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         write_results(name, rows, meta, COLUMNS, args.out, title=title)
-        plot(rows, args.out / f"{name}.png", title)
 
     models = args.models
     for model_name in models:
@@ -185,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             model = peers.build(model_name, cfg, device, dtype)
         except Exception as exc:  # noqa: BLE001 - this model's rows fail, the others run
             record({"model": model_name, "mode": "build", "act_ckpt": False, "status": peers.failure(exc)})
+            plot(rows, args.out / f"{name}.png", title)
             continue
         for mode, ckpt in series(model_name, args.act_ckpt):
             prepare(model, mode, ckpt)
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 record(row)
                 if row["status"] == "OOM":
                     break
+            plot(rows, args.out / f"{name}.png", title)
         del model
     print(f"wrote {args.out / name}.json/.md/.png", flush=True)
     return 0
