@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from config.schema import RunConfig
 from train.plan import GIB, Plan, plan
+from train.plan_memory import model_states
 from train.plan_speed import RESULTS
 
 MEMORY_BOUND, SPEED_BOUND = 0.10, 0.15
@@ -105,26 +107,35 @@ def _started(md_text: str, name: str) -> datetime:
     return datetime.strptime(re.search(r"(\d{4}-\d\d-\d\d)_metrics", name).group(1), "%Y-%m-%d")
 
 
-def predicted(run: Run) -> Plan:
+def run_config(run: Run) -> RunConfig:
+    """The run's config: its preset with the --set overrides of its command line."""
     from config.schema import load_run_config
 
-    cfg = load_run_config(run.config, run.overrides)
+    return load_run_config(run.config, run.overrides)
+
+
+def predicted(run: Run, cfg: RunConfig | None = None) -> Plan:
     gpu = "h200" if "H200" in run.device else "h100"
-    return plan(cfg, gpus=run.gpus, gpu=gpu)
+    return plan(cfg or run_config(run), gpus=run.gpus, gpu=gpu)
 
 
-def lone_reduce_bytes(run: Run, p: Plan) -> float:
-    """The 2P bf16 cast a one-GPU bf16 ZeRO-1 run allocated before REDUCTION_SKIP_FROM (else 0)."""
-    before = run.gpus == 1 and p.zero.stage == 1 and not p.zero.offload_optimizer and run.started < REDUCTION_SKIP_FROM
-    return 2.0 * p.params if before and "train.precision=fp32" not in run.overrides else 0.0
+def lone_reduce_bytes(run: Run, cfg: RunConfig, p: Plan) -> float:
+    """What a one-GPU run started before REDUCTION_SKIP_FROM allocated for the reduction the planner now counts
+    only with company: the planner's comm buffers on two GPUs less those on one (the bf16 cast of ZeRO-1's
+    float32 sums; 0 for the other settings)."""
+    if run.gpus != 1 or run.started >= REDUCTION_SKIP_FROM:
+        return 0.0
+    states = [model_states(cfg.model, p.zero, gpus, cfg.train.precision, cfg.train.cuda_graph, cfg.train.grad_fold)
+              for gpus in (1, 2)]
+    return states[1]["comm_buffers"] - states[0]["comm_buffers"]
 
 
 def compare(run: Run) -> dict[str, float]:
     """Predicted and measured numbers of one run, and their relative errors (predicted / measured - 1)."""
-    p = predicted(run)
-    graphed = "train.cuda_graph=true" in run.overrides
-    cast = lone_reduce_bytes(run, p)
-    mem = ((p.allocator_visible if graphed else p.allocated) + cast) / 1e9
+    cfg = run_config(run)
+    p = predicted(run, cfg)
+    cast = lone_reduce_bytes(run, cfg, p)
+    mem = ((p.allocator_visible if cfg.train.cuda_graph else p.allocated) + cast) / 1e9
     first = (p.first_step + cast) / 1e9
     rate = p.speed.tokens_per_s if p.speed else float("nan")
     return {"mem_pred": mem, "mem_meas": run.mem_gb, "mem_err": mem / run.mem_gb - 1,
