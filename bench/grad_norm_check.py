@@ -88,20 +88,20 @@ def main(argv: list[str] | None = None) -> int:
                                   "grad_fold": args.fold}
     name = args.name or f"grad_norm_check_{args.preset}" + ("_smoke" if args.smoke else "")
     rows = []
-    for stage in (1, 2):
-        for graphed in (False, True):
-            for overlap in (True, False):
-                row = {"stage": stage, "graphed": graphed, "overlap_comm": overlap, "reference_norm": ref}
-                got = peers.run_guarded(lambda: {"grad_norm": engine_norm(cfg, batches, stage, graphed, overlap, device,
-                                                                                   args.fold)},
-                                        device)
-                row |= got
-                if "grad_norm" in got:
-                    row["rel_diff"] = abs(got["grad_norm"] - ref) / ref
-                rows.append(row)
-                print(row, flush=True)
-                write_results(name, rows, meta, COLUMNS, args.out,
-                              title=f"Engine gradient norm vs a float32 reference ({args.preset}): {meta['device']}")
+    with peers.startup_objects_frozen():  # the collections (ours, DeepSpeed's) walk only the rows' objects
+        for stage in (1, 2):
+            for graphed in (False, True):
+                for overlap in (True, False):
+                    row = {"stage": stage, "graphed": graphed, "overlap_comm": overlap, "reference_norm": ref}
+                    got = peers.run_guarded(lambda: {"grad_norm": engine_norm(cfg, batches, stage, graphed, overlap,
+                                                                               device, args.fold)}, device)
+                    row |= got
+                    if "grad_norm" in got:
+                        row["rel_diff"] = abs(got["grad_norm"] - ref) / ref
+                    rows.append(row)
+                    print(row, flush=True)
+                    write_results(name, rows, meta, COLUMNS, args.out, title=f"Engine gradient norm vs a float32 "
+                                  f"reference ({args.preset}): {meta['device']}")
     torch.distributed.destroy_process_group()
     return 0
 

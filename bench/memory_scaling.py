@@ -171,33 +171,34 @@ def main(argv: list[str] | None = None) -> int:
     title = f"memory and time vs length, {args.preset}, batch 1: {meta['device']}"
     rows: list[dict] = []
 
-    def record(row: dict) -> None:  # the tables after every row; the plot (slow to draw) after every series
+    def record(row: dict) -> None:  # the tables after every row; the plot (slow to draw) after every model
         rows.append(row)
         add_growth(rows)
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
         write_results(name, rows, meta, COLUMNS, args.out, title=title)
 
     models = args.models
-    for model_name in models:
-        peers.release_memory(device)  # the previous model, or a failed build's leftovers
-        try:
-            model = peers.build(model_name, cfg, device, dtype)
-        except Exception as exc:  # noqa: BLE001 - this model's rows fail, the others run
-            record({"model": model_name, "mode": "build", "act_ckpt": False, "status": peers.failure(exc)})
+    with peers.startup_objects_frozen():  # each row's memory release collects only what the rows built
+        for model_name in models:
+            peers.release_memory(device)  # the previous model, or a failed build's leftovers
+            try:
+                model = peers.build(model_name, cfg, device, dtype)
+            except Exception as exc:  # noqa: BLE001 - this model's rows fail, the others run
+                record({"model": model_name, "mode": "build", "act_ckpt": False, "status": peers.failure(exc)})
+                plot(rows, args.out / f"{name}.png", title)
+                continue
+            for mode, ckpt in series(model_name, args.act_ckpt):
+                prepare(model, mode, ckpt)
+                for seq in seqs:
+                    row = {"model": model_name, "mode": mode, "act_ckpt": ckpt, "seq_len": seq,
+                           "impl": peers.impl(model_name, model)}
+                    row |= peers.run_guarded(
+                        lambda: measure(model_name, model, mode, seq, cfg.vocab_size, args.iters, device), device)
+                    record(row)
+                    if row["status"] == "OOM":
+                        break
             plot(rows, args.out / f"{name}.png", title)
-            continue
-        for mode, ckpt in series(model_name, args.act_ckpt):
-            prepare(model, mode, ckpt)
-            for seq in seqs:
-                row = {"model": model_name, "mode": mode, "act_ckpt": ckpt, "seq_len": seq,
-                       "impl": peers.impl(model_name, model)}
-                row |= peers.run_guarded(
-                    lambda: measure(model_name, model, mode, seq, cfg.vocab_size, args.iters, device), device)
-                record(row)
-                if row["status"] == "OOM":
-                    break
-            plot(rows, args.out / f"{name}.png", title)
-        del model
+            del model
     print(f"wrote {args.out / name}.json/.md/.png", flush=True)
     return 0
 

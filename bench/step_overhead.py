@@ -215,16 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     for k, (label, stage, overrides, fold) in enumerate(variants):
         jobs.append((label, lambda s=stage, o=overrides, f=fold, p=args.profile and k == 0:
                      engine_variant(cfg, ids, s, o, f, args, device, p)))
-    for label, job in jobs:
-        row = {"variant": label} | peers.run_guarded(job, device)  # releases memory, restarts the peak
-        if row["status"] == "ok":
-            step_s = ((args.grad_accum - 1) * row["micro_ms"] + row["boundary_ms"]) / 1e3
-            row["tokens_per_s"] = tokens_per_step / step_s
-            if rows and "micro_ms" in rows[0]:
-                row["overhead_ms"] = row["micro_ms"] - rows[0]["micro_ms"]
-        rows.append(row)
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "profile"}, flush=True)
-        write_results(name, rows, meta, COLUMNS, args.out, title=title)
+    with peers.startup_objects_frozen():  # each row's memory release collects only what the rows built
+        for label, job in jobs:
+            row = {"variant": label} | peers.run_guarded(job, device)  # releases memory, restarts the peak
+            if row["status"] == "ok":
+                step_s = ((args.grad_accum - 1) * row["micro_ms"] + row["boundary_ms"]) / 1e3
+                row["tokens_per_s"] = tokens_per_step / step_s
+                if rows and "micro_ms" in rows[0]:
+                    row["overhead_ms"] = row["micro_ms"] - rows[0]["micro_ms"]
+            rows.append(row)
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items() if k != "profile"}, flush=True)
+            write_results(name, rows, meta, COLUMNS, args.out, title=title)
     print(f"wrote {args.out / name}.json/.md", flush=True)
     torch.distributed.destroy_process_group()
     return 0

@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"train step (ZeRO-{stage}, 1 device), {args.preset}: {meta['device']}"
     print(f"matmul peak {peak:.1f} TFLOP/s on {meta['device']}", flush=True)
     rows: list[dict] = []
-    with mamba_ssm_cb_grad() if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext():
+    with (mamba_ssm_cb_grad() if args.ssd_cb_grad == "mamba_ssm" else contextlib.nullcontext(),
+          peers.startup_objects_frozen()):  # each row's memory release collects only what the rows built
         for seq in seqs:
             micro_batch = max(1, args.micro_batch_tokens // seq)
             variants = [(m, False) for m in args.models if not (args.graph_only and m in peers.OURS)]
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 add_ratios(rows)
                 print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
                 write_results(name, rows, meta, COLUMNS, args.out, title=title)
-                plot(rows, args.out / f"{name}.png", title)
+            plot(rows, args.out / f"{name}.png", title)  # slow to draw: once per length, the tables every row
     print(f"wrote {args.out / name}.json/.md/.png", flush=True)
     torch.distributed.destroy_process_group()
     return 0
