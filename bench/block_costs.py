@@ -182,10 +182,11 @@ def fwd_bwd(part: Part, x: torch.Tensor, grad: torch.Tensor | None) -> Callable[
 
 
 def time_part(step: Callable[[], None], params: list[nn.Parameter], x: torch.Tensor, device: torch.device,
-              iters: int) -> float:
-    """Milliseconds per call of `step`: replayed from a CUDA graph on CUDA, eager elsewhere."""
+              iters: int, cpu_warmup: int = 2) -> float:
+    """Milliseconds per call of `step`: replayed from a CUDA graph on CUDA, eager elsewhere (after
+    `cpu_warmup` untimed calls: 0 where the caller has just made one)."""
     if device.type != "cuda":
-        return 1e3 * median(time_fn(step, device, warmup=2, iters=iters))
+        return 1e3 * median(time_fn(step, device, warmup=cpu_warmup, iters=iters))
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up (Triton autotuning) off the capture
