@@ -29,7 +29,7 @@ declare -A PARTS=(
     [long_context]="lengths context_parallel"
     [fp8]="1.3b 1.3b_loss 2.7b profile"
     [presets]="2.7b 6.7b_offload 13b_reduced"
-    [tests]="gpu"
+    [tests]="train other"
     [tutorial]="small"
     [ablation]="patterns variants2"
 )
@@ -354,9 +354,14 @@ run_part() {  # run_part SUITE PART
         # these under one folder into one report (launch/ablate.py --report-only, docs/experiments.md)
         (cd "$dir/$p" && find . \( -name metrics.jsonl -o -path '*/final/meta.json' -o -path '*/final/eval_results.json' \) \
             -print0 | tar --null -czf "$folder/runs.tgz" -T -) ;;
-    tests:gpu)  # the whole test suite on the GPU machine (WHEELS: a folder of wheels to install first)
+    tests:*)  # the test suite on the GPU machine in two parts, one device call each (the whole ran past 575 s on
+        # an H100 with 14 workers): train = tests/train + tests/adapt (most launch CPU DeepSpeed worlds), other =
+        # the rest. WHEELS: a folder of wheels to install first.
+        local targets=(tests/train tests/adapt)
+        [ "$p" = other ] && targets=(tests --ignore=tests/train --ignore=tests/adapt)
         mkdir -p "${WHEELS:-/tmp/no_wheels}"
-        step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" "$res/$(name test_suite_gpu)" ;;
+        WORKERS=${WORKERS:-14} step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" \
+            "$res/$(name "test_suite_gpu_$p")" "${targets[@]}" ;;
     esac
 }
 

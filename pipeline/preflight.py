@@ -1,10 +1,14 @@
 """Everything checked before any processing starts, so bad input fails in seconds with one line:
-source paths and hub reachability, the reused tokenizer, the output folder, and the eval sets (whose
-n-gram index is built here, on the submitting machine)."""
+the packages datatrove imports lazily, source paths and hub reachability, the reused tokenizer, the output
+folder, and the eval sets (whose n-gram index is built here, on the submitting machine)."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from config.loader import dump_yaml
 from config.recipe import RecipeConfig
@@ -52,9 +56,37 @@ def claim_output(recipe: RecipeConfig, layout: Layout) -> None:
         finalize_marker.unlink()  # manifest.json was removed: write it again
 
 
+# Packages every recipe's stages use through datatrove, which imports them only inside its workers: a missing one
+# (JSONL reading and writing) or one outside datatrove's declared range (xxhash 4 refuses the str datatrove
+# 0.10 hashes) would otherwise fail minutes in, with a traceback per task.
+STAGE_PACKAGES = ("orjson", "xxhash")
+
+
+def check_packages() -> None:
+    """Each of STAGE_PACKAGES is installed, within the version range datatrove's metadata declares for it."""
+    declared = {}
+    for line in md.requires("datatrove") or []:
+        req = Requirement(line)
+        declared[req.name] = declared.get(req.name, SpecifierSet()) & req.specifier
+    problems = []
+    for name in STAGE_PACKAGES:
+        wanted = declared.get(name, SpecifierSet())
+        try:
+            installed = md.version(name)
+        except md.PackageNotFoundError:
+            problems.append(f"{name}{wanted} (not installed)")
+            continue
+        if not wanted.contains(installed, prereleases=True):
+            problems.append(f"{name}{wanted} (installed: {installed})")
+    if problems:
+        raise CurationError(f"the curation stages need {', '.join(problems)}: pip install -r requirements.txt "
+                            "(or these packages at those versions)")
+
+
 def preflight(recipe: RecipeConfig, base_dir: Path, layout: Layout, data_root: str | None) -> str | None:
     """Run every check; returns the tokenizer to reuse (or None). Raises CurationError.
     The output folder is claimed only once every check has passed, so a corrected recipe can reuse it."""
+    check_packages()
     for source in recipe.sources:
         check_source(source, base_dir, data_root)
     tokenizer = resolve_tokenizer(recipe, base_dir)

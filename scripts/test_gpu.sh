@@ -30,7 +30,20 @@ mkdir -p "$out" "$site"
 shopt -s nullglob
 found=("$wheels"/*.whl)
 if [ ${#found[@]} -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "${found[@]}"
+  # Staged, then moved in package by package: `pip install --target --upgrade` replaces each top-level folder
+  # the new wheels have, bin/ included, which deleted an earlier call's console scripts (the deepspeed launcher).
+  staged=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$staged" "${found[@]}"
+  mkdir -p "$site/bin"
+  for entry in "$staged"/*; do
+    name=$(basename "$entry")
+    case "$name" in
+      bin) cp -a "$entry"/. "$site/bin/" ;;
+      *.dist-info) rm -rf "$site/${name%%-*}"-*.dist-info && mv "$entry" "$site/" ;;  # an older version's too
+      *) rm -rf "${site:?}/$name" && mv "$entry" "$site/" ;;
+    esac
+  done
+  rm -rf "$staged"
 fi
 export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$site/bin:$PATH"  # console scripts of the installed wheels (the deepspeed launcher)
@@ -45,7 +58,8 @@ import importlib.metadata as md, importlib.util, platform, torch
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 for name in ("mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed", "datatrove", "transformers", "lm_eval",
-             "torchao", "bitsandbytes", "onnx", "onnxscript", "onnxruntime", "sentencepiece", "datasets", "wandb"):
+             "torchao", "bitsandbytes", "onnx", "onnxscript", "onnxruntime", "sentencepiece", "datasets", "wandb",
+             "orjson", "xxhash"):
     if importlib.util.find_spec(name) is None:  # found, not imported: a broken build shows in its tests
         print(f"{name} MISSING")
         continue

@@ -34,3 +34,42 @@ def test_runs_pytest_and_writes_results(tmp_path: Path) -> None:
 def test_missing_wheel_folder_is_a_one_line_error(tmp_path: Path) -> None:
     proc = run(str(tmp_path / "nope"), str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+
+
+def write_wheel(folder: Path, name: str, version: str, script: str | None = None) -> Path:
+    """A pure-Python wheel of package `name`, with a console script if given (zipfile: no build tools, no index)."""
+    import zipfile
+
+    info, data = f"{name}-{version}.dist-info", f"{name}-{version}.data"
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             **({f"{data}/scripts/{script}": "#!python\nprint('ok')\n"} if script else {}),
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{info}/RECORD"])
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+    return wheel
+
+
+@pytest.mark.slow
+def test_consecutive_installs_keep_earlier_console_scripts_and_replace_versions(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two calls into one SITE (as two device calls on one warm machine): the first call's console script
+    survives the second's (`pip --target --upgrade` replaced all of bin/: the deepspeed launcher went missing),
+    and a newer version of a package replaces the older one, its metadata included."""
+    site = tmp_path / "site"
+    monkeypatch.setenv("SITE", str(site))
+    monkeypatch.setenv("WORKERS", "0")
+    target = ("tests/packaging/test_gpu_script.py", "-k", "missing_wheel_folder")
+    write_wheel(tmp_path / "first", "gpu_one", "1.0", "launcher_one")
+    write_wheel(tmp_path / "second", "gpu_two", "1.0", "launcher_two")
+    write_wheel(tmp_path / "second", "gpu_one", "2.0")
+    assert run(str(tmp_path / "first"), str(tmp_path / "out1"), *target).returncode == 0
+    proc = run(str(tmp_path / "second"), str(tmp_path / "out2"), *target)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in (site / "bin").iterdir()} == {"launcher_one", "launcher_two"}
+    assert sorted(p.name for p in site.glob("gpu_one-*.dist-info")) == ["gpu_one-2.0.dist-info"]
+    assert (site / "gpu_one" / "__init__.py").read_text() == "VERSION = '2.0'\n"

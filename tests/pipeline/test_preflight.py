@@ -58,3 +58,30 @@ def test_empty_corpus_stops_before_tokenizer_training(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
     write_jsonl(layout.curated / "train" / "s" / "00001.jsonl", [{"text": "kept", "id": "a"}])
     tokenizer_stage.check()
+
+
+@pytest.mark.parametrize(("versions", "expected"), [
+    ({"xxhash": "4.0.1"}, "xxhash<4 (installed: 4.0.1)"),
+    ({"orjson": None}, "orjson (not installed)"),
+])
+def test_stage_packages_outside_datatroves_range_are_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, versions: dict, expected: str) -> None:
+    """A GPU image's xxhash 4 (datatrove 0.10 hashes str, which it refuses) or no orjson: one line at the
+    pre-run checks, and the output folder stays unclaimed."""
+    import importlib.metadata as md
+
+    real = md.version
+
+    def version(name: str) -> str:
+        if name not in versions:
+            return real(name)
+        if versions[name] is None:
+            raise md.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(md, "version", version)
+    layout = Layout(tmp_path / "out")
+    with pytest.raises(CurationError, match="the curation stages need") as info:
+        preflight(recipe(tmp_path), tmp_path, layout, None)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not layout.recipe_hash.exists()
