@@ -7,7 +7,7 @@
 # so consecutive calls on one warm machine add up: a device call carries at most 64 MiB of wheels), puts
 # it first on PYTHONPATH, then runs `python -m pytest -q tests/` from the repository root on WORKERS
 # pytest-xdist workers (default 8; 0: one process), the interpreted-kernel tests first, in a process of their
-# own. OUT_DIR gets junit.xml and pytest.log (with the reason of every skip: -rs), junit_interpreted.xml and
+# own. OUT_DIR gets junit.xml and pytest.log (with every failure, error and skip's reason: -rfEs), junit_interpreted.xml and
 # pytest_interpreted.log, and environment.txt (torch/CUDA and which optional packages are installed). Tests
 # whose package is missing skip with that reason; the exit code is pytest's. An empty WHEEL_DIR installs
 # nothing (the suite runs on what the machine has).
@@ -92,8 +92,14 @@ if [ "${WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
   plugins+=(-p xdist.plugin)
   workers=(-n "${WORKERS:-8}")
 fi
-python3 -m pytest -q -rs "${plugins[@]}" "${workers[@]}" "${targets[@]}" --ignore="$interpreted" --junitxml="$out/junit.xml" 2>&1 |
-  tee "$out/pytest.log"
+# SESSION_TIMEOUT (seconds): stop starting tests after it, so that a run cut short by the caller's time limit
+# still ends with its summary and junit.xml (a killed pytest writes neither)
+stop=()
+if [ -n "${SESSION_TIMEOUT:-}" ] && python3 -c "import pytest_timeout" 2>/dev/null; then
+  stop=(--session-timeout "$SESSION_TIMEOUT")
+fi
+python3 -m pytest -q -rfEs "${plugins[@]}" "${workers[@]}" "${stop[@]}" "${targets[@]}" --ignore="$interpreted" \
+  --junitxml="$out/junit.xml" 2>&1 | tee "$out/pytest.log"
 status=${PIPESTATUS[0]}
 [ "$status" -ne 0 ] && exit "$status"
 exit "$first"

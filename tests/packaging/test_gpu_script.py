@@ -73,3 +73,18 @@ def test_consecutive_installs_keep_earlier_console_scripts_and_replace_versions(
     assert {p.name for p in (site / "bin").iterdir()} == {"launcher_one", "launcher_two"}
     assert sorted(p.name for p in site.glob("gpu_one-*.dist-info")) == ["gpu_one-2.0.dist-info"]
     assert (site / "gpu_one" / "__init__.py").read_text() == "VERSION = '2.0'\n"
+
+
+def test_session_timeout_ends_with_a_summary_and_junit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SESSION_TIMEOUT stops starting tests once passed, so a run cut short still writes its summary and
+    junit.xml (a pytest killed by the device call's limit wrote neither)."""
+    pytest.importorskip("pytest_timeout")
+    monkeypatch.setenv("SITE", str(tmp_path / "site"))
+    monkeypatch.setenv("WORKERS", "0")
+    monkeypatch.setenv("SESSION_TIMEOUT", "0.01")
+    (tmp_path / "wheels").mkdir()
+    proc = run(str(tmp_path / "wheels"), str(tmp_path / "out"), "tests/config/test_config.py")
+    assert proc.returncode != 0
+    assert "session-timeout: 0.01 sec exceeded" in (tmp_path / "out" / "pytest.log").read_text()
+    suite = ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
+    assert 0 < int(suite.get("tests")) < 10
