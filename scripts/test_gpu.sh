@@ -69,6 +69,23 @@ for name in ("mamba_ssm", "causal_conv1d", "flash_attn", "deepspeed", "datatrove
         print(f"{name} (version unknown)")
 EOF
 cat "$out/environment.txt"
+# What whole test folders need beyond importable packages, checked in a second rather than failed on for minutes:
+# the launcher of the DeepSpeed that imports (tests/train launch CPU worlds with it), and the versions of the
+# packages datatrove imports lazily (pipeline/preflight.py's check, which curation runs too).
+if python3 -c "import deepspeed" 2>/dev/null && ! command -v deepspeed >/dev/null; then
+  echo "error: deepspeed imports but its launcher is not on PATH: add the bin/ folder its wheel installed" >&2
+  exit 2
+fi
+if python3 -c "import datatrove" 2>/dev/null; then
+  python3 -c "
+import sys
+from pipeline.errors import CurationError
+from pipeline.preflight import check_packages
+try:
+    check_packages()
+except CurationError as exc:
+    sys.exit(f'error: {exc}')" || exit 2
+fi
 # Only the pytest plugins the suite uses: an image's own (pytest-benchmark's `benchmark` fixture took over a test
 # parameter of that name) must not change what the tests see.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1

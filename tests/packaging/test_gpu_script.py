@@ -88,3 +88,20 @@ def test_session_timeout_ends_with_a_summary_and_junit(tmp_path: Path, monkeypat
     assert "session-timeout: 0.01 sec exceeded" in (tmp_path / "out" / "pytest.log").read_text()
     suite = ET.parse(tmp_path / "out" / "junit.xml").getroot().find("testsuite")
     assert 0 < int(suite.get("tests")) < 10
+
+
+def test_deepspeed_without_its_launcher_is_a_one_line_error(tmp_path: Path) -> None:
+    """deepspeed imports but `deepspeed` is not on PATH (its wheel's bin/ not added): one line in a second,
+    not every launched test failing with FileNotFoundError minutes later."""
+    pytest.importorskip("deepspeed")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shim / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:/usr/bin:/bin", "SITE": str(tmp_path / "site")}
+    (tmp_path / "wheels").mkdir()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "test_gpu.sh"), str(tmp_path / "wheels"),
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "deepspeed imports but its launcher is not on PATH" in proc.stderr
+    assert not (tmp_path / "out" / "pytest.log").exists()
