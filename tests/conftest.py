@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import sysconfig
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -18,6 +21,25 @@ def repo_first_pythonpath() -> str:
     machine's packages may live in a PYTHONPATH folder, e.g. scripts/test_gpu.sh's)."""
     repo = str(Path(__file__).resolve().parents[1])
     return os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` of a session fixture once per test run: under pytest-xdist every worker is its own
+    session, so the first worker to ask builds it in the folder the workers share (the parent of their base
+    temp folders) while the others wait on a lock, then read the same result (an xdist worker would otherwise
+    repeat a launched run or an export that another already made). Without xdist: a fresh folder of this session."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    done = shared / f"{name}.done"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # a failed earlier attempt's leftovers
+            folder.mkdir()
+            done.write_text(str(build(folder)))
+        return Path(done.read_text())
 
 
 def stdlib_texts(limit: int = 200) -> list[str]:
@@ -91,6 +113,19 @@ def write_granite(folder: Path, tokenizer_dir: Path, seed: int = 0, **overrides)
 def granite_factory():
     """`write_granite` for the test areas that import Granite 4.0-H folders (export, train)."""
     return write_granite
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (-n 2 on CI's 2 cores), each worker and the processes it starts get their share of
+    the cores (unless OMP_NUM_THREADS is set; tests/model sets 1 thread too): torch's intra-op threads default
+    to every core, and beside the other worker (and a launched run's ranks) each parallel op then waits on a
+    descheduled thread (a bench smoke took twice as long beside two busy processes with 2 threads as with 1)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the processes the tests start
+        torch.set_num_threads(threads)  # this worker (torch is imported already)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,6 +4,7 @@ batch and lengths, left padding), and a greedy loop purely in onnxruntime gives 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,19 +16,23 @@ for _package in ("onnx", "onnxscript", "onnxruntime"):  # the exporter and the r
 from export.onnx_runtime import OnnxLM
 from model.bundle import load_bundle
 from model.generation import SamplingParams, generate
+from tests.conftest import built_once
 
 pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
 
 REL_TOL = 1e-4  # max |ort - torch| / max |torch|, float32
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def onnx_dir(padded_bundle_dir, tmp_path_factory, export_cli):
-    """One export for the module (the dynamo export dominates the cost): pattern AMMA, vocab 500."""
-    out = tmp_path_factory.mktemp("onnx")
-    assert export_cli.main(["--checkpoint", str(padded_bundle_dir), "--format", "onnx", "--output", str(out),
-                            "--set", "export.parity_tokens=40", "--set", "export.parity_new_tokens=8"]) == 0
-    return out
+    """One export per test run (the dynamo export dominates the cost), also when xdist hands this module's
+    tests to both workers (their padded bundles are the same seeded model): pattern AMMA, vocab 500."""
+    def export(out: Path) -> Path:
+        assert export_cli.main(["--checkpoint", str(padded_bundle_dir), "--format", "onnx", "--output", str(out),
+                                "--set", "export.parity_tokens=40", "--set", "export.parity_new_tokens=8"]) == 0
+        return out
+
+    return built_once(tmp_path_factory, "onnx", export)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,17 @@ Two train sources (weights 0.75 / 0.25, two shards each) and a validation split.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from bench.scale_runs import deepspeed_cmd
+from tests.conftest import built_once
 from train.metrics import read_metrics  # noqa: F401  (for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,25 +108,6 @@ def make_corpus(root: Path) -> Path:
     path = root / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     return path
-
-
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
-    """`build(folder)` of a session fixture once per test run: under pytest-xdist every worker is its own
-    session, so the first worker to ask builds it in the folder the workers share (the parent of their base
-    temp folders) while the others wait on a lock, then read the same result (an xdist worker would otherwise
-    repeat a launched run that another already made). Without xdist: a fresh folder of this session."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        return build(tmp_path_factory.mktemp(name))
-    shared = tmp_path_factory.getbasetemp().parent
-    done = shared / f"{name}.done"
-    with (shared / f"{name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not done.is_file():
-            folder = shared / name
-            shutil.rmtree(folder, ignore_errors=True)  # a failed earlier attempt's leftovers
-            folder.mkdir()
-            done.write_text(str(build(folder)))
-        return Path(done.read_text())
 
 
 @pytest.fixture(scope="session")

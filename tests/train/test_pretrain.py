@@ -32,7 +32,7 @@ from train.errors import TrainingError
 from train.run_lock import RunLock
 from train.trainer import check_finite
 
-from .conftest import BASE_SETS, PRETRAIN, REPO, copy_checkpoint, read_metrics, run_env, train_run
+from .conftest import BASE_SETS, PRETRAIN, REPO, built_once, copy_checkpoint, read_metrics, run_env, train_run
 
 pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
 
@@ -47,9 +47,11 @@ def single_process(corpus: Path, out: Path, *extra: str, timeout: int = 300) -> 
                           env=run_env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_zero3(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_run(2, corpus, tmp_path_factory.mktemp("run_zero3"), ZERO3_BF16)
+    """ZeRO-3 bf16, 12 steps, with its export: one per test run, also when xdist hands its two tests to
+    different workers (each worker would otherwise launch it again)."""
+    return built_once(tmp_path_factory, "run_zero3", lambda folder: train_run(2, corpus, folder, ZERO3_BF16))
 
 
 def test_zero2_run_learns_and_writes_complete_checkpoints(run_a: Path) -> None:
