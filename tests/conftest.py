@@ -117,15 +117,14 @@ def granite_factory():
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (-n 2 on CI's 2 cores): work-stealing scheduling unless --dist is given, and each
-    worker and the processes it starts get their share of
-    the cores (unless OMP_NUM_THREADS is set; tests/model sets 1 thread too): torch's intra-op threads default
-    to every core, and beside the other worker (and a launched run's ranks) each parallel op then waits on a
-    descheduled thread (a bench smoke took twice as long beside two busy processes with 2 threads as with 1)."""
+    worker and the processes it starts get their share of the cores (unless OMP_NUM_THREADS is set;
+    tests/model sets 1 thread too): torch's intra-op threads default to every core, and beside the other
+    worker (and a launched run's ranks) each parallel op then waits on a descheduled thread."""
     explicit = any(a.startswith("--dist") or a == "-d" for a in config.invocation_params.args)
     if getattr(config.option, "dist", None) == "load" and not explicit:
-        # `-n 2` alone schedules with "load", which hands each worker ~a quarter of the tests up front and
-        # never takes them back: one worker idled ~100 s at the end of a CI-sized run. "worksteal" lets the
-        # idle worker take queued tests from the other (whole suite, 2 cores: 743 -> 716 s in one run each).
+        # `-n 2` alone schedules with "load", which hands each worker a share of the tests up front and never
+        # takes them back, so one worker can sit idle at the end while the other works through its queue;
+        # "worksteal" lets the idle worker take queued tests from the other (bench/results/test_suite_cpu_*).
         config.option.dist = "worksteal"
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers and "OMP_NUM_THREADS" not in os.environ:
