@@ -64,8 +64,12 @@ STAGE_PACKAGES = ("orjson", "xxhash")
 
 def check_packages() -> None:
     """Each of STAGE_PACKAGES is installed, within the version range datatrove's metadata declares for it."""
+    try:
+        requirements = md.requires("datatrove") or []
+    except md.PackageNotFoundError:
+        raise CurationError("datatrove is not installed: pip install -r requirements.txt") from None
     declared = {}
-    for line in md.requires("datatrove") or []:
+    for line in requirements:
         req = Requirement(line)
         declared[req.name] = declared.get(req.name, SpecifierSet()) & req.specifier
     problems = []

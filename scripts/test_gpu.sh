@@ -7,10 +7,10 @@
 # so consecutive calls on one warm machine add up: a device call carries at most 64 MiB of wheels), puts
 # it first on PYTHONPATH, then runs `python -m pytest -q tests/` from the repository root on WORKERS
 # pytest-xdist workers (default 8; 0: one process), the interpreted-kernel tests first, in a process of their
-# own. OUT_DIR gets junit.xml and pytest.log (with every failure, error and skip's reason: -rfEs), junit_interpreted.xml and
-# pytest_interpreted.log, and environment.txt (torch/CUDA and which optional packages are installed). Tests
-# whose package is missing skip with that reason; the exit code is pytest's. An empty WHEEL_DIR installs
-# nothing (the suite runs on what the machine has).
+# own. OUT_DIR gets junit.xml and pytest.log (every failure, error and skip's reason: -rfEs),
+# junit_interpreted.xml and pytest_interpreted.log, and environment.txt (torch/CUDA and which optional
+# packages are installed). Tests whose package is missing skip with that reason; the exit code is pytest's.
+# An empty WHEEL_DIR installs nothing (the suite runs on what the machine has).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/test_gpu.sh WHEEL_DIR OUT_DIR [PYTEST_ARGS...]" >&2
