@@ -85,3 +85,16 @@ def test_stage_packages_outside_datatroves_range_are_refused_before_any_work(
         preflight(recipe(tmp_path), tmp_path, layout, None)
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert not layout.recipe_hash.exists()
+
+
+def test_no_datatrove_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata as md
+
+    from pipeline.preflight import check_packages
+
+    def requires(name: str) -> list[str]:
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "requires", requires)
+    with pytest.raises(CurationError, match="^datatrove is not installed: pip install -r requirements.txt$"):
+        check_packages()
