@@ -136,9 +136,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist: the tests marked slow first (a stable sort: the order within each group stays).
-    Its load scheduling hands tests out in collection order, so the launched runs of tests/train (last
-    alphabetically) used to start at the end, and the last of them ran on one worker while the other had
-    nothing left; started first, they overlap each other and the many short tests fill both workers' ends.
+    The scheduler hands tests out in collection order (worksteal, pytest_configure: an idle worker takes from
+    the end of the other's queue), so the launched runs of tests/train (last alphabetically) would start at
+    the end, the last of them on one worker while the other had nothing left to take; started first, they
+    overlap each other and the many short tests at the queues' ends fill both workers.
     Every worker collects the same order (xdist requires it); a run without xdist keeps pytest's order."""
     if os.environ.get("PYTEST_XDIST_WORKER") is not None:
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -114,9 +114,10 @@ def run_config(run: Run) -> RunConfig:
     return load_run_config(run.config, run.overrides)
 
 
-def predicted(run: Run, cfg: RunConfig | None = None) -> Plan:
+def predicted(run: Run, cfg: RunConfig) -> Plan:
+    """The planner's numbers for `cfg` (the run's config) on the run's GPUs."""
     gpu = "h200" if "H200" in run.device else "h100"
-    return plan(cfg or run_config(run), gpus=run.gpus, gpu=gpu)
+    return plan(cfg, gpus=run.gpus, gpu=gpu)
 
 
 def lone_reduce_bytes(run: Run, cfg: RunConfig, p: Plan) -> float:

@@ -27,12 +27,13 @@ from safetensors.torch import load_file
 from config.manifest import load_manifest
 from config.schema import load_run_config
 from model.weights import load_weights
+from tests.conftest import built_once
 from train.data import IGNORE_INDEX, TrainData
 from train.errors import TrainingError
 from train.run_lock import RunLock
 from train.trainer import check_finite
 
-from .conftest import BASE_SETS, PRETRAIN, REPO, built_once, copy_checkpoint, read_metrics, run_env, train_run
+from .conftest import BASE_SETS, PRETRAIN, REPO, copy_checkpoint, read_metrics, run_env, train_run
 
 pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier only (README, "Tests")
 
