@@ -329,12 +329,12 @@ run_part() {  # run_part SUITE PART
         cp "$run/metrics.jsonl" "$res/$(name tutorial_small)_metrics.jsonl"
         cp "$run/eval_results.json" "$res/$(name tutorial_small)_eval.json" ;;
     ablation:*)  # launch/ablate.py at 125M scale on the python_packages corpus (docs/experiments.md). The first
-        # call curates the corpus into ABLATION_DIR (default /tmp/ablation: ~8 min on 2 CPU cores, so about one on
-        # a 16-core GPU machine) and trains in the rest of its 570 s; every call trains until its limit and stops
-        # with a checkpoint, and the next call of the part continues: run it again until the report has no
-        # "(unfinished)" row. Run folders stay on the machine; ONLY=NAME[,NAME] trains some variants here and
-        # leaves the others to another machine (the runs' files come back in runs.tgz). CONFIG: the run config
-        # (default small), TOKENS (default 50M) and SEEDS (default 1) per run.
+        # call curates the corpus into ABLATION_DIR (default /tmp/ablation: minutes on 2 CPU cores, results/
+        # curation_python_packages_cpu_*, so about one on a 16-core GPU machine) and trains in the rest of its
+        # 570 s; every call trains until its limit and stops with a checkpoint, and the next call of the part
+        # continues: run it again until the report has no "(unfinished)" row. Run folders stay on the machine;
+        # ONLY=NAME[,NAME] trains some variants here and leaves the others to another machine (the runs' files come
+        # back in runs.tgz). CONFIG: the run config (default small), TOKENS (default 50M) and SEEDS (default 1) per run.
         local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder limit=570 started=$SECONDS
         corpus=$dir/python_packages
         if [ ! -f "$corpus/manifest.json" ]; then
