@@ -362,8 +362,8 @@ run_part() {  # run_part SUITE PART
         local targets=(tests/train tests/adapt)
         [ "$p" = other ] && targets=(tests --ignore=tests/train --ignore=tests/adapt)
         mkdir -p "${WHEELS:-/tmp/no_wheels}"
-        WORKERS=${WORKERS:-14} SESSION_TIMEOUT=${SESSION_TIMEOUT:-480} step 580 bash scripts/test_gpu.sh "${WHEELS:-/tmp/no_wheels}" \
-            "$res/$(name "test_suite_gpu_$p")" "${targets[@]}" ;;
+        WORKERS=${WORKERS:-14} SESSION_TIMEOUT=${SESSION_TIMEOUT:-480} step 580 bash scripts/test_gpu.sh \
+            "${WHEELS:-/tmp/no_wheels}" "$res/$(name "test_suite_gpu_$p")" "${targets[@]}" ;;
     esac
 }
 
