@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo's packages first
 
-from bench.common import RESULTS  # noqa: E402
+from bench.common import COMMITTED  # noqa: E402
 
 NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (NVIDIA's datasheet figure, without sparsity)
 # the step bench: ours (graphed ZeRO-1) against each peer; the newest file of each question is read
@@ -34,7 +34,7 @@ MODEL_NAMES = {"ours_graph": "ours (CUDA graphs)", "ours": "ours",
 DATE = re.compile(r"_(\d{4}-\d{2}-\d{2})$")
 
 
-def newest(question: str, results: Path = RESULTS) -> Path:
+def newest(question: str, results: Path = COMMITTED) -> Path:
     """The newest `<question>_<hardware>_<date>.json` of `results`."""
     found = [p for p in results.glob(f"{question}_*.json")
              if DATE.search(p.stem) and p.stem[: -len("_2026-01-01")].rsplit("_", 1)[0] == question]
@@ -48,7 +48,7 @@ def _row(what: str, tokens_per_s: float, mfu: float, flops_per_token: float, mem
     return f"| {what} | {tokens_per_s:,.0f} | {mfu:.1%} | {nominal:.1%} | {mem_gb:.1f} | {link} |"
 
 
-def pretrain_row(stem: str, results: Path = RESULTS) -> str:
+def pretrain_row(stem: str, results: Path = COMMITTED) -> str:
     """One launch/pretrain.py run as the planner reads it (train/plan_runs.py: median tokens/s and MFU of
     steps >= 3, peak memory of steps >= 2)."""
     from config.schema import load_run_config
@@ -80,7 +80,7 @@ def step_rows(path: Path) -> list[str]:
     return out
 
 
-def table(results: Path = RESULTS) -> str:
+def table(results: Path = COMMITTED) -> str:
     header = ("| what (one GPU, ZeRO-1, bf16; the step benches: 1.3B preset) | tokens/s | MFU (measured GEMM peak) | MFU (989 TFLOP/s) "
               "| peak memory GB | result |")
     lines = [header, "|---|---|---|---|---|---|"]

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from train.distributed import training_on_cuda
+
 Mode = Literal["none", "full", "attention", "mlp", "offload"]
 MODES: tuple[str, ...] = ("none", "full", "attention", "mlp", "offload")
 WRAPPED = "_activation_checkpointing"  # instance attribute naming the mode a module was wrapped with
@@ -54,7 +56,7 @@ def _recomputed(module: nn.Module, state_at: int | None, forward: Callable[..., 
 
 
 def _offloaded(module: nn.Module, state_at: int | None, forward: Callable[..., Any]) -> Callable[..., Any]:
-    pin = torch.cuda.is_available()  # pinned host memory needs a CUDA context
+    pin = training_on_cuda()  # pinned host memory needs a CUDA context
 
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:

@@ -56,7 +56,7 @@ from train.checkpoint_files import (
     load_data,
     rank_files,
 )
-from train.distributed import DistEnv, barrier
+from train.distributed import DistEnv, barrier, training_on_cuda
 from train.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if training_on_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -188,7 +188,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and training_on_cuda():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -87,6 +87,32 @@ def env_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def training_on_cuda() -> bool:
+    """Whether this process trains on CUDA: a GPU is visible and DeepSpeed's accelerator is CUDA, the device the
+    engine will place the model on. DS_ACCELERATOR=cpu makes a CPU world (gloo) on a GPU machine; hiding the
+    GPUs is not enough under the deepspeed launcher, which sets CUDA_VISIBLE_DEVICES for every rank it starts."""
+    if not torch.cuda.is_available():
+        return False
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cuda"
+
+
+def training_device(local_rank: int) -> torch.device:
+    """This rank's device: cuda:<local rank>, or the CPU (`training_on_cuda`). TrainingError (one line) when the
+    launcher started more ranks on this machine than it shows GPUs: CUDA would fail later with an invalid ordinal."""
+    if not training_on_cuda():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        from train.errors import TrainingError
+
+        raise TrainingError(f"local rank {local_rank} needs GPU {local_rank}, but this machine shows {gpus} GPU(s): "
+                            f"launch at most {gpus} process(es) per machine (deepspeed --num_gpus {gpus}), or set "
+                            "DS_ACCELERATOR=cpu for a CPU world")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed() -> DistEnv:
     """Initialise the process group through DeepSpeed: NCCL on GPUs, gloo on CPU."""
     import deepspeed
@@ -97,13 +123,14 @@ def init_distributed() -> DistEnv:
     skipped = skip_shm_comm_op(int(os.environ["WORLD_SIZE"]))
     check_build_locks(ignore=skipped)  # a stale lock would make DeepSpeed's op build wait forever, silently
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    device = training_device(local_rank)
+    if device.type == "cuda":
         for key, value in NCCL_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+        backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
     if backend == "gloo" and local_rank == 0:
         stale = remove_stale_segments()
     deepspeed.init_distributed(dist_backend=backend, timeout=DIST_TIMEOUT)
@@ -136,8 +163,8 @@ def configure_logging(rank: int) -> None:
 
 def barrier() -> None:
     if torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available()
-        torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if cuda else None)
+        nccl = torch.distributed.get_backend() == "nccl"
+        torch.distributed.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
 class StopSignal:

@@ -213,13 +213,13 @@ def preflight(cfg: RunConfig) -> None:
 
     import torch
 
-    if not torch.cuda.is_available():
-        return
-    from train.distributed import env_rank
+    from train.distributed import env_rank, training_device
 
+    cuda = training_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda.type != "cuda":
+        return
     rank, world = env_rank()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = float(torch.cuda.get_device_properties(local).total_memory)
+    device = float(torch.cuda.get_device_properties(cuda).total_memory)
     p = plan(cfg, world, gpu=device / GIB)
     if rank == 0:
         print(p.summary(), flush=True)

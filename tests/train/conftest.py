@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import importlib.util
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -122,6 +124,23 @@ def run_env() -> dict[str, str]:
     a GPU machine, whose one GPU could not hold 2-4 ranks anyway: CUDA hidden, DeepSpeed's CPU accelerator."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
             "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deepspeed_ops_built(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Build DeepSpeed's shared-memory allreduce op (a gloo world's first start compiles it) once, before any
+    launched world: the launcher SIGKILLs the other ranks when one fails, and a rank killed while compiling
+    leaves a stale build lock that every later launched test then refuses (train/ds_ops.py)."""
+    def build(folder: Path) -> Path:
+        code = ("from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
+                "ShareMemCommBuilder().load(verbose=False)")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                              timeout=LAUNCH_TIMEOUT)
+        assert proc.returncode == 0, f"building DeepSpeed's shm op failed:\n{proc.stderr[-3000:]}"
+        return folder
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        built_once(tmp_path_factory, "deepspeed_ops", build)
 
 
 def launch_cmd(nprocs: int, manifest: Path, out: Path, sets: list[str], resume: str = "auto") -> list[str]:

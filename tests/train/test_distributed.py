@@ -1,5 +1,6 @@
-"""train.distributed.fail_loudly: how an entry point's process ends (exit code, atexit hooks, one-line
-errors). Each case runs in a child process, because fail_loudly ends the process it runs in."""
+"""train.distributed: how an entry point's process ends (fail_loudly: exit code, atexit hooks, one-line errors;
+each case runs in a child process, because fail_loudly ends the process it runs in), and which device a rank
+trains on."""
 
 from __future__ import annotations
 
@@ -92,3 +93,33 @@ def test_an_error_from_a_dataloader_worker_keeps_its_own_line() -> None:
     assert str(caught.value).startswith("Caught ManifestError in DataLoader worker")
     assert one_line(caught.value) == "shard data/00001.ds holds token id 9000 >= vocabulary 512: re-run curation"
     assert one_line(ManifestError("first\nsecond")) == "first" and one_line(ManifestError()) == "ManifestError"
+
+
+# ---- the rank's device ---------------------------------------------------------------------------------
+def test_ds_accelerator_cpu_makes_a_cpu_world_where_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deepspeed launcher sets CUDA_VISIBLE_DEVICES for every rank, so on a GPU machine only DeepSpeed's
+    accelerator choice (DS_ACCELERATOR=cpu) keeps a CPU world on the CPU, where DeepSpeed places the model."""
+    import deepspeed.accelerator.real_accelerator as real
+    import torch
+
+    from train.distributed import training_device, training_on_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(real, "ds_accelerator", None)  # DeepSpeed caches its choice for the process
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not training_on_cuda()
+    assert training_device(3) == torch.device("cpu")
+
+
+def test_more_ranks_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import train.distributed as dist
+    from train.errors import TrainingError
+
+    monkeypatch.setattr(dist, "training_on_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist.training_device(0) == torch.device("cuda", 0)
+    with pytest.raises(TrainingError, match=r"local rank 1 needs GPU 1, but this machine shows 1 GPU\(s\): launch at "
+                                            r"most 1 process\(es\) per machine \(deepspeed --num_gpus 1\)"):
+        dist.training_device(1)

@@ -187,7 +187,7 @@ def test_merged_bundle_matches_the_adapted_model(tiny_bundle_dir: Path, model, t
 def test_cli_bad_input_exits_2_with_one_line(tiny_bundle_dir: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"answer": "c"}])
     proc = subprocess.run([sys.executable, str(FINETUNE), "--checkpoint", str(tiny_bundle_dir), "--data", str(data),
-                           "--set", f"train.output_dir={tmp_path / 'out'}"],
+                           "--set", f"train.output_dir={tmp_path / 'out'}", "--set", "train.wandb.mode=disabled"],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "d.jsonl:2: the record has neither" in proc.stderr and "Traceback" not in proc.stderr

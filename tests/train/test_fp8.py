@@ -126,7 +126,8 @@ def test_refused_without_float8_hardware(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_launch_on_cpu_stops_with_one_line(corpus: Path, tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(PRETRAIN), "--config", "tiny", "--dry-run",
                            "--set", f"data.manifest={corpus}", "--set", "model.vocab_size=512",
-                           "--set", "train.precision=fp8", "--set", f"train.output_dir={tmp_path}"],
+                           "--set", "train.precision=fp8", "--set", f"train.output_dir={tmp_path}",
+                           "--set", "train.wandb.mode=disabled"],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -160,7 +161,9 @@ def loss_of(model: HybridLM, ids: torch.Tensor) -> torch.Tensor:
 
 def test_emulated_float8_step_is_close_to_bf16() -> None:
     """The converted layers compute in float8 (not bf16: the outputs differ) with bf16-level accuracy: loss
-    within 1% and the converted weights' gradients within 10% (e4m3 keeps 3 mantissa bits) of the bf16 model's."""
+    within 1% and the converted weights' gradients within 15% of the bf16 model's. A weight gradient is
+    x (e4m3, 3 mantissa bits) times grad_output (e5m2, 2 bits: ~7% rms rounding error per element), so ~8% is
+    expected: 0.092-0.103 measured (torch 2.13 on CPU, torch 2.11 on the H100 image); a wrong scale gives ~100%."""
     ids = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
     ref, fp8 = small_model(dtype=torch.bfloat16), small_model(dtype=torch.bfloat16)
     convert_to_fp8(fp8, FP8Config(), emulate=True)
@@ -171,7 +174,7 @@ def test_emulated_float8_step_is_close_to_bf16() -> None:
     assert abs(got.item() - want.item()) < 0.01 * want.item()
     for name in FLOAT8:
         g, r = fp8.get_submodule(name).weight.grad.double(), ref.get_submodule(name).weight.grad.double()
-        assert ((g - r).norm() / r.norm()).item() < 0.1, name
+        assert ((g - r).norm() / r.norm()).item() < 0.15, name
 
 
 def test_fused_wgrad_fold_gets_each_gradient_once() -> None:

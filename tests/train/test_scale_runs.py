@@ -14,17 +14,17 @@ import pytest
 
 from bench import scale_runs
 
-from .conftest import REPO, VOCAB
+from .conftest import REPO, VOCAB, run_env
 
 
 @pytest.mark.slow
 def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reference run, SIGTERM mid-run, resume on 1 process (universal) and on 2 (--resume auto): both
     continue the reference's losses (float32 on CPU: same world bitwise, other world within 1e-5). The
-    launches inherit this environment: one thread per rank, as the other launched tests' run_env gives
-    (2 ranks of 2 threads each, beside the other xdist worker, oversubscribe CI's 2 cores)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    launches inherit this environment, the other launched tests' run_env: one thread per rank (2 ranks of 2
+    threads each, beside the other xdist worker, oversubscribe CI's 2 cores), a CPU world on a GPU machine too."""
+    for key in ("OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR"):
+        monkeypatch.setenv(key, run_env()[key])
     args = ["preempt", "--smoke", "--gpus", "2", "--out", str(tmp_path),
             "--set", f"data.manifest={corpus}", "--set", f"model.vocab_size={VOCAB}"]
     assert scale_runs.main(args) == 0
