@@ -27,7 +27,7 @@ from model.config import ModelConfig
 from model.documents import DocumentLayout
 from model.kernels import deterministic, flash_ops, flex_ops
 from model.layers import RMSNorm, apply_rope, init_linear, residual_std
-from model.mixers.base import Mixer, MixerContext
+from model.mixers.base import FP32, Mixer, MixerContext
 from model.wgrad import Linear
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,14 @@ class Attention(Mixer):
     def core_flops(cls, cfg: ModelConfig, seq_len: int) -> dict[str, float]:
         """QK^T and PV; causal: on average (s + 1) / 2 keys per query."""
         return {"attention": 4.0 * cfg.attention.n_heads * cfg.head_dim * (seq_len + 1) / 2}
+
+    @classmethod
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+        """Per token: q, k, v after RoPE (the kernel's inputs: n_heads k + 2 n_kv k), its output (n_heads k)
+        in e bytes and the float32 log-sum-exp (n_heads)."""
+        a = cfg.attention
+        q, kv = a.n_heads * cfg.head_dim, a.n_kv_heads * cfg.head_dim
+        return (2 * q + 2 * kv) * e + FP32 * a.n_heads
 
     def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVState:
         return KVState()

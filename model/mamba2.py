@@ -35,7 +35,7 @@ from model.cache import MambaState
 from model.config import ModelConfig
 from model.kernels import conv_ops, deterministic, mamba_ops
 from model.layers import init_linear, residual_std, rmsnorm_gated_ref
-from model.mixers.base import Mixer, MixerContext
+from model.mixers.base import FP32, Mixer, MixerContext
 from model.ssd import discretize_dt, ssd_chunked, ssd_step
 from model.state_compression import StateCompression
 from model.wgrad import Linear, is_plain_linear
@@ -198,6 +198,20 @@ class Mamba2Mixer(Mixer):
         return {"ssd": 2 * q_eff * (m.n_groups * m.state_dim + cfg.n_ssm_heads * m.headdim)
                 + 4 * cfg.n_ssm_heads * m.headdim * m.state_dim
                 + 2 * m.d_conv * cfg.conv_dim}
+
+    @classmethod
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+        """Per token, model/ssd_saved.py's saved tensors: zxbcdt (2 di + 2 G N + H), the conv output
+        (di + 2 G N), y (di) in e bytes; float32 dt and its cumsum (2 H), chunk states (H P N per chunk of
+        Q tokens), C B^T (G Q per token), the gated norm's rstd (G); with mamba.recompute_in_backward only
+        zxbcdt and y (mamba_ssm's own fused function, which recomputes the rest)."""
+        m = cfg.mamba
+        di, gn, heads = cfg.d_inner, m.n_groups * m.d_state, cfg.n_ssm_heads
+        saved = (2 * di + 2 * gn + heads + di) * e
+        if not m.recompute_in_backward:
+            saved += (di + 2 * gn) * e + FP32 * (2 * heads + heads * m.headdim * m.d_state / m.chunk_size
+                                                 + m.n_groups * m.chunk_size + m.n_groups)
+        return saved
 
     def zero3_leaves(self) -> list[nn.Module]:
         return [self]  # the kernel path reads conv1d, norm and out_proj weights outside their modules

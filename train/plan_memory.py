@@ -19,7 +19,8 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
   offload_param (stage 3)  the bf16 partition lives on the host too
 
 Activations: the tensors each block keeps for its backward on the kernel path (counted per token
-below, `block_activation_bytes`), times the micro-batch's tokens; activation checkpointing keeps a
+below, `block_activation_bytes`; the mixer's share by the mixer class itself,
+`Mixer.saved_activation_bytes`), times the micro-batch's tokens; activation checkpointing keeps a
 block's input instead and recomputes one block (or one mixer / MLP) at a time in the backward.
 The Adam moments are allocated at the end of the first step (`first_step` excludes them); under CUDA
 graphs the activations live in the graphs' private memory pool, which torch.cuda.max_memory_allocated
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from model.config import ATTENTION, MAMBA, ModelConfig
+from model.mixers import block_type
 from model.sizing import count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
@@ -149,31 +151,13 @@ def block_activation_bytes(cfg: ModelConfig, kind: str, e: int = 2) -> dict[str,
 
     norms  each RMSNorm's input and output (the next GEMM's input): 2 norms x 2 x d
     mlp    SwiGLU: the fused gate|up GEMM output (2 f) and silu(gate)*up, the down GEMM's input (f)
-    mixer  M (model/ssd_saved.py's saved tensors): zxbcdt (2 di + 2 G N + H), the conv output
-           (di + 2 G N), y (di) in e bytes; float32 dt and its cumsum (2 H), chunk states (H P N per chunk
-           of Q tokens), C B^T (G Q per token), the gated norm's rstd (G); with
-           mamba.recompute_in_backward only zxbcdt and y;
-           A: q, k, v after RoPE (the kernel's inputs: n_heads k + 2 n_kv k), its output (n_heads k) and
-           the float32 log-sum-exp (n_heads)
+    mixer  what the block type's mixer says it keeps (`Mixer.saved_activation_bytes`: each formula lives
+           beside its forward, model/mamba2.py, model/attention.py, model/mixers/)
     """
     d = cfg.d_model
     norms = 2 * 2 * d * e
     mlp = 3 * cfg.ffn_hidden * e
-    if kind == MAMBA:
-        m = cfg.mamba
-        di, gn, heads = cfg.d_inner, m.n_groups * m.d_state, cfg.n_ssm_heads
-        mixer = (2 * di + 2 * gn + heads + di) * e
-        if not m.recompute_in_backward:
-            mixer += (di + 2 * gn) * e + FP32 * (2 * heads + heads * m.headdim * m.d_state / m.chunk_size
-                                                  + m.n_groups * m.chunk_size + m.n_groups)
-    elif kind == ATTENTION:
-        a = cfg.attention
-        q, kv = a.n_heads * cfg.head_dim, a.n_kv_heads * cfg.head_dim
-        mixer = (2 * q + 2 * kv) * e + FP32 * a.n_heads
-    else:
-        raise ValueError(f"the planner has no activation formula for block type {kind!r} (it knows "
-                         f"{MAMBA} and {ATTENTION}): add one to train/plan_memory.py")
-    return {"norms": norms, "mixer": mixer, "mlp": mlp}
+    return {"norms": norms, "mixer": block_type(kind).saved_activation_bytes(cfg, e), "mlp": mlp}
 
 
 def head_activation_bytes(cfg: ModelConfig, e: int = 2) -> float:

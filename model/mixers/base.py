@@ -9,6 +9,8 @@ A mixer class carries, beside its forward:
     with a state of one token is the decode step, a longer one is the prefill;
   - its sizes: exact `param_count(cfg)`, the matmul weights a token passes through (`matmul_params`) and
     the non-GEMM forward FLOPs per token (`core_flops`), which model/sizing.py sums for MFU;
+  - its training memory: the bytes per token its forward keeps for the backward on the kernel path
+    (`saved_activation_bytes`), which the memory planner (train/plan_memory.py) sums per block;
   - its `pathway` ("ssm", "attention", or None for blocks that hold both), which places the bridges of
     `model.bridges` (model/bridges.py);
   - how it exports: `hf_layer_type` (the transformers Bamba layer type, or None: no transformers class
@@ -30,6 +32,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
+
+FP32 = 4  # bytes of a float32 element, in the `saved_activation_bytes` formulas
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
@@ -133,6 +137,14 @@ class Mixer(nn.Module):
     @classmethod
     def core_flops(cls, cfg: "ModelConfig", seq_len: int) -> dict[str, float]:
         """Forward FLOPs per token outside the weight matmuls, by kind ("attention", "ssd", ...)."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_activation_bytes(cls, cfg: "ModelConfig", e: int) -> float:
+        """Bytes per token that one training forward keeps for its backward on the kernel path: the
+        tensors autograd saves, each storage once, less the mixer's input (the block's normed hidden state,
+        which the planner counts with the norms) and the parameters. e: bytes per element of the compute
+        dtype (2 for bf16); float32 tensors count FP32 bytes per element."""
         raise NotImplementedError
 
     def zero3_leaves(self) -> list[nn.Module]:

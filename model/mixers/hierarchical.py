@@ -35,6 +35,7 @@ line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ from model.config import ModelConfig
 from model.documents import document_starts
 from model.layers import init_linear, residual_std
 from model.mamba2 import Mamba2Mixer
-from model.mixers.base import Mixer, MixerContext
+from model.mixers.base import FP32, Mixer, MixerContext
 from model.wgrad import Linear
 
 
@@ -117,6 +118,18 @@ class HierarchicalMixer(Mixer):
         """Mamba2's; the slow state's pooling, update and gated read are elementwise (O(w) per token), not
         counted (model/sizing.py's convention for norms and activations)."""
         return Mamba2Mixer.core_flops(cfg, seq_len)
+
+    @classmethod
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+        """Per token: Mamba2's; the read's four (w,) tensors in e bytes: the query projection (silu's input),
+        silu's output, the reads cast to e and their product (the read projection's input); in float32, the
+        span recurrence's three (w,) tensors per span of k tokens (the state entering it, the span's mean,
+        1 - a: 3 w / k; 1 - a is one per micro-batch, counted per row) and the one-hot span membership, one
+        value per span of the row (max_seq_len / k at the longest). Packed documents add a span piece at each
+        document start."""
+        w, k = cfg.slow_width, cfg.span
+        spans = math.ceil(cfg.max_seq_len / k)
+        return Mamba2Mixer.saved_activation_bytes(cfg, e) + 4 * w * e + FP32 * (3 * w / k + spans)
 
     def zero3_leaves(self) -> list[nn.Module]:
         return [self]  # Mamba2's kernels read weights outside their modules; the decays are read here

@@ -44,7 +44,7 @@ from model.config import ModelConfig
 from model.documents import document_starts
 from model.kernels import deterministic, flash_ops
 from model.mamba2 import Mamba2Mixer
-from model.mixers.base import Mixer, MixerContext
+from model.mixers.base import FP32, Mixer, MixerContext
 
 
 def route(
@@ -166,6 +166,20 @@ class RoutedMixer(Mixer):
         cap = cfg.routed.capacity
         return {**Mamba2Mixer.core_flops(cfg, seq_len),
                 "attention": cap * cap * Attention.core_flops(cfg, seq_len)["attention"]}
+
+    @classmethod
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+        """Per token, with every document routing its `capacity` share (the cap: an upper bound): Mamba2's;
+        for each routed token, attention's (q, k, v, output, log-sum-exp), the gathered input (d) and, with
+        RoPE, the gathered cos and sin (2 k) in e bytes, and the two int64 gather indices; for every token,
+        o_proj's input (the scattered attention output, zeros where unrouted: n_heads k), its output (d) and
+        the score scale (1), both kept by the scaling product, in e bytes, the router's float32 score and the
+        bool routed mask."""
+        a, d = cfg.attention, cfg.d_model
+        rope = 2 * cfg.head_dim if a.rope else 0
+        per_routed = Attention.saved_activation_bytes(cfg, e) + (d + rope) * e + 2 * 8
+        per_token = (a.n_heads * cfg.head_dim + d + 1) * e + FP32 + 1
+        return Mamba2Mixer.saved_activation_bytes(cfg, e) + cfg.routed.capacity * per_routed + per_token
 
     def zero3_leaves(self) -> list[nn.Module]:
         return [self]
