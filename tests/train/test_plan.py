@@ -178,10 +178,13 @@ def test_speed_needs_the_measurements(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_gpu(monkeypatch: pytest.MonkeyPatch):
-    """torch.cuda reporting one GPU of the given size (bytes)."""
+    """torch.cuda reporting one GPU of the given size (bytes), and DeepSpeed's accelerator CUDA (on a CPU
+    machine it is the CPU: train.distributed.training_on_cuda)."""
     props = types.SimpleNamespace(total_memory=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i=0: props)
+    monkeypatch.setattr("train.distributed.training_on_cuda", lambda: True)
     return props
 
 
