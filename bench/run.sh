@@ -28,7 +28,7 @@ declare -A PARTS=(
     [finetune]="lora_vs_full"
     [long_context]="lengths context_parallel"
     [fp8]="1.3b 1.3b_loss 2.7b profile"
-    [presets]="2.7b 6.7b_offload 13b_reduced"
+    [presets]="2.7b 6.7b 13b_reduced"
     [tests]="train other"
     [tutorial]="small"
     [ablation]="patterns variants2"
@@ -284,7 +284,7 @@ run_part() {  # run_part SUITE PART
         step 260 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --kernels --cuda-graph --top 80 \
             --fp8 tensorwise --name "$(name profile_step_kernels_4096_fp8_1.3b)" --out "$res" ;;
     presets:*)  # the larger presets on one GPU (the runs python -m train.plan --check reads)
-        local peak vocab data_sets graph
+        local peak vocab data_sets graph big
         peak=$(matmul_peak) vocab=$(manifest_vocab)
         data_sets=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
                    --set data.packing=continuous --set train.seq_len=4096 --set train.warmup_steps=2
@@ -295,12 +295,16 @@ run_part() {  # run_part SUITE PART
                    --set train.grad_fold=fused_wgrad --set train.global_batch_tokens=65536 --set train.max_steps=20)
             pretrain_run 330 "$(name pretrain_2.7b)" "${graph[@]}" --set train.micro_batch_size=2 ||
                 pretrain_run 150 "$(name pretrain_2.7b_mb1)" "${graph[@]}" --set train.micro_batch_size=1 ;;
-        6.7b_offload)  # ZeRO-2 with the optimizer in CPU memory (the planner: ~21 GiB of GPU, ~89 GiB of host)
-            pretrain_run 470 "$(name pretrain_6.7b_offload)" --config 6.7b "${data_sets[@]}" \
-                --set train.ds_config=ds_configs/zero2_offload.json --set train.micro_batch_size=2 \
-                --set train.global_batch_tokens=32768 --set train.max_steps=10 ;;
-        13b_reduced)  # the 13B widths at 18 layers: ZeRO-3 + optimizer offload (per-layer cost and memory)
-            pretrain_run 470 "$(name pretrain_13b_reduced)" --config 13b "${data_sets[@]}" --set model.n_layers=18 \
+        6.7b)  # one H200 (needs_h200): ZeRO-1 without offload, micro-batch 1 (the planner: 127 of 140 GiB), or with the
+            # MLPs recomputed when that runs out of memory. Offloading the optimizer needs ~133 GiB of host memory
+            # (24 B/param), more than the lent machines' 125 GiB: results/pretrain_6.7b_offload_h100_2026-12-07
+            big=(--config 6.7b "${data_sets[@]}" --set train.ds_config=ds_configs/zero1.json
+                 --set train.micro_batch_size=1 --set train.global_batch_tokens=32768 --set train.max_steps=10)
+            pretrain_run 330 "$(name pretrain_6.7b)" "${big[@]}" ||
+                pretrain_run 230 "$(name pretrain_6.7b_mlp)" "${big[@]}" --set train.activation_checkpointing=mlp ;;
+        13b_reduced)  # the 13B widths at 16 layers: ZeRO-3 + optimizer offload (per-layer cost and memory; the
+            # planner: 25 GiB of GPU, 99 GiB of host of the lent machines' 125)
+            pretrain_run 470 "$(name pretrain_13b_reduced)" --config 13b "${data_sets[@]}" --set model.n_layers=16 \
                 --set train.ds_config=ds_configs/zero3_offload.json --set train.micro_batch_size=1 \
                 --set train.global_batch_tokens=32768 --set train.max_steps=10 ;;
         esac ;;

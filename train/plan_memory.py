@@ -15,8 +15,9 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
       (reduce_bucket_size elements, two with overlap_comm) or, under CUDA graphs, the static bf16 .grad (2P)
   stage 3  params 2P/D + the gathered live parameters (the largest ZeRO-3 leaf twice: in use and
       prefetched, + stage3_prefetch_bucket_size); gradients 4P/D + reduce bucket; optimizer 12P/D
-  offload_optimizer  master, moments and float32 gradients live in pinned host memory instead
-  offload_param (stage 3)  the bf16 partition lives on the host too
+  offload_optimizer  master, moments and float32 gradients live in pinned host memory instead, x 1.5
+      (HOST_BUFFER_FACTOR)
+  offload_param (stage 3)  the bf16 partition lives on the host too (x 1.5)
 
 Activations: the tensors each block keeps for its backward on the kernel path (counted per token
 below, `block_activation_bytes`; the mixer's share by the mixer class itself,
@@ -38,6 +39,11 @@ from model.sizing import count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
 FP32 = 4
+# Host bytes per offloaded byte: DeepSpeed's own estimators' additional_buffer_factor. The pinned host copies
+# hold that much more than their tensors (the 6.7B ZeRO-2 offload run held 16 B/param before its first
+# optimizer step and died of host OOM when the 8 B/param of Adam moments came: 24 = 16 x 1.5;
+# bench/results/pretrain_6.7b_offload_h100_2026-12-07).
+HOST_BUFFER_FACTOR = 1.5
 # Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces, and the caching
 # allocator's fragmentation (reserved beyond allocated). The context is what an H100's out-of-memory report
 # gives as non-PyTorch memory in a one-GPU DeepSpeed run with NCCL (train.plan_runs.oom_context_bytes reads it
@@ -133,7 +139,7 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
     else:
         out["comm_buffers"] += bucket
     if zero.offload_optimizer:
-        out["host"] += partition
+        out["host"] += HOST_BUFFER_FACTOR * partition
     else:
         out["optimizer"] = (master + moments) / gpus
         out["optimizer_moments"] = moments / gpus
@@ -141,7 +147,7 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
         live = min(zero.max_live, 2 * largest_leaf_params(cfg) + zero.prefetch_bucket)
         out["comm_buffers"] += e * live
         if zero.offload_params:
-            out["host"] += out["params"]
+            out["host"] += HOST_BUFFER_FACTOR * out["params"]
             out["params"] = 0.0
     return out
 
