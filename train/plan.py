@@ -59,6 +59,14 @@ class Plan:
     speed: Speed | None
     speed_error: str | None = None
     notes: list[str] = field(default_factory=list)
+    block_types: str | None = None  # train.checkpoint_block_types: the letters `mode` applies to (None: all)
+
+    @property
+    def checkpointing(self) -> str:
+        """The mode, and the block letters it applies to when not every block."""
+        if self.mode == "none" or self.block_types is None:
+            return self.mode
+        return f"{self.mode} ({self.block_types} blocks)"
 
     @property
     def total(self) -> float:
@@ -80,7 +88,7 @@ class Plan:
                 f"gradients {self.memory['gradients'] / GIB:.1f}, optimizer {self.memory['optimizer'] / GIB:.1f}, "
                 f"activations {self.memory['activations'] / GIB:.1f}, buffers+allowance "
                 f"{(self.memory['comm_buffers'] + self.memory['allowance']) / GIB:.1f} (ZeRO-{self.zero.stage}, "
-                f"micro-batch {self.micro_batch} x {self.seq_len}, checkpointing {self.mode})"
+                f"micro-batch {self.micro_batch} x {self.seq_len}, checkpointing {self.checkpointing})"
                 + (f"; host {self.host / GIB:.1f} GiB per GPU" if self.host else ""))
 
 
@@ -132,7 +140,8 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
     e = compute_bytes(t.precision)
     states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph, t.grad_fold)
     try:
-        acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8")
+        acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8",
+                           block_types=t.checkpoint_block_types)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     by_kind = {k: v for k, v in acts.items() if k not in ("host",)}
@@ -143,7 +152,8 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
               "allowance": CONTEXT_BYTES + FRAGMENTATION * allocated}
     speed, error = None, None
     try:
-        speed = predict(cfg.model, seq_len, micro_batch, accumulation, zero, gpus, mode)
+        speed = predict(cfg.model, seq_len, micro_batch, accumulation, zero, gpus, mode,
+                        block_types=t.checkpoint_block_types)
     except MissingMeasurement as exc:
         error = str(exc)
     notes = []
@@ -154,7 +164,7 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
                 host=states["host"] + acts["host"], device_bytes=device_bytes(gpu), allocated=allocated,
                 first_step=allocated - states["optimizer_moments"],
                 allocator_visible=allocated - (act_total if t.cuda_graph else 0.0),
-                speed=speed, speed_error=error, notes=notes)
+                speed=speed, speed_error=error, notes=notes, block_types=t.checkpoint_block_types)
 
 
 def _candidates(cfg: RunConfig) -> list[list[str]]:
@@ -245,7 +255,7 @@ def report(p: Plan, tokens: float | None) -> str:
     head = (f"{p.params / 1e9:.3f}B parameters on {p.gpus} GPU(s), ZeRO-{p.zero.stage}"
             f"{' + optimizer offload' if p.zero.offload_optimizer else ''}"
             f"{' + parameter offload' if p.zero.offload_params else ''}; micro-batch {p.micro_batch} x {p.seq_len}, "
-            f"{p.accumulation} micro-batch(es) per step, activation checkpointing {p.mode}")
+            f"{p.accumulation} micro-batch(es) per step, activation checkpointing {p.checkpointing}")
     lines = [head, "", "per GPU memory:"]
     for name, value in p.memory.items():
         lines.append(f"  {name:<14}{gb(value)}")
@@ -291,7 +301,7 @@ def cluster_table(configs: Sequence[str], gpu_counts: Sequence[int], tokens: flo
                 speed = (f"| {p.speed.tokens_per_s:,.0f} | {p.speed.tokens_per_s * gpus / 1e6:.2f}M | "
                          f"{h / 24:.1f} days | {h * gpus:,.0f}")
             lines.append(f"| {name} | {gpus} | {p.zero.stage}{' + offload' if p.zero.offload_optimizer else ''} | "
-                         f"{p.mode} | {p.micro_batch} x {p.seq_len} | {p.total / GIB:.1f} "
+                         f"{p.checkpointing} | {p.micro_batch} x {p.seq_len} | {p.total / GIB:.1f} "
                          f"({p.device_bytes / GIB:.0f}){fits} {speed} |")
     return "\n".join(lines)
 
@@ -306,7 +316,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--offload", help="none | optimizer | optimizer+params (default: the DeepSpeed JSON's)")
     ap.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-batch (default train.micro_batch_size)")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (default train.seq_len)")
-    ap.add_argument("--activation-checkpointing", help="none | full | attention | mlp | offload")
+    ap.add_argument("--activation-checkpointing", help="none | full | attention | mlp | offload (in the blocks of "
+                    "train.checkpoint_block_types, e.g. --set train.checkpoint_block_types=A; default all)")
     ap.add_argument("--tokens", type=float, help="token budget for the time and GPU-hours (e.g. 100e9)")
     ap.add_argument("--gpu", default="h100", help="h100 | h200 | the device memory in GiB (default h100)")
     ap.add_argument("--check", action="store_true", help="predicted vs measured for the committed pretrain runs")

@@ -22,7 +22,8 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
 Activations: the tensors each block keeps for its backward on the kernel path (counted per token
 below, `block_activation_bytes`; the mixer's share by the mixer class itself,
 `Mixer.saved_activation_bytes`), times the micro-batch's tokens; activation checkpointing keeps a
-block's input instead and recomputes one block (or one mixer / MLP) at a time in the backward.
+block's input instead and recomputes one block (or one mixer / MLP) at a time in the backward, in the
+blocks train.checkpoint_block_types selects (all by default).
 The Adam moments are allocated at the end of the first step (`first_step` excludes them); under CUDA
 graphs the activations live in the graphs' private memory pool, which torch.cuda.max_memory_allocated
 does not count after the capture (`allocator_visible`).
@@ -33,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from model.config import ATTENTION, MAMBA, ModelConfig
+from model.config import ModelConfig
 from model.mixers import block_type
 from model.sizing import count_params, mixer_params, mlp_params
 
@@ -172,39 +173,70 @@ def head_activation_bytes(cfg: ModelConfig, e: int = 2) -> float:
     return 2 * cfg.d_model * e + cfg.padded_vocab_size * e
 
 
-def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool = False) -> dict[str, float]:
+def checkpointed(kind: str, mode: str, block_types: str | None) -> bool:
+    """Whether activation checkpointing `mode` applies to a block of pattern letter `kind`:
+    train.checkpoint_block_types `block_types` names the letters it applies to (None: every block), as
+    train/activation_checkpointing.py's `apply_activation_checkpointing` selects them."""
+    return mode != "none" and (block_types is None or kind in block_types)
+
+
+_MAMBA2_SUBMIXERS: dict[tuple[str, str], int] = {}
+
+
+def mamba2_submixers(cfg: ModelConfig, kind: str) -> int:
+    """How many Mamba2 mixers a block of pattern letter `kind` holds (M: itself; R, G, H: their `ssm`): the
+    mixer class from the registry built on the meta device (no memory, no arithmetic, as train/fp8.py's
+    `fp8_plan` builds models) and its modules counted. Cached per letter and config."""
+    key = (kind, cfg.model_dump_json())
+    if key not in _MAMBA2_SUBMIXERS:
+        import torch
+
+        from model.mamba2 import Mamba2Mixer
+
+        with torch.device("meta"):
+            mixer = block_type(kind)(cfg, 0)
+        _MAMBA2_SUBMIXERS[key] = sum(isinstance(m, Mamba2Mixer) for m in mixer.modules())
+    return _MAMBA2_SUBMIXERS[key]
+
+
+def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool = False,
+                block_types: str | None = None) -> dict[str, float]:
     """GPU bytes of one micro-batch's saved activations (`tokens` = micro-batch x sequence length) by
     block type ("M", "A", ...), plus "head" and "recompute" (the one block part rebuilt at a time in
-    the backward), and "host" (block inputs offloaded by mode offload). `fp8` (train.precision=fp8): a
-    Mamba2 block also keeps its scan's normed output (d_inner) for the float8 out_proj's backward, which
-    the fused scan would recompute (every block counted; the bf16 first and last ones do not keep it)."""
+    the backward), and "host" (block inputs offloaded by mode offload).
+
+    `mode` applies to the blocks whose letter is in `block_types` (train.checkpoint_block_types; None:
+    every block); the others keep every activation. full: a selected block keeps its input only; attention:
+    its mixer (whatever the block type: for M the in-projection, conv and scan) keeps its input only, its
+    MLP everything; mlp: the reverse; offload: its input goes to the host.
+
+    `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H:
+    `mamba2_submixers`) also keeps its scan's normed output (d_inner) for the float8 out_proj's backward,
+    which the fused scan would recompute (every block counted; the bf16 first and last ones do not keep it)."""
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"activation checkpointing {mode!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
     per_kind: dict[str, float] = {}
-    recompute = 0.0
+    recompute = host = 0.0
+    offloading = False
     for kind in cfg.layer_pattern:
         parts = block_activation_bytes(cfg, kind, e)
-        if fp8 and kind == MAMBA:
-            parts["mixer"] += cfg.d_inner * e
+        if fp8:
+            parts["mixer"] += mamba2_submixers(cfg, kind) * cfg.d_inner * e
         whole = sum(parts.values())
-        if mode == "none":
+        if not checkpointed(kind, mode, block_types):
             kept = whole
-        elif mode in ("full", "offload"):
+        elif mode == "full":
             kept, recompute = inputs, max(recompute, whole)
-        elif mode == "attention" and kind == ATTENTION:
+        elif mode == "offload":  # counted like full, with the kept input on the host
+            kept, recompute, offloading = 0.0, max(recompute, whole), True
+            host += inputs * tokens
+        elif mode == "attention":
             kept, recompute = whole - parts["mixer"] + cfg.d_model * e, max(recompute, parts["mixer"])
-        elif mode == "mlp":
+        else:  # mlp
             kept, recompute = whole - parts["mlp"] + cfg.d_model * e, max(recompute, parts["mlp"])
-        else:
-            kept = whole
         per_kind[kind] = per_kind.get(kind, 0.0) + kept * tokens
-    out = {**per_kind, "head": head_activation_bytes(cfg, e) * tokens, "recompute": recompute * tokens, "host": 0.0}
-    if mode == "offload":  # block inputs go to the host; two stay on the GPU (in use, in flight)
-        on_host = sum(per_kind.values())
-        out["host"] = on_host
-        for kind in per_kind:
-            per_kind[kind] = 0.0
-        out.update(per_kind)
+    out = {**per_kind, "head": head_activation_bytes(cfg, e) * tokens, "recompute": recompute * tokens, "host": host}
+    if offloading:  # two block inputs stay on the GPU (in use, in flight)
         out["offload_in_flight"] = 2 * inputs * tokens
     return out
-
-

@@ -108,7 +108,8 @@ def _started(md_text: str, name: str) -> datetime:
 
 
 def run_config(run: Run) -> RunConfig:
-    """The run's config: its preset with the --set overrides of its command line."""
+    """The run's config: its preset with the --set overrides of its command line (a run that predates
+    train.checkpoint_block_types gets its default, None: checkpointing, if any, in every block, as it ran)."""
     from config.schema import load_run_config
 
     return load_run_config(run.config, run.overrides)
@@ -157,7 +158,9 @@ def activation_runs(results: Path = RESULTS) -> list[dict[str, float]]:
         for row in data["rows"]:
             if row["model"] == "ours" and row["mode"] == "train" and row.get("activation_gb"):
                 mode = "full" if row["act_ckpt"] else "none"
-                acts = activations(cfg, data["meta"]["batch"] * row["seq_len"], mode)
+                # memory_scaling.py checkpoints every block; a row naming its letters keeps them
+                acts = activations(cfg, data["meta"]["batch"] * row["seq_len"], mode,
+                                   block_types=row.get("checkpoint_block_types"))
                 pred = sum(v for k, v in acts.items() if k != "host") / 1e9
                 out.append({"file": path.name, "device": data["meta"]["device"], "seq_len": row["seq_len"],
                             "mode": mode, "pred": pred, "meas": row["activation_gb"],

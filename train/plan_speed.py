@@ -31,7 +31,7 @@ from pathlib import Path
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.mixers import block_type
 from model.sizing import count_params, mlp_params
-from train.plan_memory import ZeroSetup
+from train.plan_memory import ZeroSetup, checkpointed
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BLOCK_COSTS = "block_costs_1.3b_h100_2026-11-24.json"
@@ -120,22 +120,26 @@ def scaling_efficiency(gpus: int) -> float:
 
 
 def predict(cfg: ModelConfig, seq_len: int, micro_batch: int, accumulation: int, zero: ZeroSetup, gpus: int,
-            mode: str, results: Path = RESULTS) -> Speed:
-    """Tokens/s per GPU of one optimizer step of `accumulation` micro-batches of micro_batch x seq_len."""
+            mode: str, results: Path = RESULTS, block_types: str | None = None) -> Speed:
+    """Tokens/s per GPU of one optimizer step of `accumulation` micro-batches of micro_batch x seq_len.
+    `mode` recomputes in the blocks whose letter is in `block_types` (train.checkpoint_block_types; None:
+    all): full/offload the whole block, attention its mixer (any block type's), mlp its MLP."""
     parts, src_blocks = part_ms_per_token(cfg, seq_len, results)
     redo = 4.0 / 3.0
     per_token = parts["head"] + parts["norm"]
     for kind in cfg.layer_pattern:
         if kind not in parts:
             raise MissingMeasurement(f"no measured cost for block type {kind!r} in {BLOCK_COSTS}")
-        mixer, mlp = parts[kind], parts["mlp"]
-        if mode in ("full", "offload"):
-            mixer, mlp = mixer * redo, mlp * redo
-        elif mode == "attention" and kind == ATTENTION:
+        mixer, mlp, norms = parts[kind], parts["mlp"], 2 * parts["norm"]
+        if not checkpointed(kind, mode, block_types):
+            pass
+        elif mode in ("full", "offload"):
+            mixer, mlp, norms = mixer * redo, mlp * redo, norms * redo
+        elif mode == "attention":
             mixer *= redo
         elif mode == "mlp":
             mlp *= redo
-        per_token += mixer + mlp + 2 * parts["norm"] * (redo if mode in ("full", "offload") else 1.0)
+        per_token += mixer + mlp + norms
     tokens = micro_batch * seq_len
     micro_over, boundary, ref_params, src_ds = deepspeed_ms(zero.stage, results)
     p = count_params(cfg)

@@ -6,7 +6,10 @@ autograd saves in a bf16 forward on CPU."""
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,8 @@ from model.mamba2 import Mamba2Mixer
 from model.mixers import Mixer, MixerContext, block_type, block_types
 from train.plan import plan
 from train.plan_memory import CHECKPOINT_MODES, activations, block_activation_bytes
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("letter", list(block_types()))
@@ -139,3 +144,145 @@ def test_formulas_match_what_autograd_saves(case: str, monkeypatch: pytest.Monke
     if letter == "R":  # the threshold made every prefix route its cap, the formula's assumption
         assert mixer.statistics()["routed_fraction"] == cfg.routed.capacity
     assert estimate == pytest.approx(measured, rel=0.005 if letter == "H" else 1e-12)
+
+
+# ---- activation checkpointing's scope: train.checkpoint_block_types, and `attention` on every block type ----
+
+def _expected(cfg: ModelConfig, tokens: int, mode: str, block_types: str | None) -> dict[str, float]:
+    """Hand-computed from block_activation_bytes: a selected block keeps its input (2 d: hidden state and
+    residual) under full, its MLP and the mixer's input (d) under attention, its mixer and the MLP's input
+    under mlp; an unselected one keeps everything."""
+    d, e = cfg.d_model, 2
+    out: dict[str, float] = {}
+    for kind in cfg.layer_pattern:
+        parts = block_activation_bytes(cfg, kind, e)
+        whole = sum(parts.values())
+        chosen = block_types is None or kind in block_types
+        kept = {"full": 2 * d * e, "attention": whole - parts["mixer"] + d * e,
+                "mlp": whole - parts["mlp"] + d * e}[mode] if chosen else whole
+        out[kind] = out.get(kind, 0.0) + kept * tokens
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "attention", "mlp"])
+@pytest.mark.parametrize("block_types", [None, "A", "M", "MA"])
+def test_checkpointing_applies_to_the_selected_blocks(mode: str, block_types: str | None) -> None:
+    """MAMA: `attention` recomputes each selected block's mixer, M's (in_proj, conv, scan) as A's; with
+    checkpoint_block_types=A the M blocks keep everything under every mode (as apply_activation_checkpointing
+    wraps only the selected blocks)."""
+    cfg = ModelConfig(preset="tiny", n_layers=4, pattern="MAMA")
+    tokens = 4096
+    acts = activations(cfg, tokens, mode, block_types=block_types)
+    expected = _expected(cfg, tokens, mode, block_types)
+    assert {k: acts[k] for k in "MA"} == pytest.approx(expected)
+    parts = {k: block_activation_bytes(cfg, k) for k in "MA"}
+    rebuilt = [sum(p.values()) if mode == "full" else p["mixer" if mode == "attention" else "mlp"]
+               for k, p in parts.items() if block_types is None or k in block_types]
+    assert acts["recompute"] == max(rebuilt) * tokens
+    whole = activations(cfg, tokens, "none")
+    if block_types == "A":
+        assert acts["M"] == whole["M"]
+    if mode == "attention" and block_types is None:  # the M blocks' mixer bytes are no longer kept
+        m = parts["M"]
+        assert acts["M"] == 2 * (sum(m.values()) - m["mixer"] + cfg.d_model * 2) * tokens < whole["M"]
+
+
+def test_offload_applies_to_the_selected_blocks() -> None:
+    """offload: the selected blocks' inputs on the host, the others whole on the GPU."""
+    cfg = ModelConfig(preset="tiny", n_layers=4, pattern="MAMA")
+    tokens, inputs = 4096, 2 * cfg.d_model * 2
+    whole = activations(cfg, tokens, "none")
+    every = activations(cfg, tokens, "offload")
+    only_a = activations(cfg, tokens, "offload", block_types="A")
+    assert every["M"] == every["A"] == only_a["A"] == 0
+    assert every["host"] == 4 * inputs * tokens and only_a["host"] == 2 * inputs * tokens
+    assert only_a["M"] == whole["M"]
+    assert only_a["recompute"] == sum(block_activation_bytes(cfg, "A").values()) * tokens
+    assert only_a["offload_in_flight"] == every["offload_in_flight"] == 2 * inputs * tokens
+    assert "offload_in_flight" not in activations(cfg, tokens, "offload", block_types="R")  # no R block here
+
+
+@pytest.mark.parametrize("letter", list(block_types()))
+def test_fp8_counts_each_mamba2_sub_mixer(letter: str) -> None:
+    """fp8: every Mamba2 mixer (M's own, the `ssm` of R, G, H) keeps its normed scan output (d_inner) for the
+    float8 out_proj; attention has none."""
+    from train.plan_memory import mamba2_submixers
+
+    cfg = ModelConfig(preset="tiny", n_layers=2, pattern=f"{letter}A")
+    n = sum(isinstance(m, Mamba2Mixer) for m in block_type(letter)(cfg, 0).modules())
+    assert mamba2_submixers(cfg, letter) == n == (0 if letter == "A" else 1)
+    tokens = 1024
+    bf16, fp8 = activations(cfg, tokens, "none"), activations(cfg, tokens, "none", fp8=True)
+    assert fp8[letter] - bf16[letter] == n * cfg.d_inner * 2 * tokens * (2 if letter == "A" else 1)
+
+
+def test_plan_and_cli_read_checkpoint_block_types() -> None:
+    """plan() threads train.checkpoint_block_types into the activations and the speed; the CLI takes it
+    through --set beside --activation-checkpointing and names the letters."""
+    base = ["train.activation_checkpointing=attention"]
+    every = plan(load_run_config("1.3b", base), 1, gpu="h100")
+    only_a = plan(load_run_config("1.3b", [*base, "train.checkpoint_block_types=A"]), 1, gpu="h100")
+    none = plan(load_run_config("1.3b"), 1, gpu="h100")
+    assert only_a.activations_by_kind["M"] == none.activations_by_kind["M"] > every.activations_by_kind["M"]
+    assert only_a.activations_by_kind["A"] == every.activations_by_kind["A"] < none.activations_by_kind["A"]
+    assert none.speed.tokens_per_s > only_a.speed.tokens_per_s > every.speed.tokens_per_s
+    argv = ["--config", "1.3b", "--activation-checkpointing", "attention", "--set", "train.checkpoint_block_types=A"]
+    proc = subprocess.run([sys.executable, "-m", "train.plan", *argv], check=False, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "activation checkpointing attention (A blocks)" in out
+    assert f"{only_a.memory['activations'] / 2**30:8.2f} GiB" in out
+
+
+def _saved_bytes(pattern: str, mode: str, selected: str | None, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Bytes of the distinct storages autograd saves outside the checkpointed regions (non-reentrant
+    checkpoint's own hooks take those), parameters left out, in one bf16 training forward of the tiny model
+    on CPU: attention on its kernel path (SDPA), Mamba2 on its reference path, the norms unfused."""
+    from model import HybridLM, layers
+    from train.activation_checkpointing import apply_activation_checkpointing
+
+    def add_rms_norm(x, weight, bias, residual=None, eps=1e-6, prenorm=True):  # the unfused ResidualRMSNorm
+        r = x if residual is None else x + residual
+        return torch.nn.functional.rms_norm(r, (r.shape[-1],), weight, eps), r
+
+    monkeypatch.setattr(layers, "mamba_ops", lambda: types.SimpleNamespace(add_rms_norm=add_rms_norm))
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", n_layers=len(pattern), pattern=pattern, max_seq_len=256)
+    model = HybridLM(cfg).to(torch.bfloat16).train()
+    for m in model.modules():
+        if isinstance(m, Mixer):
+            m.impl = "reference" if isinstance(m, Mamba2Mixer) else "kernels"
+    apply_activation_checkpointing(model, mode, selected)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.loss(ids, ids)
+    return sum(s.nbytes() for s in seen.values())
+
+
+@pytest.mark.parametrize("mode", ["attention", "full", "mlp"])
+def test_checkpoint_scope_agrees_with_what_autograd_saves(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's ordering is autograd's, on CPU: in MAMA, the mode on every block saves less than on the
+    A blocks only, which saves less than none (the M blocks' share differs in size: Mamba2's reference path
+    saves other tensors than the kernel path's the planner counts); in AAAA, A only and all are the same."""
+    cfg = ModelConfig(preset="tiny", n_layers=4, pattern="MAMA")
+
+    def planned(pattern: str, m: str, selected: str | None) -> float:
+        c = cfg.model_copy(update={"pattern": pattern})
+        return sum(v for k, v in activations(c, 512, m, block_types=selected).items() if k in "MA")
+
+    none = _saved_bytes("MAMA", "none", None, monkeypatch)
+    only_a = _saved_bytes("MAMA", mode, "A", monkeypatch)
+    every = _saved_bytes("MAMA", mode, None, monkeypatch)
+    assert none > only_a > every
+    assert planned("MAMA", "none", None) > planned("MAMA", mode, "A") > planned("MAMA", mode, None)
+    assert _saved_bytes("AAAA", mode, "A", monkeypatch) == _saved_bytes("AAAA", mode, None, monkeypatch)
+    assert planned("AAAA", mode, "A") == planned("AAAA", mode, None)
