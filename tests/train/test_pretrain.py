@@ -58,7 +58,12 @@ def run_zero3(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_zero2_run_learns_and_writes_complete_checkpoints(run_a: Path) -> None:
     m = read_metrics(run_a)
     assert [s for s in sorted(m) if "loss" in m[s]] == list(range(1, 17))
-    assert m[6]["val_loss"] > m[12]["val_loss"] > m[16]["val_loss"]
+    # Validation improves from the first eval (step 6, at the peak learning rate) to both later ones, by > 0.1 nats. Not
+    # also from 12 to 16: at the decayed learning rate (1.3e-3 -> 3e-4) it is a plateau whose sign depends on the CPU's
+    # float32 rounding: this 2-core AMD machine (torch 2.13) gave 5.22, 4.99, 4.81 at steps 6, 12, 16, the GPU
+    # machine's Xeon (AVX-512, torch 2.11; the same CPU world) 5.35, 4.9506, 4.9590 in both suite runs.
+    val = [m[s]["val_loss"] for s in (6, 12, 16)]
+    assert val[0] - max(val[1:]) > 0.1, val
     first, last = (sum(m[s]["loss"] for s in steps) / 4 for steps in (range(1, 5), range(13, 17)))
     assert first - last > 1.0, (first, last)
     root = run_a / "checkpoints"

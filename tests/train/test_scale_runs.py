@@ -17,6 +17,23 @@ from bench import scale_runs
 from .conftest import REPO, VOCAB, run_env
 
 
+def test_results_name_the_ranks_device_not_this_processs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The results' device is the launched ranks': the CPU under DS_ACCELERATOR=cpu although this process sees a
+    GPU, and the CPU when CUDA_VISIBLE_DEVICES hides the GPUs after this process probed CUDA (is_available() keeps
+    the first probe's count, device_count() reads the variable again: the GPU machine's pytest worker got cuda,
+    then get_device_name's "Invalid device id")."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert scale_runs._device().type == "cpu"
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert scale_runs._device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # CUDA_VISIBLE_DEVICES="" after the probe
+    assert scale_runs._device().type == "cpu"
+
+
 @pytest.mark.slow
 def test_preempt_and_resume_smoke(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reference run, SIGTERM mid-run, resume on 1 process (universal) and on 2 (--resume auto): both

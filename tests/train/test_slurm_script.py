@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def _slurm_env(tmp_path: Path) -> dict[str, str]:
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    # PRETRAIN_PYTHON: this interpreter, not the script's default .venv/bin/python, which a machine that runs the
+    # suite from another environment lacks (the GPU machine: every task ended at once with exit 127)
     return {**run_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+            "PRETRAIN_PYTHON": sys.executable,
             "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": str(_job_id()), "SLURM_NTASKS": "2",
             "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "1"}
 
@@ -87,8 +91,11 @@ def test_preempted_job_saves_and_the_requeued_job_resumes_bitwise(run_a: Path, c
     deadline = time.monotonic() + 300
     while max(read_metrics(out), default=0) < 8 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    # a job that ended before step 8 fails with its output (psutil.Process of its reaped pid would only raise
+    # NoSuchProcess, which hid the exit-127 cause above)
+    assert job.poll() is None, f"the job ended ({job.returncode}) before step 8:\n{job.communicate()[0][-3000:]}"
     ranks = [p for p in psutil.Process(job.pid).children(recursive=True) if "launch/pretrain.py" in _cmdline(p)]
-    assert len(ranks) == 2, job.communicate()[0][-3000:] if job.poll() is not None else ranks
+    assert len(ranks) == 2, ranks
     for p in ranks:  # --signal=TERM@600: every task at once
         p.send_signal(signal.SIGTERM)
     log, _ = job.communicate(timeout=300)
