@@ -51,7 +51,7 @@ class Plan:
     params: int
     memory: dict[str, float]  # GPU terms: params, gradients, optimizer, activations, comm_buffers, allowance
     activations_by_kind: dict[str, float]
-    host: float  # host bytes per GPU (offload)
+    host: float  # host bytes per GPU (offload): optimizer / parameter offload + `host_activations`
     device_bytes: float | None
     allocated: float  # what torch.cuda.max_memory_allocated reports at the peak (no context/fragmentation)
     first_step: float  # the same during step 1 (Adam moments not yet allocated)
@@ -60,6 +60,7 @@ class Plan:
     speed_error: str | None = None
     notes: list[str] = field(default_factory=list)
     block_types: str | None = None  # train.checkpoint_block_types: the letters `mode` applies to (None: all)
+    host_activations: float = 0.0  # of `host`: the saved tensors activation checkpointing mode offload moves there
 
     @property
     def checkpointing(self) -> str:
@@ -153,18 +154,22 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
     speed, error = None, None
     try:
         speed = predict(cfg.model, seq_len, micro_batch, accumulation, zero, gpus, mode,
-                        block_types=t.checkpoint_block_types)
+                        block_types=t.checkpoint_block_types, e=e, fp8=t.precision == "fp8")
     except MissingMeasurement as exc:
         error = str(exc)
     notes = []
     if zero.offload_optimizer:
         notes.append("offload speed: DeepSpeedCPUAdam and PCIe rates are assumptions (train/plan_speed.py)")
+    if mode == "offload":
+        notes.append("activation offload speed: the saved tensors cross PCIe at an assumed rate, not overlapped "
+                     "(train/plan_speed.py)")
     return Plan(gpus=gpus, zero=zero, mode=mode, micro_batch=micro_batch, seq_len=seq_len, accumulation=accumulation,
                 params=count_params(cfg.model), memory=memory, activations_by_kind=by_kind,
                 host=states["host"] + acts["host"], device_bytes=device_bytes(gpu), allocated=allocated,
                 first_step=allocated - states["optimizer_moments"],
                 allocator_visible=allocated - (act_total if t.cuda_graph else 0.0),
-                speed=speed, speed_error=error, notes=notes, block_types=t.checkpoint_block_types)
+                speed=speed, speed_error=error, notes=notes, block_types=t.checkpoint_block_types,
+                host_activations=acts["host"])
 
 
 def _candidates(cfg: RunConfig) -> list[list[str]]:
@@ -218,7 +223,8 @@ def host_memory_bytes() -> float:
 def preflight(cfg: RunConfig) -> None:
     """launch/pretrain.py's check on CUDA before the start-up: print the estimate (rank 0) and raise a
     ConfigError naming settings that fit when it exceeds this GPU, or when the offloaded state of this
-    machine's ranks exceeds its memory (train.plan_check=false: print only). CPU runs are not checked."""
+    machine's ranks (optimizer / parameter offload and activation checkpointing mode offload's saved tensors:
+    `Plan.host`) exceeds its memory (train.plan_check=false: print only). CPU runs are not checked."""
     import os
 
     import torch
@@ -235,9 +241,14 @@ def preflight(cfg: RunConfig) -> None:
         print(p.summary(), flush=True)
     node_host = p.host * int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if cfg.train.plan_check and node_host > host_memory_bytes():
-        raise ConfigError(f"the offloaded optimizer state needs ~{node_host / GIB:.1f} GiB of this machine's memory "
-                          f"(all its ranks), more than its {host_memory_bytes() / GIB:.1f} GiB: use more GPUs or "
-                          "nodes, or a DeepSpeed JSON without offload, or --set train.plan_check=false to start anyway")
+        ranks = node_host / p.host
+        parts = [f"{what} ~{b * ranks / GIB:.1f} GiB" for what, b in
+                 (("optimizer state" + (" and parameters" if p.zero.offload_params else ""),
+                   p.host - p.host_activations), ("activations", p.host_activations)) if b]
+        raise ConfigError(f"the offloaded state needs ~{node_host / GIB:.1f} GiB of this machine's memory "
+                          f"(all its ranks: {', '.join(parts)}), more than its {host_memory_bytes() / GIB:.1f} GiB: "
+                          "use more GPUs or nodes, or a DeepSpeed JSON without offload, or activation checkpointing "
+                          "other than offload, or --set train.plan_check=false to start anyway")
     if p.fits or not cfg.train.plan_check:
         return
     options = fitting_settings(cfg, world, device)
@@ -260,10 +271,12 @@ def report(p: Plan, tokens: float | None) -> str:
     for name, value in p.memory.items():
         lines.append(f"  {name:<14}{gb(value)}")
         if name == "activations":
-            lines += [f"    {k:<12}{gb(v)}" for k, v in p.activations_by_kind.items() if v]
+            lines += [f"    {k:<12}{gb(v)}" if len(k) < 12 else f"    {k} {gb(v).strip()}"
+                      for k, v in p.activations_by_kind.items() if v]
     lines.append(f"  {'total':<14}{gb(p.total)}" + (f"  of {gb(p.device_bytes).strip()}: "
                                                       f"{'fits' if p.fits else 'does NOT fit'}" if p.device_bytes else ""))
-    lines.append(f"  host (offload) {gb(p.host)} per GPU")
+    lines.append(f"  host (offload) {gb(p.host)} per GPU"
+                 + (f" (activations {gb(p.host_activations).strip()})" if p.host_activations else ""))
     lines.append(f"  (allowance: CUDA context {CONTEXT_BYTES / GIB:.2f} GiB + {FRAGMENTATION:.0%} fragmentation; "
                  "see train/plan_memory.py)")
     if p.speed is None:

@@ -21,9 +21,11 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
 
 Activations: the tensors each block keeps for its backward on the kernel path (counted per token
 below, `block_activation_bytes`; the mixer's share by the mixer class itself,
-`Mixer.saved_activation_bytes`), times the micro-batch's tokens; activation checkpointing keeps a
-block's input instead and recomputes one block (or one mixer / MLP) at a time in the backward, in the
-blocks train.checkpoint_block_types selects (all by default).
+`Mixer.saved_activation_bytes`), times the micro-batch's tokens. Activation checkpointing, in the blocks
+train.checkpoint_block_types selects (all by default): full keeps a block's input instead and recomputes one
+block at a time in the backward; attention / mlp drop the mixer's / MLP's saved tensors and recompute one at a
+time (their input, a norm's output, stays: `block_activation_bytes`' norms term); offload moves every tensor a
+block saves, its weights included, to pinned host memory and copies them back in the backward (`activations`).
 The Adam moments are allocated at the end of the first step (`first_step` excludes them); under CUDA
 graphs the activations live in the graphs' private memory pool, which torch.cuda.max_memory_allocated
 does not count after the capture (`allocator_visible`).
@@ -36,7 +38,7 @@ from typing import Any
 
 from model.config import ModelConfig
 from model.mixers import block_type
-from model.sizing import count_params, mixer_params, mlp_params
+from model.sizing import block_params, count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
 FP32 = 4
@@ -156,7 +158,8 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
 def block_activation_bytes(cfg: ModelConfig, kind: str, e: int = 2) -> dict[str, float]:
     """Bytes per token one block keeps for its backward on the kernel path, by part.
 
-    norms  each RMSNorm's input and output (the next GEMM's input): 2 norms x 2 x d
+    norms  each RMSNorm's input and output (the next GEMM's input, and the input that checkpointing the
+           mixer or the MLP keeps for its recompute): 2 norms x 2 x d
     mlp    SwiGLU: the fused gate|up GEMM output (2 f) and silu(gate)*up, the down GEMM's input (f)
     mixer  what the block type's mixer says it keeps (`Mixer.saved_activation_bytes`: each formula lives
            beside its forward, model/mamba2.py, model/attention.py, model/mixers/)
@@ -203,12 +206,26 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
                 block_types: str | None = None) -> dict[str, float]:
     """GPU bytes of one micro-batch's saved activations (`tokens` = micro-batch x sequence length) by
     block type ("M", "A", ...), plus "head" and "recompute" (the one block part rebuilt at a time in
-    the backward), and "host" (block inputs offloaded by mode offload).
+    the backward), and "host" (what mode offload puts in host memory; not a GPU term).
 
     `mode` applies to the blocks whose letter is in `block_types` (train.checkpoint_block_types; None:
-    every block); the others keep every activation. full: a selected block keeps its input only; attention:
-    its mixer (whatever the block type: for M the in-projection, conv and scan) keeps its input only, its
-    MLP everything; mlp: the reverse; offload: its input goes to the host.
+    every block); the others keep every activation. A selected block keeps, under
+      full       its input only (hidden state and residual, 2 d); "recompute" is the largest whole block;
+      attention  everything but its mixer's saved tensors (whatever the block type: for M the in-projection,
+                 conv and scan): the mixer's input, which the checkpoint keeps, is the mixer norm's output,
+                 already counted in `block_activation_bytes`' norms term; "recompute" the largest mixer;
+      mlp        the same with its MLP (the MLP's input is the MLP norm's output, counted there too);
+      offload    nothing on the GPU between its forward and its backward: torch.autograd.graph.save_on_cpu
+                 copies every tensor the block saves to (pinned) host memory and nothing is recomputed. "host"
+                 holds the whole block's saved bytes x tokens (fp8's extra included) plus its weights (e x
+                 `block_params`: the GEMMs and kernels save them too, and the hook copies every saved tensor;
+                 one copy per block and micro-batch). In the backward the block's tensors come back (copied when
+                 each backward node unpacks them) and are freed after it: "offload_transient" counts the largest
+                 selected block's saved bytes (weights included) on the GPU, and "offload_in_flight" one more
+                 such block, the one copied back while the previous one is consumed. Two blocks' worth is a
+                 bound: save_on_cpu copies each tensor back on demand on the compute stream, so less may be
+                 resident at once. Not counted: torch's pinned host allocator rounds each allocation up to a
+                 power of two (CachingHostAllocator; up to 2x per tensor) and caches the blocks it freed.
 
     `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H:
     `mamba2_submixers`) also keeps its scan's normed output (d_inner) for the float8 out_proj's backward,
@@ -217,8 +234,7 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
         raise ValueError(f"activation checkpointing {mode!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
     per_kind: dict[str, float] = {}
-    recompute = host = 0.0
-    offloading = False
+    recompute = host = offloaded = 0.0  # offloaded: the largest selected block's saved bytes (offload)
     for kind in cfg.layer_pattern:
         parts = block_activation_bytes(cfg, kind, e)
         if fp8:
@@ -228,15 +244,15 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
             kept = whole
         elif mode == "full":
             kept, recompute = inputs, max(recompute, whole)
-        elif mode == "offload":  # counted like full, with the kept input on the host
-            kept, recompute, offloading = 0.0, max(recompute, whole), True
-            host += inputs * tokens
+        elif mode == "offload":
+            block = whole * tokens + e * block_params(cfg, kind)
+            kept, host, offloaded = 0.0, host + block, max(offloaded, block)
         elif mode == "attention":
-            kept, recompute = whole - parts["mixer"] + cfg.d_model * e, max(recompute, parts["mixer"])
+            kept, recompute = whole - parts["mixer"], max(recompute, parts["mixer"])
         else:  # mlp
-            kept, recompute = whole - parts["mlp"] + cfg.d_model * e, max(recompute, parts["mlp"])
+            kept, recompute = whole - parts["mlp"], max(recompute, parts["mlp"])
         per_kind[kind] = per_kind.get(kind, 0.0) + kept * tokens
     out = {**per_kind, "head": head_activation_bytes(cfg, e) * tokens, "recompute": recompute * tokens, "host": host}
-    if offloading:  # two block inputs stay on the GPU (in use, in flight)
-        out["offload_in_flight"] = 2 * inputs * tokens
+    if offloaded:  # one block's tensors back for its backward, one more copied back while it is consumed
+        out["offload_transient"] = out["offload_in_flight"] = offloaded
     return out

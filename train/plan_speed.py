@@ -13,7 +13,9 @@ Scaling assumptions (stated in every plan):
     only helps the memory-bound parts);
   - DeepSpeed's per-micro-batch cost scales with the parameters P, its optimizer step with P / GPUs;
     ZeRO-3 is charged ZeRO-2's costs (its parameter gathers overlap the compute; no ZeRO-3 run measured);
-  - activation checkpointing recomputes the forward of what it drops: +1/3 of that part's time;
+  - activation checkpointing recomputes the forward of what it drops: +1/3 of that part's time; mode offload
+    recomputes nothing and copies each selected block's saved tensors (and weights: train.plan_memory.activations'
+    "host") to the host in the forward and back in the backward at PCIE_BYTES_PER_S, not overlapped;
   - several GPUs: gradient/parameter communication overlapped with compute to 95% efficiency within a
     node (<= 8 GPUs) and 90% across nodes (docs/cluster.md; no multi-GPU run committed yet);
   - CPU optimizer offload: DeepSpeedCPUAdam at CPU_ADAM_PARAMS_PER_S and the float32 gradients down,
@@ -31,7 +33,7 @@ from pathlib import Path
 from model.config import ATTENTION, MAMBA, ModelConfig
 from model.mixers import block_type
 from model.sizing import count_params, mlp_params
-from train.plan_memory import ZeroSetup, checkpointed
+from train.plan_memory import ZeroSetup, activations, checkpointed
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BLOCK_COSTS = "block_costs_1.3b_h100_2026-11-24.json"
@@ -120,10 +122,13 @@ def scaling_efficiency(gpus: int) -> float:
 
 
 def predict(cfg: ModelConfig, seq_len: int, micro_batch: int, accumulation: int, zero: ZeroSetup, gpus: int,
-            mode: str, results: Path = RESULTS, block_types: str | None = None) -> Speed:
+            mode: str, results: Path = RESULTS, block_types: str | None = None, e: int = 2,
+            fp8: bool = False) -> Speed:
     """Tokens/s per GPU of one optimizer step of `accumulation` micro-batches of micro_batch x seq_len.
     `mode` recomputes in the blocks whose letter is in `block_types` (train.checkpoint_block_types; None:
-    all): full/offload the whole block, attention its mixer (any block type's), mlp its MLP."""
+    all): full the whole block, attention its mixer (any block type's), mlp its MLP; offload recomputes
+    nothing and moves the blocks' saved bytes (`e` bytes per element, `fp8` train.precision=fp8: the
+    activations' sizes) down and up over PCIe, not overlapped."""
     parts, src_blocks = part_ms_per_token(cfg, seq_len, results)
     redo = 4.0 / 3.0
     per_token = parts["head"] + parts["norm"]
@@ -133,7 +138,7 @@ def predict(cfg: ModelConfig, seq_len: int, micro_batch: int, accumulation: int,
         mixer, mlp, norms = parts[kind], parts["mlp"], 2 * parts["norm"]
         if not checkpointed(kind, mode, block_types):
             pass
-        elif mode in ("full", "offload"):
+        elif mode == "full":
             mixer, mlp, norms = mixer * redo, mlp * redo, norms * redo
         elif mode == "attention":
             mixer *= redo
@@ -149,6 +154,8 @@ def predict(cfg: ModelConfig, seq_len: int, micro_batch: int, accumulation: int,
         step = 1e3 * (p / gpus / CPU_ADAM_PARAMS_PER_S + 6 * p / gpus / PCIE_BYTES_PER_S)
     if zero.offload_params:
         micro += 1e3 * 2 * 2 * p / gpus / PCIE_BYTES_PER_S
+    if mode == "offload":  # device -> host in the forward, host -> device in the backward
+        micro += 1e3 * 2 * activations(cfg, tokens, mode, e, fp8, block_types)["host"] / PCIE_BYTES_PER_S
     total_ms = accumulation * micro + step
     rate = tokens * accumulation / (total_ms / 1e3) * scaling_efficiency(gpus)
     return Speed(rate, micro, step, [src_blocks, src_ds])

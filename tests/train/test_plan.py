@@ -15,9 +15,16 @@ import torch
 from config.loader import ConfigError
 from config.schema import load_run_config
 from model.config import ModelConfig
-from model.sizing import count_params
+from model.sizing import block_params, count_params
 from train.plan import fitting_settings, parse_args, plan, plan_from_args, preflight
-from train.plan_memory import CONTEXT_BYTES, ZeroSetup, activations, largest_leaf_params, model_states
+from train.plan_memory import (
+    CONTEXT_BYTES,
+    ZeroSetup,
+    activations,
+    block_activation_bytes,
+    largest_leaf_params,
+    model_states,
+)
 from train.plan_runs import (
     MEMORY_BOUND,
     SPEED_BOUND,
@@ -101,13 +108,16 @@ def test_model_states_match_a_measured_cpu_optimizer_step() -> None:
 
 
 def test_checkpointing_modes_order_the_activations() -> None:
-    """Each mode keeps less than none; full keeps block inputs + one block; offload moves those to the host."""
+    """Each mode keeps less than none; full keeps block inputs + one block; offload keeps no block's tensors
+    between its forward and backward (two blocks' worth in the backward) and puts all of them, weights too, on
+    the host."""
     cfg = ModelConfig(preset="1.3b")
     gpu = {m: sum(v for k, v in activations(cfg, 8192, m).items() if k != "host")
            for m in ("none", "mlp", "attention", "full", "offload")}
     assert gpu["none"] > gpu["mlp"] > gpu["full"] > gpu["offload"]
     assert gpu["none"] > gpu["attention"] > gpu["full"]
-    assert activations(cfg, 8192, "offload")["host"] == pytest.approx(cfg.n_layers * 2 * cfg.d_model * 2 * 8192)
+    host = sum(sum(block_activation_bytes(cfg, k).values()) * 8192 + 2 * block_params(cfg, k) for k in cfg.layer_pattern)
+    assert activations(cfg, 8192, "offload")["host"] == pytest.approx(host)
 
 
 # Runs whose memory the planner is not expected to match: they ran ZeRO-1 with DeepSpeed's or the
@@ -216,11 +226,34 @@ def test_preflight_checks_host_memory_of_offload(fake_gpu, monkeypatch: pytest.M
                 "train.activation_checkpointing=false"]
     monkeypatch.setattr(planner, "host_memory_bytes", lambda: 125 * GIB)
     for vocab in ([], ["model.vocab_size=8192"]):  # the preset's, and the measured run's
-        with pytest.raises(ConfigError, match="offloaded optimizer state needs"):
+        with pytest.raises(ConfigError, match=r"offloaded state needs .*optimizer state ~1\d\d\.\d GiB\)"):
             preflight(load_run_config("6.7b", run_sets + vocab))
     monkeypatch.setattr(planner, "host_memory_bytes", lambda: 256 * GIB)
     preflight(load_run_config("6.7b", run_sets))
     assert "; host 133.0 GiB per GPU" in capsys.readouterr().out  # 16 bytes x 1.5 x 5.95B parameters
+
+
+def test_preflight_checks_host_memory_of_offloaded_activations(fake_gpu, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys) -> None:
+    """Activation checkpointing mode offload puts every block's saved tensors and weights in host memory: the
+    1.3B at micro-batch 4 x 4096 on an H100 holds 33.65 GiB there (no optimizer offload), which preflight
+    counts against the machine's memory like offloaded optimizer state."""
+    import train.plan as planner
+
+    fake_gpu.total_memory = 85_017_755_648
+    cfg = load_run_config("1.3b", ["train.activation_checkpointing=offload", "train.micro_batch_size=4",
+                                   "train.seq_len=4096"])
+    p = plan(cfg, 1)
+    m = cfg.model
+    by_hand = sum(sum(block_activation_bytes(m, k).values()) * 4 * 4096 + 2 * block_params(m, k)
+                  for k in m.layer_pattern)
+    assert p.host == p.host_activations == pytest.approx(by_hand) and by_hand / GIB == pytest.approx(33.65, abs=0.01)
+    monkeypatch.setattr(planner, "host_memory_bytes", lambda: 32 * GIB)
+    with pytest.raises(ConfigError, match=r"offloaded state needs ~33\.6 GiB .*\(all its ranks: activations ~33\.6 GiB\)"):
+        preflight(cfg)
+    monkeypatch.setattr(planner, "host_memory_bytes", lambda: 64 * GIB)
+    preflight(cfg)
+    assert "; host 33.6 GiB per GPU" in capsys.readouterr().out
 
 
 def test_preflight_skips_cpu(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

@@ -150,16 +150,17 @@ def test_formulas_match_what_autograd_saves(case: str, monkeypatch: pytest.Monke
 
 def _expected(cfg: ModelConfig, tokens: int, mode: str, block_types: str | None) -> dict[str, float]:
     """Hand-computed from block_activation_bytes: a selected block keeps its input (2 d: hidden state and
-    residual) under full, its MLP and the mixer's input (d) under attention, its mixer and the MLP's input
-    under mlp; an unselected one keeps everything."""
+    residual) under full, everything but its mixer's tensors under attention, everything but its MLP's under
+    mlp (the recomputed part's input is a norm's output, already in the norms term); an unselected one keeps
+    everything."""
     d, e = cfg.d_model, 2
     out: dict[str, float] = {}
     for kind in cfg.layer_pattern:
         parts = block_activation_bytes(cfg, kind, e)
         whole = sum(parts.values())
         chosen = block_types is None or kind in block_types
-        kept = {"full": 2 * d * e, "attention": whole - parts["mixer"] + d * e,
-                "mlp": whole - parts["mlp"] + d * e}[mode] if chosen else whole
+        kept = {"full": 2 * d * e, "attention": whole - parts["mixer"], "mlp": whole - parts["mlp"]}[mode] \
+            if chosen else whole
         out[kind] = out.get(kind, 0.0) + kept * tokens
     return out
 
@@ -184,22 +185,70 @@ def test_checkpointing_applies_to_the_selected_blocks(mode: str, block_types: st
         assert acts["M"] == whole["M"]
     if mode == "attention" and block_types is None:  # the M blocks' mixer bytes are no longer kept
         m = parts["M"]
-        assert acts["M"] == 2 * (sum(m.values()) - m["mixer"] + cfg.d_model * 2) * tokens < whole["M"]
+        assert acts["M"] == 2 * (sum(m.values()) - m["mixer"]) * tokens < whole["M"]
 
 
-def test_offload_applies_to_the_selected_blocks() -> None:
-    """offload: the selected blocks' inputs on the host, the others whole on the GPU."""
+def test_small_pattern_by_hand() -> None:
+    """tiny MAMA (d 256, ffn 512, bf16), 1024 tokens, the numbers worked out by hand from the per-token parts
+    (norms 2 x 2 x 256 x 2 = 2048, SwiGLU 3 x 512 x 2 = 3072, the mixers' formulas) and the blocks' weights.
+
+    attention / mlp: a selected block keeps all but the recomputed part (its input is a norm's output,
+    already in norms); offload: nothing of a selected block on the GPU, its saved bytes and weights on the host,
+    and the largest such block twice on the GPU in the backward (in use and in flight)."""
+    from model.sizing import block_params
+
     cfg = ModelConfig(preset="tiny", n_layers=4, pattern="MAMA")
-    tokens, inputs = 4096, 2 * cfg.d_model * 2
-    whole = activations(cfg, tokens, "none")
-    every = activations(cfg, tokens, "offload")
-    only_a = activations(cfg, tokens, "offload", block_types="A")
-    assert every["M"] == every["A"] == only_a["A"] == 0
-    assert every["host"] == 4 * inputs * tokens and only_a["host"] == 2 * inputs * tokens
-    assert only_a["M"] == whole["M"]
-    assert only_a["recompute"] == sum(block_activation_bytes(cfg, "A").values()) * tokens
-    assert only_a["offload_in_flight"] == every["offload_in_flight"] == 2 * inputs * tokens
+    assert block_activation_bytes(cfg, "M") == {"norms": 2048, "mixer": 5796.0, "mlp": 3072}
+    assert block_activation_bytes(cfg, "A") == {"norms": 2048, "mixer": 1552, "mlp": 3072}
+    assert (block_params(cfg, "M"), block_params(cfg, "A")) == (810_864, 590_336)
+    tokens, head = 1024, 17_825_792  # head: (2 x 256 x 2 + 8192 x 2) x 1024
+    # per token: M whole 2048 + 5796 + 3072 = 10916, A whole 2048 + 1552 + 3072 = 6672
+    assert activations(cfg, tokens, "attention") == {
+        "M": 2 * (10916 - 5796) * 1024, "A": 2 * (6672 - 1552) * 1024, "head": head, "recompute": 5796 * 1024,
+        "host": 0.0}
+    assert activations(cfg, tokens, "mlp") == {
+        "M": 2 * (10916 - 3072) * 1024, "A": 2 * (6672 - 3072) * 1024, "head": head, "recompute": 3072 * 1024,
+        "host": 0.0}
+    m_block = 10916 * 1024 + 2 * 810_864  # 12,799,712 bytes: an M block's saved tensors and bf16 weights
+    a_block = 6672 * 1024 + 2 * 590_336  # 8,012,800
+    assert activations(cfg, tokens, "offload") == {
+        "M": 0.0, "A": 0.0, "head": head, "recompute": 0.0, "host": 2 * m_block + 2 * a_block,
+        "offload_transient": m_block, "offload_in_flight": m_block}
+    assert activations(cfg, tokens, "offload", block_types="A") == {
+        "M": 2 * 10916 * 1024, "A": 0.0, "head": head, "recompute": 0.0, "host": 2 * a_block,
+        "offload_transient": a_block, "offload_in_flight": a_block}
     assert "offload_in_flight" not in activations(cfg, tokens, "offload", block_types="R")  # no R block here
+
+
+def test_offload_counts_fp8s_extra_on_the_host() -> None:
+    """fp8's per-Mamba2 d_inner goes to the host with the rest of the block, and to the transient."""
+    cfg = ModelConfig(preset="tiny", n_layers=4, pattern="MAMA")
+    bf16, fp8 = activations(cfg, 1024, "offload"), activations(cfg, 1024, "offload", fp8=True)
+    assert fp8["host"] - bf16["host"] == 2 * cfg.d_inner * 2 * 1024  # two M blocks
+    assert fp8["offload_transient"] - bf16["offload_transient"] == cfg.d_inner * 2 * 1024
+
+
+def test_speed_of_offload_and_of_the_recomputing_modes() -> None:
+    """offload recomputes nothing: its micro-batch is none's plus the host bytes down and up at 25 GB/s;
+    attention / mlp add 1/3 of the selected parts' time."""
+    from train.plan_memory import ZeroSetup
+    from train.plan_speed import PCIE_BYTES_PER_S, part_ms_per_token, predict
+
+    cfg = ModelConfig(preset="1.3b")
+    seq, mb = 4096, 2
+
+    def micro(mode: str, selected: str | None = None) -> float:
+        return predict(cfg, seq, mb, 8, ZeroSetup(stage=1), 1, mode, block_types=selected).micro_ms
+
+    for selected in (None, "A"):
+        host = activations(cfg, mb * seq, "offload", block_types=selected)["host"]
+        assert PCIE_BYTES_PER_S == 25e9
+        assert micro("offload", selected) - micro("none") == pytest.approx(1e3 * 2 * host / 25e9)
+    parts, _ = part_ms_per_token(cfg, seq)
+    n = {k: cfg.layer_pattern.count(k) for k in "MA"}
+    assert micro("attention") - micro("none") == pytest.approx(
+        (n["M"] * parts["M"] + n["A"] * parts["A"]) / 3 * mb * seq)
+    assert micro("mlp", "A") - micro("none") == pytest.approx(n["A"] * parts["mlp"] / 3 * mb * seq)
 
 
 @pytest.mark.parametrize("letter", list(block_types()))
@@ -235,10 +284,13 @@ def test_plan_and_cli_read_checkpoint_block_types() -> None:
     assert f"{only_a.memory['activations'] / 2**30:8.2f} GiB" in out
 
 
-def _saved_bytes(pattern: str, mode: str, selected: str | None, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Bytes of the distinct storages autograd saves outside the checkpointed regions (non-reentrant
-    checkpoint's own hooks take those), parameters left out, in one bf16 training forward of the tiny model
-    on CPU: attention on its kernel path (SDPA), Mamba2 on its reference path, the norms unfused."""
+def _saved(pattern: str, mode: str, selected: str | None, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes of the distinct storages autograd saves in one bf16 training forward of the tiny model on CPU
+    (2 rows of 256 tokens): "gpu" outside the checkpointed regions (non-reentrant checkpoint's own hooks take
+    those) and outside mode offload's save_on_cpu, parameters and the shared RoPE tables left out; "host" what
+    save_on_cpu takes (a counting hook stands in: on CPU it would keep the tensors where they are), and
+    "host_weights" the parameters among it. Attention on its kernel path (SDPA), Mamba2 on its reference path,
+    the norms unfused, the SwiGLU on its reference path (it also keeps silu(gate): 4 ffn, not the kernel's 3)."""
     from model import HybridLM, layers
     from train.activation_checkpointing import apply_activation_checkpointing
 
@@ -254,18 +306,60 @@ def _saved_bytes(pattern: str, mode: str, selected: str | None, monkeypatch: pyt
         if isinstance(m, Mixer):
             m.impl = "reference" if isinstance(m, Mamba2Mixer) else "kernels"
     apply_activation_checkpointing(model, mode, selected)
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, torch.UntypedStorage] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    rope: set[int] = set()  # alive for the whole step whatever saves them (HybridLM's ctx)
+    model.rope.register_forward_hook(lambda _m, _a, out: rope.update(t.untyped_storage().data_ptr() for t in out))
+    # the storages themselves, held so that a freed one's address cannot come back as another's
+    seen: dict[str, dict[int, torch.UntypedStorage]] = {"gpu": {}, "host": {}, "host_weights": {}}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in skip:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage()
-        return t
+    def hook(where: str):
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in params:
+                if where == "host":
+                    seen["host_weights"][ptr] = t.untyped_storage()
+            elif ptr not in rope:
+                seen[where][ptr] = t.untyped_storage()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", lambda pin_memory=False: hook("host"))
     ids = torch.randint(0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with hook("gpu"):
         model.loss(ids, ids)
-    return sum(s.nbytes() for s in seen.values())
+    return {k: sum(st.nbytes() for st in v.values()) for k, v in seen.items()}
+
+
+def _saved_bytes(pattern: str, mode: str, selected: str | None, monkeypatch: pytest.MonkeyPatch) -> int:
+    return _saved(pattern, mode, selected, monkeypatch)["gpu"]
+
+
+def test_recomputed_parts_and_offload_match_what_autograd_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AAAA in bf16 on CPU, 512 tokens: what mode attention drops is each block's mixer share
+    (`block_activation_bytes`' "mixer") to the byte, so the mixer's input (a norm's output) is not kept twice;
+    mode mlp drops the MLP share to the byte, give or take the reference SwiGLU's extra silu(gate) (ffn x 2 per
+    token; the kernel path fuses it away). Mode offload moves every tensor the blocks save to the host: nothing
+    of theirs is left outside, and their weights go too (e x block_params each, as the planner counts)."""
+    from model.sizing import block_params
+
+    cfg = ModelConfig(preset="tiny", n_layers=4, pattern="AAAA")
+    tokens, blocks, e = 2 * 256, 4, 2
+    parts = block_activation_bytes(cfg, "A", e)
+    none = _saved("AAAA", "none", None, monkeypatch)
+    attention = _saved("AAAA", "attention", None, monkeypatch)
+    mlp = _saved("AAAA", "mlp", None, monkeypatch)
+    offload = _saved("AAAA", "offload", None, monkeypatch)
+    assert none["host"] == attention["host"] == mlp["host"] == 0
+    assert none["gpu"] - attention["gpu"] == blocks * parts["mixer"] * tokens
+    assert none["gpu"] - mlp["gpu"] == blocks * (parts["mlp"] + cfg.ffn_hidden * e) * tokens
+    # the planner's GPU difference is the same less the reference SwiGLU's extra
+    planned = {m: sum(v for k, v in activations(cfg, tokens, m).items() if k == "A") for m in ("none", "attention", "mlp")}
+    assert planned["none"] - planned["attention"] == none["gpu"] - attention["gpu"]
+    assert planned["none"] - planned["mlp"] == none["gpu"] - mlp["gpu"] - blocks * cfg.ffn_hidden * e * tokens
+    assert offload["host"] == none["gpu"] - offload["gpu"] > 0  # all the blocks saved, nothing left behind
+    assert offload["host_weights"] == blocks * e * block_params(cfg, "A")
+    assert activations(cfg, tokens, "offload")["host"] == blocks * (sum(parts.values()) * tokens
+                                                                    + e * block_params(cfg, "A"))
 
 
 @pytest.mark.parametrize("mode", ["attention", "full", "mlp"])
