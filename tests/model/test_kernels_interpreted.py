@@ -49,6 +49,10 @@ pytestmark = pytest.mark.slow  # launched runs / long exports: the full tier onl
 
 TOL = 2e-5
 PACKAGES = ("mamba_ssm", "flash_attn")
+# The project's modules that bind the packages' modules at import: dropped with them, so that a second set-up in
+# one process (xdist hands a worker this module's tests in more than one batch) does not leave them holding the
+# first set-up's modules, which the fixtures below no longer patch.
+BINDING = ("model.ssd_saved", "model.ssd_cb_grad")
 INTERPRETER_TRITON = (3, 9)  # the interpreter these tests run on (scripts/setup.sh's triton==3.9.0)
 
 
@@ -90,7 +94,7 @@ def interpreted_kernels(kernels_cpu: Path) -> Iterator[types.SimpleNamespace]:
         yield ops
         for accessor in accessors:
             accessor.cache_clear()
-        for name in [m for m in sys.modules if m.split(".")[0] in PACKAGES]:
+        for name in [m for m in sys.modules if m.split(".")[0] in PACKAGES or m in BINDING]:
             del sys.modules[name]  # interpreter-mode kernels: no later test may see them
 
 
