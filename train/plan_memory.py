@@ -42,10 +42,8 @@ from model.sizing import block_params, count_params, mixer_params, mlp_params
 
 CHECKPOINT_MODES = ("none", "full", "attention", "mlp", "offload")
 FP32 = 4
-# Host bytes per offloaded byte: DeepSpeed's own estimators' additional_buffer_factor. The pinned host copies
-# hold that much more than their tensors (the 6.7B ZeRO-2 offload run held 16 B/param before its first
-# optimizer step and died of host OOM when the 8 B/param of Adam moments came: 24 = 16 x 1.5;
-# bench/results/pretrain_6.7b_offload_h100_2026-12-07).
+# Host bytes per offloaded byte: DeepSpeed's own estimators' additional_buffer_factor (pinned host copies hold
+# more than their tensors; docs/planner.md names the run that confirmed it).
 HOST_BUFFER_FACTOR = 1.5
 # Not in torch's allocator statistics: the CUDA context with cuBLAS/NCCL workspaces, and the caching
 # allocator's fragmentation (reserved beyond allocated). The context is what an H100's out-of-memory report
