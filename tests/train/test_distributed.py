@@ -123,3 +123,14 @@ def test_more_ranks_than_gpus_is_one_line(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(TrainingError, match=r"local rank 1 needs GPU 1, but this machine shows 1 GPU\(s\): launch at "
                                             r"most 1 process\(es\) per machine \(deepspeed --num_gpus 1\)"):
         dist.training_device(1)
+
+
+def test_without_deepspeed_a_visible_gpu_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benches that checkpoint activations without DeepSpeed (bench/long_context.py) still train on CUDA."""
+    import torch
+
+    from train.distributed import training_on_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", None)  # import fails as if absent
+    assert training_on_cuda()
