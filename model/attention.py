@@ -111,9 +111,9 @@ class Attention(Mixer):
         return {"attention": 4.0 * cfg.attention.n_heads * cfg.head_dim * (seq_len + 1) / 2}
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int, fp8: bool = False) -> float:
         """Per token: q, k, v after RoPE (the kernel's inputs: n_heads k + 2 n_kv k), its output (n_heads k)
-        in e bytes and the float32 log-sum-exp (n_heads)."""
+        in e bytes and the float32 log-sum-exp (n_heads); the same under fp8."""
         a = cfg.attention
         q, kv = a.n_heads * cfg.head_dim, a.n_kv_heads * cfg.head_dim
         return (2 * q + 2 * kv) * e + FP32 * a.n_heads

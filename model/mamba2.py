@@ -200,17 +200,21 @@ class Mamba2Mixer(Mixer):
                 + 2 * m.d_conv * cfg.conv_dim}
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int, fp8: bool = False) -> float:
         """Per token, model/ssd_saved.py's saved tensors: zxbcdt (2 di + 2 G N + H), the conv output
         (di + 2 G N), y (di) in e bytes; float32 dt and its cumsum (2 H), chunk states (H P N per chunk of
         Q tokens), C B^T (G Q per token), the gated norm's rstd (G); with mamba.recompute_in_backward only
-        zxbcdt and y (mamba_ssm's own fused function, which recomputes the rest)."""
+        zxbcdt and y (mamba_ssm's own fused function, which recomputes the rest). fp8: the float8 out_proj
+        also keeps the scan's normed output (di), which the fused scan would recompute (counted for every
+        block; the bf16 first and last ones do not keep it)."""
         m = cfg.mamba
         di, gn, heads = cfg.d_inner, m.n_groups * m.d_state, cfg.n_ssm_heads
         saved = (2 * di + 2 * gn + heads + di) * e
         if not m.recompute_in_backward:
             saved += (di + 2 * gn) * e + FP32 * (2 * heads + heads * m.headdim * m.d_state / m.chunk_size
                                                  + m.n_groups * m.chunk_size + m.n_groups)
+        if fp8:
+            saved += di * e
         return saved
 
     def zero3_leaves(self) -> list[nn.Module]:

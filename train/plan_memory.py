@@ -153,19 +153,19 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
     return out
 
 
-def block_activation_bytes(cfg: ModelConfig, kind: str, e: int = 2) -> dict[str, float]:
+def block_activation_bytes(cfg: ModelConfig, kind: str, e: int = 2, fp8: bool = False) -> dict[str, float]:
     """Bytes per token one block keeps for its backward on the kernel path, by part.
 
     norms  each RMSNorm's input and output (the next GEMM's input, and the input that checkpointing the
            mixer or the MLP keeps for its recompute): 2 norms x 2 x d
     mlp    SwiGLU: the fused gate|up GEMM output (2 f) and silu(gate)*up, the down GEMM's input (f)
     mixer  what the block type's mixer says it keeps (`Mixer.saved_activation_bytes`: each formula lives
-           beside its forward, model/mamba2.py, model/attention.py, model/mixers/)
+           beside its forward, model/mamba2.py, model/attention.py, model/mixers/; `fp8`: train.precision=fp8)
     """
     d = cfg.d_model
     norms = 2 * 2 * d * e
     mlp = 3 * cfg.ffn_hidden * e
-    return {"norms": norms, "mixer": block_type(kind).saved_activation_bytes(cfg, e), "mlp": mlp}
+    return {"norms": norms, "mixer": block_type(kind).saved_activation_bytes(cfg, e, fp8), "mlp": mlp}
 
 
 def head_activation_bytes(cfg: ModelConfig, e: int = 2) -> float:
@@ -179,25 +179,6 @@ def checkpointed(kind: str, mode: str, block_types: str | None) -> bool:
     train.checkpoint_block_types `block_types` names the letters it applies to (None: every block), as
     train/activation_checkpointing.py's `apply_activation_checkpointing` selects them."""
     return mode != "none" and (block_types is None or kind in block_types)
-
-
-_MAMBA2_SUBMIXERS: dict[tuple[str, str], int] = {}
-
-
-def mamba2_submixers(cfg: ModelConfig, kind: str) -> int:
-    """How many Mamba2 mixers a block of pattern letter `kind` holds (M: itself; R, G, H: their `ssm`): the
-    mixer class from the registry built on the meta device (no memory, no arithmetic, as train/fp8.py's
-    `fp8_plan` builds models) and its modules counted. Cached per letter and config."""
-    key = (kind, cfg.model_dump_json())
-    if key not in _MAMBA2_SUBMIXERS:
-        import torch
-
-        from model.mamba2 import Mamba2Mixer
-
-        with torch.device("meta"):
-            mixer = block_type(kind)(cfg, 0)
-        _MAMBA2_SUBMIXERS[key] = sum(isinstance(m, Mamba2Mixer) for m in mixer.modules())
-    return _MAMBA2_SUBMIXERS[key]
 
 
 def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool = False,
@@ -225,18 +206,15 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
                  resident at once. Not counted: torch's pinned host allocator rounds each allocation up to a
                  power of two (CachingHostAllocator; up to 2x per tensor) and caches the blocks it freed.
 
-    `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H:
-    `mamba2_submixers`) also keeps its scan's normed output (d_inner) for the float8 out_proj's backward,
-    which the fused scan would recompute (every block counted; the bf16 first and last ones do not keep it)."""
+    `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H) also keeps its
+    scan's normed output (d_inner) for the float8 out_proj's backward (`Mamba2Mixer.saved_activation_bytes`)."""
     if mode not in CHECKPOINT_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
     per_kind: dict[str, float] = {}
     recompute = host = offloaded = 0.0  # offloaded: the largest selected block's saved bytes (offload)
     for kind in cfg.layer_pattern:
-        parts = block_activation_bytes(cfg, kind, e)
-        if fp8:
-            parts["mixer"] += mamba2_submixers(cfg, kind) * cfg.d_inner * e
+        parts = block_activation_bytes(cfg, kind, e, fp8)
         whole = sum(parts.values())
         if not checkpointed(kind, mode, block_types):
             kept = whole

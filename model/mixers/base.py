@@ -140,11 +140,12 @@ class Mixer(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: "ModelConfig", e: int) -> float:
+    def saved_activation_bytes(cls, cfg: "ModelConfig", e: int, fp8: bool = False) -> float:
         """Bytes per token that one training forward keeps for its backward on the kernel path: the
         tensors autograd saves, each storage once, less the mixer's input (the block's normed hidden state,
         which the planner counts with the norms) and the parameters. e: bytes per element of the compute
-        dtype (2 for bf16); float32 tensors count FP32 bytes per element."""
+        dtype (2 for bf16); float32 tensors count FP32 bytes per element. fp8: train.precision=fp8 (train/fp8.py
+        converts the large Linears), for a mixer whose saved tensors change with it."""
         raise NotImplementedError
 
     def zero3_leaves(self) -> list[nn.Module]:

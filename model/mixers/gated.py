@@ -108,13 +108,13 @@ class GatedMemoryMixer(Mixer):
         return {**Mamba2Mixer.core_flops(cfg, seq_len), **Attention.core_flops(cfg, seq_len)}
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int, fp8: bool = False) -> float:
         """Per token: Mamba2's and attention's; the blend's operands, d each in e bytes: g (the sigmoid's
         output), 1 - g, the attention side and Mamba2's output; with memory slots, the memory query (d, kept
         by the score product) and the softmax weights (slots) in e bytes."""
         d, slots = cfg.d_model, cfg.gated.slots
         memory = (d + slots) * e if slots else 0
-        paths = Mamba2Mixer.saved_activation_bytes(cfg, e) + Attention.saved_activation_bytes(cfg, e)
+        paths = Mamba2Mixer.saved_activation_bytes(cfg, e, fp8) + Attention.saved_activation_bytes(cfg, e, fp8)
         return paths + 4 * d * e + memory
 
     def zero3_leaves(self) -> list[nn.Module]:

@@ -120,7 +120,7 @@ class HierarchicalMixer(Mixer):
         return Mamba2Mixer.core_flops(cfg, seq_len)
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int, fp8: bool = False) -> float:
         """Per token: Mamba2's; the read's four (w,) tensors in e bytes: the query projection (silu's input),
         silu's output, the reads cast to e and their product (the read projection's input); in float32, the
         span recurrence's three (w,) tensors per span of k tokens (the state entering it, the span's mean,
@@ -129,7 +129,7 @@ class HierarchicalMixer(Mixer):
         document start."""
         w, k = cfg.slow_width, cfg.span
         spans = math.ceil(cfg.max_seq_len / k)
-        return Mamba2Mixer.saved_activation_bytes(cfg, e) + 4 * w * e + FP32 * (3 * w / k + spans)
+        return Mamba2Mixer.saved_activation_bytes(cfg, e, fp8) + 4 * w * e + FP32 * (3 * w / k + spans)
 
     def zero3_leaves(self) -> list[nn.Module]:
         return [self]  # Mamba2's kernels read weights outside their modules; the decays are read here

@@ -168,7 +168,7 @@ class RoutedMixer(Mixer):
                 "attention": cap * cap * Attention.core_flops(cfg, seq_len)["attention"]}
 
     @classmethod
-    def saved_activation_bytes(cls, cfg: ModelConfig, e: int) -> float:
+    def saved_activation_bytes(cls, cfg: ModelConfig, e: int, fp8: bool = False) -> float:
         """Per token, with every document routing its `capacity` share (the cap: an upper bound): Mamba2's;
         for each routed token, attention's (q, k, v, output, log-sum-exp), the gathered input (d) and, with
         RoPE, the gathered cos and sin (2 k) in e bytes, and the two int64 gather indices; for every token,
@@ -177,9 +177,9 @@ class RoutedMixer(Mixer):
         bool routed mask."""
         a, d = cfg.attention, cfg.d_model
         rope = 2 * cfg.head_dim if a.rope else 0
-        per_routed = Attention.saved_activation_bytes(cfg, e) + (d + rope) * e + 2 * 8
+        per_routed = Attention.saved_activation_bytes(cfg, e, fp8) + (d + rope) * e + 2 * 8
         per_token = (a.n_heads * cfg.head_dim + d + 1) * e + FP32 + 1
-        return Mamba2Mixer.saved_activation_bytes(cfg, e) + cfg.routed.capacity * per_routed + per_token
+        return Mamba2Mixer.saved_activation_bytes(cfg, e, fp8) + cfg.routed.capacity * per_routed + per_token
 
     def zero3_leaves(self) -> list[nn.Module]:
         return [self]
