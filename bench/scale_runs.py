@@ -276,19 +276,12 @@ def preempt(args: argparse.Namespace, launch: Callable[..., tuple[Path, int]], r
 
 
 def _device():
-    """The device the launched ranks train on, for the results' metadata: the CPU under DS_ACCELERATOR=cpu
-    (a gloo world on a GPU machine: the ranks honour it, train/distributed.py training_on_cuda) or when no GPU
-    is visible, else CUDA. Read from the environment the launches inherit, not from this process's CUDA state:
-    torch.cuda.is_available() keeps the driver's device count of this process's first CUDA probe, while
-    device_count() (get_device_name's bound) re-reads CUDA_VISIBLE_DEVICES, so a caller that hid the GPUs
-    after a probe (the launched tests in a pytest worker) got cuda and then "Invalid device id"."""
-    import os
-
+    """The device the launched ranks train on, for the results' metadata (they inherit this environment)."""
     import torch
 
-    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
-        return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu")
+    from train.distributed import training_on_cuda
+
+    return torch.device("cuda" if training_on_cuda() else "cpu")
 
 
 if __name__ == "__main__":

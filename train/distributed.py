@@ -88,16 +88,18 @@ def env_rank() -> tuple[int, int]:
 
 
 def training_on_cuda() -> bool:
-    """Whether this process trains on CUDA: a GPU is visible and DeepSpeed's accelerator is CUDA, the device the
-    engine will place the model on. DS_ACCELERATOR=cpu makes a CPU world (gloo) on a GPU machine; hiding the
-    GPUs is not enough under the deepspeed launcher, which sets CUDA_VISIBLE_DEVICES for every rank it starts."""
-    if not torch.cuda.is_available():
+    """Whether this process (and the ranks it launches, which inherit its environment) trains on CUDA: DeepSpeed's
+    accelerator is CUDA, the device the engine places the model on, and a GPU is visible. DS_ACCELERATOR=cpu
+    makes a CPU world (gloo) on a GPU machine; hiding the GPUs is not enough under the deepspeed launcher, which
+    sets CUDA_VISIBLE_DEVICES for every rank it starts.
+
+    The variable is read here rather than through deepspeed.accelerator.get_accelerator (which reads it too):
+    DeepSpeed caches its choice for the process, and a launching process (bench/scale_runs.py, a test) may set
+    the variable after that; the kernel-only benches run without DeepSpeed. device_count() re-reads
+    CUDA_VISIBLE_DEVICES, where is_available() keeps the process's first probe."""
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
         return False
-    try:
-        from deepspeed.accelerator import get_accelerator
-    except ImportError:  # a bench run without DeepSpeed (bench/long_context.py): no accelerator to agree with
-        return True
-    return get_accelerator().device_name() == "cuda"
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
 def training_device(local_rank: int) -> torch.device:

@@ -99,13 +99,12 @@ def test_an_error_from_a_dataloader_worker_keeps_its_own_line() -> None:
 def test_ds_accelerator_cpu_makes_a_cpu_world_where_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deepspeed launcher sets CUDA_VISIBLE_DEVICES for every rank, so on a GPU machine only DeepSpeed's
     accelerator choice (DS_ACCELERATOR=cpu) keeps a CPU world on the CPU, where DeepSpeed places the model."""
-    import deepspeed.accelerator.real_accelerator as real
     import torch
 
     from train.distributed import training_device, training_on_cuda
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(real, "ds_accelerator", None)  # DeepSpeed caches its choice for the process
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert not training_on_cuda()
     assert training_device(3) == torch.device("cpu")
@@ -132,5 +131,7 @@ def test_without_deepspeed_a_visible_gpu_is_used(monkeypatch: pytest.MonkeyPatch
     from train.distributed import training_on_cuda
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "deepspeed.accelerator", None)  # import fails as if absent
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
     assert training_on_cuda()
