@@ -45,6 +45,7 @@ VARIANTS = {
     "bf16": ["train.precision=bf16"],
     "fp8": ["train.precision=fp8", "train.fp8.recipe=tensorwise"],
     "fp8_rowwise": ["train.precision=fp8", "train.fp8.recipe=rowwise"],
+    "fp8_once": ["train.precision=fp8", "train.fp8.recipe=tensorwise", "train.fp8.casts=once"],
     "fp32": ["train.precision=fp32"],
 }
 FAST_SETS = ["train.cuda_graph=true", "train.ds_config=ds_configs/zero1.json", "train.grad_fold=fused_wgrad",

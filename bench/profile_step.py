@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--fp8", choices=("tensorwise", "rowwise"), default=None,
                     help="the linear layers train.precision=fp8 converts, in float8 with this recipe (train/fp8.py, "
                          "its defaults: compiled, first and last block bf16); --smoke emulates the float8 GEMMs")
+    ap.add_argument("--fp8-casts", choices=("torchao", "once"), default="torchao",
+                    help="train.fp8.casts: torchao's Float8Linear or train/fp8_linear.py's cast-once layers")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -94,7 +96,8 @@ def main() -> None:
     if args.twin:
         cfg = attention_twin(cfg)
     model = bench_model(cfg, device)
-    converted = convert_to_fp8(model, FP8Config(recipe=args.fp8), emulate=args.smoke) if args.fp8 else []
+    fp8 = FP8Config(recipe=args.fp8, casts=args.fp8_casts) if args.fp8 else None
+    converted = convert_to_fp8(model, fp8, emulate=args.smoke) if fp8 else []
     apply_activation_checkpointing(model, "full" if args.act_ckpt else "none")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
@@ -141,7 +144,8 @@ def main() -> None:
                                   "seq_len": seq, "act_ckpt": args.act_ckpt, "decode": args.decode,
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
                                   "timer": key, "kernels_only": args.kernels and on_device,
-                                  "cuda_graph": args.cuda_graph, "fp8": args.fp8, "fp8_linears": len(converted)}
+                                  "cuda_graph": args.cuda_graph, "fp8": args.fp8,
+                                  "fp8_casts": args.fp8_casts if args.fp8 else None, "fp8_linears": len(converted)}
     if device.type == "cuda":
         meta["gaps"] = kernel_gaps(prof.events(), PROFILED_STEPS)
     kind = "decode" if args.decode else "step"

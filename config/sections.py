@@ -86,6 +86,19 @@ class FP8Config(SectionModel):
         True, description="torch.compile each float8 Linear (fuses torchao's casts into one pass; eager casts are "
         "several elementwise kernels per tensor)."
     )
+    casts: Literal["torchao", "once"] = Field(
+        "torchao", description="torchao: torchao's Float8Linear (casts per GEMM operand, keeps the bf16 input); "
+        "once: train/fp8_linear.py, each tensor cast once in every layout its GEMMs need, the input kept in "
+        "float8, weight gradients into train.grad_fold=fused_wgrad's float32 buffers (tensorwise only; not yet "
+        "measured on a GPU: docs/fp8.md)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "FP8Config":
+        if self.casts == "once" and self.recipe != "tensorwise":
+            raise ValueError(f"casts=once implements the tensorwise recipe only, not recipe={self.recipe}: "
+                             "set recipe=tensorwise or casts=torchao")
+        return self
 
 
 class TrainConfig(SectionModel):

@@ -20,10 +20,12 @@ Which Linears train in float8 (`fp8_plan`), all of the following:
 For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj and out_proj, attention q and
 o, SwiGLU gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
 
-The converted SwiGLU's gate and up run as two float8 GEMMs and an unfused silu(gate) * up (the fused
-concatenated GEMM of model/layers.py applies to plain Linears only). Float8Linear hands its weight gradient
-to autograd as a bf16 tensor: with train.grad_fold=fused_wgrad those weights fold like copy_free (their
-`main_grad` is unused), the bf16 layers keep the fused weight-gradient GEMM.
+The converted SwiGLU's gate and up run as two float8 GEMMs whose concatenated outputs feed the fused
+SwiGLU kernel (the concatenated GEMM of model/layers.py applies to plain Linears only). torchao's
+Float8Linear hands its weight gradient to autograd as a bf16 tensor: with train.grad_fold=fused_wgrad those
+weights fold like copy_free (their `main_grad` is unused), the bf16 layers keep the fused weight-gradient
+GEMM. train.fp8.casts=once swaps in train/fp8_linear.py's layers instead (each tensor cast once; their
+weight gradients go into a bound `main_grad` like the bf16 layers').
 
 torch.compile: torchao's casts are several elementwise passes each in eager mode; compiled (per converted
 Linear, train.fp8.compile) they fuse into one read and one write. The compiled code is captured by CUDA
@@ -42,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from config.loader import ConfigError
+from train.fp8_linear import Casts, Float8CastOnceLinear
 
 if TYPE_CHECKING:
     from config.sections import FP8Config
@@ -108,8 +111,9 @@ def torchao_config(recipe: str, emulate: bool = False):  # -> torchao.float8.Flo
 
 
 def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -> list[str]:
-    """Swap the Linears of `fp8_plan` for torchao Float8Linears in place (same Parameters), compiled when
-    train.fp8.compile (and not emulating). Returns their names; ConfigError when the rule leaves none."""
+    """Swap the Linears of `fp8_plan` in place (same Parameters) for torchao Float8Linears, compiled when
+    train.fp8.compile (and not emulating), or with train.fp8.casts=once for train/fp8_linear.py's layers.
+    Returns their names; ConfigError when the rule leaves none."""
     from torchao.float8 import convert_to_float8_training
 
     names = fp8_plan(model, fp8)
@@ -117,6 +121,16 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
         raise ConfigError(f"train.precision=fp8: no linear layer of this model passes the float8 rule for "
                           f"train.fp8.recipe={fp8.recipe} (docs/fp8.md: too small, or all in the bf16 first/last "
                           "blocks); set train.precision=bf16")
+    if fp8.casts == "once":
+        # CPU runs torch's own float8 GEMM here: no emulation needed; eager casts there (module docstring)
+        casts = Casts(compile=fp8.compile and not emulate)
+        if casts.compiled:
+            _allow_recompiles(model, names)
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent)
+            setattr(owner, child, Float8CastOnceLinear.swap(getattr(owner, child), casts))
+        return names
     chosen = set(names)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn in chosen,
                                config=torchao_config(fp8.recipe, emulate))
@@ -126,18 +140,23 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
 
 
 def _compile(model: "HybridLM", names: list[str], recipe: str) -> None:
-    """torch.compile each converted Linear at fixed shapes. Every Float8Linear shares one forward, whose
-    compiled versions dynamo keys by its guards (shapes, grad mode): the limit is raised to hold one per
-    distinct weight shape in training and evaluation, so none falls back to eager casts."""
-    import torch._dynamo.config as dynamo_config
-
+    """torch.compile each converted Linear at fixed shapes."""
     if recipe == "rowwise":
         # torchtitan's setting for rowwise float8 (pytorch/pytorch#150859: inductor's casts must round
         # as eager's do, or the scales differ)
         import torch._inductor.config as inductor_config
 
         inductor_config.emulate_precision_casts = True
-    shapes = {tuple(model.get_submodule(n).weight.shape) for n in names}
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(shapes) + 8)
+    _allow_recompiles(model, names)
     for name in names:
         model.get_submodule(name).compile(dynamic=False)
+
+
+def _allow_recompiles(model: "HybridLM", names: list[str]) -> None:
+    """Every converted layer shares the same compiled code (torchao's forward, or train/fp8_linear.py's cast
+    functions), whose versions dynamo keys by its guards (shapes, dtypes, grad mode): the limit is raised to
+    hold one per distinct weight shape in training and evaluation, so none falls back to eager casts."""
+    import torch._dynamo.config as dynamo_config
+
+    shapes = {tuple(model.get_submodule(n).weight.shape) for n in names}
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(shapes) + 8)

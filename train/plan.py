@@ -139,7 +139,7 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
         raise ConfigError(str(exc)) from None
     accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
     e = compute_bytes(t.precision)
-    states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph, t.grad_fold)
+    states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph, t.grad_fold, t.fp8.casts)
     try:
         acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8",
                            block_types=t.checkpoint_block_types)

@@ -7,8 +7,8 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
       every parameter (4P, not partitioned) + the bf16 .grad of the parameters that have one (CUDA graphs
       keep them as static tensors): every parameter with train.grad_fold deepspeed or copy_free, and with
       fused_wgrad only those outside the linear layers (the input embedding; norms, conv and SSM scalars are
-      left out, < 0.1% of P), unless train.precision=fp8 (a Float8Linear hands autograd a bf16 weight
-      gradient: counted as every parameter); optimizer: float32 master + Adam moments of this rank's share
+      left out, < 0.1% of P), unless train.precision=fp8 with torchao's casts (a Float8Linear hands
+      autograd a bf16 weight gradient: counted as every parameter); optimizer: float32 master + Adam moments of this rank's share
       (12P/D); comm buffers, on more than one rank: the bf16 cast of the float32 sums for the boundary
       all-reduce (2P)
   stage 2  params 2P; gradients: the float32 partition (4P/D) + the bf16 reduce bucket
@@ -111,9 +111,11 @@ def compute_bytes(precision: str) -> int:
     return FP32 if precision == "fp32" else 2
 
 
-def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16",
-                 cuda_graph: bool = False, grad_fold: str = "fused_wgrad") -> dict[str, float]:
-    """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank."""
+def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16", cuda_graph: bool = False,
+                 grad_fold: str = "fused_wgrad", fp8_casts: str = "torchao") -> dict[str, float]:
+    """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank. `fp8_casts`:
+    train.fp8.casts (torchao's float8 layers hand autograd bf16 weight gradients; `once` adds them to the
+    float32 buffers as the bf16 layers do)."""
     p = count_params(cfg)
     e = compute_bytes(precision)
     mixed = e != FP32  # bf16 weights: float32 masters, bf16 gradients beside the float32 sums
@@ -124,7 +126,8 @@ def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = 
            "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:
-        in_linears = grad_fold == "fused_wgrad" and precision != "fp8"  # weight gradients go to the float32 buffer
+        # weight gradients go to the float32 buffer
+        in_linears = grad_fold == "fused_wgrad" and (precision != "fp8" or fp8_casts == "once")
         with_bf16_grad = cfg.padded_vocab_size * cfg.d_model if in_linears else p
         out["gradients"] = FP32 * p + (e * with_bf16_grad if mixed else 0)
         if mixed and gpus > 1:
@@ -207,7 +210,9 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
                  power of two (CachingHostAllocator; up to 2x per tensor) and caches the blocks it freed.
 
     `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H) also keeps its
-    scan's normed output (d_inner) for the float8 out_proj's backward (`Mamba2Mixer.saved_activation_bytes`)."""
+    scan's normed output (d_inner) for the float8 out_proj's backward (`Mamba2Mixer.saved_activation_bytes`).
+    With train.fp8.casts=once the same count is an upper bound: those layers keep their inputs in float8 (two
+    1-byte layouts where torchao keeps the bf16 tensor), which no committed run has measured yet."""
     if mode not in CHECKPOINT_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream

@@ -127,7 +127,8 @@ def lone_reduce_bytes(run: Run, cfg: RunConfig, p: Plan) -> float:
     float32 sums; 0 for the other settings)."""
     if run.gpus != 1 or run.started >= REDUCTION_SKIP_FROM:
         return 0.0
-    states = [model_states(cfg.model, p.zero, gpus, cfg.train.precision, cfg.train.cuda_graph, cfg.train.grad_fold)
+    states = [model_states(cfg.model, p.zero, gpus, cfg.train.precision, cfg.train.cuda_graph, cfg.train.grad_fold,
+                             cfg.train.fp8.casts)
               for gpus in (1, 2)]
     return states[1]["comm_buffers"] - states[0]["comm_buffers"]
 

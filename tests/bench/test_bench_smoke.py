@@ -103,16 +103,20 @@ def test_kernel_gaps_sums_the_idle_time_between_kernels():
     assert profile_step.kernel_gaps([event("host op", 0, 1, DeviceType.CPU)], steps=2) == {}
 
 
-def test_profile_step_smoke(monkeypatch, tmp_path):
-    """One profiled step with --fp8 (the layers train.precision=fp8 converts, float8 GEMMs emulated on CPU): the
-    top rows, the converted layers counted, float8's casts among the ops."""
-    _run(monkeypatch, profile_step, ["--smoke", "--fp8", "tensorwise", "--out", str(tmp_path), "--top", "200"])
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_profile_step_smoke(casts, monkeypatch, tmp_path):
+    """One profiled step with --fp8 (the layers train.precision=fp8 converts, float8 GEMMs emulated on CPU, or
+    torch's CPU float8 GEMM for casts=once): the top rows, the converted layers counted, float8's casts among
+    the ops."""
+    _run(monkeypatch, profile_step, ["--smoke", "--fp8", "tensorwise", "--fp8-casts", casts, "--out", str(tmp_path),
+                                     "--top", "200"])
     data = _load(tmp_path / "profile_step_smoke.json")
     from config.sections import FP8Config
     from model import HybridLM, ModelConfig
     from train.fp8 import fp8_plan
 
     assert data["meta"]["wall_ms_per_step"] > 0 and data["meta"]["fp8"] == "tensorwise"
+    assert data["meta"]["fp8_casts"] == casts
     assert data["meta"]["fp8_linears"] == len(fp8_plan(HybridLM(ModelConfig(preset="tiny")), FP8Config())) > 0
     assert any("float8" in r["op"] or "_scaled_mm" in r["op"] or "amax" in r["op"] for r in data["rows"]), data["rows"]
 

@@ -66,6 +66,9 @@ def test_config_fp8_runs_deepspeed_in_bf16_and_rejects_bad_settings() -> None:
     with pytest.raises(ConfigError, match="keeps all 6 blocks in bf16"):
         load_run_config("tiny", ["train.precision=fp8", "train.fp8.bf16_first_blocks=3",
                                  "train.fp8.bf16_last_blocks=3"])
+    assert load_run_config("tiny", ["train.precision=fp8", "train.fp8.casts=once"]).train.fp8.casts == "once"
+    with pytest.raises(ConfigError, match="train.fp8: casts=once implements the tensorwise recipe only"):
+        load_run_config("tiny", ["train.precision=fp8", "train.fp8.casts=once", "train.fp8.recipe=rowwise"])
 
 
 # ---- the conversion rule --------------------------------------------------------------------------------
@@ -135,14 +138,16 @@ def test_launch_on_cpu_stops_with_one_line(corpus: Path, tmp_path: Path) -> None
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
-def test_checkpoint_layout_is_a_bf16_runs() -> None:
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_checkpoint_layout_is_a_bf16_runs(casts: str) -> None:
     """The converted model holds the same Parameters: state_dict keys, dtypes and values are the bf16
     model's, and each loads the other's strictly (a float8 run resumes in bf16 and back)."""
     plain = small_model(dtype=torch.bfloat16)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     params = {id(p) for p in plain.parameters()}
-    assert convert_to_fp8(plain, FP8Config(), emulate=True) == FLOAT8
-    assert all(type(plain.get_submodule(n)).__name__ == "Float8Linear" for n in FLOAT8)
+    assert convert_to_fp8(plain, FP8Config(casts=casts), emulate=True) == FLOAT8
+    swapped = {"torchao": "Float8Linear", "once": "Float8CastOnceLinear"}[casts]
+    assert all(type(plain.get_submodule(n)).__name__ == swapped for n in FLOAT8)
     assert {id(p) for p in plain.parameters()} == params
     after = plain.state_dict()
     assert list(after) == list(before)
@@ -159,14 +164,15 @@ def loss_of(model: HybridLM, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def test_emulated_float8_step_is_close_to_bf16() -> None:
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_emulated_float8_step_is_close_to_bf16(casts: str) -> None:
     """The converted layers compute in float8 (not bf16: the outputs differ) with bf16-level accuracy: loss
     within 1% and the converted weights' gradients within 15% of the bf16 model's. A weight gradient is
     x (e4m3, 3 mantissa bits) times grad_output (e5m2, 2 bits: ~7% rms rounding error per element), so ~8% is
     expected: 0.092-0.103 measured (torch 2.13 on CPU, torch 2.11 on the H100 image); a wrong scale gives ~100%."""
     ids = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(1))
     ref, fp8 = small_model(dtype=torch.bfloat16), small_model(dtype=torch.bfloat16)
-    convert_to_fp8(fp8, FP8Config(), emulate=True)
+    convert_to_fp8(fp8, FP8Config(casts=casts), emulate=True)
     want, got = loss_of(ref, ids), loss_of(fp8, ids)
     want.backward()
     got.backward()
@@ -177,20 +183,22 @@ def test_emulated_float8_step_is_close_to_bf16() -> None:
         assert ((g - r).norm() / r.norm()).item() < 0.15, name
 
 
-def test_fused_wgrad_fold_gets_each_gradient_once() -> None:
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_fused_wgrad_fold_gets_each_gradient_once(casts: str) -> None:
     """train.grad_fold=fused_wgrad binds a float32 main_grad on every parameter (train/grad_fold.py): the bf16
-    layers add their weight gradients there, the float8 layers hand theirs to autograd (folded by the hook).
-    Each weight's gradient arrives by exactly one of the two, and their sum is the unbound gradient."""
+    layers add their weight gradients there; torchao's float8 layers hand theirs to autograd (folded by the
+    hook), casts=once's add theirs to main_grad too. Each weight's gradient arrives by exactly one of the two,
+    and their sum is the unbound gradient."""
     ids = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(2))
     model = small_model()
-    convert_to_fp8(model, FP8Config(), emulate=True)
+    convert_to_fp8(model, FP8Config(casts=casts), emulate=True)
     want = torch.autograd.grad(loss_of(model, ids), list(model.parameters()))
     for p in model.parameters():
         p.main_grad = torch.zeros_like(p, dtype=torch.float32)
     loss_of(model, ids).backward()
     for (name, p), w in zip(model.named_parameters(), want):
         module = name.rsplit(".", 1)[0]
-        if module in FLOAT8:
+        if module in FLOAT8 and casts == "torchao":
             assert p.grad is not None and not p.main_grad.any(), name
         elif name.endswith("proj.weight") or name == "lm_head.weight":
             assert p.grad is None and p.main_grad.any(), name
@@ -198,11 +206,12 @@ def test_fused_wgrad_fold_gets_each_gradient_once() -> None:
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
 
 
-def test_cuda_graph_replays_float8_steps() -> None:
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_cuda_graph_replays_float8_steps(casts: str) -> None:
     """train.cuda_graph over float8 layers (the graph plumbing, with EagerReplayGraphs standing in for CUDA
     graphs): the replayed step's loss and gradients equal the eager float8 step's."""
     model = small_model(GraphedLM)
-    convert_to_fp8(model, FP8Config(), emulate=True)
+    convert_to_fp8(model, FP8Config(casts=casts), emulate=True)
     gen = torch.Generator().manual_seed(3)
     ops = EagerReplayGraphs()
     graph_training_forward(model, torch.randint(0, 61, (2, 16), generator=gen), ops=ops, warmup=1)
@@ -218,11 +227,12 @@ def test_cuda_graph_replays_float8_steps() -> None:
         torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
 
 
-def test_float8_swiglu_keeps_the_fused_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("casts", ["torchao", "once"])
+def test_float8_swiglu_keeps_the_fused_activation(casts: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the kernel path, float8 gate/up run their own GEMMs and mamba_ssm's fused SwiGLU takes their
     concatenated outputs (the activation's memory and kernels stay those of the bf16 path)."""
     model = small_model()
-    convert_to_fp8(model, FP8Config(), emulate=True)
+    convert_to_fp8(model, FP8Config(casts=casts), emulate=True)
     mlp = model.layers[1].mlp
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
     want = mlp(x)  # reference path: eager silu(gate) * up

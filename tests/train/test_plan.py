@@ -364,3 +364,5 @@ def test_fused_wgrad_keeps_bf16_gradients_outside_the_linears_only(tie: bool) ->
     assert fused <= measured <= fused + 2 * 0.005 * p_total
     assert model_states(cfg, zero, 1, grad_fold="deepspeed")["gradients"] - 4 * p_total == 2 * p_total
     assert model_states(cfg, zero, 1, precision="fp8")["gradients"] - 4 * p_total == 2 * p_total
+    # train.fp8.casts=once adds the float8 layers' gradients to the float32 buffers, as bf16's fused_wgrad
+    assert model_states(cfg, zero, 1, precision="fp8", fp8_casts="once")["gradients"] - 4 * p_total == fused

@@ -69,7 +69,7 @@ def test_launch_tail_reads_only_the_last_launch(tmp_path: Path) -> None:
     assert tail == ["line 48", "line 49", "[rank 1] error: boom"]
 
 
-@pytest.mark.parametrize("stage", ["checks:determinism", "scale", "fp8:1.3b",
+@pytest.mark.parametrize("stage", ["checks:determinism", "scale", "fp8:1.3b", "fp8:once",
                                    pytest.param("fp8:2.7b", marks=pytest.mark.slow)])
 @pytest.mark.slow
 def test_gpu_stages_launch_valid_run_configs(stage: str, corpus: Path, tmp_path: Path) -> None:
