@@ -3,7 +3,8 @@
 torchao's Float8Linear (train/fp8.py's default) keeps the bf16 input for the backward and casts per GEMM
 operand: the input is reduced (absolute max) and cast again in the backward for the weight gradient, and
 the output gradient is cast once per GEMM that reads it. Here each tensor gets one absolute max and one
-pass that writes every layout its GEMMs need:
+cast function that writes every layout its GEMMs need (compiled, so that inductor can write both layouts
+from one read; how many kernels it makes is what `bench/run.sh fp8:profile_once` shows):
 
   forward   x (n, i) -> x8 (n, i) and x8^T (i, n), one scale; w (o, i) -> w8, one scale;
             y = x8 @ w8^T (float8 GEMM, bf16 out); kept for the backward: x8^T (1 byte per element where
@@ -54,7 +55,7 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 
 
 def cast_both(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t (a, b) -> (float8 (a, b), float8 (b, a) contiguous, scale): one reduction, one pass writing both."""
+    """t (a, b) -> (float8 (a, b), float8 (b, a) contiguous, scale): one reduction for both layouts."""
     scale = scale_of(t, dtype)
     return quantize(t, scale, dtype), quantize(t.t(), scale, dtype).contiguous(), scale
 
@@ -65,8 +66,8 @@ def cast_transposed(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 class Casts:
-    """The cast functions, compiled (CUDA: each becomes one reduction and one elementwise kernel) or eager
-    (CPU tests: torch.compile's CPU backend needs a C++ compiler)."""
+    """The cast functions, compiled (CUDA: inductor fuses each one's elementwise work) or eager (CPU tests:
+    torch.compile's CPU backend needs a C++ compiler)."""
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile

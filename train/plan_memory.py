@@ -8,9 +8,9 @@ All sizes in bytes. P = parameters, D = data-parallel ranks (GPUs), e = bytes of
       keep them as static tensors): every parameter with train.grad_fold deepspeed or copy_free, and with
       fused_wgrad only those outside the linear layers (the input embedding; norms, conv and SSM scalars are
       left out, < 0.1% of P), unless train.precision=fp8 with torchao's casts (a Float8Linear hands
-      autograd a bf16 weight gradient: counted as every parameter); optimizer: float32 master + Adam moments of this rank's share
-      (12P/D); comm buffers, on more than one rank: the bf16 cast of the float32 sums for the boundary
-      all-reduce (2P)
+      autograd a bf16 weight gradient: counted as every parameter); optimizer: float32 master + Adam
+      moments of this rank's share (12P/D); comm buffers, on more than one rank: the bf16 cast of the
+      float32 sums for the boundary all-reduce (2P)
   stage 2  params 2P; gradients: the float32 partition (4P/D) + the bf16 reduce bucket
       (reduce_bucket_size elements, two with overlap_comm) or, under CUDA graphs, the static bf16 .grad (2P)
   stage 3  params 2P/D + the gathered live parameters (the largest ZeRO-3 leaf twice: in use and
@@ -211,8 +211,8 @@ def activations(cfg: ModelConfig, tokens: int, mode: str, e: int = 2, fp8: bool 
 
     `fp8` (train.precision=fp8): each Mamba2 mixer of a block (M's own, the `ssm` of R, G, H) also keeps its
     scan's normed output (d_inner) for the float8 out_proj's backward (`Mamba2Mixer.saved_activation_bytes`).
-    With train.fp8.casts=once the same count is an upper bound: those layers keep their inputs in float8 (two
-    1-byte layouts where torchao keeps the bf16 tensor), which no committed run has measured yet."""
+    With train.fp8.casts=once the same count is an upper bound: those layers keep their inputs in float8 (one
+    transposed 1-byte copy where torchao keeps the bf16 tensor), which no committed run has measured yet."""
     if mode not in CHECKPOINT_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is unknown; choose one of {', '.join(CHECKPOINT_MODES)}")
     inputs = 2 * cfg.d_model * e  # a block's input: the hidden state and the residual stream
