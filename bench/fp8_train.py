@@ -46,6 +46,8 @@ VARIANTS = {
     "fp8": ["train.precision=fp8", "train.fp8.recipe=tensorwise"],
     "fp8_rowwise": ["train.precision=fp8", "train.fp8.recipe=rowwise"],
     "fp8_once": ["train.precision=fp8", "train.fp8.recipe=tensorwise", "train.fp8.casts=once"],
+    "fp8_once_step": ["train.precision=fp8", "train.fp8.recipe=tensorwise", "train.fp8.casts=once",
+                      "train.fp8.weight_casts=step"],
     "fp32": ["train.precision=fp32"],
 }
 FAST_SETS = ["train.cuda_graph=true", "train.ds_config=ds_configs/zero1.json", "train.grad_fold=fused_wgrad",

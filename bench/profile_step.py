@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -30,7 +32,7 @@ from bench.peers import attention_twin  # noqa: E402
 from config.sections import FP8Config  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from train.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-from train.fp8 import convert_to_fp8  # noqa: E402
+from train.fp8 import convert_to_fp8, step_weights  # noqa: E402
 from train.graph_step import graph_training_forward  # noqa: E402
 
 GAP_BINS_US = (2, 5, 10, 20, 50, 1000)
@@ -85,6 +87,9 @@ def main() -> None:
                          "its defaults: compiled, first and last block bf16); --smoke emulates the float8 GEMMs")
     ap.add_argument("--fp8-casts", choices=("torchao", "once"), default="torchao",
                     help="train.fp8.casts: torchao's Float8Linear or train/fp8_linear.py's cast-once layers")
+    ap.add_argument("--fp8-weight-casts", choices=("call", "step"), default="call",
+                    help="train.fp8.weight_casts (with --fp8-casts once): step recasts the weights once per profiled "
+                         "step, as the trainer does once per optimizer step")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -96,8 +101,12 @@ def main() -> None:
     if args.twin:
         cfg = attention_twin(cfg)
     model = bench_model(cfg, device)
-    fp8 = FP8Config(recipe=args.fp8, casts=args.fp8_casts) if args.fp8 else None
+    try:
+        fp8 = FP8Config(recipe=args.fp8, casts=args.fp8_casts, weight_casts=args.fp8_weight_casts) if args.fp8 else None
+    except ValidationError as exc:
+        ap.error(exc.errors()[0]["msg"].removeprefix("Value error, "))
     converted = convert_to_fp8(model, fp8, emulate=args.smoke) if fp8 else []
+    steps = step_weights(model)
     apply_activation_checkpointing(model, "full" if args.act_ckpt else "none")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
@@ -115,7 +124,8 @@ def main() -> None:
             graph_training_forward(model, ids[:, :-1])
 
         def step() -> None:
-            model.loss(ids[:, :-1], ids[:, 1:]).backward()
+            with steps.step() if steps is not None else nullcontext():  # weight_casts=step: one recast per step
+                model.loss(ids[:, :-1], ids[:, 1:]).backward()
             for p in model.parameters():
                 p.grad = None
 
@@ -145,7 +155,9 @@ def main() -> None:
                                   "wall_ms_per_step": wall * 1e3, "profiled_ms_per_step": total / 1e3,
                                   "timer": key, "kernels_only": args.kernels and on_device,
                                   "cuda_graph": args.cuda_graph, "fp8": args.fp8,
-                                  "fp8_casts": args.fp8_casts if args.fp8 else None, "fp8_linears": len(converted)}
+                                  "fp8_casts": args.fp8_casts if args.fp8 else None,
+                                  "fp8_weight_casts": args.fp8_weight_casts if args.fp8 else None,
+                                  "fp8_linears": len(converted)}
     if device.type == "cuda":
         meta["gaps"] = kernel_gaps(prof.events(), PROFILED_STEPS)
     kind = "decode" if args.decode else "step"
@@ -154,7 +166,9 @@ def main() -> None:
     name = args.name or default
     write_results(name, rows, meta, ["op", "calls_per_step", "ms_per_step", "share"], args.out or RESULTS,
                   title=(f"One decode step of {preset}, batch {batch}, context {seq}" if args.decode else
-                         f"One fwd+bwd step of {preset}, {batch}x{seq}" + (f", float8 {args.fp8}" if args.fp8 else "")) +
+                         f"One fwd+bwd step of {preset}, {batch}x{seq}" + (
+                             f", float8 {args.fp8} (casts {args.fp8_casts}, weight casts per {args.fp8_weight_casts})"
+                             if args.fp8 else "")) +
                   f": wall {wall * 1e3:.1f} ms, profiled {'kernels' if on_device else 'host ops'} {total / 1e3:.1f} ms"
                   + (f", GPU idle between kernels {meta['gaps']['idle_ms_per_step']:.1f} ms"
                      if meta.get("gaps") else ""))

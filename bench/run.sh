@@ -278,17 +278,19 @@ run_part() {  # run_part SUITE PART
                 --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b)" \
                 "${common[@]}"
         fi ;;
-    fp8:once)  # train.fp8.casts=once (train/fp8_linear.py) beside bf16 and torchao's casts, fp8:1.3b's settings
+    fp8:once)  # train.fp8.casts=once (train/fp8_linear.py), weights cast per call and per step, beside bf16, at
+        # fp8:1.3b's settings (torchao's casts at these settings: fp8:1.3b)
         local peak vocab
         peak=$(matmul_peak) vocab=$(manifest_vocab)
-        step 560 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8,fp8_once --steps 30 \
+        step 560 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8_once,fp8_once_step --steps 30 \
             --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 \
             --set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab" \
             --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check} \
             --name "$(name fp8_train_1.3b_once)" ;;
     fp8:profile_once)  # every GPU kernel of the cast-once float8 step (group against fp8:profile's, profile_compare.py)
         step 260 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --kernels --cuda-graph --top 80 \
-            --fp8 tensorwise --fp8-casts once --name "$(name profile_step_kernels_4096_fp8_once_1.3b)" --out "$res" ;;
+            --fp8 tensorwise --fp8-casts once --fp8-weight-casts step \
+            --name "$(name profile_step_kernels_4096_fp8_once_1.3b)" --out "$res" ;;
     fp8:profile)  # every GPU kernel of one graphed 1.3B forward+backward, 2 x 4096, bf16 and float8
         step 200 python3 bench/profile_step.py --preset 1.3b --seq-len 4096 --batch 2 --kernels --cuda-graph --top 80 \
             --name "$(name profile_step_kernels_4096_bf16_1.3b)" --out "$res"

@@ -92,12 +92,20 @@ class FP8Config(SectionModel):
         "float8, weight gradients into train.grad_fold=fused_wgrad's float32 buffers (tensorwise only; not yet "
         "measured on a GPU: docs/fp8.md)."
     )
+    weight_casts: Literal["call", "step"] = Field(
+        "call", description="With casts=once: call, each weight cast at every forward and backward (as torchao); "
+        "step, once per optimizer step into both layouts, kept for its micro-batches (2 bytes per float8 "
+        "parameter of GPU memory; docs/fp8.md)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "FP8Config":
         if self.casts == "once" and self.recipe != "tensorwise":
             raise ValueError(f"casts=once implements the tensorwise recipe only, not recipe={self.recipe}: "
                              "set recipe=tensorwise or casts=torchao")
+        if self.weight_casts == "step" and self.casts != "once":
+            raise ValueError("weight_casts=step needs casts=once (torchao's Float8Linear casts its weight at every "
+                             "call): set casts=once or weight_casts=call")
         return self
 
 

@@ -78,7 +78,8 @@ class SwiGLU(nn.Module):
     form launches 2 kernels forward and 3 backward over (b, l, hidden) tensors, and keeps silu(gate)
     for the backward). The weights stay two Linear modules: the checkpoint and export layout is the
     same on both paths; quantized gate/up run unfused; swapped Linears over plain weights (float8 training)
-    run their two GEMMs and the fused activation on their concatenated outputs. It reads the weights
+    run as one layer where their class joins layers (`swapped_gate_up_output`), else as two, and the fused
+    activation takes their concatenated outputs. It reads the weights
     outside their modules' forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
     """
 
@@ -121,8 +122,17 @@ class SwiGLU(nn.Module):
             gate_up = linear(x, self.gate_proj.weight, self.up_proj.weight)  # (b, l, 2 * hidden): gate first
             return self.down_proj(mamba_ops().swiglu(gate_up))
         if self.swapped_gate_up():
-            return self.down_proj(mamba_ops().swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+            return self.down_proj(mamba_ops().swiglu(self.swapped_gate_up_output(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def swapped_gate_up_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, l, 2 * hidden), gate first, from swapped gate/up Linears: one call of their class's `joined(x,
+        *layers)` (one GEMM over both weights, train/fp8_linear.py) where both are of one class that has it,
+        else their own forwards' outputs concatenated."""
+        joined = getattr(type(self.gate_proj), "joined", None)
+        if joined is not None and type(self.up_proj) is type(self.gate_proj):
+            return joined(x, self.gate_proj, self.up_proj)
+        return torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
 
 
 class RotaryEmbedding(nn.Module):

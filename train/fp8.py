@@ -20,12 +20,13 @@ Which Linears train in float8 (`fp8_plan`), all of the following:
 For the 1.3B (tensorwise; tests/train/test_fp8.py checks it): Mamba2 in_proj and out_proj, attention q and
 o, SwiGLU gate, up and down of blocks 1-22; attention k and v (2048 -> 512) stay bf16.
 
-The converted SwiGLU's gate and up run as two float8 GEMMs whose concatenated outputs feed the fused
-SwiGLU kernel (the concatenated GEMM of model/layers.py applies to plain Linears only). torchao's
+With torchao's layers the converted SwiGLU's gate and up run as two float8 GEMMs whose concatenated outputs
+feed the fused SwiGLU kernel (the concatenated GEMM of model/layers.py applies to plain Linears only). torchao's
 Float8Linear hands its weight gradient to autograd as a bf16 tensor: with train.grad_fold=fused_wgrad those
 weights fold like copy_free (their `main_grad` is unused), the bf16 layers keep the fused weight-gradient
-GEMM. train.fp8.casts=once swaps in train/fp8_linear.py's layers instead (each tensor cast once; their
-weight gradients go into a bound `main_grad` like the bf16 layers').
+GEMM. train.fp8.casts=once swaps in train/fp8_linear.py's layers instead (each tensor cast once, gate and up
+as one GEMM, their weight gradients into a bound `main_grad` like the bf16 layers'; with
+train.fp8.weight_casts=step each weight cast once per optimizer step: `step_weights`).
 
 torch.compile: torchao's casts are several elementwise passes each in eager mode; compiled (per converted
 Linear, train.fp8.compile) they fuse into one read and one write. The compiled code is captured by CUDA
@@ -44,10 +45,11 @@ import torch
 import torch.nn as nn
 
 from config.loader import ConfigError
-from train.fp8_linear import Casts, Float8CastOnceLinear
+from train.fp8_linear import Casts, Float8CastOnceLinear, StepWeights
 
 if TYPE_CHECKING:
     from config.sections import FP8Config
+    from model.config import ModelConfig
     from model.hybrid import HybridLM
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,18 @@ def fp8_plan(model: "HybridLM", fp8: "FP8Config") -> list[str]:
     return names
 
 
+def step_weight_params(model_cfg: "ModelConfig", fp8: "FP8Config") -> int:
+    """Parameters whose float8 copies train.fp8.weight_casts=step keeps through each step (those of `fp8_plan`;
+    0 with weight_casts=call), from a model on the meta device."""
+    from model.hybrid import HybridLM
+
+    if fp8.weight_casts != "step":
+        return 0
+    with torch.device("meta"):
+        model = HybridLM(model_cfg)
+    return sum(model.get_submodule(name).weight.numel() for name in fp8_plan(model, fp8))
+
+
 def torchao_config(recipe: str, emulate: bool = False):  # -> torchao.float8.Float8LinearConfig
     """torchao's Float8LinearConfig of `recipe`; `emulate` runs the float8 GEMMs in float32 (any device:
     the CPU tests)."""
@@ -126,10 +140,11 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
         casts = Casts(compile=fp8.compile and not emulate)
         if casts.compiled:
             _allow_recompiles(model, names)
+        steps = StepWeights(casts) if fp8.weight_casts == "step" else None
         for name in names:
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent)
-            setattr(owner, child, Float8CastOnceLinear.swap(getattr(owner, child), casts))
+            setattr(owner, child, Float8CastOnceLinear.swap(getattr(owner, child), casts, steps))
         return names
     chosen = set(names)
     convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: fqn in chosen,
@@ -137,6 +152,13 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
     if fp8.compile and not emulate:
         _compile(model, names, fp8.recipe)
     return names
+
+
+def step_weights(model: nn.Module) -> StepWeights | None:
+    """The per-step float8 weight cache of a model converted with train.fp8.weight_casts=step (the trainer opens
+    its `step()` around each optimizer step's micro-batches), else None."""
+    return next((m.step_weights for m in model.modules()
+                 if isinstance(m, Float8CastOnceLinear) and m.step_weights is not None), None)
 
 
 def _compile(model: "HybridLM", names: list[str], recipe: str) -> None:
@@ -159,4 +181,5 @@ def _allow_recompiles(model: "HybridLM", names: list[str]) -> None:
     import torch._dynamo.config as dynamo_config
 
     shapes = {tuple(model.get_submodule(n).weight.shape) for n in names}
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 4 * len(shapes) + 8)
+    # x2: casts=once also casts SwiGLU's joined gate/up weights, one more shape per distinct gate shape
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(shapes) + 8)

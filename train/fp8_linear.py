@@ -1,10 +1,11 @@
 """A float8 linear layer that casts each tensor once (train.fp8.casts=once), for the tensorwise recipe.
 
 torchao's Float8Linear (train/fp8.py's default) keeps the bf16 input for the backward and casts per GEMM
-operand: the input is reduced (absolute max) and cast again in the backward for the weight gradient, and
-the output gradient is cast once per GEMM that reads it. Here each tensor gets one absolute max and one
-cast function that writes every layout its GEMMs need (compiled, so that inductor can write both layouts
-from one read; how many kernels it makes is what `bench/run.sh fp8:profile_once` shows):
+operand: the input is reduced (absolute max) and cast again in the backward for the weight gradient, the
+output gradient is cast once per GEMM that reads it, and SwiGLU's gate and up are two layers, each casting
+the same input. Here each tensor gets one absolute max and one cast function that writes every layout its
+GEMMs need (compiled, so that inductor can write both layouts from one read; how many kernels it makes is
+what `bench/run.sh fp8:profile_once` shows):
 
   forward   x (n, i) -> x8 (n, i) and x8^T (i, n), one scale; w (o, i) -> w8, one scale;
             y = x8 @ w8^T (float8 GEMM, bf16 out); kept for the backward: x8^T (1 byte per element where
@@ -14,18 +15,33 @@ from one read; how many kernels it makes is what `bench/run.sh fp8:profile_once`
             dx = dy8 @ w8 and dW = dy8^T @ x8, both float8 GEMMs; dW adds into the weight's bound
             `main_grad` (float32 output, train.grad_fold=fused_wgrad) or returns bf16 as torchao does.
 
+Layers that read the same input (SwiGLU's gate and up) run as one layer over their weights joined along the
+output rows (`Float8CastOnceLinear.joined`, which model/layers.py's SwiGLU calls): one cast of x, one GEMM
+each way, the input gradient summed inside the GEMM. The joined weights share one scale (torchao gives each
+its own): a value keeps e4m3's relative precision while it stays above e4m3's smallest normal number, 1/28672
+of the joined absolute maximum, so the weight with the smaller maximum reaches that floor sooner (by the
+ratio of the two maxima, about 1 for gate and up).
+
+train.fp8.weight_casts=step (`StepWeights`): each weight is cast into both layouts once per optimizer step,
+into buffers at fixed addresses (CUDA graphs replay their reads), instead of at every micro-batch's forward
+and backward; 2 bytes per converted parameter of GPU memory.
+
 The numbers are torchao's: the same scale (float8 max / absolute max, computed in float64, floored at
 torchao's EPS), the same saturating cast, fast accumulation in the forward GEMM only
 (torchao's Float8LinearConfig defaults); tests/train/test_fp8_linear.py checks the casts bitwise against
 torchao's and the GEMMs against float64 products of the same float8 operands.
 
 torch._scaled_mm wants its first operand row-major and its second column-major; every call below passes
-a contiguous tensor and a transposed contiguous one.
+a contiguous tensor and a transposed contiguous one. It cannot add into its output (cuBLAS's beta = 1, which
+model/wgrad.py's bf16 GEMM uses), so a bound `main_grad` gets the weight gradient as a float32 temporary plus
+an add.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -60,9 +76,24 @@ def cast_both(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return quantize(t, scale, dtype), quantize(t.t(), scale, dtype).contiguous(), scale
 
 
-def cast_transposed(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t (a, b) -> float8 (b, a) contiguous with a given scale."""
-    return quantize(t.t(), scale, dtype).contiguous()
+def joined(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weights stacked along their output rows (one weight: itself, no copy)."""
+    return weights[0] if len(weights) == 1 else torch.cat(list(weights))
+
+
+def cast_weight(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joined weights (o, i) in e4m3 and their one scale."""
+    return cast(joined(weights), E4M3)
+
+
+def cast_weight_transposed(scale: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """The joined weights as e4m3 (i, o) contiguous, with a given scale (the forward's)."""
+    return quantize(joined(weights).t(), scale, E4M3).contiguous()
+
+
+def cast_weight_both(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The joined weights in e4m3, (o, i) and (i, o) contiguous, and their scale."""
+    return cast_both(joined(weights), E4M3)
 
 
 class Casts:
@@ -72,7 +103,63 @@ class Casts:
     def __init__(self, compile: bool) -> None:
         self.compiled = compile
         wrap: Callable[[Callable], Callable] = (lambda f: torch.compile(f, dynamic=False)) if compile else (lambda f: f)
-        self.one, self.both, self.transposed = wrap(cast), wrap(cast_both), wrap(cast_transposed)
+        self.both = wrap(cast_both)
+        self.weight, self.weight_transposed, self.weight_both = (
+            wrap(cast_weight), wrap(cast_weight_transposed), wrap(cast_weight_both))
+
+
+@dataclass
+class Float8Weight:
+    """A layer's weight (or joined weights) in e4m3: data (o, i), data_t (i, o) contiguous, one float32 scale."""
+
+    data: torch.Tensor
+    data_t: torch.Tensor
+    scale: torch.Tensor
+
+
+class StepWeights:
+    """train.fp8.weight_casts=step: the float8 layers' weights cast once per optimizer step, both layouts.
+
+    The trainer opens `step()` around each optimizer step's micro-batches: it recasts every weight seen so
+    far into its buffers (in place: CUDA graphs captured inside read those addresses), and the layers read
+    the buffers until it closes, after the step's optimizer update has changed the weights. Outside it
+    (evaluation, checkpoint export, a caller that never opens it) the layers cast their weights per call, so
+    a stale copy is never read. A layer's buffers are made at its first forward inside a step (the first
+    step's eager forward or a CUDA graph's warm-up, both before any capture)."""
+
+    def __init__(self, casts: Casts) -> None:
+        self.casts = casts
+        self.entries: dict[tuple[int, ...], tuple[tuple[nn.Module, ...], Float8Weight]] = {}
+        self.open = False
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        with torch.no_grad():
+            for layers, weight in self.entries.values():
+                data, data_t, scale = self.casts.weight_both(*(layer.weight for layer in layers))
+                weight.data.copy_(data)
+                weight.data_t.copy_(data_t)
+                weight.scale.copy_(scale)
+        self.open = True
+        try:
+            yield
+        finally:
+            self.open = False
+
+    def get(self, layers: tuple[nn.Module, ...]) -> Float8Weight | None:
+        """The layers' joined weight in float8, or None outside a step."""
+        if not self.open:
+            return None
+        key = tuple(id(layer) for layer in layers)
+        if key not in self.entries:
+            with torch.no_grad():
+                weight = Float8Weight(*self.casts.weight_both(*(layer.weight for layer in layers)))
+            self.entries[key] = (layers, weight)
+        return self.entries[key][1]
+
+    def bytes(self) -> int:
+        """GPU bytes of the float8 copies made so far."""
+        return sum(w.data.numel() + w.data_t.numel() for _, w in self.entries.values())
 
 
 def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
@@ -82,36 +169,52 @@ def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale
                             out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
+def weight_grads(weights: Sequence[torch.Tensor], needed: Sequence[bool], dy8_t: torch.Tensor,
+                 dy_scale: torch.Tensor, x8_t: torch.Tensor, x_scale: torch.Tensor) -> list[torch.Tensor | None]:
+    """Each weight's rows of dW = dy^T @ x (one float8 GEMM for all the joined weights): added into its bound
+    `main_grad` (model/wgrad.py's contract: autograd gets None), else returned in the weight's dtype."""
+    if not any(needed):
+        return [None] * len(weights)
+    bound = [getattr(w, "main_grad", None) for w in weights]
+    out_dtype = torch.float32 if any(m is not None for m in bound) else weights[0].dtype
+    dw = scaled_mm(dy8_t, dy_scale, x8_t, x_scale, out_dtype)
+    grads: list[torch.Tensor | None] = []
+    start = 0
+    for w, main_grad, need in zip(weights, bound, needed):
+        rows = dw[start:start + w.shape[0]]
+        start += w.shape[0]
+        if need and main_grad is not None:
+            main_grad.add_(rows)
+        grads.append(rows.to(w.dtype) if need and main_grad is None else None)
+    return grads
+
+
 class _Float8LinearFn(torch.autograd.Function):
-    """y = x @ w^T with every GEMM in float8 (module docstring)."""
+    """y = x @ cat(weights)^T with every GEMM in float8 (module docstring)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, casts: Casts) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        x8, x8_t, x_scale = casts.both(x2, E4M3)
-        w8, w_scale = casts.one(weight, E4M3)
+    def forward(ctx: Any, x: torch.Tensor, layers: tuple["Float8CastOnceLinear", ...],
+                *weights: torch.Tensor) -> torch.Tensor:
+        casts, steps = layers[0].casts, layers[0].step_weights
+        x8, x8_t, x_scale = casts.both(x.reshape(-1, x.shape[-1]), E4M3)
+        cached = steps.get(layers) if steps is not None else None
+        w8, w_scale = (cached.data, cached.scale) if cached is not None else casts.weight(*weights)
         y = scaled_mm(x8, x_scale, w8, w_scale, x.dtype, fast_accum=True)
-        ctx.save_for_backward(x8_t, x_scale, weight, w_scale)
-        ctx.casts, ctx.x_shape = casts, x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        ctx.save_for_backward(x8_t, x_scale, w_scale, *weights)
+        ctx.casts, ctx.cached, ctx.x_shape = casts, cached, x.shape
+        return y.reshape(*x.shape[:-1], w8.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x8_t, x_scale, weight, w_scale = ctx.saved_tensors
+        x8_t, x_scale, w_scale, *weights = ctx.saved_tensors
         casts: Casts = ctx.casts
         dy8, dy8_t, dy_scale = casts.both(dy.reshape(-1, dy.shape[-1]), E5M2)
         dx = None
         if ctx.needs_input_grad[0]:
-            w8_t = casts.transposed(weight, w_scale, E4M3)  # (i, o): dx = dy8 @ w8 takes w8 column-major
+            # (i, o): dx = dy8 @ w8 takes w8 column-major
+            w8_t = ctx.cached.data_t if ctx.cached is not None else casts.weight_transposed(w_scale, *weights)
             dx = scaled_mm(dy8, dy_scale, w8_t, w_scale, dy.dtype).reshape(ctx.x_shape)
-        dw = None
-        if ctx.needs_input_grad[1]:
-            main_grad = getattr(weight, "main_grad", None)
-            if main_grad is None:
-                dw = scaled_mm(dy8_t, dy_scale, x8_t, x_scale, weight.dtype)
-            else:  # model/wgrad.py's contract: the gradient goes into the float32 buffer, autograd gets none
-                main_grad.add_(scaled_mm(dy8_t, dy_scale, x8_t, x_scale, main_grad.dtype))
-        return dx, dw, None
+        return (dx, None, *weight_grads(weights, ctx.needs_input_grad[2:], dy8_t, dy_scale, x8_t, x_scale))
 
 
 class Float8CastOnceLinear(nn.Linear):
@@ -119,17 +222,25 @@ class Float8CastOnceLinear(nn.Linear):
     backward GEMMs run in float8, each tensor cast once. x: (..., in) -> (..., out)."""
 
     casts: Casts
+    step_weights: StepWeights | None
 
     @classmethod
-    def swap(cls, linear: nn.Linear, casts: Casts) -> "Float8CastOnceLinear":
-        """A float8 layer holding `linear`'s own weight Parameter (no copy)."""
+    def swap(cls, linear: nn.Linear, casts: Casts, step_weights: StepWeights | None = None) -> "Float8CastOnceLinear":
+        """A float8 layer holding `linear`'s own weight Parameter (no copy); `step_weights`: the shared cache of
+        train.fp8.weight_casts=step (None: cast per call)."""
         if linear.bias is not None:
             raise ValueError("Float8CastOnceLinear takes bias-free linear layers (the model's have no bias)")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False)
         new.weight = linear.weight
-        new.casts = casts
+        new.casts, new.step_weights = casts, step_weights
         return new
 
+    @staticmethod
+    def joined(x: torch.Tensor, *layers: "Float8CastOnceLinear") -> torch.Tensor:
+        """x (..., i) through layers that share x, as one float8 layer over their joined weights:
+        (..., sum of their outputs), the first layer's columns first (module docstring)."""
+        return _Float8LinearFn.apply(x, layers, *(layer.weight for layer in layers))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Float8LinearFn.apply(x, self.weight, self.casts)
+        return self.joined(x, self)

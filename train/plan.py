@@ -30,6 +30,7 @@ from train.plan_memory import (
     compute_bytes,
     model_states,
 )
+from train.fp8 import step_weight_params
 from train.plan_speed import MissingMeasurement, Speed, predict
 
 # Device memory as torch.cuda.get_device_properties(...).total_memory reports it (bytes).
@@ -139,7 +140,8 @@ def plan(cfg: RunConfig, gpus: int = 1, zero: ZeroSetup | None = None, micro_bat
         raise ConfigError(str(exc)) from None
     accumulation = max(1, t.global_batch_tokens // (seq_len * micro_batch * gpus))
     e = compute_bytes(t.precision)
-    states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph, t.grad_fold, t.fp8.casts)
+    copies = step_weight_params(cfg.model, t.fp8) if t.precision == "fp8" else 0
+    states = model_states(cfg.model, zero, gpus, t.precision, t.cuda_graph, t.grad_fold, t.fp8.casts, copies)
     try:
         acts = activations(cfg.model, micro_batch * seq_len, mode, e, fp8=t.precision == "fp8",
                            block_types=t.checkpoint_block_types)

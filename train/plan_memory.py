@@ -112,17 +112,18 @@ def compute_bytes(precision: str) -> int:
 
 
 def model_states(cfg: ModelConfig, zero: ZeroSetup, gpus: int, precision: str = "bf16", cuda_graph: bool = False,
-                 grad_fold: str = "fused_wgrad", fp8_casts: str = "torchao") -> dict[str, float]:
+                 grad_fold: str = "fused_wgrad", fp8_casts: str = "torchao", fp8_copies: int = 0) -> dict[str, float]:
     """GPU bytes of params, gradients, optimizer, comm buffers, and host bytes, for one rank. `fp8_casts`:
     train.fp8.casts (torchao's float8 layers hand autograd bf16 weight gradients; `once` adds them to the
-    float32 buffers as the bf16 layers do)."""
+    float32 buffers as the bf16 layers do); `fp8_copies`: parameters whose float8 copies
+    train.fp8.weight_casts=step keeps for the step (1 byte each in two layouts, counted with the params)."""
     p = count_params(cfg)
     e = compute_bytes(precision)
     mixed = e != FP32  # bf16 weights: float32 masters, bf16 gradients beside the float32 sums
     master = FP32 * p if mixed else 0  # float32 copy the optimizer updates
     moments = 2 * FP32 * p
     bucket = zero.reduce_bucket * e * (2 if zero.overlap_comm else 1)
-    out = {"params": e * p / (gpus if zero.stage == 3 else 1), "gradients": 0.0, "optimizer": 0.0,
+    out = {"params": e * p / (gpus if zero.stage == 3 else 1) + 2 * fp8_copies, "gradients": 0.0, "optimizer": 0.0,
            "optimizer_moments": 0.0, "comm_buffers": 0.0, "host": 0.0}
     partition = (master + moments + FP32 * p) / gpus  # master, Adam moments, float32 gradients of this rank
     if zero.stage == 1 and not zero.offload_optimizer:

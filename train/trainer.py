@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +68,7 @@ from train.ds_config import (
     zero_stage,
 )
 from train.errors import TrainingError
-from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8
+from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8, step_weights
 from train.gpu_stats import gather_gpu_stats, open_gpu_stats
 from train.init_from import load_initial_weights
 from train.grad_fold import install_fold
@@ -256,6 +257,7 @@ class Trainer:
             check_graphable(self.model, self.env.on_cuda, cfg.data.packing == "document", self.ds_config)
         self.engine = build_engine(self.model, cfg, self.ds_config, mpu)  # DeepSpeed casts params, keeps fp32 buffers
         self.graph: GraphedTrainingForward | None = None  # captured at the first micro-batch (after any resume)
+        self.fp8_weights = step_weights(self.model)  # train.fp8.weight_casts=step: recast at each step's start
         fresh = TrainerState(seq_len=t.seq_len, world_size=self.env.world_size, zero_stage=stage,
                              manifest_sha256=self.data_identity())
         if resume_dir is None:
@@ -402,17 +404,18 @@ class Trainer:
         n_scored = max(float(all_reduce_sum(scored).item()), 1.0)
         scale = self.cp.replicas * self.accumulation / n_scored  # DeepSpeed averages over the replicas
         nll_local = torch.zeros((), dtype=torch.float64, device=env.device)
-        if self.cfg.train.cuda_graph:
-            if self.graph is None:
-                self.graph = graph_training_forward(self.model, micro[0]["input_ids"],
-                                                    documents=self.cfg.data.packing == "document")
-            for m in micro:  # capture what these micro-batches replay outside DeepSpeed's forward
-                self.graph.prepare(m["input_ids"], m.get("position_ids"), m.get("seq_idx"))
-        for m in micro:
-            nll = self.nll(m).sum()
-            nll_local += nll.detach().double()
-            self.engine.backward(nll * scale)
-            self.engine.step()
+        with self.fp8_weights.step() if self.fp8_weights is not None else nullcontext():
+            if self.cfg.train.cuda_graph:
+                if self.graph is None:
+                    self.graph = graph_training_forward(self.model, micro[0]["input_ids"],
+                                                        documents=self.cfg.data.packing == "document")
+                for m in micro:  # capture what these micro-batches replay outside DeepSpeed's forward
+                    self.graph.prepare(m["input_ids"], m.get("position_ids"), m.get("seq_idx"))
+            for m in micro:
+                nll = self.nll(m).sum()
+                nll_local += nll.detach().double()
+                self.engine.backward(nll * scale)
+                self.engine.step()  # the last one updates the weights: the step's float8 copies expire after it
         stats = torch.zeros(2 + env.world_size, dtype=torch.float64, device=env.device)
         stats[0] = nll_local
         stats[1] = float(self.stop.requested)

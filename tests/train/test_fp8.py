@@ -8,6 +8,7 @@ float32, which checks everything around the GEMMs. The float8 numerics and speed
 from __future__ import annotations
 
 import collections
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ from config.schema import RunConfig, load_run_config
 from config.sections import FP8Config, TrainConfig
 from model import HybridLM, ModelConfig
 from train.ds_config import build_ds_config
-from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8, fp8_plan
+from train.fp8 import check_fp8_device, check_fp8_zero_stage, convert_to_fp8, fp8_plan, step_weights
+from train.fp8_linear import E4M3, cast
 from train.graph_step import EagerReplayGraphs, GraphedLM, graph_training_forward
-from train.trainer import build_model
+from train.trainer import Trainer, build_model
 
 from .conftest import PRETRAIN, REPO, run_env
 
@@ -37,6 +39,7 @@ def small_config(ffn_hidden: int = 1040) -> ModelConfig:
                        mamba={"d_state": 8, "headdim": 8, "expand": 2, "n_groups": 2, "d_conv": 4, "chunk_size": 4})
 
 
+STEP_CASTS = FP8Config(casts="once", weight_casts="step")
 FLOAT8 = ["layers.1.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.2.mlp.gate_proj", "layers.2.mlp.up_proj"]
 
 
@@ -50,6 +53,10 @@ def small_model(cls: type[HybridLM] = HybridLM, dtype: torch.dtype = torch.float
 def meta_model(preset: str) -> HybridLM:
     with torch.device("meta"):
         return HybridLM(ModelConfig(preset=preset))
+
+
+def dequant(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return data.to(torch.float64) / scale.to(torch.float64)
 
 
 def kinds(names: list[str]) -> dict[str, int]:
@@ -69,6 +76,8 @@ def test_config_fp8_runs_deepspeed_in_bf16_and_rejects_bad_settings() -> None:
     assert load_run_config("tiny", ["train.precision=fp8", "train.fp8.casts=once"]).train.fp8.casts == "once"
     with pytest.raises(ConfigError, match="train.fp8: casts=once implements the tensorwise recipe only"):
         load_run_config("tiny", ["train.precision=fp8", "train.fp8.casts=once", "train.fp8.recipe=rowwise"])
+    with pytest.raises(ConfigError, match="train.fp8: weight_casts=step needs casts=once"):
+        load_run_config("tiny", ["train.precision=fp8", "train.fp8.weight_casts=step"])
 
 
 # ---- the conversion rule --------------------------------------------------------------------------------
@@ -206,21 +215,25 @@ def test_fused_wgrad_fold_gets_each_gradient_once(casts: str) -> None:
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("casts", ["torchao", "once"])
-def test_cuda_graph_replays_float8_steps(casts: str) -> None:
+@pytest.mark.parametrize("fp8", [FP8Config(), FP8Config(casts="once"), STEP_CASTS], ids=["torchao", "once", "step"])
+def test_cuda_graph_replays_float8_steps(fp8: FP8Config) -> None:
     """train.cuda_graph over float8 layers (the graph plumbing, with EagerReplayGraphs standing in for CUDA
-    graphs): the replayed step's loss and gradients equal the eager float8 step's."""
+    graphs): the replayed step's loss and gradients equal the eager float8 step's (weight_casts=step: captured
+    and replayed inside a step, as the trainer does)."""
     model = small_model(GraphedLM)
-    convert_to_fp8(model, FP8Config(casts=casts), emulate=True)
+    convert_to_fp8(model, fp8, emulate=True)
+    steps = step_weights(model)
     gen = torch.Generator().manual_seed(3)
     ops = EagerReplayGraphs()
-    graph_training_forward(model, torch.randint(0, 61, (2, 16), generator=gen), ops=ops, warmup=1)
-    ids = torch.randint(0, 61, (2, 17), generator=gen)
-    logits = HybridLM.forward(model, ids[:, :-1])
-    want_loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-    want = torch.autograd.grad(want_loss, list(model.parameters()))
-    loss = loss_of(model, ids)
-    loss.backward()
+    with steps.step() if steps is not None else contextlib.nullcontext():
+        graph_training_forward(model, torch.randint(0, 61, (2, 16), generator=gen), ops=ops, warmup=1)
+        ids = torch.randint(0, 61, (2, 17), generator=gen)
+        logits = HybridLM.forward(model, ids[:, :-1])
+        want_loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        want = torch.autograd.grad(want_loss, list(model.parameters()))
+        loss = loss_of(model, ids)
+        loss.backward()
+    assert (steps is not None) == (fp8.weight_casts == "step") and (steps is None or len(steps.entries) == 4)
     assert ops.replays == 2 and model.graphs.replays == 1
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
     for p, w in zip(model.parameters(), want):
@@ -229,13 +242,20 @@ def test_cuda_graph_replays_float8_steps(casts: str) -> None:
 
 @pytest.mark.parametrize("casts", ["torchao", "once"])
 def test_float8_swiglu_keeps_the_fused_activation(casts: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the kernel path, float8 gate/up run their own GEMMs and mamba_ssm's fused SwiGLU takes their
-    concatenated outputs (the activation's memory and kernels stay those of the bf16 path)."""
+    """On the kernel path, float8 gate/up run their own GEMMs (torchao: two; casts=once: one over the joined
+    weights with one scale) and mamba_ssm's fused SwiGLU takes their concatenated outputs (the activation's
+    memory and kernels stay those of the bf16 path)."""
     model = small_model()
     convert_to_fp8(model, FP8Config(casts=casts), emulate=True)
     mlp = model.layers[1].mlp
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(4))
-    want = mlp(x)  # reference path: eager silu(gate) * up
+    if casts == "torchao":
+        want = mlp(x)  # reference path: eager silu(gate) * up, each layer its own float8 GEMM
+    else:  # the float64 product of x and the joined weights, each cast with one scale
+        joined = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        gate_up = dequant(*cast(x.reshape(-1, 32), E4M3)) @ dequant(*cast(joined, E4M3)).t()
+        gate, up = gate_up.float().reshape(2, 5, -1).chunk(2, dim=-1)
+        want = mlp.down_proj(F.silu(gate) * up)
     calls = []
 
     def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -246,5 +266,59 @@ def test_float8_swiglu_keeps_the_fused_activation(casts: str, monkeypatch: pytes
     monkeypatch.setattr("model.layers.mamba_ops", lambda: SimpleNamespace(swiglu=swiglu))
     mlp.impl = "kernels"
     assert not mlp.fused_gate_up() and mlp.swapped_gate_up()
-    torch.testing.assert_close(mlp(x), want, rtol=1e-6, atol=1e-7)
+    # float32 outputs: torchao's emulated GEMM is the reference path's own; casts=once's against float64
+    torch.testing.assert_close(mlp(x), want, rtol=1e-6 if casts == "torchao" else 1e-5, atol=1e-6)
     assert calls == [torch.Size([2, 5, 2 * 1040])]
+
+
+# ---- weights cast once per optimizer step (train.fp8.weight_casts=step) --------------------------------------
+class FakeEngine:
+    """What Trainer.step asks of DeepSpeed's engine: the model's forward, backward, and a step that updates
+    the weights at the accumulation boundary (each call records whether the step's float8 copies were open)."""
+
+    def __init__(self, model: HybridLM, accumulation: int) -> None:
+        self.module, self.accumulation, self.calls = model, accumulation, []
+        self.steps = step_weights(model)
+
+    def __call__(self, input_ids: torch.Tensor, **inputs) -> torch.Tensor:
+        self.calls.append(("forward", self.steps.open))
+        return self.module(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.calls.append(("backward", self.steps.open))
+
+    def step(self) -> None:
+        self.calls.append(("step", self.steps.open))
+        if sum(c[0] == "step" for c in self.calls) % self.accumulation == 0:
+            with torch.no_grad():
+                for p in self.module.parameters():
+                    p.add_(0.01 * p.grad if p.grad is not None else 0.0)
+                    p.grad = None
+
+
+def test_trainer_step_opens_the_step_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainer.step recasts the float8 weights before a step's first micro-batch and keeps the copies open
+    through its last backward and optimizer step; after it the layers cast per call again, and the next step's
+    copies are of the updated weights."""
+    model = small_model(dtype=torch.bfloat16)
+    convert_to_fp8(model, STEP_CASTS, emulate=True)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = RunConfig(model=small_config(), train=TrainConfig(precision="fp8", fp8=STEP_CASTS))
+    trainer.env = SimpleNamespace(device=torch.device("cpu"), world_size=1, rank=0)
+    trainer.cp, trainer.accumulation, trainer.stop = SimpleNamespace(replicas=1), 2, SimpleNamespace(requested=False)
+    trainer.engine, trainer.graph, trainer.fp8_weights = FakeEngine(model, 2), None, step_weights(model)
+    monkeypatch.setattr("train.trainer.all_reduce_sum", lambda values: values)
+    gen = torch.Generator().manual_seed(5)
+    ids = [torch.randint(0, 61, (2, 17), generator=gen) for _ in range(2)]
+    micro = [{"input_ids": i[:, :-1], "labels": i[:, 1:]} for i in ids]
+    trainer.step(micro)
+    assert trainer.engine.calls == [("forward", True), ("backward", True), ("step", True)] * 2
+    assert not trainer.fp8_weights.open and len(trainer.fp8_weights.entries) == 4  # reference path: 4 layers
+    gate = model.layers[1].mlp.gate_proj
+    layers, cached = trainer.fp8_weights.entries[(id(gate),)]
+    first = cached.data.clone()
+    updated, _ = cast(gate.weight.detach(), E4M3)  # the weights the second step starts from
+    trainer.step(micro)
+    assert layers == (gate,) and not torch.equal(first.view(torch.uint8), updated.view(torch.uint8))
+    assert torch.equal(cached.data.view(torch.uint8), updated.view(torch.uint8))

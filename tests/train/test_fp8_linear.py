@@ -1,6 +1,7 @@
 """train/fp8_linear.py on CPU (torch's CPU _scaled_mm, eager casts): the casts are torchao's bit for bit,
-every GEMM equals the float64 product of its float8 operands, and the operands have the layouts cuBLAS
-needs. Speed is measured on a GPU only (docs/fp8.md)."""
+every GEMM equals the float64 product of its float8 operands, the operands have the layouts cuBLAS needs,
+joined layers (SwiGLU's gate and up) are one GEMM each way, and the per-step weight copies
+(train.fp8.weight_casts=step) give per-call casts' results. Speed is measured on a GPU only (docs/fp8.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from train.fp8_linear import E4M3, E5M2, Casts, Float8CastOnceLinear, cast, cast_both
+from train.fp8_linear import E4M3, E5M2, Casts, Float8CastOnceLinear, StepWeights, cast, cast_both
 
 torchao_float8 = pytest.importorskip("torchao.float8")
 
@@ -131,3 +132,114 @@ def test_close_to_torchaos_emulated_float8_linear(layer_and_input) -> None:
     for got, ref in ((y, y_ref), (x.grad, x_ref.grad), (layer.weight.grad, ref_model[0].weight.grad)):
         rel = (got.float() - ref.float()).norm() / ref.float().norm()
         assert rel < 2 * BF16_TOL, rel
+
+
+# ---- gate and up as one layer ------------------------------------------------------------------------------
+def two_layers(casts: Casts, steps: StepWeights | None = None) -> tuple[Float8CastOnceLinear, Float8CastOnceLinear]:
+    """SwiGLU's gate and up (D_OUT rows each over D_IN), swapped for float8 layers sharing `casts`."""
+    g = torch.Generator().manual_seed(5)
+    layers = []
+    for std in (0.05, 0.02):  # different ranges: the joined scale is the larger one's
+        plain = nn.Linear(D_IN, D_OUT, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            plain.weight.copy_(torch.randn(D_OUT, D_IN, generator=g) * std)
+        layers.append(Float8CastOnceLinear.swap(plain, casts, steps))
+    return layers[0], layers[1]
+
+
+def count_scaled_mm(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = torch._scaled_mm
+
+    def counted(*args, **kwargs) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    return calls
+
+
+def test_joined_layers_are_one_float8_gemm_each_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """joined(x, gate, up): one forward GEMM over the joined weights with one scale, the input gradient as one
+    GEMM over both (summed inside it), the weight gradients as one GEMM whose rows go to each weight's main_grad:
+    each against the float64 product of the float8 operands."""
+    gate, up = two_layers(Casts(compile=False))
+    x = torch.randn(N_TOKENS, D_IN, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(N_TOKENS, 2 * D_OUT, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    gate.weight.main_grad = torch.zeros(D_OUT, D_IN)
+    calls = count_scaled_mm(monkeypatch)
+    y = Float8CastOnceLinear.joined(x, gate, up)
+    y.backward(dy)
+    assert len(calls) == 3 and y.shape == (N_TOKENS, 2 * D_OUT)
+    w = torch.cat([gate.weight, up.weight]).detach()
+    xq, wq, dyq = dequant(*cast(x.detach(), E4M3)), dequant(*cast(w, E4M3)), dequant(*cast(dy, E5M2))
+    dw = dyq.t() @ xq
+    for got, ref in ((y, xq @ wq.t()), (x.grad, dyq @ wq), (gate.weight.main_grad, dw[:D_OUT]),
+                     (up.weight.grad, dw[D_OUT:])):
+        rel = (got.to(torch.float64) - ref).norm() / ref.norm()
+        assert rel < BF16_TOL, rel
+    assert gate.weight.grad is None and up.weight.grad.dtype == torch.bfloat16  # bound: main_grad; unbound: autograd
+    _, w_scale = cast(w, E4M3)
+    assert torch.equal(w_scale, cast(gate.weight.detach(), E4M3)[1])  # gate's max (std 0.05) sets the joined scale
+
+
+# ---- weights cast once per optimizer step ------------------------------------------------------------------
+class CountingCasts(Casts):
+    """Eager casts that count the weight casts made per call (not by the step cache)."""
+
+    def __init__(self) -> None:
+        super().__init__(compile=False)
+        self.per_call = 0
+        weight, transposed = self.weight, self.weight_transposed
+
+        def counted(f):
+            def run(*args):
+                self.per_call += 1
+                return f(*args)
+            return run
+
+        self.weight, self.weight_transposed = counted(weight), counted(transposed)
+
+
+def step_of(gate: Float8CastOnceLinear, up: Float8CastOnceLinear, x: torch.Tensor,
+            dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward and backward of the joined layers: (y, dx, gate's and up's weight gradients)."""
+    x = x.detach().requires_grad_()
+    y = Float8CastOnceLinear.joined(x, gate, up)
+    y.backward(dy)
+    grads = gate.weight.grad, up.weight.grad
+    gate.weight.grad = up.weight.grad = None
+    return y.detach(), x.grad, *grads
+
+
+def test_step_weights_cast_once_per_step_and_follow_updates() -> None:
+    """Inside `StepWeights.step()` the layers read one float8 copy per step (no per-call weight casts) and
+    compute exactly what per-call casts compute; the next step recasts into the same buffers after the weights
+    change; outside a step the layers cast per call, so a stale copy is never read."""
+    casts = CountingCasts()
+    steps = StepWeights(casts)
+    gate, up = two_layers(casts, steps)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(N_TOKENS, D_IN, generator=g).to(torch.bfloat16)
+    dy = torch.randn(N_TOKENS, 2 * D_OUT, generator=g).to(torch.bfloat16)
+    per_call = step_of(gate, up, x, dy)
+    assert casts.per_call == 2 and steps.entries == {}  # the forward's cast and the backward's transposed one
+    with steps.step():
+        first = step_of(gate, up, x, dy)
+        again = step_of(gate, up, x, dy)
+    assert casts.per_call == 2 and len(steps.entries) == 1 and steps.bytes() == 2 * 2 * D_OUT * D_IN
+    for a, b, c in zip(per_call, first, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    (_, cached), = steps.entries.values()
+    addresses = cached.data.data_ptr(), cached.data_t.data_ptr(), cached.scale.data_ptr()
+    with torch.no_grad():  # the optimizer's update at the end of the step
+        gate.weight.mul_(-1.5)
+        up.weight.add_(0.01)
+    outside = step_of(gate, up, x, dy)
+    assert casts.per_call == 4 and not torch.equal(outside[0], per_call[0])
+    with steps.step():
+        assert (cached.data.data_ptr(), cached.data_t.data_ptr(), cached.scale.data_ptr()) == addresses
+        inside = step_of(gate, up, x, dy)
+    assert casts.per_call == 4
+    for a, b in zip(outside, inside):
+        assert torch.equal(a, b)

@@ -366,3 +366,30 @@ def test_fused_wgrad_keeps_bf16_gradients_outside_the_linears_only(tie: bool) ->
     assert model_states(cfg, zero, 1, precision="fp8")["gradients"] - 4 * p_total == 2 * p_total
     # train.fp8.casts=once adds the float8 layers' gradients to the float32 buffers, as bf16's fused_wgrad
     assert model_states(cfg, zero, 1, precision="fp8", fp8_casts="once")["gradients"] - 4 * p_total == fused
+
+
+def test_step_weight_casts_count_their_float8_copies() -> None:
+    """train.fp8.weight_casts=step keeps each float8 layer's weight in two 1-byte layouts through the step: the
+    planner adds 2 bytes per parameter of fp8_plan (the 1.3B: its 110 float8 Linears of blocks 1-22), measured
+    against the copies StepWeights makes for a small model's float8 layers."""
+    from model.hybrid import HybridLM
+    from train.fp8 import convert_to_fp8, fp8_plan, step_weight_params, step_weights
+
+    cfg = load_run_config("1.3b", ["train.precision=fp8", "train.fp8.casts=once", "train.fp8.weight_casts=step"])
+    with torch.device("meta"):
+        model = HybridLM(cfg.model)
+    names = fp8_plan(model, cfg.train.fp8)
+    copies = step_weight_params(cfg.model, cfg.train.fp8)
+    assert len(names) == 110 and copies == sum(model.get_submodule(n).weight.numel() for n in names)
+    call = load_run_config("1.3b", ["train.precision=fp8", "train.fp8.casts=once"])
+    assert step_weight_params(call.model, call.train.fp8) == 0
+    assert plan(cfg).memory["params"] - plan(call).memory["params"] == 2 * copies
+
+    small = ModelConfig(vocab_size=61, d_model=32, n_layers=4, pattern="MAMA", ffn_hidden=1040,
+                        attention={"n_heads": 4, "n_kv_heads": 2}, mamba={"d_state": 8, "headdim": 8, "expand": 2})
+    net = HybridLM(small).to(torch.bfloat16).train()
+    convert_to_fp8(net, cfg.train.fp8, emulate=True)
+    steps = step_weights(net)
+    with steps.step():
+        net(torch.randint(0, 61, (1, 16))).float().sum().backward()
+    assert steps.bytes() == 2 * step_weight_params(small, cfg.train.fp8) > 0
