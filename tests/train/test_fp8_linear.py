@@ -181,6 +181,8 @@ def test_joined_layers_are_one_float8_gemm_each_way(monkeypatch: pytest.MonkeyPa
     assert gate.weight.grad is None and up.weight.grad.dtype == torch.bfloat16  # bound: main_grad; unbound: autograd
     _, w_scale = cast(w, E4M3)
     assert torch.equal(w_scale, cast(gate.weight.detach(), E4M3)[1])  # gate's max (std 0.05) sets the joined scale
+    # the docstring's floor of e4m3's relative precision: its smallest normal number, 1/28672 of its maximum
+    assert torch.finfo(E4M3).max / torch.finfo(E4M3).smallest_normal == 28672
 
 
 # ---- weights cast once per optimizer step ------------------------------------------------------------------
