@@ -136,7 +136,7 @@ def convert_to_fp8(model: "HybridLM", fp8: "FP8Config", emulate: bool = False) -
                           f"train.fp8.recipe={fp8.recipe} (docs/fp8.md: too small, or all in the bf16 first/last "
                           "blocks); set train.precision=bf16")
     if fp8.casts == "once":
-        # CPU runs torch's own float8 GEMM here: no emulation needed; eager casts there (module docstring)
+        # CPU runs torch's own float8 GEMM here: no emulation needed; emulate only keeps the casts eager
         casts = Casts(compile=fp8.compile and not emulate)
         if casts.compiled:
             _allow_recompiles(model, names)

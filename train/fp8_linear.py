@@ -97,8 +97,8 @@ def cast_weight_both(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Casts:
-    """The cast functions, compiled (CUDA: inductor fuses each one's elementwise work) or eager (CPU tests:
-    torch.compile's CPU backend needs a C++ compiler)."""
+    """The cast functions, compiled (inductor fuses each one's elementwise work; its results are the eager
+    ones', tests/train/test_fp8_linear.py) or eager (emulated runs: convert_to_fp8(emulate=True))."""
 
     def __init__(self, compile: bool) -> None:
         self.compiled = compile

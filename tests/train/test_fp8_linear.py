@@ -1,9 +1,12 @@
-"""train/fp8_linear.py on CPU (torch's CPU _scaled_mm, eager casts): the casts are torchao's bit for bit,
+"""train/fp8_linear.py on CPU (torch's CPU _scaled_mm; eager casts, and inductor's compiled casts against
+them): the casts are torchao's bit for bit,
 every GEMM equals the float64 product of its float8 operands, the operands have the layouts cuBLAS needs,
 joined layers (SwiGLU's gate and up) are one GEMM each way, and the per-step weight copies
 (train.fp8.weight_casts=step) give per-call casts' results. Speed is measured on a GPU only (docs/fp8.md)."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -245,3 +248,22 @@ def test_step_weights_cast_once_per_step_and_follow_updates() -> None:
     assert casts.per_call == 4
     for a, b in zip(outside, inside):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_casts_equal_the_eager_ones() -> None:
+    """The GPU runs compile the casts (train.fp8.compile): inductor's fused casts, here its CPU code, give the
+    eager casts' bytes and scales (the float64 scale arithmetic is there for this), per call and per step."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(N_TOKENS, D_IN, generator=g).to(torch.bfloat16)
+    dy = torch.randn(N_TOKENS, 2 * D_OUT, generator=g).to(torch.bfloat16)
+    eager = step_of(*two_layers(Casts(compile=False)), x, dy)
+    compiled = Casts(compile=True)
+    per_call = step_of(*two_layers(compiled), x, dy)
+    steps = StepWeights(compiled)
+    gate, up = two_layers(compiled, steps)
+    with steps.step():
+        per_step = step_of(gate, up, x, dy)
+    for e, c, s in zip(eager, per_call, per_step):
+        assert torch.equal(e, c) and torch.equal(e, s)
