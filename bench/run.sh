@@ -259,23 +259,24 @@ run_part() {  # run_part SUITE PART
     long_context:context_parallel)  # context parallelism's overhead on one rank
         step 300 python3 bench/context_parallel_overhead.py --preset small --seq-len 8192 --batch 2 --docs 4 \
             --name "$(name context_parallel_overhead_small)" --out "$res" ;;
-    fp8:1.3b|fp8:1.3b_loss|fp8:2.7b)  # launch/pretrain.py in bf16 vs float8 (bench/fp8_train.py)
-        local peak vocab common
+    fp8:1.3b|fp8:1.3b_loss|fp8:2.7b)  # launch/pretrain.py in bf16 vs float8 (bench/fp8_train.py); VARIANTS: other
+        # variants of bench/fp8_train.py than bf16,fp8 (e.g. bf16,fp8_once_step; they name the result files)
+        local peak vocab common variants=${VARIANTS:-bf16,fp8} tag=${VARIANTS:+_${VARIANTS//,/_}}
         peak=$(matmul_peak) vocab=$(manifest_vocab)
         common=(--set data.manifest="$data" --set data.weights.planted=0 --set model.vocab_size="$vocab"
                 --set train.peak_tflops="$peak" --set train.seq_len=4096 --work /tmp --out "$res" ${CHECK_ONLY:+--check})
         if [ "$p" = 1.3b ]; then  # throughput at the pretraining settings: 2 x 4096 x 8 micro-batches per step
             # rowwise's throughput too: --variants bf16,fp8,fp8_rowwise (about 100 s more)
-            step 400 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 30 \
+            step 400 python3 bench/fp8_train.py --config 1.3b --variants "$variants" --steps 30 \
                 --set train.micro_batch_size=2 --set train.global_batch_tokens=65536 \
-                --name "$(name fp8_train_1.3b_accum8)" "${common[@]}"
+                --name "$(name fp8_train_1.3b_accum8$tag)" "${common[@]}"
         elif [ "$p" = 1.3b_loss ]; then  # loss parity: 300 optimizer steps of one micro-batch (2 x 4096) each
-            step 560 python3 bench/fp8_train.py --config 1.3b --variants bf16,fp8 --steps 300 \
-                --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b)" \
+            step 560 python3 bench/fp8_train.py --config 1.3b --variants "$variants" --steps 300 \
+                --set train.micro_batch_size=2 --set train.global_batch_tokens=8192 --name "$(name fp8_train_1.3b$tag)" \
                 "${common[@]}"
         else
-            step 500 python3 bench/fp8_train.py --config 2.7b --variants bf16,fp8 --steps 20 \
-                --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b)" \
+            step 500 python3 bench/fp8_train.py --config 2.7b --variants "$variants" --steps 20 \
+                --set train.micro_batch_size=1 --set train.global_batch_tokens=16384 --name "$(name fp8_train_2.7b$tag)" \
                 "${common[@]}"
         fi ;;
     fp8:once)  # train.fp8.casts=once (train/fp8_linear.py), weights cast per call and per step, beside bf16, at
