@@ -79,8 +79,8 @@ class SwiGLU(nn.Module):
     for the backward). The weights stay two Linear modules: the checkpoint and export layout is the
     same on both paths; quantized gate/up run unfused; swapped Linears over plain weights (float8 training)
     run as one layer where their class joins layers (`swapped_gate_up_output`), else as two, and the fused
-    activation takes their concatenated outputs. It reads the weights
-    outside their modules' forward, so ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
+    activation takes their concatenated outputs. It reads the weights outside their modules' forward, so
+    ZeRO-3 treats it as one leaf module (train.trainer.prepare_zero3).
     """
 
     name = "swiglu"  # model.mlp (model/mlps.py: the registry of MLP kinds)
