@@ -41,7 +41,7 @@ class _LinearMainGradFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        w = _joined(weights)
+        w = joined(weights)
         ctx.save_for_backward(x, w)
         ctx.rows = [wi.shape[0] for wi in weights]
         ctx.main_grads = [getattr(wi, "main_grad", None) for wi in weights]
@@ -66,11 +66,11 @@ def linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     """x (..., i) @ cat(weights, dim 0)^T -> (..., sum of the weights' rows), bias-free. Weights with a
     `main_grad` get their gradient added there (see the module docstring); without any, plain F.linear."""
     if not any(getattr(w, "main_grad", None) is not None for w in weights):
-        return F.linear(x, _joined(weights))
+        return F.linear(x, joined(weights))
     return _LinearMainGradFn.apply(x, *weights)
 
 
-def _joined(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def joined(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The weights stacked along their output rows (one weight: itself, no copy)."""
     return weights[0] if len(weights) == 1 else torch.cat(weights)
 

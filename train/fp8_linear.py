@@ -46,6 +46,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from model.wgrad import joined
+
 E4M3 = torch.float8_e4m3fn  # inputs and weights
 E5M2 = torch.float8_e5m2  # output gradients: a wider range, as torchao's tensorwise recipe
 EPS = 1e-12  # torchao's floor on the absolute max (float8_utils.EPS): a zero tensor keeps a finite scale
@@ -74,11 +76,6 @@ def cast_both(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     """t (a, b) -> (float8 (a, b), float8 (b, a) contiguous, scale): one reduction for both layouts."""
     scale = scale_of(t, dtype)
     return quantize(t, scale, dtype), quantize(t.t(), scale, dtype).contiguous(), scale
-
-
-def joined(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The weights stacked along their output rows (one weight: itself, no copy)."""
-    return weights[0] if len(weights) == 1 else torch.cat(list(weights))
 
 
 def cast_weight(*weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +131,11 @@ class StepWeights:
 
     @contextmanager
     def step(self) -> Iterator[None]:
-        with torch.no_grad():
-            for layers, weight in self.entries.values():
-                data, data_t, scale = self.casts.weight_both(*(layer.weight for layer in layers))
-                weight.data.copy_(data)
-                weight.data_t.copy_(data_t)
-                weight.scale.copy_(scale)
+        for layers, weight in self.entries.values():
+            fresh = self._cast(layers)
+            weight.data.copy_(fresh.data)
+            weight.data_t.copy_(fresh.data_t)
+            weight.scale.copy_(fresh.scale)
         self.open = True
         try:
             yield
@@ -152,10 +148,13 @@ class StepWeights:
             return None
         key = tuple(id(layer) for layer in layers)
         if key not in self.entries:
-            with torch.no_grad():
-                weight = Float8Weight(*self.casts.weight_both(*(layer.weight for layer in layers)))
-            self.entries[key] = (layers, weight)
+            self.entries[key] = (layers, self._cast(layers))
         return self.entries[key][1]
+
+    @torch.no_grad()
+    def _cast(self, layers: tuple[nn.Module, ...]) -> Float8Weight:
+        """The layers' current weights, joined, cast into both layouts."""
+        return Float8Weight(*self.casts.weight_both(*(layer.weight for layer in layers)))
 
     def bytes(self) -> int:
         """GPU bytes of the float8 copies made so far."""
