@@ -365,7 +365,7 @@ run_part() {  # run_part SUITE PART
         step "$limit" python3 launch/ablate.py --config "${CONFIG:-small}" --variants "config/ablations/$p.yaml" \
             --tokens "${TOKENS:-50000000}" --seeds "${SEEDS:-1}" --output "$dir/$p" ${ONLY:+--only "$ONLY"} \
             --set data.manifest="$corpus/manifest.json" --set model.vocab_size="$vocab" \
-            --set train.peak_tflops="$(matmul_peak)"
+            --set train.peak_tflops="$(matmul_peak)" --set train.wandb.mode=disabled
         [ -f "$dir/$p/report.md" ] || return 1  # refused before any run: the log says why
         folder="$res/$(name "ablation_${p}_${CONFIG:-small}")"
         mkdir -p "$folder"

@@ -27,12 +27,16 @@ different corpora are refused (`check_same_data`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import Field
 
@@ -48,6 +52,8 @@ PRETRAIN = REPO / "launch" / "pretrain.py"
 FIXED = ("train.seed", "train.max_steps", "train.output_dir", "train.save_final", "train.seq_len",
          "train.global_batch_tokens", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule")
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# How long a finished run's output may stay open (its last lines still in the pipe) before what holds it is stopped.
+OUTPUT_GRACE_S = 30.0
 
 
 class VariantSpec(StrictModel):
@@ -179,18 +185,32 @@ def train(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> int:
     """Run (or resume) one variant; its output goes to the console and OUT/launch.log. Returns the exit code.
 
     SIGINT/SIGTERM reaching this process are passed to the run (which saves a checkpoint at the next step
-    boundary and exits 0) instead of ending this one, so the run's output is read to its end."""
+    boundary and exits 0) instead of ending this one, so the run's output is read to its end. The run gets its
+    own process group: what it leaves behind when it exits (a compile worker holding its stdout open) is
+    stopped, so the next variant does not wait for an end of output that never comes."""
     run.out.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(config, base_sets, run, gpus)
     with open(run.out / "launch.log", "a") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        reader = threading.Thread(target=_copy_lines, args=(proc.stdout, log), daemon=True)
+        reader.start()
         previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            for line in proc.stdout:  # type: ignore[union-attr]
-                sys.stdout.write(line)
-                log.write(line)
-            return proc.wait()
+            rc = proc.wait()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        reader.join(timeout=OUTPUT_GRACE_S)
+        if reader.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            reader.join()
+        return rc
+
+
+def _copy_lines(stream: TextIO, log: TextIO) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        log.write(line)

@@ -227,6 +227,11 @@ def _finish() -> NoReturn:
     hooks), then exit code 0 without the finalization."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # threading's own exit hooks first, as interpreter shutdown (threading._shutdown) runs them: they tell the
+    # idle workers of every ThreadPoolExecutor (inductor's compile pool, for one) to stop, and joining those
+    # workers before that waits forever. A private list, there since Python 3.9; no public hook runs them.
+    for hook in reversed(getattr(threading, "_threading_atexits", [])):
+        hook()
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

@@ -8,7 +8,9 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -258,3 +260,25 @@ def test_content_hash_ignores_the_curation_time_only(tmp_path: Path) -> None:
     paths[2].write_text(json.dumps(base | {"splits": {"train": {"sources": [{"shards": [{"sha256": "b"}]}]}}}))
     first, again, other = (content_sha256(p) for p in paths)
     assert first == again != other
+
+
+def test_a_run_whose_leftover_process_holds_its_output_open_does_not_hang_the_runner(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """The run exits but a process it started keeps the output pipe open (a compile worker): the runner
+    copies what came, stops that process after the grace period and goes on with the run's exit code."""
+    import experiments.ablation as ablation
+
+    leftover = tmp_path / "leftover.pid"
+    monkeypatch.setattr(ablation, "launch_command", lambda *args: [
+        "sh", "-c", f"sleep 300 & echo $! > {leftover}; echo trained; exit 3"])
+    monkeypatch.setattr(ablation, "OUTPUT_GRACE_S", 0.5)
+    run = SimpleNamespace(out=tmp_path / "run")
+    assert ablation.train("tiny", [], run, 1) == 3
+    assert (run.out / "launch.log").read_text() == "trained\n"
+    pid = int(leftover.read_text())
+    for _ in range(100):  # SIGKILL is delivered asynchronously; the orphan is reaped by init
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the leftover process {pid} is still running")

@@ -59,6 +59,19 @@ def test_success_waits_for_non_daemon_threads(tmp_path: Path) -> None:
     assert marker.with_suffix(".thread").read_text() == "written"
 
 
+def test_success_with_an_idle_thread_pool_exits(tmp_path: Path) -> None:
+    """An idle ThreadPoolExecutor's workers are non-daemon threads that stop only when told to at exit (a
+    GPU run's compile pool): joining them first hung a finished run on an H100 until it was killed."""
+    body = """from concurrent.futures import ThreadPoolExecutor
+    global pool  # kept alive past main(), as inductor's cached pool is (a collected pool stops its workers)
+    pool = ThreadPoolExecutor(2)
+    pool.submit(marker.with_suffix(".pool").write_text, "ran").result()"""
+    proc, marker = run_entry(body, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.with_suffix(".pool").read_text() == "ran"
+    assert marker.read_text() == "hook ran"
+
+
 @pytest.mark.parametrize(("body", "code", "line"), [
     ("raise ValueError('model.d_model must be > 0: set it in the config')", 2,
      "error: model.d_model must be > 0: set it in the config"),
