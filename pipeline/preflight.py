@@ -56,10 +56,11 @@ def claim_output(recipe: RecipeConfig, layout: Layout) -> None:
         finalize_marker.unlink()  # manifest.json was removed: write it again
 
 
-# Packages every recipe's stages use through datatrove, which imports them only inside its workers: a missing one
-# (JSONL reading and writing) or one outside datatrove's declared range (xxhash 4 refuses the str datatrove
-# 0.10 hashes) would otherwise fail minutes in, with a traceback per task.
-STAGE_PACKAGES = ("orjson", "xxhash")
+# Packages the stages import only inside their workers, after the output folder is claimed: orjson (JSONL reading
+# and writing), xxhash (outside datatrove's declared range, xxhash 4 refuses the str datatrove 0.10 hashes), nltk
+# (the word tokenizer of MinHash and decontamination, pipeline/wordtok.py) and py3langid (the language filter). A
+# missing one would otherwise fail minutes in, with a traceback per task.
+STAGE_PACKAGES = ("orjson", "xxhash", "nltk", "py3langid")
 
 
 def check_packages() -> None:

@@ -63,10 +63,12 @@ def test_empty_corpus_stops_before_tokenizer_training(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("versions", "expected"), [
     ({"xxhash": "4.0.1"}, "xxhash<4 (installed: 4.0.1)"),
     ({"orjson": None}, "orjson (not installed)"),
+    ({"nltk": None}, "nltk (not installed)"),
+    ({"py3langid": None}, "py3langid (not installed)"),
 ])
 def test_stage_packages_outside_datatroves_range_are_refused_before_any_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, versions: dict, expected: str) -> None:
-    """A GPU image's xxhash 4 (datatrove 0.10 hashes str, which it refuses) or no orjson: one line at the
+    """A GPU image's xxhash 4 (datatrove 0.10 hashes str, which it refuses) or a missing stage package: one line at the
     pre-run checks, and the output folder stays unclaimed."""
     import importlib.metadata as md
 
