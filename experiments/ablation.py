@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -54,6 +55,9 @@ FIXED = ("train.seed", "train.max_steps", "train.output_dir", "train.save_final"
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # How long a finished run's output may stay open (its last lines still in the pipe) before what holds it is stopped.
 OUTPUT_GRACE_S = 30.0
+# How long a run may take to exit after its final export (teardown: a barrier, the process group), how often that is
+# checked, and how long its ranks get to print their stacks before they are stopped.
+EXIT_GRACE_S, POLL_S, STACKS_S = 120.0, 5.0, 2.0
 
 
 class VariantSpec(StrictModel):
@@ -198,7 +202,7 @@ def train(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> int:
         previous = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            rc = proc.wait()
+            rc = _wait(proc, run)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -208,6 +212,29 @@ def train(config: str, base_sets: list[str], run: PlannedRun, gpus: int) -> int:
                 os.killpg(proc.pid, signal.SIGKILL)
             reader.join()
         return rc
+
+
+def _wait(proc: subprocess.Popen, run: PlannedRun) -> int:
+    """The run's exit code. A run whose final export exists but whose process is still there EXIT_GRACE_S later
+    is hung in its teardown: its work is saved, so it is asked for its threads' stacks (SIGUSR1,
+    train/distributed.py's fail_loudly, into its log), stopped, and counted as finished (0)."""
+    finished_at = None
+    while True:
+        try:
+            return proc.wait(timeout=POLL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if finished_at is None:
+            finished_at = time.monotonic() if run.finished else None
+        elif time.monotonic() - finished_at > EXIT_GRACE_S:
+            print(f"warning: {run.out} exported its final step but did not exit within {EXIT_GRACE_S:.0f} s; "
+                  "stopped (its threads' stacks are in its launch.log)", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGUSR1)
+                time.sleep(STACKS_S)
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return 0
 
 
 def _copy_lines(stream: TextIO, log: TextIO) -> None:

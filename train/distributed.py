@@ -23,6 +23,7 @@ must not depend on that teardown.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import logging
 import os
 import signal
@@ -197,7 +198,10 @@ class StopSignal:
 
 def fail_loudly(main: Callable[[], None], user_errors: tuple[type[BaseException], ...]) -> NoReturn:
     """Run `main` and end the process: exit 0 once it returns; on an exception print one line naming
-    the rank and exit 2 (bad input) or 1 (see module doc)."""
+    the rank and exit 2 (bad input) or 1 (see module doc). Meanwhile SIGUSR1 prints every thread's Python
+    stack to stderr (`kill -USR1 PID`: where a hung rank waits; the ablation runner sends it to a run that
+    does not exit after its final export)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         main()
     except user_errors as exc:

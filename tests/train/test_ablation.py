@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -272,7 +273,7 @@ def test_a_run_whose_leftover_process_holds_its_output_open_does_not_hang_the_ru
     monkeypatch.setattr(ablation, "launch_command", lambda *args: [
         "sh", "-c", f"sleep 300 & echo $! > {leftover}; echo trained; exit 3"])
     monkeypatch.setattr(ablation, "OUTPUT_GRACE_S", 0.5)
-    run = SimpleNamespace(out=tmp_path / "run")
+    run = SimpleNamespace(out=tmp_path / "run", finished=False)
     assert ablation.train("tiny", [], run, 1) == 3
     assert (run.out / "launch.log").read_text() == "trained\n"
     pid = int(leftover.read_text())
@@ -282,3 +283,44 @@ def test_a_run_whose_leftover_process_holds_its_output_open_does_not_hang_the_ru
         time.sleep(0.05)
     else:
         pytest.fail(f"the leftover process {pid} is still running")
+
+
+class _ExportingRun:
+    """A run whose `finished` turns true when its command writes the export marker."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / "exported").exists()
+
+
+def test_a_run_that_does_not_exit_after_its_final_export_is_stopped_with_its_stacks(tmp_path: Path, monkeypatch,
+                                                                                  capsys) -> None:
+    """Its work is saved, so the runner asks for its threads' stacks (SIGUSR1, which fail_loudly registers) and
+    goes on to the next variant instead of waiting on a teardown that never ends."""
+    import experiments.ablation as ablation
+
+    script = tmp_path / "hang.py"
+    script.write_text(textwrap.dedent("""
+        import sys, threading
+        from pathlib import Path
+        from train.distributed import fail_loudly
+
+        def main():
+            (Path(sys.argv[1]) / "exported").write_text("")
+            print("exported", flush=True)
+            threading.Event().wait()  # a teardown that never ends
+
+        fail_loudly(main, ())
+    """))
+    out = tmp_path / "run"
+    monkeypatch.setattr(ablation, "launch_command", lambda *args: [sys.executable, str(script), str(out)])
+    monkeypatch.setattr(ablation, "REPO", REPO)
+    monkeypatch.setattr(ablation, "EXIT_GRACE_S", 1.0)
+    monkeypatch.setattr(ablation, "POLL_S", 0.2)
+    assert ablation.train("tiny", [], _ExportingRun(out), 1) == 0
+    log = (out / "launch.log").read_text()
+    assert log.startswith("exported\n") and "threading.py" in log and "in main" in log  # the hung thread's stack
+    assert "did not exit within 1 s; stopped" in capsys.readouterr().err
