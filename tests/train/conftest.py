@@ -132,10 +132,8 @@ def deepspeed_ops_built(tmp_path_factory: pytest.TempPathFactory) -> None:
     launched world: the launcher SIGKILLs the other ranks when one fails, and a rank killed while compiling
     leaves a stale build lock that every later launched test then refuses (train/ds_ops.py)."""
     def build(folder: Path) -> Path:
-        code = ("from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; "
-                "ShareMemCommBuilder().load(verbose=False)")
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True,
-                              timeout=LAUNCH_TIMEOUT)
+        proc = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "build_ds_shm_op.py")], cwd=REPO,
+                              env=run_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
         assert proc.returncode == 0, f"building DeepSpeed's shm op failed:\n{proc.stderr[-3000:]}"
         return folder
 

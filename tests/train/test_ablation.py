@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -302,21 +301,8 @@ def test_a_run_that_does_not_exit_after_its_final_export_is_stopped_with_its_sta
     goes on to the next variant instead of waiting on a teardown that never ends."""
     import experiments.ablation as ablation
 
-    script = tmp_path / "hang.py"
-    script.write_text(textwrap.dedent("""
-        import sys, threading
-        from pathlib import Path
-        from train.distributed import fail_loudly
-
-        def main():
-            (Path(sys.argv[1]) / "exported").write_text("")
-            print("exported", flush=True)
-            threading.Event().wait()  # a teardown that never ends
-
-        fail_loudly(main, ())
-    """))
     out = tmp_path / "run"
-    monkeypatch.setattr(ablation, "launch_command", lambda *args: [sys.executable, str(script), str(out)])
+    monkeypatch.setattr(ablation, "launch_command", lambda *args: [sys.executable, str(REPO / "tests" / "helpers" / "hang_after_export.py"), str(out)])
     monkeypatch.setattr(ablation, "REPO", REPO)
     monkeypatch.setattr(ablation, "EXIT_GRACE_S", 1.0)
     monkeypatch.setattr(ablation, "POLL_S", 0.2)

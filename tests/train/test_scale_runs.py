@@ -100,11 +100,7 @@ def test_a_timed_out_launch_leaves_no_process_behind(tmp_path: Path) -> None:
     on using the GPU while the next measurement starts)."""
     import psutil
 
-    spawn = ("import subprocess, sys, time\n"
-             "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-             "print(child.pid, flush=True)\n"
-             "time.sleep(120)\n")
     log = tmp_path / "launch.log"
-    assert scale_runs.run([sys.executable, "-c", spawn], log, timeout=3) == 124
+    assert scale_runs.run([sys.executable, str(REPO / "tests" / "helpers" / "spawn_sleeper.py")], log, timeout=3) == 124
     child = int(log.read_text().split()[0])
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
