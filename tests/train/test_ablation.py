@@ -301,9 +301,8 @@ def test_a_run_that_does_not_exit_after_its_final_export_is_stopped_with_its_sta
     goes on to the next variant instead of waiting on a teardown that never ends."""
     import experiments.ablation as ablation
 
-    out = tmp_path / "run"
-    monkeypatch.setattr(ablation, "launch_command", lambda *args: [sys.executable, str(REPO / "tests" / "helpers" / "hang_after_export.py"), str(out)])
-    monkeypatch.setattr(ablation, "REPO", REPO)
+    out, program = tmp_path / "run", REPO / "tests" / "helpers" / "hang_after_export.py"
+    monkeypatch.setattr(ablation, "launch_command", lambda *args: [sys.executable, str(program), str(out)])
     monkeypatch.setattr(ablation, "EXIT_GRACE_S", 1.0)
     monkeypatch.setattr(ablation, "POLL_S", 0.2)
     assert ablation.train("tiny", [], _ExportingRun(out), 1) == 0
