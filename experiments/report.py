@@ -2,8 +2,9 @@
 
 Per run, everything comes from the trainer's metrics.jsonl (train/metrics.py) and the run config:
   params, non_embedding_params   model.sizing.count_params of the run's model config
-  tokens_per_s                    the last step's tokens_per_s_avg (steady state: steps after the first two)
-  mfu                             mean of the steps' mfu after the first two (absent on CPU)
+  tokens_per_s, mfu               the median step's tokens_per_s and mfu after the first two (mfu absent on CPU): a
+                                  one-off stall later on (kernels autotuned for a shape first met after the first
+                                  steps) moves a mean, not the median
   peak_mem_gb                     the largest mem_gb
   loss_at_<T>                     mean train loss of the steps in the last tenth of the budget up to T tokens,
                                   T = 25, 50, 75 and 100% of the budget; final_loss is loss_at at 100%
@@ -48,11 +49,12 @@ def run_row(run: PlannedRun, budget: int) -> dict:
     train = [r for _, r in sorted(steps.items()) if "loss" in r]
     if not train:
         return row
-    mfu = [r["mfu"] for r in train[WARMUP_STEPS:] if r.get("mfu") is not None]
+    steady = train[WARMUP_STEPS:] or train
+    mfu = [r["mfu"] for r in steady if r.get("mfu") is not None]
     val = [r for r in train if r.get("val_loss") is not None]
     row.update(steps=train[-1]["step"], tokens=train[-1]["tokens"],
-               tokens_per_s=train[-1].get("tokens_per_s_avg") or train[-1]["tokens_per_s"],
-               mfu=statistics.fmean(mfu) if mfu else None, peak_mem_gb=max(r["mem_gb"] for r in train))
+               tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
+               mfu=statistics.median(mfu) if mfu else None, peak_mem_gb=max(r["mem_gb"] for r in train))
     for f in FRACTIONS:
         row[f"loss_at_{int(f * budget)}"] = loss_at(steps, int(f * budget), WINDOW * budget)
     row["final_loss"] = row[f"loss_at_{budget}"]

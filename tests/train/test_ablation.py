@@ -147,19 +147,20 @@ def test_run_row_reads_the_metrics_and_eval_table(tmp_path: Path) -> None:
     from experiments.report import run_row
 
     out = tmp_path / "run"
-    cfg = load_run_config("tiny", [f"train.output_dir={out}", "train.max_steps=4", "train.warmup_steps=1"])
-    lines = [{"step": s, "loss": 6.0 - s, "tokens": 100 * s, "tokens_per_s": 10.0 * s, "tokens_per_s_avg": 7.0,
-              "mfu": 0.1 * s, "mem_gb": [1.0, 3.0, 2.0, 2.5][s - 1]} for s in range(1, 5)]
-    lines.append({"step": 4, "val_loss": 2.5, "val_ppl": 12.2})
+    cfg = load_run_config("tiny", [f"train.output_dir={out}", "train.max_steps=5", "train.warmup_steps=1"])
+    rates = [5.0, 6.0, 40.0, 0.1, 42.0]  # step 4 stalled (a one-off): the median of steps 3-5 ignores it
+    lines = [{"step": s, "loss": 6.0 - s, "tokens": 100 * s, "tokens_per_s": rates[s - 1], "tokens_per_s_avg": 7.0,
+              "mfu": rates[s - 1] / 100, "mem_gb": [1.0, 3.0, 2.0, 2.5, 2.0][s - 1]} for s in range(1, 6)]
+    lines.append({"step": 5, "val_loss": 2.5, "val_ppl": 12.2})
     (out / "final").mkdir(parents=True)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (out / "final" / "meta.json").write_text(json.dumps({"step": 4}))
+    (out / "final" / "meta.json").write_text(json.dumps({"step": 5}))
     table = [asdict(Row(task="val_ppl", metric="ppl", value=11.0, stderr=None, fewshot=None))]
     (out / "final" / "eval_results.json").write_text(json.dumps({"table": table}))
-    row = run_row(PlannedRun("v", 1, cfg, []), budget=400)
-    assert row["finished"] and row["steps"] == 4 and row["tokens_per_s"] == 7.0 and row["peak_mem_gb"] == 3.0
-    assert row["mfu"] == pytest.approx((0.3 + 0.4) / 2)  # steps after the first two
-    assert row["final_loss"] == 2.0 and row["loss_at_100"] == 5.0 and row["loss_at_200"] == 4.0  # window 40 tokens
+    row = run_row(PlannedRun("v", 1, cfg, []), budget=500)
+    assert row["finished"] and row["steps"] == 5 and row["tokens_per_s"] == 40.0 and row["peak_mem_gb"] == 3.0
+    assert row["mfu"] == pytest.approx(0.40)
+    assert row["final_loss"] == 1.0 and row["loss_at_125"] == 5.0 and row["loss_at_250"] == 4.0  # window 50 tokens
     assert (row["val_loss"], row["val_ppl"]) == (2.5, 12.2) and row["eval: val_ppl ppl"] == 11.0
 
 
