@@ -36,13 +36,14 @@ declare -A PARTS=(
 SUITES="train inference parts data checks scale variants finetune long_context fp8 presets tests tutorial ablation"
 # The Python packages a suite imports beyond torch (requirements.txt, requirements-cuda.txt), checked before
 # any work: on an offline GPU machine a missing wheel is one line at start, not a failure minutes in.
-# (Training reads the curated shards through datatrove; finetune needs peft; fp8 needs torchao.)
+# (Training reads the curated shards through datatrove; curation also needs nltk and py3langid; finetune needs peft;
+# fp8 needs torchao.)
 kernels="mamba_ssm causal_conv1d flash_attn"
 declare -A NEEDS=(
     [train]="$kernels deepspeed datatrove transformers"
     [inference]="$kernels transformers"
     [parts]="$kernels"
-    [data]="datatrove lm_eval transformers"
+    [data]="datatrove nltk py3langid lm_eval transformers"
     [checks]="$kernels deepspeed datatrove"
     [scale]="$kernels deepspeed datatrove"
     [variants]="$kernels"
@@ -52,7 +53,7 @@ declare -A NEEDS=(
     [presets]="$kernels deepspeed datatrove"
     [tests]=""
     [tutorial]="$kernels deepspeed datatrove lm_eval transformers"
-    [ablation]="$kernels deepspeed datatrove sentencepiece py3langid"
+    [ablation]="$kernels deepspeed datatrove sentencepiece nltk py3langid"
 )
 
 if [ "${1:-}" = list ]; then
