@@ -231,14 +231,10 @@ def _finish() -> NoReturn:
     hooks), then exit code 0 without the finalization."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # threading's own exit hooks first, as interpreter shutdown (threading._shutdown) runs them: they tell the
-    # idle workers of every ThreadPoolExecutor (inductor's compile pool, for one) to stop, and joining those
-    # workers before that waits forever. A private list, there since Python 3.9; no public hook runs them.
-    for hook in reversed(getattr(threading, "_threading_atexits", [])):
-        hook()
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What interpreter shutdown runs first, and how: threading's own exit hooks (they tell the idle workers of
+    # every ThreadPoolExecutor, inductor's compile pool for one, to stop; joining those workers before that
+    # waits forever), then the wait for every non-daemon thread. Private, but no public function does this.
+    threading._shutdown()
     atexit._run_exitfuncs()  # what they print is flushed below
     sys.stdout.flush()
     sys.stderr.flush()
