@@ -353,13 +353,14 @@ run_part() {  # run_part SUITE PART
         # 570 s; every call trains until its limit and stops with a checkpoint, and the next call of the part
         # continues: run it again until the report has no "(unfinished)" row. Run folders stay on the machine;
         # ONLY=NAME[,NAME] trains some variants here and leaves the others to another machine (the runs' files come
-        # back in runs.tgz). CONFIG: the run config (default small), TOKENS (default 50M) and SEEDS (default 1) per run.
-        local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder limit=570 started=$SECONDS
+        # back in runs.tgz). CONFIG: the run config (default small), TOKENS (default 50M) and SEEDS (default 1) per run;
+        # LIMIT: the part's seconds (default 570; less when the call also installs wheels first).
+        local dir=${ABLATION_DIR:-/tmp/ablation} corpus vocab folder limit=${LIMIT:-570} started=$SECONDS
         corpus=$dir/python_packages
         if [ ! -f "$corpus/manifest.json" ]; then
             step 540 python3 pipeline/curate.py --recipe python_packages --output "$corpus"
             cp "$corpus/report.json" "$res/$(name ablation_corpus_python_packages).json" 2>/dev/null
-            limit=$((570 - (SECONDS - started)))
+            limit=$((${LIMIT:-570} - (SECONDS - started)))
             [ -f "$corpus/manifest.json" ] && [ "$limit" -ge 120 ] || return 0
         fi
         vocab=$(manifest_vocab "$corpus/manifest.json")
