@@ -360,7 +360,7 @@ run_part() {  # run_part SUITE PART
         if [ ! -f "$corpus/manifest.json" ]; then
             step 540 python3 pipeline/curate.py --recipe python_packages --output "$corpus"
             cp "$corpus/report.json" "$res/$(name ablation_corpus_python_packages).json" 2>/dev/null
-            limit=$((${LIMIT:-570} - (SECONDS - started)))
+            limit=$((limit - (SECONDS - started)))
             [ -f "$corpus/manifest.json" ] && [ "$limit" -ge 120 ] || return 0
         fi
         vocab=$(manifest_vocab "$corpus/manifest.json")

@@ -238,6 +238,7 @@ def _wait(proc: subprocess.Popen, run: PlannedRun) -> int:
 
 
 def _copy_lines(stream: TextIO, log: TextIO) -> None:
+    """Each line of the run's output to the console and its launch.log, until the output closes."""
     for line in stream:
         sys.stdout.write(line)
         log.write(line)
